@@ -1,0 +1,14 @@
+# shardct: connection tracking and NAT with Linux conntrack semantics, as numba batch
+# kernels (this package, pure) driven by a sharded worker pool (the `workers` package).
+"""shardct — the pure core.
+
+Public API: :class:`ConnTrack` (embed a conntrack table in any Python program),
+:class:`Config`, :class:`PacketBatch`, :class:`ManualClock`.
+"""
+from .batch import PacketBatch
+from .config import Config, Timeouts
+from .conntrack import Conn, ConnTrack, Event, ManualClock, Result, Tuple
+from .errors import ConfigError, RuleError, ShardctError
+
+__all__ = ["ConnTrack", "Config", "Timeouts", "PacketBatch", "ManualClock", "Conn", "Event",
+           "Result", "Tuple", "ConfigError", "RuleError", "ShardctError"]

@@ -1,0 +1,70 @@
+# A batch of frames: one contiguous byte buffer plus per-frame arrays.
+# This is the unit every kernel, the wire format and every source/sink share.
+# Pure data: no I/O here.
+"""Packet batches.
+
+A batch holds n frames back to back in ``buf``; frame i is
+``buf[off[i] : off[i] + length[i]]``.  Frames start at the Ethernet header.
+
+Fields (all numpy arrays, C-contiguous):
+
+=========  =======  ====================================================
+buf        uint8    the bytes of every frame
+off        int64    start of frame i in ``buf``
+length     int32    captured length of frame i
+ifindex    int16    ingress interface id (index into the engine's interface
+                    name table); -1 when unknown
+ts         int64    timestamp of frame i, nanoseconds (the replay clock)
+=========  =======  ====================================================
+
+Owner: whoever built it; kernels read ``buf`` and may rewrite frames in
+place (NAT), never resize them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class PacketBatch:
+    buf: np.ndarray
+    off: np.ndarray
+    length: np.ndarray
+    ifindex: np.ndarray
+    ts: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.off.shape[0])
+
+    def frame(self, i: int) -> bytes:
+        o = int(self.off[i])
+        return self.buf[o : o + int(self.length[i])].tobytes()
+
+    def frames(self) -> list[bytes]:
+        return [self.frame(i) for i in range(len(self))]
+
+    @classmethod
+    def from_frames(cls, frames, ts=None, ifindex=None) -> "PacketBatch":
+        """Build a batch from an iterable of bytes (tests, generators)."""
+        frames = [bytes(f) for f in frames]
+        n = len(frames)
+        length = np.fromiter((len(f) for f in frames), dtype=np.int32, count=n)
+        off = np.zeros(n, dtype=np.int64)
+        if n:
+            np.cumsum(length[:-1], out=off[1:])
+        buf = np.frombuffer(b"".join(frames), dtype=np.uint8).copy()
+        if ts is None:
+            ts_arr = np.zeros(n, dtype=np.int64)
+        else:
+            ts_arr = np.broadcast_to(np.asarray(ts, dtype=np.int64), (n,)).copy()
+        if ifindex is None:
+            if_arr = np.full(n, -1, dtype=np.int16)
+        else:
+            if_arr = np.broadcast_to(np.asarray(ifindex, dtype=np.int16), (n,)).copy()
+        return cls(buf, off, length, if_arr, ts_arr)
+
+    @classmethod
+    def empty(cls) -> "PacketBatch":
+        return cls.from_frames([])

@@ -1,0 +1,96 @@
+# Engine settings: limits, switches and timeouts with Linux's defaults and sysctl names.
+# Pure: built from a dict (the runtime reads TOML files); bad values raise ConfigError.
+"""Configuration.
+
+Timeouts are seconds, named after Linux's ``net.netfilter.nf_conntrack_*`` sysctls.
+``Config.from_dict(d, where)`` accepts the ``[conntrack]`` table of a TOML file and
+names ``where`` (file) and the key in its errors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from .errors import ConfigError
+from .tcpstate import TcpState
+
+
+@dataclass
+class Timeouts:
+    tcp_syn_sent: float = 120
+    tcp_syn_recv: float = 60
+    tcp_established: float = 432000
+    tcp_fin_wait: float = 120
+    tcp_close_wait: float = 60
+    tcp_last_ack: float = 30
+    tcp_time_wait: float = 120
+    tcp_close: float = 10
+    tcp_syn_sent2: float = 120
+    tcp_max_retrans: float = 300
+    tcp_unacknowledged: float = 300
+    udp: float = 30
+    udp_stream: float = 120
+    icmp: float = 30
+    generic: float = 600
+
+    def to_array(self) -> np.ndarray:
+        """The kernel's tmo array (ns): TCP states by TcpState value, then the rest."""
+        s = 1_000_000_000
+        by_state = {
+            TcpState.NONE: self.tcp_syn_sent, TcpState.SYN_SENT: self.tcp_syn_sent,
+            TcpState.SYN_RECV: self.tcp_syn_recv, TcpState.ESTABLISHED: self.tcp_established,
+            TcpState.FIN_WAIT: self.tcp_fin_wait, TcpState.CLOSE_WAIT: self.tcp_close_wait,
+            TcpState.LAST_ACK: self.tcp_last_ack, TcpState.TIME_WAIT: self.tcp_time_wait,
+            TcpState.CLOSE: self.tcp_close, TcpState.SYN_SENT2: self.tcp_syn_sent2,
+        }
+        arr = np.zeros(16, dtype=np.int64)
+        for st, v in by_state.items():
+            arr[int(st)] = int(v * s)
+        rest = [self.tcp_max_retrans, self.tcp_unacknowledged, self.udp, self.udp_stream,
+                self.icmp, self.generic]
+        for k, v in enumerate(rest):
+            arr[10 + k] = int(v * s)
+        return arr
+
+
+@dataclass
+class Config:
+    max_conns: int = 262144          # nf_conntrack_max
+    n_buckets: int = 16384           # routing buckets (gVisor's table length)
+    tcp_be_liberal: bool = False     # nf_conntrack_tcp_be_liberal
+    tcp_loose: bool = True           # nf_conntrack_tcp_loose: pick up mid-stream
+    tcp_ignore_invalid_rst: bool = False
+    checksum: bool = True            # nf_conntrack_checksum: validate before tracking
+    events: bool = True              # nf_conntrack_events
+    drop_invalid: bool = False       # forward INVALID untouched unless set (Linux default)
+    event_buffer: int = 65536        # events held between drains; overflow is counted
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "<config>") -> "Config":
+        d = dict(d)
+        tmo = d.pop("timeouts", {}) or {}
+        known = {f.name for f in fields(cls)} - {"timeouts"}
+        kw = {}
+        for k, v in d.items():
+            if k not in known:
+                raise ConfigError(where, f"unknown setting {k!r} (known: {', '.join(sorted(known))})")
+            want = type(getattr(cls(), k))
+            if want is bool and not isinstance(v, bool):
+                raise ConfigError(where, f"{k} = {v!r}: want true or false")
+            if want is int and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(where, f"{k} = {v!r}: want a positive integer")
+            kw[k] = v
+        tkw = {}
+        tknown = {f.name for f in fields(Timeouts)}
+        for k, v in tmo.items():
+            if k not in tknown:
+                raise ConfigError(where, f"unknown timeout {k!r} (known: {', '.join(sorted(tknown))})")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(where, f"timeouts.{k} = {v!r}: want seconds > 0")
+            tkw[k] = v
+        cfg = cls(**kw, timeouts=Timeouts(**tkw))
+        if cfg.n_buckets & (cfg.n_buckets - 1):
+            raise ConfigError(where, f"n_buckets = {cfg.n_buckets}: want a power of two")
+        return cfg

@@ -1,0 +1,290 @@
+# The embeddable engine: ConnTrack = parse + hash + track kernels over one table, with
+# lookup, iteration, events, statistics and the reaper. Pure: time and seed come in.
+"""Library entry point.
+
+>>> ct = ConnTrack(Config(), seed=0x1234, clock=ManualClock())
+>>> result = ct.process(batch)          # verdicts and matched conns, one per frame
+>>> ct.lookup("10.0.0.1", "10.0.0.2", 1234, 80, "tcp")
+>>> for conn in ct.conns(): ...
+>>> ct.events(), ct.stats()
+
+Time: ``process(batch)`` uses the batch's own timestamps (replay) unless ``now`` is given
+or the engine has a ``clock`` (a callable returning ns), which then stamps every packet
+of the batch. The reaper takes ``now`` explicitly.
+
+Owner: one thread. Nothing here blocks, sleeps or does I/O.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+
+from . import track as K
+from . import wire
+from .batch import PacketBatch
+from .config import Config
+from .hashing import addr_words, hash_key, words_addr
+from .table import (BYTES0, EXPIRES, IPVER, PKTS0, PROTO, STATE, S_ASSURED, S_CONFIRMED,
+                    S_DST_NAT, S_SEEN_REPLY, S_SRC_NAT, S_USED, T_EVN, ConnTable)
+from .tcpstate import TcpState
+
+PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "ipv6-icmp": 58}
+PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+STATUS_NAMES = ((S_SEEN_REPLY, "SEEN_REPLY"), (S_ASSURED, "ASSURED"), (S_CONFIRMED, "CONFIRMED"),
+                (S_SRC_NAT, "SRC_NAT"), (S_DST_NAT, "DST_NAT"))
+
+REAP_MIN_INTERVAL = 10_000_000          # 10 ms
+REAP_MAX_INTERVAL = 468_750_000         # 60 s / 128
+REAP_FRACTION = 128
+
+
+class ManualClock:
+    """A clock for tests: ``now()`` returns ns; ``advance(seconds)`` moves it."""
+
+    def __init__(self, start_ns: int = 0):
+        self.t = int(start_ns)
+
+    def __call__(self) -> int:
+        return self.t
+
+    def advance(self, seconds: float = 0, ns: int = 0) -> int:
+        self.t += int(seconds * 1_000_000_000) + int(ns)
+        return self.t
+
+
+class Tuple(NamedTuple):
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address
+    dst: ipaddress.IPv4Address | ipaddress.IPv6Address
+    sport: int      # echo: ident for a request, 0 for a reply
+    dport: int      # echo: 0 for a request, ident for a reply
+    proto: int
+
+    def reply(self) -> "Tuple":
+        return Tuple(self.dst, self.src, self.dport, self.sport, self.proto)
+
+
+@dataclass(frozen=True)
+class Conn:
+    """A snapshot of one conn (a copy: the table keeps changing)."""
+    id: int
+    original: Tuple
+    reply: Tuple
+    proto: int
+    state: str | None        # TCP state name, None for other protocols
+    status: frozenset
+    expires: int             # ns, absolute
+    packets: tuple[int, int]  # original, reply
+    bytes: tuple[int, int]
+
+    def timeout(self, now: int) -> int:
+        """Seconds left, as conntrack -L prints them."""
+        return max(0, (self.expires - now) // 1_000_000_000)
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str                # NEW, UPDATE, DESTROY
+    conn: Conn
+    time: int
+
+
+@dataclass
+class Result:
+    """Per-frame outcome of ``process``: ``verdict[i]`` (track.V_*) and ``tuple_id[i]``
+    (2*conn + direction, -1 when no conn)."""
+    verdict: np.ndarray
+    tuple_id: np.ndarray
+    meta: np.ndarray
+    addr: np.ndarray
+
+    def forward_mask(self, drop_invalid: bool) -> np.ndarray:
+        keep = self.verdict != K.V_DROP
+        if drop_invalid:
+            keep &= self.verdict != K.V_INVALID
+        return keep
+
+
+def _addr(a) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return a if isinstance(a, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else ipaddress.ip_address(a)
+
+
+class ConnTrack:
+    """Connection tracking for one table (one process, one shard)."""
+
+    def __init__(self, config: Config | None = None, *, seed: int,
+                 clock: Callable[[], int] | None = None):
+        self.config = config or Config()
+        self.clock = clock
+        c = self.config
+        self.table = ConnTable(c.max_conns, c.n_buckets, seed)
+        self.cfg = np.zeros(K.N_CFG, dtype=np.int64)
+        self.cfg[K.CF_BE_LIBERAL] = int(c.tcp_be_liberal)
+        self.cfg[K.CF_LOOSE] = int(c.tcp_loose)
+        self.cfg[K.CF_MAX_CONNS] = c.max_conns
+        self.cfg[K.CF_EVENTS] = int(c.events)
+        self.cfg[K.CF_IGNORE_INVALID_RST] = int(c.tcp_ignore_invalid_rst)
+        self.tmo = c.timeouts.to_array()
+        self.stats_arr = np.zeros(K.N_STATS, dtype=np.int64)
+        self.ev = np.zeros((c.event_buffer, K.N_EV), dtype=np.int64)
+        self.evaddr = np.zeros((c.event_buffer, 8), dtype=np.uint64)
+        self.reap_interval = REAP_MIN_INTERVAL
+
+    # ------------------------------------------------------------ packets
+    def parse(self, batch: PacketBatch):
+        n = len(batch)
+        meta, addr = wire.new_meta(n)
+        hashes = np.empty(n, dtype=np.int64)
+        wire.parse_hash_batch(batch.buf, batch.off, batch.length, meta, addr,
+                              self.config.checksum, self.table.seed, hashes)
+        return meta, addr, hashes
+
+    def process(self, batch: PacketBatch, now: int | None = None) -> Result:
+        """Track every frame of ``batch`` in order; frames are not modified."""
+        n = len(batch)
+        if now is None and self.clock is not None:
+            now = self.clock()
+        ts = batch.ts if now is None else np.full(n, now, dtype=np.int64)
+        meta, addr, hashes = self.parse(batch)
+        verdict = np.full(n, K.V_PENDING, dtype=np.uint8)
+        tid = np.full(n, -1, dtype=np.int64)
+        i = 0
+        while i < n:
+            i = self._track(meta, addr, hashes, batch.length, ts, verdict, tid, i)
+            if i < n:
+                i = self._slow_path(i, meta, addr, hashes, ts, verdict, tid)
+        return Result(verdict, tid, meta, addr)
+
+    def _track(self, meta, addr, hashes, length, ts, verdict, tid, start):
+        t = self.table
+        return K.track_batch(meta, addr, hashes, length, ts, verdict, tid,
+                             t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
+                             t.tbl, self.stats_arr, self.cfg, self.tmo, self.ev, self.evaddr,
+                             start)
+
+    def _slow_path(self, i, meta, addr, hashes, ts, verdict, tid) -> int:
+        """A packet the kernel left for Python. The core without NAT never stops, so
+        reaching here is a bug; NAT (nat.py) overrides this."""
+        raise AssertionError(f"kernel stopped at packet {i} with no slow path")
+
+    # ------------------------------------------------------------ queries
+    def _key(self, src, dst, sport, dport, proto):
+        src, dst = _addr(src), _addr(dst)
+        if src.version != dst.version:
+            raise ValueError(f"mixed address families: {src}, {dst}")
+        p = PROTO_NUMBERS.get(proto, proto) if isinstance(proto, str) else int(proto)
+        s_hi, s_lo = addr_words(src.packed)
+        d_hi, d_lo = addr_words(dst.packed)
+        return (np.uint64(s_hi), np.uint64(s_lo), np.uint64(d_hi), np.uint64(d_lo),
+                (int(sport) << 16) | int(dport), p, src.version)
+
+    def find(self, src, dst, sport, dport, proto, now: int | None = None) -> tuple[int, int] | None:
+        """(conn id, direction) of a live conn with this tuple, or None."""
+        a0, a1, a2, a3, ports, p, ver = self._key(src, dst, sport, dport, proto)
+        t = self.table
+        h = hash_key(t.seed, a0, a1, a2, a3, ports, p, ver)
+        tid = K.find_tuple(t.heads, t.tkey, t.tport, t.tnext, t.c8, t.tbl, h, a0, a1, a2, a3,
+                           ports, p, ver)
+        if tid < 0:
+            return None
+        if now is None and self.clock is not None:
+            now = self.clock()
+        if now is not None and now > t.c64[tid >> 1, EXPIRES]:
+            return None
+        return int(tid >> 1), int(tid & 1)
+
+    def lookup(self, src, dst, sport, dport, proto, now: int | None = None) -> tuple[Conn, int] | None:
+        """(Conn snapshot, direction) for a tuple, or None. Expired conns are skipped."""
+        hit = self.find(src, dst, sport, dport, proto, now)
+        if hit is None:
+            return None
+        return self.conn(hit[0]), hit[1]
+
+    def conn(self, c: int) -> Conn:
+        t = self.table
+        if not t.cstatus[c] & S_USED:
+            raise KeyError(f"conn {c} is not allocated")
+        return self._snapshot(c, t.tkey[2 * c], t.tkey[2 * c + 1], int(t.tport[2 * c]),
+                              int(t.tport[2 * c + 1]), int(t.c8[c, PROTO]), int(t.c8[c, IPVER]),
+                              int(t.c8[c, STATE]), int(t.cstatus[c]), int(t.c64[c, EXPIRES]),
+                              (int(t.c32[c, PKTS0]), int(t.c32[c, PKTS0 + 1])),
+                              (int(t.c64[c, BYTES0]), int(t.c64[c, BYTES0 + 1])))
+
+    @staticmethod
+    def _snapshot(c, k0, k1, p0, p1, proto, ver, state, status, expires, pk, by) -> Conn:
+        def tup(k, p):
+            return Tuple(ipaddress.ip_address(words_addr(int(k[0]), int(k[1]), ver)),
+                         ipaddress.ip_address(words_addr(int(k[2]), int(k[3]), ver)),
+                         p >> 16, p & 0xFFFF, proto)
+        return Conn(int(c), tup(k0, p0), tup(k1, p1), proto,
+                    TcpState(state).name if proto == 6 else None,
+                    frozenset(name for bit, name in STATUS_NAMES if status & bit),
+                    expires, pk, by)
+
+    def conns(self, now: int | None = None) -> Iterator[Conn]:
+        """Snapshots of every allocated conn (expired ones too unless ``now`` is given)."""
+        t = self.table
+        ids = np.empty(t.capacity, dtype=np.int64)
+        n = K.collect_conns(t.cstatus, ids)
+        for c in ids[:n]:
+            if now is not None and now > t.c64[c, EXPIRES]:
+                continue
+            yield self.conn(int(c))
+
+    def __len__(self) -> int:
+        return self.table.count
+
+    def events(self) -> list[Event]:
+        """Drain the events gathered since the last call (oldest first)."""
+        t = self.table
+        n = int(t.tbl[T_EVN])
+        out = []
+        for k in range(n):
+            e = self.ev[k]
+            a = self.evaddr[k]
+            conn = self._snapshot(int(e[K.E_CONN]), a[0:4], a[4:8], int(e[K.E_PORTS0]),
+                                  int(e[K.E_PORTS1]), int(e[K.E_PROTO]), int(e[K.E_IPVER]),
+                                  int(e[K.E_STATE]), int(e[K.E_STATUS]), int(e[K.E_EXPIRES]),
+                                  (int(e[K.E_PKTS0]), int(e[K.E_PKTS1])),
+                                  (int(e[K.E_BYTES0]), int(e[K.E_BYTES1])))
+            out.append(Event(K.EVENT_NAMES[int(e[K.E_TYPE])], conn, int(e[K.E_TIME])))
+        t.tbl[T_EVN] = 0
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Counters by name: conntrack -S's names first, then shardct's own, then
+        ``invalid.<reason>`` breakdowns; ``entries`` is the live table count."""
+        s = {"entries": self.table.count}
+        for k, name in enumerate(K.STAT_NAMES):
+            s[name] = int(self.stats_arr[k])
+        for k, name in enumerate(K.INVALID_NAMES):
+            s[f"invalid.{name}"] = int(self.stats_arr[K.INV_BASE + k])
+        return s
+
+    # ------------------------------------------------------------ expiry
+    def reap(self, now: int, start: int) -> tuple[int, int]:
+        """One bounded reaper run (gVisor reapUnused): walk n_buckets/128 routing buckets
+        from ``start``; returns (next_start, next_interval_ns). The interval drops to
+        10 ms when over half of the tuples seen had expired, else grows by 10 ms up to
+        468.75 ms."""
+        t = self.table
+        nb = self.config.n_buckets
+        n_walk = max(1, nb // REAP_FRACTION)
+        nxt, checked, expired = K.reap(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8,
+                                       t.cstatus, t.tbl, self.stats_arr, self.cfg, self.ev,
+                                       self.evaddr, now, start, n_walk)
+        if checked and expired > checked // 2:
+            self.reap_interval = REAP_MIN_INTERVAL
+        else:
+            self.reap_interval = min(self.reap_interval + REAP_MIN_INTERVAL, REAP_MAX_INTERVAL)
+        return int(nxt) % nb, self.reap_interval
+
+    def reap_all(self, now: int) -> int:
+        """Walk every bucket once; returns how many conns were destroyed."""
+        before = int(self.stats_arr[K.ST_EXPIRED])
+        t = self.table
+        K.reap(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus, t.tbl,
+               self.stats_arr, self.cfg, self.ev, self.evaddr, now, 0, self.config.n_buckets)
+        return int(self.stats_arr[K.ST_EXPIRED]) - before

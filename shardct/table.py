@@ -1,0 +1,130 @@
+# The conntrack table as struct-of-arrays: bucket heads, tuple chains (gVisor's bucket
+# lists, one chain per head), conn slots with both tuples, status, timers, counters and
+# TCP window state; a free list. No Python object per connection.
+"""Connection table storage.
+
+Layout (``cap`` conn slots, tuple id ``t = 2*conn + dir``, dir 0 original, 1 reply):
+
+==========  ===============  ====================================================
+heads       int32[nheads]    first tuple of each chain, -1 empty
+tkey        uint64[2cap, 4]  src_hi, src_lo, dst_hi, dst_lo of each tuple
+tport       uint32[2cap]     sport << 16 | dport
+tnext       int32[2cap]      next tuple in the chain; for a free conn, tnext[2c] links
+                             the free list
+c64         int64[cap, 3]    EXPIRES (ns, absolute), BYTES0, BYTES1
+c32         uint32[cap, 10]  PKTS0, PKTS1, then per direction d at 2+4d:
+                             END, MAXEND, MAXWIN, MAXACK (Linux td_*); UDP keeps its
+                             stream time (ns) in the first two words
+c8          uint8[cap, 8]    PROTO, IPVER, STATE, SCALE0, SCALE1, TFLAGS0, TFLAGS1, spare
+cstatus     uint16[cap]      status bits (``S_*``, Linux numbering where Linux has one)
+tbl         int64[...]       scalars: free list head, entry count, capacity, chain mask,
+                             routing buckets, hash seed, event count
+==========  ===============  ====================================================
+
+Chains are indexed by ``hash & (nheads - 1)``; nheads is a power of two and a multiple
+of the routing bucket count (a power of two too), so every chain lies inside one routing
+bucket (``chain & (n_buckets - 1)``) and walking a routing bucket means walking chains
+``b, b + n_buckets, b + 2*n_buckets, ...``.
+
+Owner: one ConnTrack (one process). Kernels in ``track.py`` are the only writers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConfigError
+
+# c64 columns
+EXPIRES, BYTES0, BYTES1 = 0, 1, 2
+# c32 columns
+PKTS0, PKTS1 = 0, 1
+W_END, W_MAXEND, W_MAXWIN, W_MAXACK = 0, 1, 2, 3     # + 2 + 4*dir
+UDP_STREAM_LO, UDP_STREAM_HI = 2, 3
+N_C32 = 10
+# c8 columns
+PROTO, IPVER, STATE, SCALE0, SCALE1, TFLAGS0, TFLAGS1 = 0, 1, 2, 3, 4, 5, 6
+N_C8 = 8
+
+# status bits
+S_SEEN_REPLY = 1 << 1
+S_ASSURED = 1 << 2
+S_CONFIRMED = 1 << 3
+S_SRC_NAT = 1 << 4
+S_DST_NAT = 1 << 5
+S_SRC_NAT_DONE = 1 << 7
+S_DST_NAT_DONE = 1 << 8
+S_DYING = 1 << 9
+S_NEW_PENDING = 1 << 12   # confirmed, its first packet not yet accepted (no NEW event yet)
+S_LINK0 = 1 << 13     # original tuple is in a chain here
+S_LINK1 = 1 << 14     # reply tuple is in a chain here
+S_USED = 1 << 15      # slot allocated
+
+# TCP window-tracking flags per direction (Linux IP_CT_TCP_FLAG_*)
+TF_WINDOW_SCALE = 0x01
+TF_SACK_PERM = 0x02
+TF_CLOSE_INIT = 0x04
+TF_BE_LIBERAL = 0x08
+TF_DATA_UNACK = 0x10
+TF_MAXACK_SET = 0x20
+
+# tbl scalars
+T_FREE, T_COUNT, T_CAP, T_MASK, T_NBUCKETS, T_SEED, T_EVN, T_NHEADS = range(8)
+N_TBL = 8
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+
+class ConnTable:
+    """Arrays of one table. ``capacity`` conns; chains sized to one head per conn."""
+
+    def __init__(self, capacity: int, n_buckets: int, seed: int):
+        if capacity < 1:
+            raise ConfigError("max_conns", f"got {capacity}, want >= 1")
+        if n_buckets < 1 or n_buckets & (n_buckets - 1):
+            raise ConfigError("n_buckets", f"got {n_buckets}, want a power of two")
+        cap = int(capacity)
+        nheads = max(_pow2_at_least(cap), n_buckets)
+        self.heads = np.full(nheads, -1, dtype=np.int32)
+        self.tkey = np.zeros((2 * cap, 4), dtype=np.uint64)
+        self.tport = np.zeros(2 * cap, dtype=np.uint32)
+        self.tnext = np.full(2 * cap, -1, dtype=np.int32)
+        self.c64 = np.zeros((cap, 3), dtype=np.int64)
+        self.c32 = np.zeros((cap, N_C32), dtype=np.uint32)
+        self.c8 = np.zeros((cap, N_C8), dtype=np.uint8)
+        self.cstatus = np.zeros(cap, dtype=np.uint16)
+        # free list: 0 -> 1 -> ... -> cap-1
+        self.tnext[0:2 * cap:2] = np.arange(1, cap + 1, dtype=np.int32)
+        self.tnext[2 * (cap - 1)] = -1
+        self.tbl = np.zeros(N_TBL, dtype=np.int64)
+        self.tbl[T_FREE] = 0
+        self.tbl[T_CAP] = cap
+        self.tbl[T_MASK] = nheads - 1
+        self.tbl[T_NBUCKETS] = n_buckets
+        self.tbl[T_SEED] = seed & 0xFFFFFFFF
+        self.tbl[T_NHEADS] = nheads
+
+    @property
+    def capacity(self) -> int:
+        return int(self.tbl[T_CAP])
+
+    @property
+    def count(self) -> int:
+        return int(self.tbl[T_COUNT])
+
+    @property
+    def seed(self) -> int:
+        return int(self.tbl[T_SEED])
+
+    def nbytes(self) -> int:
+        """Bytes held by the table's arrays (everything a conn costs)."""
+        return sum(a.nbytes for a in (self.heads, self.tkey, self.tport, self.tnext,
+                                      self.c64, self.c32, self.c8, self.cstatus, self.tbl))
+
+    def arrays(self):
+        return (self.heads, self.tkey, self.tport, self.tnext, self.c64, self.c32, self.c8,
+                self.cstatus, self.tbl)

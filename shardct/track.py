@@ -1,0 +1,722 @@
+# The tracking kernels: lookup, conn creation and confirm, TCP/UDP/ICMP/generic state
+# updates with Linux's rules (nf_conntrack_proto_*.c), counters, events, early drop and
+# the bounded reaper (gVisor reapUnused). Compiled with numba; no Python per packet.
+"""Per-packet tracking over a parsed batch.
+
+``track_batch`` walks packets in order from ``start``. For each packet it looks the tuple
+up, creates and confirms a conn when the packet may start one, updates the protocol
+state, the counters and the timer, and writes a verdict and the tuple id it matched.
+It stops early, returning the index, only at a packet that needs a decision made in
+Python (a new conn while NAT rules are loaded: ``cfg[CF_NAT]``); the caller decides and
+calls again from that index. Order is therefore exactly packet order.
+
+Time: each packet carries its own ``now`` (``ts[i]``, ns); a conn is expired when
+``now > expires`` (strict, as gVisor and Linux).
+
+Owner: the single thread of the process holding the table.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .hashing import hash_key
+from .table import (S_NEW_PENDING, BYTES0, EXPIRES, IPVER, PKTS0, PROTO, S_ASSURED, S_CONFIRMED,
+                    S_DST_NAT, S_LINK0, S_LINK1, S_SEEN_REPLY, S_SRC_NAT, S_USED,
+                    SCALE0, STATE, T_COUNT, T_EVN, T_FREE, T_MASK, T_NBUCKETS, T_NHEADS,
+                    T_SEED, TF_BE_LIBERAL, TF_CLOSE_INIT, TF_DATA_UNACK, TF_MAXACK_SET,
+                    TF_SACK_PERM, TF_WINDOW_SCALE, TFLAGS0, UDP_STREAM_HI, UDP_STREAM_LO,
+                    W_END, W_MAXACK, W_MAXEND, W_MAXWIN)
+from .tcpstate import TRANSITIONS, IG, IV
+from .wire import (CLS_INVALID, CLS_NOTIP, CLS_RELATED, CLS_TRACK, CLS_UNTRACKED,
+                   M_ACK, M_CLS, M_ECHO, M_IPVER, M_L3LEN, M_PAYLEN, M_PORTS, M_PROTO,
+                   M_REASON, M_SACKPERM, M_SEQ, M_TFLAGS, M_WIN, M_WSCALE, REASON_NAMES)
+
+# ---- configuration (cfg int64 array)
+CF_BE_LIBERAL, CF_LOOSE, CF_MAX_CONNS, CF_EVENTS, CF_IGNORE_INVALID_RST, CF_NAT = range(6)
+N_CFG = 6
+
+# ---- timeouts (tmo int64 array, ns): TCP states 0..9, then these
+TMO_RETRANS, TMO_UNACK, TMO_UDP, TMO_UDP_STREAM, TMO_ICMP, TMO_GENERIC = 10, 11, 12, 13, 14, 15
+N_TMO = 16
+
+# ---- verdicts
+V_ACCEPT, V_RELATED, V_UNTRACKED, V_INVALID, V_DROP, V_NOTIP = 0, 1, 2, 3, 4, 5
+V_PENDING = 255
+VERDICT_NAMES = ("accept", "related", "untracked", "invalid", "drop", "not_ip")
+
+# ---- statistics (stats int64 array). The first eight are conntrack -S's names.
+(ST_FOUND, ST_INVALID, ST_INSERT, ST_INSERT_FAILED, ST_DROP, ST_EARLY_DROP, ST_ERROR,
+ ST_SEARCH_RESTART, ST_UNTRACKED, ST_NOT_IP, ST_IGNORE, ST_NEW, ST_DESTROY, ST_EXPIRED,
+ ST_RELATED, ST_EVENTS_LOST, ST_PACKETS, ST_NAT_FAILED, ST_CLASH_RESOLVE) = range(19)
+STAT_NAMES = ("found", "invalid", "insert", "insert_failed", "drop", "early_drop", "error",
+              "search_restart", "untracked", "not_ip", "ignore", "new", "destroy", "expired",
+              "related", "events_lost", "packets", "nat_failed", "clash_resolve")
+# invalid reasons: parse reasons first, then the tracker's own
+INV_BASE = 32
+INV_TCP_STATE = len(REASON_NAMES)         # state table says invalid
+INV_TCP_WINDOW = INV_TCP_STATE + 1        # out of window
+INV_TCP_RST = INV_TCP_STATE + 2           # RST with a bad sequence
+INV_NOT_NEW = INV_TCP_STATE + 3           # packet cannot start a conn (SYN/ACK, echo reply...)
+INVALID_NAMES = REASON_NAMES + ("tcp_state", "tcp_window", "tcp_rst", "not_new")
+N_STATS = INV_BASE + len(INVALID_NAMES)
+
+# ---- events (ev int64 rows + evaddr uint64 rows of both tuples)
+EV_NEW, EV_UPDATE, EV_DESTROY = 1, 2, 3
+EVENT_NAMES = {1: "NEW", 2: "UPDATE", 3: "DESTROY"}
+(E_TYPE, E_CONN, E_PROTO, E_IPVER, E_STATE, E_STATUS, E_PORTS0, E_PORTS1, E_PKTS0, E_PKTS1,
+ E_BYTES0, E_BYTES1, E_EXPIRES, E_TIME) = range(14)
+N_EV = 14
+
+# ---- the TCP tracker's internal results
+R_ACCEPT, R_INVALID, R_IGNORE, R_KILL, R_REOPEN = 0, 1, 2, 3, 4
+W_OK, W_INVALID, W_IGNORE = 0, 1, 2
+
+M32 = 0xFFFFFFFF
+MAXACKWINCONST = 66000
+
+
+@numba.njit(inline="always", cache=True)
+def s32(x):
+    """Signed 32-bit value of a sequence difference."""
+    return ((x + 0x80000000) & M32) - 0x80000000
+
+
+@numba.njit(inline="always", cache=True)
+def before(a, b):
+    return s32(a - b) < 0
+
+
+@numba.njit(inline="always", cache=True)
+def after(a, b):
+    return s32(b - a) < 0
+
+
+# ------------------------------------------------------------------ table primitives
+
+@numba.njit(inline="always", cache=True)
+def tuple_hash_of(tkey, tport, c8, tbl, t):
+    c = t >> 1
+    return hash_key(tbl[T_SEED], tkey[t, 0], tkey[t, 1], tkey[t, 2], tkey[t, 3],
+                    np.int64(tport[t]), np.int64(c8[c, PROTO]), np.int64(c8[c, IPVER]))
+
+
+@numba.njit(cache=True)
+def find_tuple(heads, tkey, tport, tnext, c8, tbl, h, a0, a1, a2, a3, ports, proto, ipver):
+    """Tuple id with this key in chain ``h & mask``, or -1. Does not look at expiry."""
+    t = np.int64(heads[h & tbl[T_MASK]])
+    while t >= 0:
+        if (tkey[t, 1] == a1 and tkey[t, 3] == a3 and np.int64(tport[t]) == ports
+                and tkey[t, 0] == a0 and tkey[t, 2] == a2):
+            c = t >> 1
+            if np.int64(c8[c, PROTO]) == proto and np.int64(c8[c, IPVER]) == ipver:
+                return t
+        t = np.int64(tnext[t])
+    return np.int64(-1)
+
+
+@numba.njit(cache=True)
+def link_tuple(heads, tnext, tbl, t, h):
+    k = h & tbl[T_MASK]
+    tnext[t] = heads[k]
+    heads[k] = t
+
+
+@numba.njit(cache=True)
+def unlink_tuple(heads, tkey, tport, tnext, c8, tbl, t):
+    h = tuple_hash_of(tkey, tport, c8, tbl, t)
+    k = h & tbl[T_MASK]
+    p = np.int64(heads[k])
+    if p == t:
+        heads[k] = tnext[t]
+        tnext[t] = -1
+        return True
+    while p >= 0:
+        nx = np.int64(tnext[p])
+        if nx == t:
+            tnext[p] = tnext[t]
+            tnext[t] = -1
+            return True
+        p = nx
+    return False
+
+
+@numba.njit(cache=True)
+def emit(ev, evaddr, tbl, stats, cfg, kind, c, tkey, tport, c64, c32, c8, cstatus, now):
+    """Append one event with a snapshot of conn c (it may be freed right after)."""
+    if cfg[CF_EVENTS] == 0:
+        return
+    n = tbl[T_EVN]
+    if n >= ev.shape[0]:
+        stats[ST_EVENTS_LOST] += 1
+        return
+    ev[n, E_TYPE] = kind
+    ev[n, E_CONN] = c
+    ev[n, E_PROTO] = c8[c, PROTO]
+    ev[n, E_IPVER] = c8[c, IPVER]
+    ev[n, E_STATE] = c8[c, STATE]
+    ev[n, E_STATUS] = cstatus[c]
+    ev[n, E_PORTS0] = tport[2 * c]
+    ev[n, E_PORTS1] = tport[2 * c + 1]
+    ev[n, E_PKTS0] = c32[c, PKTS0]
+    ev[n, E_PKTS1] = c32[c, PKTS0 + 1]
+    ev[n, E_BYTES0] = c64[c, BYTES0]
+    ev[n, E_BYTES1] = c64[c, BYTES0 + 1]
+    ev[n, E_EXPIRES] = c64[c, EXPIRES]
+    ev[n, E_TIME] = now
+    for k in range(4):
+        evaddr[n, k] = tkey[2 * c, k]
+        evaddr[n, 4 + k] = tkey[2 * c + 1, k]
+    tbl[T_EVN] = n + 1
+
+
+@numba.njit(cache=True)
+def destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg,
+                 ev, evaddr, c, now):
+    """Unlink both tuples of conn c, emit DESTROY, free the slot."""
+    st = cstatus[c]
+    if st & S_USED == 0:
+        return
+    if st & S_LINK0:
+        unlink_tuple(heads, tkey, tport, tnext, c8, tbl, 2 * c)
+    if st & S_LINK1:
+        unlink_tuple(heads, tkey, tport, tnext, c8, tbl, 2 * c + 1)
+    if st & S_CONFIRMED:
+        emit(ev, evaddr, tbl, stats, cfg, EV_DESTROY, c, tkey, tport, c64, c32, c8, cstatus, now)
+        stats[ST_DESTROY] += 1
+    cstatus[c] = 0
+    tnext[2 * c] = tbl[T_FREE]
+    tnext[2 * c + 1] = -1
+    tbl[T_FREE] = c
+    tbl[T_COUNT] -= 1
+
+
+@numba.njit(cache=True)
+def alloc_conn(tnext, c64, c32, c8, cstatus, tbl):
+    """Take a free slot (zeroed) or return -1 when the arrays are full."""
+    c = tbl[T_FREE]
+    if c < 0:
+        return np.int64(-1)
+    tbl[T_FREE] = tnext[2 * c]
+    tnext[2 * c] = -1
+    tnext[2 * c + 1] = -1
+    for k in range(c64.shape[1]):
+        c64[c, k] = 0
+    for k in range(c32.shape[1]):
+        c32[c, k] = 0
+    for k in range(c8.shape[1]):
+        c8[c, k] = 0
+    cstatus[c] = S_USED
+    tbl[T_COUNT] += 1
+    return c
+
+
+@numba.njit(cache=True)
+def early_drop(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
+               h, now):
+    """Free one slot by evicting an expired or non-ASSURED conn from the 8 chains
+    starting at chain ``h`` (NF_CT_EVICTION_RANGE). True when one was freed."""
+    mask = tbl[T_MASK]
+    for k in range(8):
+        t = np.int64(heads[(h + k) & mask])
+        while t >= 0:
+            c = t >> 1
+            nx = np.int64(tnext[t])
+            if now > c64[c, EXPIRES]:
+                stats[ST_EXPIRED] += 1
+                destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats,
+                             cfg, ev, evaddr, c, now)
+                return True
+            if cstatus[c] & S_ASSURED == 0:
+                stats[ST_EARLY_DROP] += 1
+                destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats,
+                             cfg, ev, evaddr, c, now)
+                return True
+            t = nx
+    return False
+
+
+# ------------------------------------------------------------------ TCP
+
+@numba.njit(cache=True)
+def tcp_options_into(c8, c, d, wscale, sackperm):
+    f = c8[c, TFLAGS0 + d]
+    if wscale >= 0:
+        c8[c, SCALE0 + d] = wscale
+        f |= TF_WINDOW_SCALE
+    else:
+        c8[c, SCALE0 + d] = 0
+        f &= ~TF_WINDOW_SCALE & 0xFF
+    if sackperm:
+        f |= TF_SACK_PERM
+    c8[c, TFLAGS0 + d] = f
+
+
+@numba.njit(cache=True)
+def tcp_new(c32, c8, c, fl, seq, win, paylen, wscale, sackperm, syn):
+    """Initialise the original direction's window data (tcp_new)."""
+    end = (seq + paylen + (1 if fl & 2 else 0) + (1 if fl & 1 else 0)) & M32
+    b = 2
+    mw = win if win != 0 else 1
+    c32[c, b + W_END] = end
+    c32[c, b + W_MAXWIN] = mw
+    if syn:
+        c32[c, b + W_MAXEND] = end
+        tcp_options_into(c8, c, 0, wscale, sackperm)
+    else:
+        c32[c, b + W_MAXEND] = (end + mw) & M32
+        c8[c, TFLAGS0] = TF_SACK_PERM | TF_BE_LIBERAL
+        c8[c, TFLAGS0 + 1] = TF_SACK_PERM | TF_BE_LIBERAL
+
+
+@numba.njit(cache=True)
+def tcp_in_window(c32, c8, c, d, state, fl, seq, ack, win, paylen, wscale, sackperm, liberal):
+    """Linux tcp_in_window (6.1+ outcomes). Returns W_OK, W_INVALID or W_IGNORE."""
+    sb = 2 + 4 * d            # sender
+    rb = 2 + 4 * (1 - d)      # receiver
+    syn = fl & 2
+    fin = fl & 1
+    ackf = fl & 16
+    rst = fl & 4
+    end = (seq + paylen + (1 if syn else 0) + (1 if fin else 0)) & M32
+    sack = ack
+    s_maxwin = np.int64(c32[c, sb + W_MAXWIN])
+    if s_maxwin == 0:
+        if syn:
+            # SYN/ACK answering a SYN, or a reply SYN in simultaneous open
+            c32[c, sb + W_END] = end
+            c32[c, sb + W_MAXEND] = end
+            c32[c, sb + W_MAXWIN] = win if win != 0 else 1
+            tcp_options_into(c8, c, d, wscale, sackperm)
+            if not ((c8[c, TFLAGS0 + d] & TF_WINDOW_SCALE)
+                    and (c8[c, TFLAGS0 + 1 - d] & TF_WINDOW_SCALE)):
+                c8[c, SCALE0 + d] = 0
+                c8[c, SCALE0 + 1 - d] = 0
+        else:
+            # picked up mid-stream: use what this packet says
+            c32[c, sb + W_END] = end
+            swin = (np.int64(win) << np.int64(c8[c, SCALE0 + d]))
+            if swin == 0:
+                swin = 1
+            c32[c, sb + W_MAXWIN] = swin & M32
+            c32[c, sb + W_MAXEND] = (end + swin) & M32
+            if c32[c, rb + W_MAXWIN] == 0:
+                c32[c, rb + W_END] = sack & M32
+                c32[c, rb + W_MAXEND] = sack & M32
+            elif sack == ((np.int64(c32[c, rb + W_END]) + 1) & M32):
+                c32[c, rb + W_END] = sack & M32
+    elif (((state == 1 and d == 0) or (state == 2 and d == 1))
+          and after(end, np.int64(c32[c, sb + W_END]))):
+        # the sender restarted its handshake with higher sequence numbers
+        c32[c, sb + W_END] = end
+        c32[c, sb + W_MAXEND] = end
+        c32[c, sb + W_MAXWIN] = win if win != 0 else 1
+        tcp_options_into(c8, c, d, wscale, sackperm)
+
+    r_end = np.int64(c32[c, rb + W_END])
+    if not ackf:
+        ack = r_end
+        sack = r_end
+    elif rst and ack == 0:
+        ack = r_end
+        sack = r_end
+    s_end = np.int64(c32[c, sb + W_END])
+    if rst and seq == 0 and state == 1:
+        seq = s_end
+        end = s_end
+    s_maxend = np.int64(c32[c, sb + W_MAXEND])
+    s_maxwin = np.int64(c32[c, sb + W_MAXWIN])
+    r_maxwin = np.int64(c32[c, rb + W_MAXWIN])
+    liberal = liberal or (c8[c, TFLAGS0 + d] & TF_BE_LIBERAL) != 0
+    if not before(seq, s_maxend + 1):
+        return W_OK if liberal else W_INVALID          # SEQ over the upper bound
+    if r_maxwin != 0 and not after(end, s_end - r_maxwin - 1):
+        return W_OK if liberal else W_IGNORE           # already-ACKed data retransmitted
+    if not before(sack, r_end + 1):
+        return W_OK if liberal else W_INVALID          # ACKs data not seen yet
+    maxack_win = s_maxwin if s_maxwin > MAXACKWINCONST else MAXACKWINCONST
+    if not after(sack, r_end - maxack_win - 1):
+        return W_OK if liberal else W_IGNORE           # overly delayed ACK
+    # in window: update sender and receiver data
+    if not syn:
+        win = win << np.int64(c8[c, SCALE0 + d])
+    swin = win + s32(sack - ack)
+    if s_maxwin < swin:
+        c32[c, sb + W_MAXWIN] = swin & M32
+    if after(end, s_end):
+        c32[c, sb + W_END] = end
+        c8[c, TFLAGS0 + d] |= TF_DATA_UNACK
+    if ackf:
+        if not (c8[c, TFLAGS0 + d] & TF_MAXACK_SET):
+            c32[c, sb + W_MAXACK] = ack & M32
+            c8[c, TFLAGS0 + d] |= TF_MAXACK_SET
+        elif after(ack, np.int64(c32[c, sb + W_MAXACK])):
+            c32[c, sb + W_MAXACK] = ack & M32
+    if r_maxwin != 0 and after(end, s_maxend):
+        c32[c, rb + W_MAXWIN] = (r_maxwin + s32(end - s_maxend)) & M32
+    r_maxend = np.int64(c32[c, rb + W_MAXEND])
+    if after(sack + win, r_maxend - 1):
+        nme = sack + win
+        if win == 0:
+            nme += 1
+        c32[c, rb + W_MAXEND] = nme & M32
+    if ack == r_end:
+        c8[c, TFLAGS0 + 1 - d] &= ~TF_DATA_UNACK & 0xFF
+    return W_OK
+
+
+@numba.njit(cache=True)
+def tcp_packet(c64, c32, c8, cstatus, cfg, tmo, stats, c, d, fl, seq, ack, win, paylen,
+               wscale, sackperm, now):
+    """nf_conntrack_tcp_packet: table transition + checks + window + timer.
+    Returns R_ACCEPT, R_INVALID, R_IGNORE, R_KILL (accept, then destroy) or R_REOPEN."""
+    old = np.int64(c8[c, STATE])
+    if fl & 4:
+        idx = 4
+    elif fl & 2:
+        idx = 1 if fl & 16 else 0
+    elif fl & 1:
+        idx = 2
+    elif fl & 16:
+        idx = 3
+    else:
+        idx = 5
+    new = np.int64(TRANSITIONS[d, idx, old])
+    if new == 1 and old >= 7:
+        # SYN on TIME_WAIT/CLOSE: kill the old conn, the packet starts a new one
+        return R_REOPEN
+    if new == IG:
+        stats[ST_IGNORE] += 1
+        return R_IGNORE
+    if new == IV:
+        stats[ST_INVALID] += 1
+        stats[INV_BASE + INV_TCP_STATE] += 1
+        return R_INVALID
+    if idx == 4:
+        od = 1 - d
+        if old == 1 and d == 1:
+            # RFC 9293 SYN-SENT: a RST is acceptable only if it ACKs the SYN
+            if not (fl & 16) or ack != np.int64(c32[c, 2 + W_END]):
+                stats[ST_INVALID] += 1
+                stats[INV_BASE + INV_TCP_RST] += 1
+                return R_INVALID
+        elif c8[c, TFLAGS0 + od] & TF_MAXACK_SET:
+            maxack = np.int64(c32[c, 2 + 4 * od + W_MAXACK])
+            established = old == 3 and (cstatus[c] & S_ASSURED) != 0
+            if seq == 0 and not established:
+                pass
+            elif before(seq, maxack) and cfg[CF_IGNORE_INVALID_RST] == 0:
+                stats[ST_INVALID] += 1
+                stats[INV_BASE + INV_TCP_RST] += 1
+                return R_INVALID
+            elif established and seq != maxack:
+                new = old      # inexact RST: keep state, room for a challenge ACK
+    w = tcp_in_window(c32, c8, c, d, old, fl, seq, ack, win, paylen, wscale, sackperm,
+                      cfg[CF_BE_LIBERAL] != 0)
+    if w == W_INVALID:
+        stats[ST_INVALID] += 1
+        stats[INV_BASE + INV_TCP_WINDOW] += 1
+        return R_INVALID
+    if w == W_IGNORE:
+        stats[ST_IGNORE] += 1
+        return R_IGNORE
+    c8[c, STATE] = new
+    if old != new and new == 4:
+        c8[c, TFLAGS0 + d] |= TF_CLOSE_INIT
+    timeout = tmo[new]
+    if ((c8[c, TFLAGS0] | c8[c, TFLAGS0 + 1]) & TF_DATA_UNACK) and timeout > tmo[TMO_UNACK]:
+        timeout = tmo[TMO_UNACK]
+    st = cstatus[c]
+    if st & S_SEEN_REPLY == 0:
+        if fl & 4:
+            return R_KILL      # the only reply was a RST: not a connection
+        if new == 3 and timeout > tmo[TMO_UNACK]:
+            timeout = tmo[TMO_UNACK]
+    elif st & S_ASSURED == 0 and (old == 2 or old == 3) and new == 3:
+        cstatus[c] = st | S_ASSURED
+    c64[c, EXPIRES] = now + timeout
+    return R_ACCEPT
+
+
+@numba.njit(inline="always", cache=True)
+def tcp_may_create(fl, loose):
+    """tcp_new's first check: SYN opens; an ACK picks up mid-stream when loose."""
+    if fl & 4:
+        return False
+    if fl & 2:
+        return (fl & 16) == 0
+    if fl & 1:
+        return False
+    return (fl & 16) != 0 and loose
+
+
+# ------------------------------------------------------------------ the batch kernel
+
+@numba.njit(cache=True)
+def create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
+                h0, a0, a1, a2, a3, ports0, r0, r1, r2, r3, rports, proto, ipver, now):
+    """Create and confirm a conn with original tuple (a*, ports0) and reply tuple
+    (r*, rports): check max_conns (early drop), refuse a reply tuple owned by another
+    live conn (insert_failed), link both tuples, emit NEW.
+
+    Returns the conn id, -1 when the table is full (drop), -2 on a reply clash.
+    Precondition: the original tuple is not in the table (the caller looked it up).
+    """
+    rh = hash_key(tbl[T_SEED], r0, r1, r2, r3, rports, proto, ipver)
+    same = (r0 == a0 and r1 == a1 and r2 == a2 and r3 == a3 and rports == ports0)
+    if not same:
+        rt = find_tuple(heads, tkey, tport, tnext, c8, tbl, rh, r0, r1, r2, r3, rports,
+                        proto, ipver)
+        if rt >= 0:
+            oc = rt >> 1
+            if now > c64[oc, EXPIRES]:
+                stats[ST_EXPIRED] += 1
+                destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats,
+                             cfg, ev, evaddr, oc, now)
+            else:
+                stats[ST_INSERT_FAILED] += 1
+                return np.int64(-2)
+    if tbl[T_COUNT] >= cfg[CF_MAX_CONNS] or tbl[T_FREE] < 0:
+        if not early_drop(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg,
+                          ev, evaddr, h0, now):
+            return np.int64(-1)
+    c = alloc_conn(tnext, c64, c32, c8, cstatus, tbl)
+    if c < 0:
+        return np.int64(-1)
+    t0 = 2 * c
+    tkey[t0, 0] = a0
+    tkey[t0, 1] = a1
+    tkey[t0, 2] = a2
+    tkey[t0, 3] = a3
+    tport[t0] = ports0
+    tkey[t0 + 1, 0] = r0
+    tkey[t0 + 1, 1] = r1
+    tkey[t0 + 1, 2] = r2
+    tkey[t0 + 1, 3] = r3
+    tport[t0 + 1] = rports
+    c8[c, PROTO] = proto
+    c8[c, IPVER] = ipver
+    c64[c, EXPIRES] = now
+    link_tuple(heads, tnext, tbl, t0, h0)
+    st = S_USED | S_CONFIRMED | S_LINK0
+    if not same:
+        link_tuple(heads, tnext, tbl, t0 + 1, rh)
+        st |= S_LINK1
+    if not (r2 == a0 and r3 == a1 and (rports >> 16) == (ports0 & 0xFFFF)):
+        st |= S_SRC_NAT
+    if not (r0 == a2 and r1 == a3 and (rports & 0xFFFF) == (ports0 >> 16)):
+        st |= S_DST_NAT
+    cstatus[c] = st | S_NEW_PENDING
+    stats[ST_INSERT] += 1
+    stats[ST_NEW] += 1
+    return c
+
+
+@numba.njit(cache=True)
+def track_batch(meta, addr, hashes, length, ts, verdict, pconn,
+                heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl,
+                stats, cfg, tmo, ev, evaddr, start):
+    """Track packets start..n-1 in order. Returns the index of the first packet left
+    unprocessed (n when all are done); that packet has verdict V_PENDING and needs a
+    Python decision (a new conn while NAT rules are loaded).
+
+    Preconditions: meta/addr filled by wire.parse_batch; hashes[i] is the tuple hash of
+    each CLS_TRACK / CLS_RELATED packet.
+    """
+    n = meta.shape[0]
+    for i in range(start, n):
+        now = ts[i]
+        cls = meta[i, M_CLS]
+        pconn[i] = -1
+        if cls == CLS_NOTIP:
+            verdict[i] = V_NOTIP
+            stats[ST_NOT_IP] += 1
+            continue
+        if cls == CLS_UNTRACKED:
+            verdict[i] = V_UNTRACKED
+            stats[ST_UNTRACKED] += 1
+            continue
+        if cls == CLS_INVALID:
+            verdict[i] = V_INVALID
+            r = meta[i, M_REASON]
+            if r == 11:      # broken ICMP error: Linux counts it as error
+                stats[ST_ERROR] += 1
+            stats[ST_INVALID] += 1
+            stats[INV_BASE + r] += 1
+            continue
+        stats[ST_PACKETS] += 1
+        a0 = addr[i, 0]
+        a1 = addr[i, 1]
+        a2 = addr[i, 2]
+        a3 = addr[i, 3]
+        ports = meta[i, M_PORTS]
+        proto = meta[i, M_PROTO]
+        ipver = meta[i, M_IPVER]
+        h = hashes[i]
+        t = find_tuple(heads, tkey, tport, tnext, c8, tbl, h, a0, a1, a2, a3, ports, proto,
+                       ipver)
+        if t >= 0 and now > c64[t >> 1, EXPIRES]:
+            stats[ST_EXPIRED] += 1
+            destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg,
+                         ev, evaddr, t >> 1, now)
+            t = -1
+        if cls == CLS_RELATED:
+            if t < 0:
+                verdict[i] = V_INVALID
+                stats[ST_ERROR] += 1
+                stats[ST_INVALID] += 1
+                stats[INV_BASE + 11] += 1
+            else:
+                verdict[i] = V_RELATED
+                pconn[i] = t
+                stats[ST_RELATED] += 1
+            continue
+        fl = meta[i, M_TFLAGS]
+        for _attempt in range(2):      # a second pass only after a TCP reopen
+            if t < 0:
+                # ---- no conn: may this packet start one?
+                ok = True
+                if proto == 6:
+                    ok = tcp_may_create(fl, cfg[CF_LOOSE] != 0)
+                elif (proto == 1 or proto == 58) and meta[i, M_ECHO] != 1:
+                    ok = False
+                if not ok:
+                    verdict[i] = V_INVALID
+                    stats[ST_INVALID] += 1
+                    stats[INV_BASE + INV_NOT_NEW] += 1
+                    break
+                if cfg[CF_NAT] != 0:
+                    verdict[i] = V_PENDING
+                    return i
+                # no NAT: the reply tuple is the inverted original
+                rports = ((ports & 0xFFFF) << 16) | (ports >> 16)
+                c = create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats,
+                                cfg, ev, evaddr, h, a0, a1, a2, a3, ports, a2, a3, a0, a1,
+                                rports, proto, ipver, now)
+                if c < 0:
+                    verdict[i] = V_DROP
+                    stats[ST_DROP] += 1
+                    break
+                if proto == 6:
+                    tcp_new(c32, c8, c, fl, meta[i, M_SEQ], meta[i, M_WIN], meta[i, M_PAYLEN],
+                            meta[i, M_WSCALE], meta[i, M_SACKPERM], (fl & 2) != 0)
+                elif proto == 17:
+                    stream = now + 2_000_000_000
+                    c32[c, UDP_STREAM_LO] = stream & M32
+                    c32[c, UDP_STREAM_HI] = (stream >> 32) & M32
+                t = 2 * c
+            # ---- conn c, direction d: update protocol state
+            c = t >> 1
+            d = t & 1
+            old_state = np.int64(c8[c, STATE])
+            res = update_conn(c64, c32, c8, cstatus, cfg, tmo, stats, c, d, proto, fl,
+                              meta[i, M_SEQ], meta[i, M_ACK], meta[i, M_WIN], meta[i, M_PAYLEN],
+                              meta[i, M_WSCALE], meta[i, M_SACKPERM], now)
+            if res == R_REOPEN:
+                destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg,
+                             ev, evaddr, c, now)
+                t = -1
+                continue
+            if res == R_INVALID:
+                verdict[i] = V_INVALID
+                if cstatus[c] & S_NEW_PENDING:
+                    # the packet that created it is invalid: the conn never existed
+                    cstatus[c] = cstatus[c] & ~(S_CONFIRMED | S_NEW_PENDING)
+                    stats[ST_INSERT] -= 1
+                    stats[ST_NEW] -= 1
+                    destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl,
+                                 stats, cfg, ev, evaddr, c, now)
+                break
+            verdict[i] = V_ACCEPT
+            pconn[i] = t
+            c32[c, PKTS0 + d] += 1
+            c64[c, BYTES0 + d] += meta[i, M_L3LEN]
+            oldst = cstatus[c]
+            changed = res == R_ACCEPT and proto == 6 and np.int64(c8[c, STATE]) != old_state
+            if d == 1 and oldst & S_SEEN_REPLY == 0:
+                cstatus[c] = cstatus[c] | S_SEEN_REPLY
+                changed = True
+            if oldst & S_NEW_PENDING:
+                cstatus[c] = cstatus[c] & ~S_NEW_PENDING
+                emit(ev, evaddr, tbl, stats, cfg, EV_NEW, c, tkey, tport, c64, c32, c8,
+                     cstatus, now)
+                changed = False
+                oldst = cstatus[c]
+            if res == R_KILL:
+                destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg,
+                             ev, evaddr, c, now)
+            elif changed or (cstatus[c] != oldst):
+                if proto != 6 or res == R_ACCEPT:
+                    emit(ev, evaddr, tbl, stats, cfg, EV_UPDATE, c, tkey, tport, c64, c32,
+                         c8, cstatus, now)
+            break
+    return n
+
+
+@numba.njit(cache=True)
+def update_conn(c64, c32, c8, cstatus, cfg, tmo, stats, c, d, proto, fl, seq, ack, win,
+                paylen, wscale, sackperm, now):
+    """Per-protocol state update of conn c for a packet in direction d."""
+    if proto == 6:
+        return tcp_packet(c64, c32, c8, cstatus, cfg, tmo, stats, c, d, fl, seq, ack, win,
+                          paylen, wscale, sackperm, now)
+    if proto == 17:
+        timeout = tmo[TMO_UDP]
+        st = cstatus[c]
+        if st & S_SEEN_REPLY:
+            stream = np.int64(c32[c, UDP_STREAM_LO]) | (np.int64(c32[c, UDP_STREAM_HI]) << 32)
+            if now > stream:
+                timeout = tmo[TMO_UDP_STREAM]
+                cstatus[c] = st | S_ASSURED
+        c64[c, EXPIRES] = now + timeout
+        return R_ACCEPT
+    if proto == 1 or proto == 58:
+        c64[c, EXPIRES] = now + tmo[TMO_ICMP]
+        return R_ACCEPT
+    c64[c, EXPIRES] = now + tmo[TMO_GENERIC]
+    return R_ACCEPT
+
+
+# ------------------------------------------------------------------ expiry
+
+@numba.njit(cache=True)
+def reap(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
+         now, start, n_walk):
+    """Walk routing buckets start..start+n_walk-1 (every chain inside them) and destroy
+    expired conns, both tuples together. Returns (next_start, checked, expired)."""
+    nb = tbl[T_NBUCKETS]
+    nheads = tbl[T_NHEADS]
+    checked = 0
+    expired = 0
+    b = start % nb
+    for _ in range(n_walk):
+        k = b
+        while k < nheads:
+            t = np.int64(heads[k])
+            while t >= 0:
+                nx = np.int64(tnext[t])
+                c = t >> 1
+                checked += 1
+                if now > c64[c, EXPIRES]:
+                    # the other tuple may be the next one: skip past it before freeing
+                    while nx >= 0 and (nx >> 1) == c:
+                        nx = np.int64(tnext[nx])
+                    expired += 1
+                    stats[ST_EXPIRED] += 1
+                    destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats,
+                                 cfg, ev, evaddr, c, now)
+                t = nx
+            k += nb
+        b += 1
+    return b, checked, expired
+
+
+@numba.njit(cache=True)
+def collect_conns(cstatus, out):
+    """Ids of allocated conns into out; returns how many."""
+    n = 0
+    for c in range(cstatus.shape[0]):
+        if cstatus[c] & S_USED:
+            out[n] = c
+            n += 1
+    return n
