@@ -1,0 +1,368 @@
+"""TCP tracking: every gVisor tcpconntrack sequence mapped onto Linux states, window
+scaling, RST checks, the whole (state x flag class x direction) space, and timeouts.
+
+gVisor's results map to Linux states like this: Connecting = SYN_SENT / SYN_SENT2,
+Alive = SYN_RECV / ESTABLISHED / FIN_WAIT / CLOSE_WAIT / LAST_ACK, ClosedBy* =
+TIME_WAIT, Reset = CLOSE (and, when the RST came before any reply, no conn at all).
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from scapy.all import IP, TCP, Ether, IPv6, raw
+
+from shardct import Config, ConnTrack, ManualClock, PacketBatch
+from shardct import track as K
+from shardct.tcpstate import IG, IV, TRANSITIONS, FlagClass, TcpState, flag_class, next_state
+
+S = 1_000_000_000
+E = Ether(dst="02:00:00:00:00:01", src="02:00:00:00:00:02")
+CLI, SRV, CPORT, SPORT = "10.0.0.1", "10.0.0.2", 1234, 80
+
+
+def seg(direction, flags, seq=0, ack=0, win=30000, data=0, ws=None, v6=False):
+    """A TCP frame in the original (client->server) or reply direction."""
+    src, dst, sp, dp = (CLI, SRV, CPORT, SPORT) if direction == "O" else (SRV, CLI, SPORT, CPORT)
+    opts = [("WScale", ws)] if ws is not None else []
+    tcp = TCP(sport=sp, dport=dp, flags=flags, seq=seq, ack=ack, window=win, options=opts)
+    if v6:
+        src6 = "b::2" if src == CLI else "c::3"
+        dst6 = "c::3" if dst == SRV else "b::2"
+        return raw(E / IPv6(src=src6, dst=dst6) / tcp / (b"x" * data))
+    return raw(E / IP(src=src, dst=dst) / tcp / (b"x" * data))
+
+
+class Tracker:
+    def __init__(self, **cfg):
+        self.clock = ManualClock(1 * S)
+        self.ct = ConnTrack(Config(**cfg), seed=7, clock=self.clock)
+
+    def send(self, frame):
+        r = self.ct.process(PacketBatch.from_frames([frame]))
+        return int(r.verdict[0])
+
+    def state(self, v6=False):
+        hit = self.ct.lookup("b::2" if v6 else CLI, "c::3" if v6 else SRV, CPORT, SPORT, "tcp")
+        return None if hit is None else hit[0].state
+
+    def conn(self):
+        hit = self.ct.lookup(CLI, SRV, CPORT, SPORT, "tcp")
+        return None if hit is None else hit[0]
+
+
+def step(t, frame, want_state, want_verdict=K.V_ACCEPT, note=""):
+    got_v = t.send(frame)
+    assert got_v == want_verdict, f"{note}: verdict got {got_v}, want {want_verdict}"
+    got = t.state()
+    assert got == want_state, f"{note}: state got {got}, want {want_state}"
+
+
+def connected(t, iss=1234, irs=789, isw=30000, irw=50000):
+    step(t, seg("O", "S", seq=iss, win=irw), "SYN_SENT", note="SYN")
+    step(t, seg("R", "SA", seq=irs, ack=iss + 1, win=isw), "SYN_RECV", note="SYN/ACK")
+    step(t, seg("O", "A", seq=iss + 1, ack=irs + 1, win=irw), "ESTABLISHED", note="ACK")
+    assert "ASSURED" in t.conn().status
+
+
+# ---------------------------------------------------------------- gVisor sequences
+
+def test_connection_refused():
+    # gVisor: Init(SYN); R(RST|ACK ack=iss+1) => Reset. Linux: CLOSE, and since the only
+    # reply was a RST the conn is deleted at once.
+    t = Tracker()
+    step(t, seg("O", "S", seq=1234, win=30000), "SYN_SENT")
+    step(t, seg("R", "RA", seq=789, ack=1235, win=50000), None, note="RST|ACK")
+    assert t.ct.stats()["destroy"] == 1
+
+
+def test_connection_refused_in_syn_rcvd():
+    t = Tracker()
+    step(t, seg("O", "S", seq=1234), "SYN_SENT")
+    step(t, seg("R", "S", seq=789), "SYN_SENT2", note="simultaneous open SYN")
+    step(t, seg("R", "R", seq=790), "CLOSE", note="RST")
+
+
+def test_connection_reset_in_syn_rcvd():
+    t = Tracker()
+    step(t, seg("O", "S", seq=1234), "SYN_SENT")
+    step(t, seg("R", "S", seq=789), "SYN_SENT2")
+    step(t, seg("O", "R", seq=1235, win=0), "CLOSE", note="original RST")
+
+
+def test_retransmit_on_syn_sent():
+    t = Tracker()
+    step(t, seg("O", "S", seq=1234, win=30000), "SYN_SENT")
+    step(t, seg("O", "S", seq=1234, win=30000), "SYN_SENT", note="retransmitted SYN")
+
+
+def test_retransmit_on_syn_rcvd():
+    t = Tracker()
+    step(t, seg("O", "S", seq=1234, win=30000), "SYN_SENT")
+    step(t, seg("R", "S", seq=789, win=50000), "SYN_SENT2")
+    step(t, seg("O", "S", seq=1234, win=30000), "SYN_SENT2", note="SYN again")
+    step(t, seg("O", "SA", seq=1234, ack=790), "SYN_RECV", note="SYN/ACK from originator")
+
+
+def test_closed_by_originator():
+    t = Tracker()
+    connected(t)
+    step(t, seg("O", "FA", seq=1235, ack=790), "FIN_WAIT")
+    step(t, seg("R", "FA", seq=790, ack=1236), "LAST_ACK")
+    step(t, seg("O", "A", seq=1236, ack=791), "TIME_WAIT")
+
+
+def test_closed_by_responder():
+    t = Tracker()
+    connected(t)
+    step(t, seg("R", "FA", seq=790, ack=1235), "FIN_WAIT")
+    step(t, seg("O", "FA", seq=1235, ack=791), "LAST_ACK")
+    step(t, seg("R", "A", seq=791, ack=1236), "TIME_WAIT")
+
+
+@pytest.mark.parametrize("ack", [1234, 1236, 1000, 5000])
+@pytest.mark.parametrize("flags", ["R", "RA"])
+def test_ignore_bad_reset_on_syn_sent(ack, flags):
+    # gVisor keeps Connecting; Linux calls these RSTs INVALID and keeps SYN_SENT.
+    t = Tracker()
+    step(t, seg("O", "S", seq=1234, win=30000), "SYN_SENT")
+    step(t, seg("R", flags, seq=789, ack=ack), "SYN_SENT", K.V_INVALID, note=f"{flags} ack={ack}")
+    step(t, seg("R", "SA", seq=789, ack=1235), "SYN_RECV")
+    step(t, seg("O", "A", seq=1235, ack=790), "ESTABLISHED")
+
+
+def test_send_and_receive_data_closed_by_originator():
+    # gVisor SendAndReceiveData, bit-exact including the `sseq += 1004` quirk.
+    t = Tracker()
+    connected(t, 1234, 789, 30000, 50000)
+    sseq, rseq = 1235, 790
+    for _ in range(10):
+        step(t, seg("O", "A", seq=sseq, ack=rseq, win=30000, data=1024), "ESTABLISHED")
+        sseq += 1004
+        step(t, seg("R", "A", seq=rseq, ack=sseq, win=50000, data=1024), "ESTABLISHED")
+    for _ in range(10):
+        step(t, seg("R", "A", seq=rseq, ack=sseq, win=50000, data=1024), "ESTABLISHED")
+        rseq += 1024
+        step(t, seg("O", "A", seq=sseq, ack=rseq, win=30000, data=1024), "ESTABLISHED")
+    step(t, seg("O", "FA", seq=sseq, ack=rseq), "FIN_WAIT")
+    sseq += 1
+    step(t, seg("R", "FA", seq=rseq, ack=sseq), "LAST_ACK")
+    rseq += 1
+    step(t, seg("O", "A", seq=sseq, ack=rseq), "TIME_WAIT")
+
+
+# gVisor TestWindowScaling: (W, synScale, synAckScale, dataLen). Linux checks only that the
+# segment starts inside the window, so every case is accepted; the conn lives through 2x120 s
+# (data unacknowledged caps the timeout at 300 s) and is gone 5 days later.
+@pytest.mark.parametrize("w,syn_scale,synack_scale,data", [
+    (4, 0, 0, 2), (4, 0, 0, 8), (4, 1, 1, 6), (4, 1, 1, 10), (4, 2, 1, 10), (4, 1, 2, 10)])
+def test_window_scaling(w, syn_scale, synack_scale, data):
+    t = Tracker()
+    t.ct = ConnTrack(Config(), seed=7, clock=t.clock)
+    step(t, seg("O", "S", seq=10, win=w, ws=syn_scale or None), "SYN_SENT")
+    step(t, seg("R", "SA", seq=20, ack=11, win=w, ws=synack_scale or None), "SYN_RECV")
+    step(t, seg("O", "A", seq=11, ack=21, win=w, data=data), "ESTABLISHED")
+    both_scaled = bool(syn_scale) and bool(synack_scale)
+    c = t.conn().id
+    got = (int(t.ct.table.c8[c, 3]), int(t.ct.table.c8[c, 4]))
+    want = (syn_scale, synack_scale) if both_scaled else (0, 0)
+    assert got == want, f"scales got {got}, want {want}"
+    now = t.clock.advance(240)
+    assert t.ct.reap_all(now) == 0
+    assert len(t.ct) == 1
+    now = t.clock.advance(5 * 24 * 3600)
+    assert t.ct.reap_all(now) == 1
+    assert len(t.ct) == 0
+
+
+def test_reap_refreshed_by_retransmitted_syn():
+    # gVisor TestReap (#6748): the same SYN 60 s later refreshes the timer.
+    t = Tracker()
+    step(t, seg("O", "S", seq=1), "SYN_SENT")
+    t.clock.advance(60)
+    step(t, seg("O", "S", seq=1), "SYN_SENT")
+    now = t.clock.advance(90)
+    assert t.ct.reap_all(now) == 0, "SYN_SENT timeout is 120 s since the last packet"
+    now = t.clock.advance(60)
+    assert t.ct.reap_all(now) == 1
+
+
+# ---------------------------------------------------------------- Linux specifics
+
+def test_rst_sequence_checks():
+    # nf_conntrack packetdrill conntrack_rst_invalid: in ESTABLISHED, RSTs before td_maxack
+    # or out of window are INVALID (state kept); the exact next sequence closes.
+    t = Tracker()
+    connected(t, iss=1000, irs=3000, isw=65000, irw=65000)
+    step(t, seg("O", "A", seq=1001, ack=3001), "ESTABLISHED")
+    for bad in (0, 42, 1000000, 2999):
+        step(t, seg("R", "R", seq=bad), "ESTABLISHED", K.V_INVALID, note=f"RST seq {bad}")
+    step(t, seg("R", "R", seq=3001), "CLOSE", note="exact RST")
+    assert t.ct.stats()["invalid.tcp_rst"] + t.ct.stats()["invalid.tcp_window"] == 4
+
+
+def test_inexact_in_window_rst_keeps_state():
+    t = Tracker()
+    connected(t, iss=1000, irs=3000, isw=65000, irw=65000)
+    step(t, seg("O", "A", seq=1001, ack=3001), "ESTABLISHED")
+    step(t, seg("R", "R", seq=3100), "ESTABLISHED", note="in window, not exact")
+
+
+def test_out_of_window_data_is_invalid_unless_liberal():
+    for liberal, want in ((False, K.V_INVALID), (True, K.V_ACCEPT)):
+        t = Tracker(tcp_be_liberal=liberal)
+        connected(t, iss=1000, irs=3000, isw=1000, irw=1000)
+        step(t, seg("O", "A", seq=1001 + 10_000_000, ack=3001, data=10), "ESTABLISHED", want,
+             note=f"liberal={liberal}")
+
+
+def test_ack_of_unseen_data_is_invalid():
+    t = Tracker()
+    connected(t)
+    step(t, seg("O", "A", seq=1235, ack=790 + 100000), "ESTABLISHED", K.V_INVALID)
+
+
+def test_retransmission_of_acked_data_is_ignored():
+    t = Tracker()
+    connected(t, iss=1000, irs=3000, isw=2000, irw=2000)
+    step(t, seg("O", "A", seq=1001, ack=3001, win=2000, data=1000), "ESTABLISHED")
+    step(t, seg("R", "A", seq=3001, ack=2001, win=2000), "ESTABLISHED")
+    for k in range(5):
+        step(t, seg("O", "A", seq=2001 + 1000 * k, ack=3001, win=2000, data=1000), "ESTABLISHED")
+        step(t, seg("R", "A", seq=3001, ack=3001 + 1000 * k, win=2000), "ESTABLISHED")
+    before = t.ct.stats()["ignore"]
+    step(t, seg("O", "A", seq=1001, ack=3001, win=2000, data=10), "ESTABLISHED", K.V_ACCEPT,
+         note="old data again")
+    assert t.ct.stats()["ignore"] == before + 1
+
+
+def test_syn_ack_first_is_invalid_and_creates_nothing():
+    t = Tracker()
+    step(t, seg("O", "SA", seq=1, ack=1), None, K.V_INVALID)
+    assert len(t.ct) == 0
+    assert t.ct.stats()["invalid.not_new"] == 1
+
+
+def test_midstream_pickup_loose():
+    t = Tracker()
+    step(t, seg("O", "A", seq=5000, ack=7000, data=10), "ESTABLISHED")
+    c = t.conn()
+    assert c.timeout(t.clock()) == 300, "mid-stream pickups are capped at UNACK until a reply"
+    t2 = Tracker(tcp_loose=False)
+    step(t2, seg("O", "A", seq=5000, ack=7000, data=10), None, K.V_INVALID)
+
+
+def test_reopen_in_time_wait():
+    t = Tracker()
+    connected(t)
+    step(t, seg("O", "FA", seq=1235, ack=790), "FIN_WAIT")
+    step(t, seg("R", "FA", seq=790, ack=1236), "LAST_ACK")
+    step(t, seg("O", "A", seq=1236, ack=791), "TIME_WAIT")
+    old = t.conn().id
+    step(t, seg("O", "S", seq=99999), "SYN_SENT", note="new SYN reopens")
+    kinds = [e.kind for e in t.ct.events()]
+    assert kinds[-2:] == ["DESTROY", "NEW"], f"got {kinds[-2:]}, want DESTROY, NEW"
+    assert t.ct.stats()["new"] == 2
+    assert old is not None
+
+
+def test_timeouts_follow_linux_defaults():
+    want = {"SYN_SENT": 120, "SYN_RECV": 60, "ESTABLISHED": 432000, "FIN_WAIT": 120,
+            "LAST_ACK": 30, "TIME_WAIT": 120}
+    t = Tracker()
+    got = {}
+    t.send(seg("O", "S", seq=1234))
+    got["SYN_SENT"] = t.conn().timeout(t.clock())
+    t.send(seg("R", "SA", seq=789, ack=1235))
+    got["SYN_RECV"] = t.conn().timeout(t.clock())
+    t.send(seg("O", "A", seq=1235, ack=790))
+    got["ESTABLISHED"] = t.conn().timeout(t.clock())
+    t.send(seg("O", "FA", seq=1235, ack=790))
+    got["FIN_WAIT"] = t.conn().timeout(t.clock())
+    t.send(seg("R", "FA", seq=790, ack=1236))
+    got["LAST_ACK"] = t.conn().timeout(t.clock())
+    t.send(seg("O", "A", seq=1236, ack=791))
+    got["TIME_WAIT"] = t.conn().timeout(t.clock())
+    assert got == want, f"got {got}, want {want}"
+
+
+def test_ipv6_handshake():
+    t = Tracker()
+    for d, f, s, a in (("O", "S", 1, 0), ("R", "SA", 100, 2), ("O", "A", 2, 101)):
+        assert t.send(seg(d, f, seq=s, ack=a, v6=True)) == K.V_ACCEPT
+    assert t.state(v6=True) == "ESTABLISHED"
+
+
+# ---------------------------------------------------------------- the whole table
+
+FLAGS_BY_CLASS = {FlagClass.SYN: "S", FlagClass.SYNACK: "SA", FlagClass.FIN: "FA",
+                  FlagClass.ACK: "A", FlagClass.RST: "R"}
+
+
+def test_table_covers_every_state_class_direction():
+    for d, cls, s in itertools.product(range(2), range(6), range(10)):
+        got = int(TRANSITIONS[d, cls, s])
+        assert got in set(range(10)) | {IV, IG}, f"[{d}][{cls}][{s}] = {got}"
+    assert next_state(0, 0x02, TcpState.NONE) == TcpState.SYN_SENT
+    assert flag_class(0x12) == FlagClass.SYNACK and flag_class(0x14) == FlagClass.RST
+
+
+STATE_PATHS = {
+    # how to drive a fresh conn into each state (direction, flags, seq, ack)
+    TcpState.SYN_SENT: [("O", "S", 100, 0)],
+    TcpState.SYN_SENT2: [("O", "S", 100, 0), ("R", "S", 500, 0)],
+    TcpState.SYN_RECV: [("O", "S", 100, 0), ("R", "SA", 500, 101)],
+    TcpState.ESTABLISHED: [("O", "S", 100, 0), ("R", "SA", 500, 101), ("O", "A", 101, 501)],
+    TcpState.FIN_WAIT: [("O", "S", 100, 0), ("R", "SA", 500, 101), ("O", "A", 101, 501),
+                        ("O", "FA", 101, 501)],
+    TcpState.CLOSE_WAIT: [("O", "S", 100, 0), ("R", "SA", 500, 101), ("O", "A", 101, 501),
+                          ("O", "FA", 101, 501), ("R", "A", 501, 102)],
+    TcpState.LAST_ACK: [("O", "S", 100, 0), ("R", "SA", 500, 101), ("O", "A", 101, 501),
+                        ("O", "FA", 101, 501), ("R", "FA", 501, 102)],
+    TcpState.TIME_WAIT: [("O", "S", 100, 0), ("R", "SA", 500, 101), ("O", "A", 101, 501),
+                         ("O", "FA", 101, 501), ("R", "FA", 501, 102), ("O", "A", 102, 502)],
+    TcpState.CLOSE: [("O", "S", 100, 0), ("R", "SA", 500, 101), ("O", "A", 101, 501),
+                     ("R", "R", 501, 0)],
+}
+
+
+@pytest.mark.parametrize("state", list(STATE_PATHS), ids=lambda s: s.name)
+def test_state_paths_reach_their_state(state):
+    t = Tracker()
+    for d, f, s, a in STATE_PATHS[state]:
+        t.send(seg(d, f, seq=s, ack=a))
+    assert t.state() == state.name, f"got {t.state()}, want {state.name}"
+
+
+@settings(max_examples=150, deadline=None)
+@given(state=st.sampled_from(list(STATE_PATHS)), cls=st.sampled_from(list(FLAGS_BY_CLASS)),
+       direction=st.sampled_from(["O", "R"]), seq_off=st.integers(-3, 3))
+def test_every_state_flag_direction_has_a_defined_outcome(state, cls, direction, seq_off):
+    """Property: from any state, any flag class in either direction yields a verdict the
+    table allows, and the state moves only as the table says (or reopens / is killed)."""
+    t = Tracker()
+    for d, f, s, a in STATE_PATHS[state]:
+        t.send(seg(d, f, seq=s, ack=a))
+    assert t.state() == state.name
+    # a segment near the right sequence numbers for its direction
+    seq = (101 if direction == "O" else 501) + seq_off + 2
+    ack = (502 if direction == "O" else 102)
+    v = t.send(seg(direction, FLAGS_BY_CLASS[cls], seq=seq & 0xFFFFFFFF, ack=ack))
+    after = t.state()
+    d = 0 if direction == "O" else 1
+    want = int(TRANSITIONS[d, int(cls), int(state)])
+    assert v in (K.V_ACCEPT, K.V_INVALID), f"verdict {v}"
+    if want == IV:
+        assert v == K.V_INVALID and after == state.name, f"IV: got {v}, {after}"
+    elif want == IG:
+        assert after == state.name, f"IG: state moved to {after}"
+    elif v == K.V_INVALID:
+        assert after == state.name, "an INVALID packet must not move the state"
+    elif want == TcpState.SYN_SENT and state in (TcpState.TIME_WAIT, TcpState.CLOSE):
+        if d == 0:
+            assert after == "SYN_SENT", f"reopen: got {after}"
+    else:
+        allowed = {TcpState(want).name, state.name, None}
+        assert after in allowed, f"got {after}, want one of {allowed}"
