@@ -115,7 +115,14 @@ class ConnTrack:
     """Connection tracking for one table (one process, one shard)."""
 
     def __init__(self, config: Config | None = None, *, seed: int,
-                 clock: Callable[[], int] | None = None):
+                 clock: Callable[[], int] | None = None, rules=None, network=None,
+                 rng: np.random.Generator | None = None, router: bool = False):
+        """rules: a parsed nat RuleSet (rules.py) or None; network: a netconf.Network
+        (interfaces, routes) for routing, MASQUERADE and REDIRECT; rng: randomness for NAT
+        port search (a numpy Generator; derived from ``seed`` when omitted); router: also
+        decrement TTL / hop limit of forwarded packets and drop broken IP headers.
+        With rules or a network, every new conn goes through the NAT decision (null
+        bindings included), as Linux does once the nat table exists."""
         self.config = config or Config()
         self.clock = clock
         c = self.config
@@ -131,6 +138,14 @@ class ConnTrack:
         self.ev = np.zeros((c.event_buffer, K.N_EV), dtype=np.int64)
         self.evaddr = np.zeros((c.event_buffer, 8), dtype=np.uint64)
         self.reap_interval = REAP_MIN_INTERVAL
+        self.cfg[K.CF_ROUTER] = int(router)
+        self.nat = None
+        if rules is not None or network is not None:
+            from .nat import NatEngine
+            self.nat = NatEngine(self, rules, network,
+                                 rng if rng is not None else np.random.default_rng(seed))
+            self.cfg[K.CF_NAT] = 1
+        self.network = network
 
     # ------------------------------------------------------------ packets
     def parse(self, batch: PacketBatch):
@@ -142,13 +157,15 @@ class ConnTrack:
         return meta, addr, hashes
 
     def process(self, batch: PacketBatch, now: int | None = None) -> Result:
-        """Track every frame of ``batch`` in order; frames are not modified."""
+        """Track every frame of ``batch`` in order. Frames of NATed conns (and, in router
+        mode, every forwarded IP frame's TTL) are rewritten in place in ``batch.buf``."""
         n = len(batch)
         if now is None and self.clock is not None:
             now = self.clock()
         ts = batch.ts if now is None else np.full(n, now, dtype=np.int64)
         meta, addr, hashes = self.parse(batch)
         verdict = np.full(n, K.V_PENDING, dtype=np.uint8)
+        self._buf, self._off, self._batch = batch.buf, batch.off, batch
         tid = np.full(n, -1, dtype=np.int64)
         i = 0
         while i < n:
@@ -159,15 +176,51 @@ class ConnTrack:
 
     def _track(self, meta, addr, hashes, length, ts, verdict, tid, start):
         t = self.table
-        return K.track_batch(meta, addr, hashes, length, ts, verdict, tid,
+        return K.track_batch(self._buf, self._off, meta, addr, hashes, length, ts, verdict, tid,
                              t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
                              t.tbl, self.stats_arr, self.cfg, self.tmo, self.ev, self.evaddr,
                              start)
 
     def _slow_path(self, i, meta, addr, hashes, ts, verdict, tid) -> int:
-        """A packet the kernel left for Python. The core without NAT never stops, so
-        reaching here is a bug; NAT (nat.py) overrides this."""
-        raise AssertionError(f"kernel stopped at packet {i} with no slow path")
+        """Packet i starts a conn while NAT is on: decide the bindings (nat.py), create and
+        confirm the conn, and hand the packet back to the kernel (returns i), or drop it
+        (returns i + 1)."""
+        if self.nat is None:
+            raise AssertionError(f"kernel stopped at packet {i} with NAT off")
+        now = int(ts[i])
+        ifx = int(self._batch.ifindex[i])
+        in_if = self.network.name(ifx) if self.network is not None else None
+        dec = self.nat.decide(now, meta[i], addr[i], in_if)
+        st = self.stats_arr
+        if dec is None:
+            verdict[i] = K.V_DROP
+            st[K.ST_NAT_FAILED] += 1
+            st[K.ST_DROP] += 1
+            return i + 1
+        (s, d, ports, proto, ver), (ns, nd, nports, _, _) = dec
+        rports = ((nports & 0xFFFF) << 16) | (nports >> 16)
+        t = self.table
+        u = np.uint64
+        c = K.create_conn(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus, t.tbl,
+                          st, self.cfg, self.ev, self.evaddr, int(hashes[i]),
+                          u(s[0]), u(s[1]), u(d[0]), u(d[1]), ports,
+                          u(nd[0]), u(nd[1]), u(ns[0]), u(ns[1]), rports, proto, ver, now)
+        if c < 0:
+            verdict[i] = K.V_DROP
+            st[K.ST_DROP] += 1
+            return i + 1
+        K.init_proto(t.c32, t.c8, c, meta, i, now)
+        return i
+
+    def original_dst(self, src, dst, sport, dport, proto, now: int | None = None):
+        """SO_ORIGINAL_DST: for a packet seen after DNAT/REDIRECT in the original
+        direction (src -> dst), the destination (address, port) before NAT; None when no
+        conn has such a reply tuple (ENOTCONN)."""
+        hit = self.lookup(dst, src, dport, sport, proto, now)
+        if hit is None or hit[1] != 1:
+            return None
+        o = hit[0].original
+        return o.dst, o.dport
 
     # ------------------------------------------------------------ queries
     def _key(self, src, dst, sport, dport, proto):

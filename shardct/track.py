@@ -28,13 +28,14 @@ from .table import (S_NEW_PENDING, BYTES0, EXPIRES, IPVER, PKTS0, PROTO, S_ASSUR
                     TF_SACK_PERM, TF_WINDOW_SCALE, TFLAGS0, UDP_STREAM_HI, UDP_STREAM_LO,
                     W_END, W_MAXACK, W_MAXEND, W_MAXWIN)
 from .tcpstate import TRANSITIONS, IG, IV
+from .rewrite import decrement_ttl, icmp_recompute, rewrite_header
 from .wire import (CLS_INVALID, CLS_NOTIP, CLS_RELATED, CLS_TRACK, CLS_UNTRACKED,
-                   M_ACK, M_CLS, M_ECHO, M_IPVER, M_L3LEN, M_PAYLEN, M_PORTS, M_PROTO,
+                   M_ACK, M_CLS, M_ECHO, M_INNER_L3, M_INNER_L4, M_IPVER, M_L3, M_L3LEN, M_L4, M_PAYLEN, M_PORTS, M_PROTO,
                    M_REASON, M_SACKPERM, M_SEQ, M_TFLAGS, M_WIN, M_WSCALE, REASON_NAMES)
 
 # ---- configuration (cfg int64 array)
-CF_BE_LIBERAL, CF_LOOSE, CF_MAX_CONNS, CF_EVENTS, CF_IGNORE_INVALID_RST, CF_NAT = range(6)
-N_CFG = 6
+CF_BE_LIBERAL, CF_LOOSE, CF_MAX_CONNS, CF_EVENTS, CF_IGNORE_INVALID_RST, CF_NAT, CF_ROUTER = range(7)
+N_CFG = 7
 
 # ---- timeouts (tmo int64 array, ns): TCP states 0..9, then these
 TMO_RETRANS, TMO_UNACK, TMO_UDP, TMO_UDP_STREAM, TMO_ICMP, TMO_GENERIC = 10, 11, 12, 13, 14, 15
@@ -48,10 +49,12 @@ VERDICT_NAMES = ("accept", "related", "untracked", "invalid", "drop", "not_ip")
 # ---- statistics (stats int64 array). The first eight are conntrack -S's names.
 (ST_FOUND, ST_INVALID, ST_INSERT, ST_INSERT_FAILED, ST_DROP, ST_EARLY_DROP, ST_ERROR,
  ST_SEARCH_RESTART, ST_UNTRACKED, ST_NOT_IP, ST_IGNORE, ST_NEW, ST_DESTROY, ST_EXPIRED,
- ST_RELATED, ST_EVENTS_LOST, ST_PACKETS, ST_NAT_FAILED, ST_CLASH_RESOLVE) = range(19)
+ ST_RELATED, ST_EVENTS_LOST, ST_PACKETS, ST_NAT_FAILED, ST_CLASH_RESOLVE, ST_TTL_EXPIRED,
+ ST_NAT_REWRITES) = range(21)
 STAT_NAMES = ("found", "invalid", "insert", "insert_failed", "drop", "early_drop", "error",
               "search_restart", "untracked", "not_ip", "ignore", "new", "destroy", "expired",
-              "related", "events_lost", "packets", "nat_failed", "clash_resolve")
+              "related", "events_lost", "packets", "nat_failed", "clash_resolve", "ttl_expired",
+              "nat_rewrites")
 # invalid reasons: parse reasons first, then the tracker's own
 INV_BASE = 32
 INV_TCP_STATE = len(REASON_NAMES)         # state table says invalid
@@ -513,7 +516,68 @@ def create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
 
 
 @numba.njit(cache=True)
-def track_batch(meta, addr, hashes, length, ts, verdict, pconn,
+def nat_packet(buf, o, meta, i, tkey, tport, c8, cstatus, stats, t, related):
+    """Rewrite packet i (frame at buf[o:]) of tuple id t = 2c+d to what the conn's NAT
+    bindings say (see rewrite.py). No-op for conns without SRC_NAT/DST_NAT."""
+    c = t >> 1
+    d = t & 1
+    st = cstatus[c]
+    if st & (S_SRC_NAT | S_DST_NAT) == 0:
+        return
+    ot = 2 * c + 1 - d
+    ipver = meta[i, M_IPVER]
+    if d == 0:
+        set_src = (st & S_SRC_NAT) != 0
+        set_dst = (st & S_DST_NAT) != 0
+    else:
+        set_src = (st & S_DST_NAT) != 0
+        set_dst = (st & S_SRC_NAT) != 0
+    l3 = o + meta[i, M_L3]
+    l4 = o + meta[i, M_L4]
+    l4len = meta[i, M_L3LEN] - meta[i, M_L4]  + meta[i, M_L3]
+    stats[ST_NAT_REWRITES] += 1
+    op = np.int64(tport[ot])
+    if not related:
+        rewrite_header(buf, l3, l4, l4len, ipver, meta[i, M_PROTO], meta[i, M_ECHO],
+                       tkey[ot, 2], tkey[ot, 3], tkey[ot, 0], tkey[ot, 1],
+                       ((op & 0xFFFF) << 16) | (op >> 16), set_src, set_dst)
+        return
+    # ICMP error: the quoted packet becomes tuple[1-d]; the outer header follows the manips
+    il3 = o + meta[i, M_INNER_L3]
+    il4 = o + meta[i, M_INNER_L4]
+    iavail = l4 + l4len - il4
+    iproto = meta[i, M_PROTO]
+    iecho = 0
+    if (iproto == 1 or iproto == 58) and iavail >= 1:
+        ty = buf[il4]
+        if ty == 8 or ty == 128:
+            iecho = 1
+        elif ty == 0 or ty == 129:
+            iecho = 2
+    rewrite_header(buf, il3, il4, iavail, ipver, iproto, iecho,
+                   tkey[ot, 0], tkey[ot, 1], tkey[ot, 2], tkey[ot, 3], op, True, True)
+    oproto = 1 if ipver == 4 else 58
+    rewrite_header(buf, l3, l4, l4len, ipver, oproto, 0,
+                   tkey[ot, 2], tkey[ot, 3], tkey[ot, 0], tkey[ot, 1], 0, set_src, set_dst)
+    icmp_recompute(buf, l3, l4, l4len, ipver)
+
+
+@numba.njit(cache=True)
+def init_proto(c32, c8, c, meta, i, now):
+    """Protocol state of a conn created by packet i (tcp_new; UDP stream time)."""
+    proto = meta[i, M_PROTO]
+    if proto == 6:
+        fl = meta[i, M_TFLAGS]
+        tcp_new(c32, c8, c, fl, meta[i, M_SEQ], meta[i, M_WIN], meta[i, M_PAYLEN],
+                meta[i, M_WSCALE], meta[i, M_SACKPERM], (fl & 2) != 0)
+    elif proto == 17:
+        stream = now + 2_000_000_000
+        c32[c, UDP_STREAM_LO] = stream & M32
+        c32[c, UDP_STREAM_HI] = (stream >> 32) & M32
+
+
+@numba.njit(cache=True)
+def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
                 heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl,
                 stats, cfg, tmo, ev, evaddr, start):
     """Track packets start..n-1 in order. Returns the index of the first packet left
@@ -532,6 +596,20 @@ def track_batch(meta, addr, hashes, length, ts, verdict, pconn,
             verdict[i] = V_NOTIP
             stats[ST_NOT_IP] += 1
             continue
+        if cfg[CF_ROUTER] != 0:
+            r = meta[i, M_REASON]
+            if cls == CLS_INVALID and (r <= 4 or r == 14):
+                # a broken IP header is dropped before conntrack, as a router does
+                verdict[i] = V_DROP
+                stats[ST_DROP] += 1
+                stats[ST_INVALID] += 1
+                stats[INV_BASE + r] += 1
+                continue
+            if not decrement_ttl(buf, off[i] + meta[i, M_L3], meta[i, M_IPVER]):
+                verdict[i] = V_DROP
+                stats[ST_TTL_EXPIRED] += 1
+                stats[ST_DROP] += 1
+                continue
         if cls == CLS_UNTRACKED:
             verdict[i] = V_UNTRACKED
             stats[ST_UNTRACKED] += 1
@@ -570,6 +648,7 @@ def track_batch(meta, addr, hashes, length, ts, verdict, pconn,
                 verdict[i] = V_RELATED
                 pconn[i] = t
                 stats[ST_RELATED] += 1
+                nat_packet(buf, off[i], meta, i, tkey, tport, c8, cstatus, stats, t, True)
             continue
         fl = meta[i, M_TFLAGS]
         for _attempt in range(2):      # a second pass only after a TCP reopen
@@ -597,13 +676,7 @@ def track_batch(meta, addr, hashes, length, ts, verdict, pconn,
                     verdict[i] = V_DROP
                     stats[ST_DROP] += 1
                     break
-                if proto == 6:
-                    tcp_new(c32, c8, c, fl, meta[i, M_SEQ], meta[i, M_WIN], meta[i, M_PAYLEN],
-                            meta[i, M_WSCALE], meta[i, M_SACKPERM], (fl & 2) != 0)
-                elif proto == 17:
-                    stream = now + 2_000_000_000
-                    c32[c, UDP_STREAM_LO] = stream & M32
-                    c32[c, UDP_STREAM_HI] = (stream >> 32) & M32
+                init_proto(c32, c8, c, meta, i, now)
                 t = 2 * c
             # ---- conn c, direction d: update protocol state
             c = t >> 1
@@ -629,6 +702,7 @@ def track_batch(meta, addr, hashes, length, ts, verdict, pconn,
                 break
             verdict[i] = V_ACCEPT
             pconn[i] = t
+            nat_packet(buf, off[i], meta, i, tkey, tport, c8, cstatus, stats, t, False)
             c32[c, PKTS0 + d] += 1
             c64[c, BYTES0 + d] += meta[i, M_L3LEN]
             oldst = cstatus[c]
