@@ -148,7 +148,20 @@ class ConnTrack:
         self.network = network
 
     # ------------------------------------------------------------ packets
+    def _scratch(self, n):
+        """Per-batch work arrays, reused across calls (grown when needed)."""
+        if getattr(self, "_cap", 0) < n:
+            cap = max(n, 256)
+            self._meta, self._addr = wire.new_meta(cap)
+            self._hashes = np.empty(cap, dtype=np.int64)
+            self._verdict = np.empty(cap, dtype=np.uint8)
+            self._tid = np.empty(cap, dtype=np.int64)
+            self._cap = cap
+        return (self._meta[:n], self._addr[:n], self._hashes[:n], self._verdict[:n],
+                self._tid[:n])
+
     def parse(self, batch: PacketBatch):
+        """(meta, addr, hashes) of a batch: fresh arrays (wire.parse_hash_batch)."""
         n = len(batch)
         meta, addr = wire.new_meta(n)
         hashes = np.empty(n, dtype=np.int64)
@@ -158,21 +171,24 @@ class ConnTrack:
 
     def process(self, batch: PacketBatch, now: int | None = None) -> Result:
         """Track every frame of ``batch`` in order. Frames of NATed conns (and, in router
-        mode, every forwarded IP frame's TTL) are rewritten in place in ``batch.buf``."""
+        mode, every forwarded IP frame's TTL) are rewritten in place in ``batch.buf``.
+
+        The Result's ``verdict`` and ``tuple_id`` are fresh arrays; its ``meta`` and
+        ``addr`` are this engine's scratch space, valid until the next call."""
         n = len(batch)
         if now is None and self.clock is not None:
             now = self.clock()
         ts = batch.ts if now is None else np.full(n, now, dtype=np.int64)
-        meta, addr, hashes = self.parse(batch)
-        verdict = np.full(n, K.V_PENDING, dtype=np.uint8)
+        meta, addr, hashes, verdict, tid = self._scratch(n)
+        wire.parse_hash_batch(batch.buf, batch.off, batch.length, meta, addr,
+                              self.config.checksum, self.table.seed, hashes)
         self._buf, self._off, self._batch = batch.buf, batch.off, batch
-        tid = np.full(n, -1, dtype=np.int64)
         i = 0
         while i < n:
             i = self._track(meta, addr, hashes, batch.length, ts, verdict, tid, i)
             if i < n:
                 i = self._slow_path(i, meta, addr, hashes, ts, verdict, tid)
-        return Result(verdict, tid, meta, addr)
+        return Result(verdict.copy(), tid.copy(), meta, addr)
 
     def _track(self, meta, addr, hashes, length, ts, verdict, tid, start):
         t = self.table
