@@ -184,18 +184,21 @@ class ConnTrack:
                               self.config.checksum, self.table.seed, hashes)
         self._buf, self._off, self._batch = batch.buf, batch.off, batch
         i = 0
+        resumed = False
         while i < n:
-            i = self._track(meta, addr, hashes, batch.length, ts, verdict, tid, i)
+            i = self._track(meta, addr, hashes, batch.length, ts, verdict, tid, i, resumed)
             if i < n:
-                i = self._slow_path(i, meta, addr, hashes, ts, verdict, tid)
+                j = self._slow_path(i, meta, addr, hashes, ts, verdict, tid)
+                resumed = j == i
+                i = j
         return Result(verdict.copy(), tid.copy(), meta, addr)
 
-    def _track(self, meta, addr, hashes, length, ts, verdict, tid, start):
+    def _track(self, meta, addr, hashes, length, ts, verdict, tid, start, resumed=False):
         t = self.table
         return K.track_batch(self._buf, self._off, meta, addr, hashes, length, ts, verdict, tid,
                              t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
                              t.tbl, self.stats_arr, self.cfg, self.tmo, self.ev, self.evaddr,
-                             start)
+                             start, resumed)
 
     def _slow_path(self, i, meta, addr, hashes, ts, verdict, tid) -> int:
         """Packet i starts a conn while NAT is on: decide the bindings (nat.py), create and

@@ -104,7 +104,7 @@ def tuple_hash_of(tkey, tport, c8, tbl, t):
                     np.int64(tport[t]), np.int64(c8[c, PROTO]), np.int64(c8[c, IPVER]))
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always", cache=True)
 def find_tuple(heads, tkey, tport, tnext, c8, tbl, h, a0, a1, a2, a3, ports, proto, ipver):
     """Tuple id with this key in chain ``h & mask``, or -1. Does not look at expiry."""
     t = np.int64(heads[h & tbl[T_MASK]])
@@ -241,7 +241,7 @@ def early_drop(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg
 
 # ------------------------------------------------------------------ TCP
 
-@numba.njit(cache=True)
+@numba.njit(inline="always", cache=True)
 def tcp_options_into(c8, c, d, wscale, sackperm):
     f = c8[c, TFLAGS0 + d]
     if wscale >= 0:
@@ -272,7 +272,7 @@ def tcp_new(c32, c8, c, fl, seq, win, paylen, wscale, sackperm, syn):
         c8[c, TFLAGS0 + 1] = TF_SACK_PERM | TF_BE_LIBERAL
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always", cache=True)
 def tcp_in_window(c32, c8, c, d, state, fl, seq, ack, win, paylen, wscale, sackperm, liberal):
     """Linux tcp_in_window (6.1+ outcomes). Returns W_OK, W_INVALID or W_IGNORE."""
     sb = 2 + 4 * d            # sender
@@ -368,7 +368,7 @@ def tcp_in_window(c32, c8, c, d, state, fl, seq, ack, win, paylen, wscale, sackp
     return W_OK
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always", cache=True)
 def tcp_packet(c64, c32, c8, cstatus, cfg, tmo, stats, c, d, fl, seq, ack, win, paylen,
                wscale, sackperm, now):
     """nf_conntrack_tcp_packet: table transition + checks + window + timer.
@@ -515,7 +515,7 @@ def create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
     return c
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always", cache=True)
 def nat_packet(buf, o, meta, i, tkey, tport, c8, cstatus, stats, t, related):
     """Rewrite packet i (frame at buf[o:]) of tuple id t = 2c+d to what the conn's NAT
     bindings say (see rewrite.py). No-op for conns without SRC_NAT/DST_NAT."""
@@ -579,8 +579,10 @@ def init_proto(c32, c8, c, meta, i, now):
 @numba.njit(cache=True)
 def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
                 heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl,
-                stats, cfg, tmo, ev, evaddr, start):
-    """Track packets start..n-1 in order. Returns the index of the first packet left
+                stats, cfg, tmo, ev, evaddr, start, resumed):
+    """Track packets start..n-1 in order. ``resumed``: packet ``start`` already went
+    through this kernel once (it was handed to the slow path and comes back), so its
+    router hop (TTL) is not taken again. Returns the index of the first packet left
     unprocessed (n when all are done); that packet has verdict V_PENDING and needs a
     Python decision (a new conn while NAT rules are loaded).
 
@@ -605,7 +607,8 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
                 stats[ST_INVALID] += 1
                 stats[INV_BASE + r] += 1
                 continue
-            if not decrement_ttl(buf, off[i] + meta[i, M_L3], meta[i, M_IPVER]):
+            if not (resumed and i == start) and not decrement_ttl(buf, off[i] + meta[i, M_L3],
+                                                                  meta[i, M_IPVER]):
                 verdict[i] = V_DROP
                 stats[ST_TTL_EXPIRED] += 1
                 stats[ST_DROP] += 1
@@ -622,7 +625,8 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
             stats[ST_INVALID] += 1
             stats[INV_BASE + r] += 1
             continue
-        stats[ST_PACKETS] += 1
+        if not (resumed and i == start):
+            stats[ST_PACKETS] += 1
         a0 = addr[i, 0]
         a1 = addr[i, 1]
         a2 = addr[i, 2]
@@ -727,7 +731,7 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
     return n
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always", cache=True)
 def update_conn(c64, c32, c8, cstatus, cfg, tmo, stats, c, d, proto, fl, seq, ack, win,
                 paylen, wscale, sackperm, now):
     """Per-protocol state update of conn c for a packet in direction d."""
