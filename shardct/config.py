@@ -71,6 +71,8 @@ class Config:
     def from_dict(cls, d: dict, where: str = "<config>") -> "Config":
         d = dict(d)
         tmo = d.pop("timeouts", {}) or {}
+        if not isinstance(tmo, dict):
+            raise ConfigError(where, f"timeouts = {tmo!r}: want a table of name = seconds")
         known = {f.name for f in fields(cls)} - {"timeouts"}
         kw = {}
         for k, v in d.items():
@@ -87,7 +89,7 @@ class Config:
         for k, v in tmo.items():
             if k not in tknown:
                 raise ConfigError(where, f"unknown timeout {k!r} (known: {', '.join(sorted(tknown))})")
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e9:
                 raise ConfigError(where, f"timeouts.{k} = {v!r}: want seconds > 0")
             tkw[k] = v
         cfg = cls(**kw, timeouts=Timeouts(**tkw))

@@ -642,6 +642,23 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
             destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg,
                          ev, evaddr, t >> 1, now)
             t = -1
+        if cls == CLS_RELATED and t >= 0:
+            # Linux nf_conntrack_inet_error: the error must be addressed to the host the
+            # quoted flow's tuple in this direction goes to
+            l3o = off[i] + meta[i, M_L3]
+            if meta[i, M_IPVER] == 4:
+                od_lo = np.uint64((np.int64(buf[l3o + 16]) << 24) | (np.int64(buf[l3o + 17]) << 16)
+                                  | (np.int64(buf[l3o + 18]) << 8) | np.int64(buf[l3o + 19]))
+                if od_lo != tkey[t, 3]:
+                    t = -1
+            else:
+                od_hi = np.uint64(0)
+                od_lo = np.uint64(0)
+                for k in range(8):
+                    od_hi = (od_hi << np.uint64(8)) | np.uint64(buf[l3o + 24 + k])
+                    od_lo = (od_lo << np.uint64(8)) | np.uint64(buf[l3o + 32 + k])
+                if od_hi != tkey[t, 2] or od_lo != tkey[t, 3]:
+                    t = -1
         if cls == CLS_RELATED:
             if t < 0:
                 verdict[i] = V_INVALID
@@ -686,6 +703,7 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
             c = t >> 1
             d = t & 1
             old_state = np.int64(c8[c, STATE])
+            st_before = cstatus[c]
             res = update_conn(c64, c32, c8, cstatus, cfg, tmo, stats, c, d, proto, fl,
                               meta[i, M_SEQ], meta[i, M_ACK], meta[i, M_WIN], meta[i, M_PAYLEN],
                               meta[i, M_WSCALE], meta[i, M_SACKPERM], now)
@@ -709,24 +727,19 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
             nat_packet(buf, off[i], meta, i, tkey, tport, c8, cstatus, stats, t, False)
             c32[c, PKTS0 + d] += 1
             c64[c, BYTES0 + d] += meta[i, M_L3LEN]
-            oldst = cstatus[c]
-            changed = res == R_ACCEPT and proto == 6 and np.int64(c8[c, STATE]) != old_state
-            if d == 1 and oldst & S_SEEN_REPLY == 0:
+            if d == 1 and cstatus[c] & S_SEEN_REPLY == 0:
                 cstatus[c] = cstatus[c] | S_SEEN_REPLY
-                changed = True
-            if oldst & S_NEW_PENDING:
+            if st_before & S_NEW_PENDING:
                 cstatus[c] = cstatus[c] & ~S_NEW_PENDING
                 emit(ev, evaddr, tbl, stats, cfg, EV_NEW, c, tkey, tport, c64, c32, c8,
                      cstatus, now)
-                changed = False
-                oldst = cstatus[c]
+            elif res != R_KILL and (cstatus[c] != st_before
+                                    or np.int64(c8[c, STATE]) != old_state):
+                emit(ev, evaddr, tbl, stats, cfg, EV_UPDATE, c, tkey, tport, c64, c32,
+                     c8, cstatus, now)
             if res == R_KILL:
                 destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg,
                              ev, evaddr, c, now)
-            elif changed or (cstatus[c] != oldst):
-                if proto != 6 or res == R_ACCEPT:
-                    emit(ev, evaddr, tbl, stats, cfg, EV_UPDATE, c, tkey, tport, c64, c32,
-                         c8, cstatus, now)
             break
     return n
 
@@ -768,6 +781,7 @@ def reap(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, 
     expired = 0
     b = start % nb
     for _ in range(n_walk):
+        b = b % nb
         k = b
         while k < nheads:
             t = np.int64(heads[k])

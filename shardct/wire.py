@@ -165,7 +165,7 @@ def _ip_header(buf, l3, end):
                 p += (np.int64(buf[p + 1]) + 2) * 4
                 nh = nxt
             else:
-                if p > end:
+                if p > end or p > dend:
                     return REASON_EXT_HDR, 6, 0, 0, 0, 0
                 return 0, 6, nh, p, dend, frag
         return REASON_EXT_HDR, 6, 0, 0, 0, 0
@@ -300,7 +300,8 @@ def parse_one(buf, o, n, meta, addr, i, validate):
             meta[i, M_REASON] = REASON_L4_SHORT
             return
         ulen = get16(buf, l4 + 4)
-        if ulen < 8 or ulen > l4len:
+        if ulen < 8 or (ulen > l4len and frag == 0):
+            # (a first fragment carries the whole datagram's length)
             meta[i, M_CLS] = CLS_INVALID
             meta[i, M_REASON] = REASON_UDP_LEN
             return
