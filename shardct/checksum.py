@@ -16,13 +16,19 @@ import numpy as np
 
 @numba.njit(inline="always", cache=True)
 def csum_add(buf, start, n, acc):
-    """Add n bytes of buf from start to the 32+ bit accumulator (odd tail padded with 0)."""
-    end = start + n - 1
+    """Add n bytes of buf from start to the 64-bit accumulator (odd tail padded with 0)."""
     i = start
-    while i < end:
+    end = start + n
+    while i + 8 <= end:
+        acc += (((np.int64(buf[i]) << 8) | np.int64(buf[i + 1]))
+                + ((np.int64(buf[i + 2]) << 8) | np.int64(buf[i + 3]))
+                + ((np.int64(buf[i + 4]) << 8) | np.int64(buf[i + 5]))
+                + ((np.int64(buf[i + 6]) << 8) | np.int64(buf[i + 7])))
+        i += 8
+    while i + 2 <= end:
         acc += (np.int64(buf[i]) << 8) | np.int64(buf[i + 1])
         i += 2
-    if i == end:
+    if i < end:
         acc += np.int64(buf[i]) << 8
     return acc
 

@@ -200,6 +200,10 @@ class NatEngine:
                     _mk(target.addr_max, ver)
                 return NatRange(amin, amax, pmin, pmax, rnd, pers)
             return NatRange(None, None, pmin, pmax, rnd, pers)
+        if kind == KIND_REDIRECT and in_if is None:
+            # OUTPUT: to the host itself (Linux nf_nat_redirect: 127.0.0.1 / ::1)
+            a = ipaddress.ip_address("127.0.0.1" if ver == 4 else "::1")
+            return NatRange(a, a, pmin, pmax, rnd, pers)
         ifname = in_if if kind == KIND_REDIRECT else out_if
         ifc = self.net.interface(ifname) if (ifname and self.net) else None
         a = ifc.primary(ver) if ifc else None
@@ -228,8 +232,9 @@ class NatEngine:
             return self.rules.evaluate(hook, fam, _words_to_bytes(s_, ver), _words_to_bytes(d_, ver),
                                        proto, p_ >> 16, p_ & 0xFFFF, in_i, out_i)
 
-        # PREROUTING: DNAT / REDIRECT or null binding
-        tgt = ev(HOOK_PREROUTING, cur, in_if, None)
+        # PREROUTING (or OUTPUT for locally generated packets: no ingress interface)
+        local_out = in_if is None
+        tgt = ev(HOOK_OUTPUT if local_out else HOOK_PREROUTING, cur, in_if, None)
         if tgt is not None:
             r = self.range_for(tgt, MANIP_DST, in_if, None, ver)
             if r is None:

@@ -505,9 +505,11 @@ def create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
     if not same:
         link_tuple(heads, tnext, tbl, t0 + 1, rh)
         st |= S_LINK1
-    if not (r2 == a0 and r3 == a1 and (rports >> 16) == (ports0 & 0xFFFF)):
+    # SRC_NAT: the reply does not go back to the original source (address or port)
+    if not (r2 == a0 and r3 == a1 and (rports & 0xFFFF) == (ports0 >> 16)):
         st |= S_SRC_NAT
-    if not (r0 == a2 and r1 == a3 and (rports & 0xFFFF) == (ports0 >> 16)):
+    # DST_NAT: the reply does not come from the original destination
+    if not (r0 == a2 and r1 == a3 and (rports >> 16) == (ports0 & 0xFFFF)):
         st |= S_DST_NAT
     cstatus[c] = st | S_NEW_PENDING
     stats[ST_INSERT] += 1

@@ -1,0 +1,263 @@
+"""Kernel differential test: the same crafted packets through a Linux NAT router (nftables,
+in network namespaces) and through shardct configured with the same rules in
+iptables-save form; the packets that come out are compared field by field.
+
+Each world builds its server replies from what *its* server captured (never from what the
+test expects), so a difference shows up as a difference, not as a crash. Ports the kernel
+picks at random are accepted anywhere in the allowed class (kernel-behaviour.md).
+"""
+from __future__ import annotations
+
+import ipaddress
+
+import numpy as np
+import pytest
+from scapy.all import ICMP, IP, TCP, UDP, Ether, IPv6, Raw, raw
+from scapy.layers.inet import IPerror, UDPerror
+
+from kernel_router import CLIENT, SERVER, KernelRouter, available
+
+from shardct import Config, ConnTrack, PacketBatch
+from shardct import track as K
+from shardct.netconf import Network
+from shardct.rules import parse_iptables_save
+
+pytestmark = pytest.mark.netns
+
+NET = Network.from_dict({"interfaces": {
+    "rtr-in": {"address": ["10.0.0.3/24", "b::1/64"]},
+    "rtr-out": {"address": ["192.168.0.1/24", "a::1/64"]}}})
+IFX = {CLIENT: 0, SERVER: 1}
+
+
+def nft(family, *rules):
+    fam = "ip" if family == 4 else "ip6"
+    chains = {"prerouting": "dstnat", "postrouting": "srcnat"}
+    out = [f"table {fam} nat {{"]
+    for chain, prio in chains.items():
+        out.append(f"    chain {chain} {{")
+        out.append(f"        type nat hook {chain} priority {prio}; policy accept;")
+        out += [f"        {r}" for c, r in rules if c == chain]
+        out.append("    }")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def ipt(family, *rules):
+    text = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n" \
+           ":POSTROUTING ACCEPT [0:0]\n" + "\n".join(rules) + "\nCOMMIT\n"
+    return parse_iptables_save(text, "differential.rules", family)
+
+
+class ShardctWorld:
+    def __init__(self, rules, family):
+        self.ct = ConnTrack(Config(), seed=11, rules=rules, network=NET, router=True,
+                            rng=np.random.default_rng(11))
+        self.t = 1_000_000_000
+
+    def exchange(self, side, frame):
+        self.t += 1_000_000
+        b = PacketBatch.from_frames([frame], ts=self.t, ifindex=IFX[side])
+        r = self.ct.process(b)
+        v = int(r.verdict[0])
+        return [b.frame(0)] if v not in (K.V_DROP,) else []
+
+
+@pytest.fixture(scope="module")
+def can_run():
+    ok, why = available()
+    if not ok:
+        pytest.skip(why)
+
+
+def l3(frame: bytes):
+    e = Ether(frame)
+    return e[IP] if IP in e else e[IPv6]
+
+
+def checksums_valid(frame: bytes) -> bool:
+    e = Ether(frame)
+    q = e.copy()
+    for layer in (IP, TCP, ICMP):
+        if layer in q:
+            del q[layer].chksum
+    if UDP in q and q[UDP].chksum != 0:
+        del q[UDP].chksum
+    for layer in q.layers():
+        if layer.__name__.startswith("ICMPv6") and hasattr(q[layer], "cksum"):
+            del q[layer].cksum
+    return raw(Ether(raw(q))) == raw(e)
+
+
+def fields(frame: bytes) -> dict:
+    """What the comparison looks at (no MACs: shardct's L2 output is the runtime's job)."""
+    p = l3(frame)
+    d = {"src": p.src, "dst": p.dst}
+    if p.version == 4:
+        d.update(ttl=p.ttl, id=p.id, tos=p.tos, flags=int(p.flags), proto=p.proto)
+    else:
+        d.update(hlim=p.hlim, nh=p.nh, tc=p.tc)
+    for L in (TCP, UDP):
+        if L in p and not isinstance(p[L].underlayer, (IPerror,)):
+            d.update(sport=p[L].sport, dport=p[L].dport)
+            if L is TCP:
+                d.update(seq=p[TCP].seq, ack=p[TCP].ack, tflags=int(p[TCP].flags))
+            if L is UDP:
+                d.update(udp_zero=p[UDP].chksum == 0)
+            d["payload"] = bytes(p[L].payload)
+            break
+    if ICMP in p:
+        d.update(itype=p[ICMP].type, icode=p[ICMP].code)
+        if p[ICMP].type in (0, 8):
+            d.update(ident=p[ICMP].id, payload=bytes(p[ICMP].payload))
+        else:
+            q = IP(bytes(p[ICMP].payload))
+            d.update(q_src=q.src, q_dst=q.dst)
+            if UDP in q:
+                d.update(q_sport=q[UDP].sport, q_dport=q[UDP].dport)
+    d["checksums_valid"] = checksums_valid(frame)
+    return d
+
+
+def compare(kernel_out, shardct_out, random_ports=()):
+    assert len(kernel_out) == len(shardct_out), \
+        f"frames out: kernel {len(kernel_out)}, shardct {len(shardct_out)}"
+    for kf, sf in zip(kernel_out, shardct_out):
+        kd, sd = fields(kf), fields(sf)
+        for k in random_ports:
+            # a port the kernel picks at random: both must have moved, inside the class
+            lo, hi = random_ports[k]
+            assert lo <= kd[k] <= hi and lo <= sd[k] <= hi, f"{k}: kernel {kd[k]}, shardct {sd[k]}"
+            kd.pop(k)
+            sd.pop(k)
+        assert kd == sd, f"\nkernel  {kd}\nshardct {sd}"
+        assert kd["checksums_valid"], "kernel output checksum"
+
+
+def run_flow(k, s, steps, random_ports=None):
+    """steps: (side, fn(last_kernel_frame, last_shardct_frame) -> (frame_k, frame_s))."""
+    last_k = last_s = None
+    for i, (side, make) in enumerate(steps):
+        fk, fs = make(last_k, last_s)
+        ko = k.exchange(side, fk)
+        so = s.exchange(side, fs)
+        compare(ko, so, (random_ports or {}).get(i, {}))
+        last_k = ko[0] if ko else None
+        last_s = so[0] if so else None
+
+
+def frame_from(k, side, pkt):
+    src, dst = k.macs(side)
+    return raw(Ether(src=src, dst=dst) / pkt)
+
+
+def reply_to(k, side, captured, build):
+    """A frame from `side` answering `captured` (as that side saw it)."""
+    return frame_from(k, side, build(l3(captured)))
+
+
+# ------------------------------------------------------------------------------ scenarios
+
+MASQ4 = (nft(4, ("postrouting", 'oifname "rtr-out" masquerade')),
+         ["-A POSTROUTING -o rtr-out -j MASQUERADE"])
+MASQ6 = (nft(6, ("postrouting", 'oifname "rtr-out" masquerade')),
+         ["-A POSTROUTING -o rtr-out -j MASQUERADE"])
+DNAT4 = (nft(4, ("prerouting", 'iifname "rtr-in" udp dport 5353 dnat to 192.168.0.2:8080'),
+             ("prerouting", 'iifname "rtr-in" tcp dport 8081 dnat to 192.168.0.2:8080')),
+         ["-A PREROUTING -i rtr-in -p udp --dport 5353 -j DNAT --to-destination 192.168.0.2:8080",
+          "-A PREROUTING -i rtr-in -p tcp --dport 8081 -j DNAT --to-destination 192.168.0.2:8080"])
+
+
+def worlds(spec, family=4):
+    nft_text, ipt_rules = spec
+    k = KernelRouter(nft_rules=nft_text, family=family)
+    return k, ShardctWorld(ipt(family, *ipt_rules), family)
+
+
+def test_masquerade_udp_both_ways(can_run):
+    k, s = worlds(MASQ4)
+    with k:
+        c = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") / UDP(sport=40000, dport=53) / b"query"),) * 2
+        rep = lambda lk, ls: (reply_to(k, SERVER, lk, lambda p: IP(src=p.dst, dst=p.src) / UDP(sport=p[UDP].dport, dport=p[UDP].sport) / b"answer"),
+                              reply_to(k, SERVER, ls, lambda p: IP(src=p.dst, dst=p.src) / UDP(sport=p[UDP].dport, dport=p[UDP].sport) / b"answer"))
+        run_flow(k, s, [(CLIENT, c), (SERVER, rep)])
+
+
+def test_masquerade_tcp_handshake(can_run):
+    k, s = worlds(MASQ4)
+
+    def synack(p):
+        return IP(src=p.dst, dst=p.src) / TCP(sport=p[TCP].dport, dport=p[TCP].sport, flags="SA",
+                                             seq=5000, ack=p[TCP].seq + 1, window=64000)
+    with k:
+        syn = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2", id=7) /
+                                     TCP(sport=41000, dport=80, flags="S", seq=100, window=64000)),) * 2
+        sa = lambda lk, ls: (reply_to(k, SERVER, lk, synack), reply_to(k, SERVER, ls, synack))
+        ack = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") /
+                                     TCP(sport=41000, dport=80, flags="A", seq=101, ack=5001, window=64000) / b"GET /"),) * 2
+        run_flow(k, s, [(CLIENT, syn), (SERVER, sa), (CLIENT, ack)])
+
+
+def test_masquerade_icmp_echo(can_run):
+    k, s = worlds(MASQ4)
+    with k:
+        req = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") / ICMP(id=4321, seq=1) / b"ping"),) * 2
+        rep = lambda lk, ls: tuple(reply_to(k, SERVER, f, lambda p: IP(src=p.dst, dst=p.src) / ICMP(type=0, id=p[ICMP].id, seq=1) / b"ping") for f in (lk, ls))
+        run_flow(k, s, [(CLIENT, req), (SERVER, rep)])
+
+
+def test_masquerade_zero_udp_checksum(can_run):
+    k, s = worlds(MASQ4)
+    with k:
+        c = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") / UDP(sport=40001, dport=53, chksum=0) / b"q"),) * 2
+        run_flow(k, s, [(CLIENT, c)])
+
+
+def test_masquerade_ipv6_udp(can_run):
+    k, s = worlds(MASQ6, family=6)
+    with k:
+        c = lambda *_: (frame_from(k, CLIENT, IPv6(src="b::2", dst="a::2") / UDP(sport=40002, dport=53) / b"q6"),) * 2
+        rep = lambda lk, ls: tuple(reply_to(k, SERVER, f, lambda p: IPv6(src=p.dst, dst=p.src) / UDP(sport=p[UDP].dport, dport=p[UDP].sport) / b"a6") for f in (lk, ls))
+        run_flow(k, s, [(CLIENT, c), (SERVER, rep)])
+
+
+def test_dnat_udp_and_tcp(can_run):
+    k, s = worlds(DNAT4)
+    with k:
+        c = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="10.0.0.3") / UDP(sport=40003, dport=5353) / b"x"),) * 2
+        rep = lambda lk, ls: tuple(reply_to(k, SERVER, f, lambda p: IP(src=p.dst, dst=p.src) / UDP(sport=p[UDP].dport, dport=p[UDP].sport) / b"y") for f in (lk, ls))
+        run_flow(k, s, [(CLIENT, c), (SERVER, rep)])
+        syn = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="10.0.0.3") / TCP(sport=41001, dport=8081, flags="S", seq=9)),) * 2
+        run_flow(k, s, [(CLIENT, syn)])
+
+
+def test_icmp_port_unreachable_for_masqueraded_udp(can_run):
+    k, s = worlds(MASQ4)
+
+    def unreach(p):
+        return IP(src=p.dst, dst=p.src) / ICMP(type=3, code=3) / Raw(raw(p)[:28 + 8])
+    with k:
+        c = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") / UDP(sport=40004, dport=9) / (b"z" * 16)),) * 2
+        err = lambda lk, ls: (reply_to(k, SERVER, lk, unreach), reply_to(k, SERVER, ls, unreach))
+        run_flow(k, s, [(CLIENT, c), (SERVER, err)])
+
+
+def test_bad_udp_checksum_forwarded_unnated(can_run):
+    k, s = worlds(MASQ4)
+    with k:
+        c = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") / UDP(sport=40005, dport=53, chksum=0x1234) / b"bad"),) * 2
+        ko = k.exchange(CLIENT, c()[0])
+        so = s.exchange(CLIENT, c()[0])
+        assert len(ko) == len(so) == 1
+        kd, sd = fields(ko[0]), fields(so[0])
+        assert kd == sd, f"\nkernel  {kd}\nshardct {sd}"
+        assert kd["src"] == "10.0.0.2", "INVALID packets leave un-NATed"
+
+
+def test_source_port_clash_remapped_in_class(can_run):
+    k, s = worlds(MASQ4)
+    with k:
+        k.add_client_address("10.0.0.4")
+        first = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") / UDP(sport=40006, dport=53) / b"1"),) * 2
+        second = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.4", dst="192.168.0.2") / UDP(sport=40006, dport=53) / b"2"),) * 2
+        run_flow(k, s, [(CLIENT, first), (CLIENT, second)], random_ports={1: {"sport": (1024, 65535)}})
