@@ -90,7 +90,7 @@ def _mix_word_be(h, w, nbytes):
     return h
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always", cache=True)
 def hash_key(seed, a0, a1, a2, a3, ports, proto, ipver):
     """Hash of one tuple in kernel form (see module docstring). Returns uint32 as int64."""
     h = np.int64(seed) & 0xFFFFFFFF

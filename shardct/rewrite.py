@@ -80,7 +80,7 @@ def _fix_l4(buf, l4, proto, ipver, delta_pseudo, delta_l4, complete):
         put16(buf, at, _apply(get16(buf, at), delta_pseudo + delta_l4))
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always", cache=True)
 def rewrite_header(buf, l3, l4, l4avail, ipver, proto, echo, s_hi, s_lo, d_hi, d_lo, ports,
                    set_src, set_dst):
     """Rewrite one IP header + transport header to the given tuple fields.
@@ -124,7 +124,7 @@ def rewrite_header(buf, l3, l4, l4avail, ipver, proto, echo, s_hi, s_lo, d_hi, d
             _fix_l4(buf, l4, proto, ipver, dip, dl4, l4avail >= 4)
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always", cache=True)
 def decrement_ttl(buf, l3, ipver):
     """Router hop: TTL/hop limit - 1 (IPv4 checksum adjusted). Returns False when the
     packet must not be forwarded (it arrived with TTL <= 1)."""
@@ -144,7 +144,7 @@ def decrement_ttl(buf, l3, ipver):
     return True
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always", cache=True)
 def icmp_recompute(buf, l3, l4, l4len, ipver):
     """Recompute an ICMP/ICMPv6 checksum over the whole message."""
     put16(buf, l4 + 2, 0)

@@ -172,7 +172,7 @@ def _ip_header(buf, l3, end):
     return REASON_IP_HDR, np.int64(ver), 0, 0, 0, 0
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always", cache=True)
 def parse_one(buf, o, n, meta, addr, i, validate):
     """Parse frame i (buf[o:o+n]) into meta[i], addr[i]. Never raises."""
     for c in range(N_META):
