@@ -284,6 +284,49 @@ def test_icmp_error_for_nated_flow(trim, proto, icmp_type, code):
     assert raw(Ether(raw(q)))[:len(raw(back))] == raw(back), "outer checksums"
 
 
+def test_icmp_error_quoting_ipv4_options():
+    r = Router("-A POSTROUTING -o wan0 -j MASQUERADE")
+    from scapy.all import IPOption_NOP
+    sent = IP(src=CLIENT, dst=SERVER, options=[IPOption_NOP()] * 4) / UDP(sport=1234, dport=9) / b"opt"
+    v, out = r.send(sent, LAN)
+    assert (v, out[IP].src, out[IP].ihl) == (K.V_ACCEPT, R_WAN, 6)
+    v, back = r.send(IP(src=SERVER, dst=R_WAN) / ICMP(type=3, code=3) / Raw(raw(out[IP])), WAN)
+    assert (v, back[IP].dst) == (K.V_RELATED, CLIENT)
+    q = IP(bytes(back[ICMP].payload))
+    assert (q.src, q.ihl, q[UDP].sport) == (CLIENT, 6, 1234), q.summary()
+    assert checksums_ok(back)
+    chk = q.copy()
+    del chk.chksum
+    assert raw(IP(raw(chk)))[:24] == raw(q)[:24], "quoted IPv4 header checksum (with options)"
+
+
+def test_icmpv6_error_quoting_extension_headers():
+    from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
+    r = Router("-A POSTROUTING -o wan0 -j MASQUERADE", family=6)
+    sent = IPv6(src=CLIENT6, dst=SERVER6) / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / UDP(sport=1234, dport=9) / b"x"
+    v, out = r.send(sent, LAN)
+    assert (v, out[IPv6].src) == (K.V_ACCEPT, R_WAN6)
+    err = IPv6(src=SERVER6, dst=R_WAN6) / ICMPv6DestUnreach(code=4) / Raw(raw(out[IPv6]))
+    v, back = r.send(err, WAN)
+    assert (v, back[IPv6].dst) == (K.V_RELATED, CLIENT6)
+    inner = IPv6(bytes(back[ICMPv6DestUnreach].payload))
+    assert (inner.src, inner[UDP].sport) == (CLIENT6, 1234), inner.summary()
+    q = back.copy()
+    del q[ICMPv6DestUnreach].cksum
+    assert raw(Ether(raw(q))) == raw(back), "ICMPv6 checksum"
+
+
+def test_drop_invalid_setting_is_reported_in_the_mask():
+    for drop in (False, True):
+        r = Router("-A POSTROUTING -o wan0 -j MASQUERADE", drop_invalid=drop)
+        b = PacketBatch.from_frames([raw(E / IP(src=CLIENT, dst=SERVER) / UDP(sport=1, dport=2, chksum=0x1234))],
+                                    ifindex=LAN)
+        res = r.ct.process(b)
+        assert int(res.verdict[0]) == K.V_INVALID
+        assert bool(res.forward_mask(r.ct.config.drop_invalid)[0]) is (not drop)
+        assert IP(raw(Ether(b.frame(0))[IP])).src == CLIENT, "INVALID packets are not NATed"
+
+
 def test_icmp_error_with_cut_l4_header_is_invalid():
     r = Router("-A POSTROUTING -o wan0 -j MASQUERADE")
     v, out = r.send(IP(src=CLIENT, dst=SERVER) / UDP(sport=1234, dport=5432) / b"data", LAN)
