@@ -232,28 +232,23 @@ class NatEngine:
             return self.rules.evaluate(hook, fam, _words_to_bytes(s_, ver), _words_to_bytes(d_, ver),
                                        proto, p_ >> 16, p_ & 0xFFFF, in_i, out_i)
 
+        def manip(cur, hook, kind, out_i):
+            """One NAT hook: the matching rule's range, or a null binding. None = drop."""
+            tgt = ev(hook, cur, in_if, out_i)
+            r = NatRange(None, None) if tgt is None else self.range_for(tgt, kind, in_if, out_i, ver)
+            return None if r is None else self.unique_tuple(now, cur, r, kind, echo)
+
         # PREROUTING (or OUTPUT for locally generated packets: no ingress interface)
-        local_out = in_if is None
-        tgt = ev(HOOK_OUTPUT if local_out else HOOK_PREROUTING, cur, in_if, None)
-        if tgt is not None:
-            r = self.range_for(tgt, MANIP_DST, in_if, None, ver)
-            if r is None:
-                return None
-        else:
-            r = NatRange(None, None)
-        cur = self.unique_tuple(now, cur, r, MANIP_DST, echo)
-        # routing
+        cur = manip(cur, HOOK_OUTPUT if in_if is None else HOOK_PREROUTING, MANIP_DST, None)
+        if cur is None:
+            return None
+        # routing, then POSTROUTING (or INPUT for the router's own addresses)
         dst_ip = _mk(_words_to_int(cur[1], ver), ver)
         local = self.net.is_local(dst_ip) if self.net else False
         out_if = None if (local or not self.net) else self.net.route(dst_ip)
-        tgt = ev(HOOK_INPUT if local else HOOK_POSTROUTING, cur, in_if, out_if)
-        if tgt is not None:
-            r = self.range_for(tgt, MANIP_SRC, in_if, out_if, ver)
-            if r is None:
-                return None
-        else:
-            r = NatRange(None, None)
-        cur = self.unique_tuple(now, cur, r, MANIP_SRC, echo)
+        cur = manip(cur, HOOK_INPUT if local else HOOK_POSTROUTING, MANIP_SRC, out_if)
+        if cur is None:
+            return None
         return orig, cur
 
 

@@ -195,7 +195,20 @@ def _select(batch: PacketBatch, mask):
     return idx
 
 
-class PcapWriter:
+class _Writer:
+    f = None
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class PcapWriter(_Writer):
     """Classic pcap, nanosecond timestamps by default, little-endian, Ethernet."""
 
     def __init__(self, path, nanosecond=True, snaplen=262144):
@@ -222,17 +235,8 @@ class PcapWriter:
             out += batch.buf[o:o + int(batch.length[i])].tobytes()
         self.f.write(out)
 
-    def close(self):
-        self.f.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class PcapngWriter:
+class PcapngWriter(_Writer):
     """pcapng with one IDB per interface name (nanosecond resolution); ``ifindex`` per
     frame (default: the batch's) picks the IDB."""
 
@@ -262,12 +266,3 @@ class PcapngWriter:
             out += struct.pack("<IIIIIII", 6, blen, iid, t >> 32, t & 0xFFFFFFFF, ln, ln)
             out += batch.buf[o:o + ln].tobytes() + b"\0" * pad + struct.pack("<I", blen)
         self.f.write(out)
-
-    def close(self):
-        self.f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
