@@ -13,6 +13,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+_LITTLE = bool(np.little_endian)
+
 
 @numba.njit(inline="always", cache=True)
 def csum_add(buf, start, n, acc):
@@ -31,6 +33,31 @@ def csum_add(buf, start, n, acc):
     if i < end:
         acc += np.int64(buf[i]) << 8
     return acc
+
+
+@numba.njit(inline="always", cache=True)
+def csum_add_w(w16, buf, start, n, acc):
+    """csum_add for hot paths: when start is even, sums native 16-bit words of the
+    uint16 view ``w16`` of ``buf`` (ones'-complement sums are byte-order independent,
+    RFC 1071 §2(B): swap the folded result), else falls back to bytes."""
+    if start & 1:
+        return csum_add(buf, start, n, acc)
+    k = start >> 1
+    e = (start + n) >> 1
+    s = np.int64(0)
+    while k + 4 <= e:
+        s += np.int64(w16[k]) + np.int64(w16[k + 1]) + np.int64(w16[k + 2]) + np.int64(w16[k + 3])
+        k += 4
+    while k < e:
+        s += np.int64(w16[k])
+        k += 1
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    if _LITTLE:      # little-endian host: swap to network order
+        s = ((s & 0xFF) << 8) | (s >> 8)
+    if n & 1:
+        s += np.int64(buf[start + n - 1]) << 8
+    return acc + s
 
 
 @numba.njit(inline="always", cache=True)

@@ -36,3 +36,14 @@ def test_kernel_sum_equals_reference(data, start):
 @given(hc=st.integers(0, 0xFFFF), old=st.integers(0, 0xFFFF), new=st.integers(0, 0xFFFF))
 def test_kernel_replace_equals_reference(hc, old, new):
     assert int(csum_replace16(np.int64(hc), np.int64(old), np.int64(new))) == replace16(hc, old, new)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(min_size=0, max_size=200), start=st.integers(0, 9))
+def test_word_sum_equals_byte_sum(data, start):
+    from shardct.checksum import csum_add_w
+    buf = np.frombuffer(b"\x55" * start + data + b"\x77", dtype=np.uint8)
+    w16 = buf[:buf.shape[0] & ~1].view(np.uint16)
+    got = csum_fold(csum_add_w(w16, buf, start, len(data), np.int64(3)))
+    want = csum_fold(csum_add(buf, start, len(data), np.int64(3)))
+    assert got == want, f"start {start}, {len(data)} bytes: got {got:#06x}, want {want:#06x}"
