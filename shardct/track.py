@@ -517,7 +517,7 @@ def create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
     return c
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(cache=True)
 def nat_packet(buf, o, meta, i, tkey, tport, c8, cstatus, stats, t, related):
     """Rewrite packet i (frame at buf[o:]) of tuple id t = 2c+d to what the conn's NAT
     bindings say (see rewrite.py). No-op for conns without SRC_NAT/DST_NAT."""
@@ -671,7 +671,8 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
                 verdict[i] = V_RELATED
                 pconn[i] = t
                 stats[ST_RELATED] += 1
-                nat_packet(buf, off[i], meta, i, tkey, tport, c8, cstatus, stats, t, True)
+                if cstatus[t >> 1] & (S_SRC_NAT | S_DST_NAT):
+                    nat_packet(buf, off[i], meta, i, tkey, tport, c8, cstatus, stats, t, True)
             continue
         fl = meta[i, M_TFLAGS]
         for _attempt in range(2):      # a second pass only after a TCP reopen
@@ -726,7 +727,8 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
                 break
             verdict[i] = V_ACCEPT
             pconn[i] = t
-            nat_packet(buf, off[i], meta, i, tkey, tport, c8, cstatus, stats, t, False)
+            if cstatus[c] & (S_SRC_NAT | S_DST_NAT):
+                nat_packet(buf, off[i], meta, i, tkey, tport, c8, cstatus, stats, t, False)
             c32[c, PKTS0 + d] += 1
             c64[c, BYTES0 + d] += meta[i, M_L3LEN]
             if d == 1 and cstatus[c] & S_SEEN_REPLY == 0:
