@@ -369,3 +369,36 @@ def test_allocations_keep_live_tuples_unique(flows, seed):
         for t in (c.original, c.reply):
             assert t not in seen, f"tuple {t} held twice"
             seen.add(t)
+
+
+def test_udp_checksum_computing_to_zero_is_sent_as_ffff():
+    r = Router("-A POSTROUTING -o wan0 -j MASQUERADE")
+    # choose the payload word so that the NATed datagram's checksum sums to zero
+    probe = IP(src=R_WAN, dst=SERVER, ttl=63) / UDP(sport=1234, dport=53) / b"\x00\x00"
+    c0 = IP(raw(probe))[UDP].chksum
+    word = c0 if c0 != 0xFFFF else 0
+    v, out = r.send(IP(src=CLIENT, dst=SERVER) / UDP(sport=1234, dport=53) / word.to_bytes(2, "big"), LAN)
+    assert (v, out[IP].src) == (K.V_ACCEPT, R_WAN)
+    assert out[UDP].chksum == 0xFFFF, f"got {out[UDP].chksum:#06x}, want 0xffff (a computed 0)"
+    assert checksums_ok(out)
+
+
+def test_snat_address_range_same_client_same_address():
+    r = Router("-A POSTROUTING -o wan0 -p udp -j SNAT --to-source 192.168.0.100-192.168.0.110")
+    got = set()
+    for k in range(3):
+        v, out = r.send(IP(src=CLIENT, dst=SERVER) / UDP(sport=2000 + k, dport=53), LAN)
+        assert v == K.V_ACCEPT
+        got.add(out[IP].src)
+    assert len(got) == 1 and 100 <= int(got.pop().split(".")[-1]) <= 110
+    r = Router("-A POSTROUTING -o wan0 -p udp -j SNAT --to-source 192.168.0.100-192.168.0.110 --persistent")
+    got = set()
+    for k in range(5):
+        v, out = r.send(IP(src=CLIENT, dst=f"192.168.0.{20 + k}") / UDP(sport=3000, dport=53), LAN)
+        got.add(out[IP].src)
+    assert len(got) == 1, f"--persistent: one address per client whatever the destination, got {got}"
+    spread = set()
+    for k in range(40):
+        v, out = r.send(IP(src=f"10.0.0.{100 + k}", dst=SERVER) / UDP(sport=3000, dport=53), LAN)
+        spread.add(out[IP].src)
+    assert len(spread) > 3 and all(100 <= int(a.split(".")[-1]) <= 110 for a in spread), spread
