@@ -176,6 +176,8 @@ class ConnTrack:
         The Result's ``verdict`` and ``tuple_id`` are fresh arrays; its ``meta`` and
         ``addr`` are this engine's scratch space, valid until the next call."""
         n = len(batch)
+        if not batch.buf.flags.writeable:
+            raise ValueError("batch.buf is read-only: NAT and router mode rewrite frames in place")
         if now is None and self.clock is not None:
             now = self.clock()
         ts = batch.ts if now is None else np.full(n, now, dtype=np.int64)
