@@ -442,13 +442,18 @@ def test_signal_removes_namespaces(sig):
         p.send_signal(sig)
         eq(p.wait(timeout=15), -sig, f"exit status after {sig.name}")
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(5)
-        p.stdout.close()
-        p.stderr.close()
-        cleanup_stale(prefix, force=True)
+        _reap_router(p, prefix)
     eq(_mine(prefix), [], f"namespaces after {sig.name}")
+
+
+def _reap_router(p, prefix):
+    """Stop a spawned router process (if still up) and remove its namespaces."""
+    if p.poll() is None:
+        p.kill()
+        p.wait(5)
+    p.stdout.close()
+    p.stderr.close()
+    cleanup_stale(prefix, force=True)
 
 
 def test_cleanup_stale_after_sigkill_spares_live_runs(make_router):
@@ -465,12 +470,7 @@ def test_cleanup_stale_after_sigkill_spares_live_runs(make_router):
         eq(sorted(removed), [f"{prefix}-cli", f"{prefix}-rtr", f"{prefix}-srv"],
            "cleanup_stale removed")
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(5)
-        p.stdout.close()
-        p.stderr.close()
-        cleanup_stale(prefix, force=True)
+        _reap_router(p, prefix)
     eq(_mine(prefix), [], "namespaces after cleanup_stale")
     # the live router of this process was not touched
     eq(len(_mine(live.prefix)), 3, "live router namespaces")
