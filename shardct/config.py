@@ -65,6 +65,7 @@ class Config:
     events: bool = True              # nf_conntrack_events
     drop_invalid: bool = False       # forward INVALID untouched unless set (Linux default)
     event_buffer: int = 65536        # events held between drains; overflow is counted
+    shard_affine_nat: bool = False   # SNAT/MASQUERADE prefer ports whose reply hashes home
     timeouts: Timeouts = field(default_factory=Timeouts)
 
     @classmethod

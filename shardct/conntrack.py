@@ -116,13 +116,17 @@ class ConnTrack:
 
     def __init__(self, config: Config | None = None, *, seed: int,
                  clock: Callable[[], int] | None = None, rules=None, network=None,
-                 rng: np.random.Generator | None = None, router: bool = False):
+                 rng: np.random.Generator | None = None, router: bool = False,
+                 shard: tuple[int, int] = (0, 1)):
         """rules: a parsed nat RuleSet (rules.py) or None; network: a netconf.Network
         (interfaces, routes) for routing, MASQUERADE and REDIRECT; rng: randomness for NAT
         port search (a numpy Generator; derived from ``seed`` when omitted); router: also
         decrement TTL / hop limit of forwarded packets and drop broken IP headers.
         With rules or a network, every new conn goes through the NAT decision (null
-        bindings included), as Linux does once the nat table exists."""
+        bindings included), as Linux does once the nat table exists.
+        shard: (k, n) when this table is worker k of n (it owns bucket slice k); with
+        ``config.shard_affine_nat`` SNAT/MASQUERADE then prefer ports whose reply tuple
+        hashes into that slice."""
         self.config = config or Config()
         self.clock = clock
         c = self.config
@@ -142,8 +146,13 @@ class ConnTrack:
         self.nat = None
         if rules is not None or network is not None:
             from .nat import NatEngine
+            k, n = shard
+            affine = None
+            if self.config.shard_affine_nat:
+                from .hashing import owner_slices
+                affine = owner_slices(n, self.config.n_buckets)[k]
             self.nat = NatEngine(self, rules, network,
-                                 rng if rng is not None else np.random.default_rng(seed))
+                                 rng if rng is not None else np.random.default_rng(seed), affine)
             self.cfg[K.CF_NAT] = 1
         self.network = network
 

@@ -59,12 +59,21 @@ def tuple_taken(heads, tkey, tport, tnext, c64, c8, tbl, now, s_hi, s_lo, d_hi, 
     return t >= 0 and now <= c64[t >> 1, EXPIRES]
 
 
+@numba.njit(inline="always", cache=True)
+def reply_bucket(tbl, s_hi, s_lo, d_hi, d_lo, ports, proto, ipver):
+    """Routing bucket of invert(tuple): where a conn with this NATed tuple keeps its reply."""
+    rp = ((ports & 0xFFFF) << 16) | (ports >> 16)
+    return hash_key(tbl[5], d_hi, d_lo, s_hi, s_lo, rp, proto, ipver) % tbl[4]
+
+
 @numba.njit(cache=True)
 def unique_port(heads, tkey, tport, tnext, c64, c8, tbl, stats, now, s_hi, s_lo, d_hi, d_lo,
-                ports, proto, ipver, shift, pmin, size, offsets):
+                ports, proto, ipver, shift, pmin, size, offsets, home_lo, home_hi):
     """nf_nat_l4proto_unique_tuple: probe ports pmin + (off + k) % size in the 16-bit slot
     at ``shift`` (16 = sport slot, 0 = dport slot), rounds of min(128, size) halving to 8,
-    each round from offsets[round]. Returns (ports, found); on failure the last probe."""
+    each round from offsets[round]. Returns (ports, found); on failure the last probe.
+    With home_lo >= 0 a candidate must also have its reply bucket in [home_lo, home_hi)
+    (shard-affine ports: the reply lands on the conn's home worker)."""
     attempts = 128 if size > 128 else size
     rnd = 0
     off = offsets[0]
@@ -73,6 +82,10 @@ def unique_port(heads, tkey, tport, tnext, c64, c8, tbl, stats, now, s_hi, s_lo,
         for k in range(attempts):
             p = pmin + (off + k) % size
             cand = (ports & ~(0xFFFF << shift)) | (p << shift)
+            if home_lo >= 0:
+                b = reply_bucket(tbl, s_hi, s_lo, d_hi, d_lo, cand, proto, ipver)
+                if b < home_lo or b >= home_hi:
+                    continue
             if not tuple_taken(heads, tkey, tport, tnext, c64, c8, tbl, now, s_hi, s_lo,
                                d_hi, d_lo, cand, proto, ipver):
                 return cand, True
@@ -94,11 +107,15 @@ class NatEngine:
     Owner: the ConnTrack that created it (same thread).
     """
 
-    def __init__(self, ct, rules, network, rng: np.random.Generator):
+    def __init__(self, ct, rules, network, rng: np.random.Generator,
+                 affine: tuple[int, int] | None = None):
+        """affine: this shard's bucket slice [lo, hi) when SNAT/MASQUERADE should prefer
+        ports whose reply tuple hashes into it (off: None, Linux's choice)."""
         self.ct = ct
         self.rules = rules
         self.net = network
         self.rng = rng
+        self.affine = affine
 
     # ---------------------------------------------------------------- helpers
     def _taken(self, now, cur) -> bool:
@@ -120,9 +137,18 @@ class NatEngine:
         ver = rng_.addr_min.version
         return _mk(lo + (j * span >> 32), ver) if span <= (1 << 32) else _mk(lo + j % span, ver)
 
-    def unique_tuple(self, now, cur, rng_: NatRange, manip, echo):
+    def _home(self, cur) -> bool:
+        s, d, ports, proto, ver = cur
+        lo, hi = self.affine
+        b = int(reply_bucket(self.ct.table.tbl, np.uint64(s[0]), np.uint64(s[1]), np.uint64(d[0]),
+                             np.uint64(d[1]), ports, proto, ver))
+        return lo <= b < hi
+
+    def unique_tuple(self, now, cur, rng_: NatRange, manip, echo, affine=False):
         """Linux get_unique_tuple for one manip; cur = ((s_hi, s_lo), (d_hi, d_lo), ports,
-        proto, ipver). Returns the new cur (possibly still taken: confirm decides)."""
+        proto, ipver). Returns the new cur (possibly still taken: confirm decides).
+        affine: prefer a port whose reply tuple hashes into this shard (self.affine)."""
+        affine = affine and self.affine is not None
         s, d, ports, proto, ver = cur
         sport, dport = ports >> 16, ports & 0xFFFF
         icmp = proto in (1, 58)
@@ -140,7 +166,7 @@ class NatEngine:
             a = _words_to_int(s, ver)
             in_addr = rng_.addr_min is None or (_addr_int(rng_.addr_min) <= a <= _addr_int(rng_.addr_max))
             in_port = not proto_spec or not ported or (rng_.port_min <= key <= rng_.port_max)
-            if in_addr and in_port and not self._taken(now, cur):
+            if in_addr and in_port and not self._taken(now, cur) and (not affine or self._home(cur)):
                 return cur
         # step 2: address
         if rng_.addr_min is not None:
@@ -156,7 +182,7 @@ class NatEngine:
         if not ported:
             return cur
         # step 3: keep the port when in range and free (or the range is a single port)
-        if not rng_.random:
+        if not rng_.random and (not affine or self._home(cur)):
             if proto_spec:
                 if rng_.port_min <= key <= rng_.port_max and (
                         rng_.port_min == rng_.port_max or not self._taken(now, cur)):
@@ -178,10 +204,14 @@ class NatEngine:
         if manip == MANIP_DST and not rng_.random and proto_spec:
             offsets[0] = 0
         t = self.ct.table
-        newports, _found = unique_port(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c8, t.tbl,
-                                       self.ct.stats_arr, now, np.uint64(s[0]), np.uint64(s[1]),
-                                       np.uint64(d[0]), np.uint64(d[1]), ports, proto, ver, shift,
-                                       pmin, size, offsets)
+        homes = [self.affine, (-1, -1)] if affine else [(-1, -1)]
+        for lo, hi in homes:     # shard-affine first, then any free port
+            newports, found = unique_port(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c8, t.tbl,
+                                          self.ct.stats_arr, now, np.uint64(s[0]), np.uint64(s[1]),
+                                          np.uint64(d[0]), np.uint64(d[1]), ports, proto, ver,
+                                          shift, pmin, size, offsets, lo, hi)
+            if found:
+                break
         return (s, d, int(newports), proto, ver)
 
     # ---------------------------------------------------------------- per new conn
@@ -236,7 +266,8 @@ class NatEngine:
             """One NAT hook: the matching rule's range, or a null binding. None = drop."""
             tgt = ev(hook, cur, in_if, out_i)
             r = NatRange(None, None) if tgt is None else self.range_for(tgt, kind, in_if, out_i, ver)
-            return None if r is None else self.unique_tuple(now, cur, r, kind, echo)
+            affine = tgt is not None and kind == MANIP_SRC
+            return None if r is None else self.unique_tuple(now, cur, r, kind, echo, affine)
 
         # PREROUTING (or OUTPUT for locally generated packets: no ingress interface)
         cur = manip(cur, HOOK_OUTPUT if in_if is None else HOOK_PREROUTING, MANIP_DST, None)

@@ -436,3 +436,31 @@ def test_engine_never_raises_on_any_bytes(data):
     assert set(res.verdict.tolist()) <= {K.V_ACCEPT, K.V_RELATED, K.V_UNTRACKED, K.V_INVALID,
                                          K.V_DROP, K.V_NOTIP}
     assert list(b.length) == [len(f) for f in frames], "frames never change length"
+
+
+@pytest.mark.parametrize("n_workers", [2, 4])
+def test_shard_affine_masquerade_ports_bring_replies_home(n_workers):
+    """Optional shard-affine NAT (issue 4 item 6): with it on, a worker's MASQUERADE picks
+    ports whose reply tuple hashes into its own bucket slice; off, Linux keeps the port."""
+    from shardct.hashing import bucket_of, owner_of, tuple_hash
+    for affine in (False, True):
+        k = n_workers - 1
+        ct = ConnTrack(Config(shard_affine_nat=affine), seed=7, clock=ManualClock(10**9),
+                       rules=nat_rules("-A POSTROUTING -o wan0 -j MASQUERADE"),
+                       network=Network.from_dict(NET), router=True, shard=(k, n_workers),
+                       rng=np.random.default_rng(7))
+        kept = home = 0
+        for j in range(40):
+            pkt = IP(src=f"10.0.0.{10 + j}", dst=SERVER) / UDP(sport=30000 + j, dport=53)
+            b = PacketBatch.from_frames([raw(E / pkt)], ifindex=LAN)
+            assert int(ct.process(b).verdict[0]) == K.V_ACCEPT
+            out = Ether(b.frame(0))
+            kept += out[UDP].sport == 30000 + j
+            h = tuple_hash(ipaddress.ip_address(SERVER).packed, ipaddress.ip_address(R_WAN).packed,
+                           53, out[UDP].sport, 17, ct.table.seed)
+            home += owner_of(bucket_of(h), n_workers) == k
+            assert checksums_ok(out)
+        if affine:
+            assert home == 40, f"replies landing home: got {home}/40"
+        else:
+            assert kept == 40, f"ports kept without affinity: got {kept}/40"
