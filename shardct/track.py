@@ -578,7 +578,7 @@ def init_proto(c32, c8, c, meta, i, now):
         c32[c, UDP_STREAM_HI] = (stream >> 32) & M32
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
                 heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl,
                 stats, cfg, tmo, ev, evaddr, start, resumed):
