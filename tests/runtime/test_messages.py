@@ -1,0 +1,76 @@
+"""Wire format: batches round-trip as raw arrays, and every corruption is a WireError."""
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from shardct.batch import PacketBatch
+from workers import messages as M
+
+
+def batch(n=4):
+    return PacketBatch.from_frames([bytes([k]) * (60 + k) for k in range(n)],
+                                   ts=np.arange(n) * 10, ifindex=[k % 2 for k in range(n)])
+
+
+def frames_of(msg):
+    return [bytes(f) for f in msg]
+
+
+def test_round_trip_with_and_without_hashes():
+    b = batch()
+    for hashes in (None, np.arange(4, dtype=np.int64) * 7):
+        h, got, gh = M.decode_batch(frames_of(M.encode_batch(b, hashes, seq=9, worker=1)))
+        assert (h["seq"], h["worker"], h["n"]) == (9, 1, 4)
+        assert got.frames() == b.frames()
+        assert list(got.ifindex) == list(b.ifindex) and list(got.ts) == list(b.ts)
+        assert (gh is None) == (hashes is None)
+        if hashes is not None:
+            assert list(gh) == list(hashes)
+        assert got.buf.flags.writeable, "the engine rewrites frames in place"
+
+
+def test_control_messages():
+    assert M.decode(M.encode(M.HEARTBEAT, worker=2, t_ns=5)) == {"v": 1, "t": "heartbeat", "worker": 2, "t_ns": 5}
+    with pytest.raises(ValueError):
+        M.encode("nope")
+
+
+@pytest.mark.parametrize("corrupt,why", [
+    (lambda f: [msgpack.packb({"v": 2, "t": "batch", "n": 4, "hashes": False})] + f[1:], "version"),
+    (lambda f: [msgpack.packb({"v": 1, "t": "zap", "n": 4, "hashes": False})] + f[1:], "unknown message type"),
+    (lambda f: [msgpack.packb({"v": 1, "t": "batch", "n": 5, "hashes": False})] + f[1:], "bytes for 5 packets"),
+    (lambda f: [msgpack.packb({"v": 1, "t": "batch", "n": -1, "hashes": False})] + f[1:], "packet count"),
+    (lambda f: [msgpack.packb({"v": 1, "t": "batch", "n": 4, "hashes": True})] + f[1:], "header says 7"),
+    (lambda f: f[:4], "want 6 or 7"),
+    (lambda f: f[:1] + [f[1][:10]] + f[2:], "outside the buffer"),
+    (lambda f: f[:2] + [f[2][:-8]] + f[3:], "off:"),
+    (lambda f: [b"\xc1garbage"] + f[1:], "undecodable"),
+    (lambda f: [msgpack.packb([1, 2, 3])] + f[1:], "not a map"),
+    (lambda f: [b"\x00" * (M.MAX_HEADER + 1)] + f[1:], "exceeds"),
+])
+def test_every_corruption_is_a_wire_error(corrupt, why):
+    f = frames_of(M.encode_batch(batch()))
+    with pytest.raises(M.WireError, match=why):
+        M.decode_batch(corrupt(f))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=64), min_size=0, max_size=8))
+def test_random_frames_only_ever_raise_wire_error(frames):
+    try:
+        M.decode_batch(frames)
+    except M.WireError:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), st.integers(-2**63, 2**64 - 1) | st.text(max_size=8), max_size=6))
+def test_random_headers_only_ever_raise_wire_error(d):
+    f = frames_of(M.encode_batch(batch()))
+    try:
+        M.decode_batch([msgpack.packb(d)] + f[1:])
+    except M.WireError:
+        pass

@@ -1,0 +1,120 @@
+# Wire format between the pool's processes: versioned msgpack headers, and packet batches
+# as one contiguous buffer plus raw numpy arrays (zero-copy frames), never pickle.
+# Receivers validate everything and raise WireError, which they count and drop.
+"""Messages.
+
+A batch travels as a multipart ZeroMQ message::
+
+    frame 0  msgpack header {"v": VERSION, "t": BATCH, "n": n, "seq": s, ...extra}
+    frame 1  buf      uint8   the frames back to back
+    frame 2  off      int64   start of each frame in buf
+    frame 3  length   int32
+    frame 4  ifindex  int16
+    frame 5  ts       int64   nanoseconds
+    frame 6  hashes   int64   (optional: the tuple hash the dispatcher computed, -1 none)
+
+Control messages are a single msgpack frame ``{"v": VERSION, "t": TYPE, ...}``.
+Unpacking is bounded (``MAX_HEADER`` bytes of msgpack, ``MAX_PACKETS`` per batch,
+``MAX_BUF`` bytes of frames); anything inconsistent raises :class:`WireError`.
+"""
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+
+from shardct.batch import PacketBatch
+
+VERSION = 1
+# message types
+BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK = (
+    "batch", "result", "handoff", "heartbeat", "ready", "stop", "stats", "end", "ack")
+TYPES = {BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK}
+
+MAX_HEADER = 64 * 1024
+MAX_PACKETS = 1 << 16
+MAX_BUF = 64 << 20
+
+_ARRAYS = (("off", np.int64), ("length", np.int32), ("ifindex", np.int16), ("ts", np.int64))
+
+
+class WireError(ValueError):
+    """A message that must be dropped (and counted) by its receiver."""
+
+
+def _unpack_header(frame) -> dict:
+    data = bytes(frame)
+    if len(data) > MAX_HEADER:
+        raise WireError(f"header of {len(data)} bytes exceeds {MAX_HEADER}")
+    try:
+        h = msgpack.unpackb(data, raw=False, strict_map_key=True,
+                            max_str_len=4096, max_bin_len=4096, max_array_len=4096,
+                            max_map_len=256)
+    except Exception as e:       # msgpack raises several types for bad input
+        raise WireError(f"undecodable header: {type(e).__name__}") from None
+    if not isinstance(h, dict):
+        raise WireError("header is not a map")
+    if h.get("v") != VERSION:
+        raise WireError(f"version {h.get('v')!r}, want {VERSION}")
+    if h.get("t") not in TYPES:
+        raise WireError(f"unknown message type {h.get('t')!r}")
+    return h
+
+
+def encode(t: str, **fields) -> bytes:
+    """A control message."""
+    if t not in TYPES:
+        raise ValueError(f"unknown message type {t!r}")
+    return msgpack.packb({"v": VERSION, "t": t, **fields}, use_bin_type=True)
+
+
+def decode(frame) -> dict:
+    return _unpack_header(frame)
+
+
+def encode_batch(batch: PacketBatch, hashes: np.ndarray | None = None, t: str = BATCH,
+                 **header) -> list:
+    """Frames for send_multipart(copy=False): a header and the batch's arrays as raw
+    buffers (no per-packet objects). Preconditions: arrays of the documented dtypes."""
+    n = len(batch)
+    h = {"v": VERSION, "t": t, "n": n, "hashes": hashes is not None, **header}
+    out = [msgpack.packb(h, use_bin_type=True), np.ascontiguousarray(batch.buf).data]
+    for name, dt in _ARRAYS:
+        out.append(np.ascontiguousarray(getattr(batch, name), dtype=dt).data)
+    if hashes is not None:
+        out.append(np.ascontiguousarray(hashes, dtype=np.int64).data)
+    return out
+
+
+def decode_batch(frames) -> tuple[dict, PacketBatch, np.ndarray | None]:
+    """Validate and view a batch message (arrays are views of the frames' buffers;
+    buf is copied once so the engine may rewrite frames in place)."""
+    if len(frames) < 6:
+        raise WireError(f"batch of {len(frames)} frames, want 6 or 7")
+    h = _unpack_header(frames[0])
+    n = h.get("n")
+    if not isinstance(n, int) or not 0 <= n <= MAX_PACKETS:
+        raise WireError(f"packet count {n!r} outside 0..{MAX_PACKETS}")
+    want = 7 if h.get("hashes") else 6
+    if len(frames) != want:
+        raise WireError(f"batch of {len(frames)} frames, header says {want}")
+    raw = memoryview(frames[1])
+    if raw.nbytes > MAX_BUF:
+        raise WireError(f"frame buffer of {raw.nbytes} bytes exceeds {MAX_BUF}")
+    buf = np.frombuffer(raw, dtype=np.uint8).copy()
+    arrs = {}
+    for k, (name, dt) in enumerate(_ARRAYS):
+        mv = memoryview(frames[2 + k])
+        if mv.nbytes != n * np.dtype(dt).itemsize:
+            raise WireError(f"{name}: {mv.nbytes} bytes for {n} packets")
+        arrs[name] = np.frombuffer(mv, dtype=dt)
+    hashes = None
+    if want == 7:
+        mv = memoryview(frames[6])
+        if mv.nbytes != n * 8:
+            raise WireError(f"hashes: {mv.nbytes} bytes for {n} packets")
+        hashes = np.frombuffer(mv, dtype=np.int64)
+    off, length = arrs["off"], arrs["length"]
+    if n and (off.min() < 0 or length.min() < 0
+              or int((off + length.astype(np.int64)).max()) > buf.shape[0]):
+        raise WireError("a frame lies outside the buffer")
+    return h, PacketBatch(buf, off, length, arrs["ifindex"], arrs["ts"]), hashes
