@@ -58,7 +58,8 @@ def bucket_of(h: int, n_buckets: int = N_BUCKETS) -> int:
     return h % n_buckets
 
 
-def owner_of(bucket: int, n_workers: int, n_buckets: int = N_BUCKETS) -> int:
+@numba.njit(cache=True)
+def owner_of_bucket(bucket, n_workers, n_buckets):
     """Worker owning ``bucket``: the k with k*nb//n <= bucket < (k+1)*nb//n."""
     k = (bucket * n_workers) // n_buckets
     # integer division of slice bounds can leave bucket just below k's start
@@ -67,6 +68,10 @@ def owner_of(bucket: int, n_workers: int, n_buckets: int = N_BUCKETS) -> int:
     while k + 1 < n_workers and bucket >= ((k + 1) * n_buckets) // n_workers:
         k += 1
     return k
+
+
+def owner_of(bucket: int, n_workers: int, n_buckets: int = N_BUCKETS) -> int:
+    return int(owner_of_bucket(bucket, n_workers, n_buckets))
 
 
 def owner_slices(n_workers: int, n_buckets: int = N_BUCKETS) -> list[tuple[int, int]]:
