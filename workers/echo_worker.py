@@ -1,0 +1,39 @@
+# Test bodies for the supervisor: an echo worker that returns the batches it receives, and
+# one that fails while booting. Used by tests/runtime/test_supervisor.py.
+"""Worker bodies for tests."""
+from __future__ import annotations
+
+import zmq
+
+from . import messages as M
+
+
+def echo(ctx, k, n, endpoints, alive):
+    """Receive batches on shard-k, send them to the sink tagged with this worker."""
+    rx = ctx.socket(zmq.PULL)
+    rx.setsockopt(zmq.LINGER, 0)
+    rx.bind(endpoints[f"shard-{k}"])
+    tx = ctx.socket(zmq.PUSH)
+    tx.setsockopt(zmq.LINGER, 1000)
+    tx.connect(endpoints["sink"])
+
+    def loop():
+        try:
+            while alive():
+                if rx.poll(20):
+                    frames = rx.recv_multipart(copy=False)
+                    try:
+                        h, batch, hashes = M.decode_batch(frames)
+                    except M.WireError:
+                        continue
+                    tx.send_multipart(M.encode_batch(batch, hashes, t=M.RESULT, seq=h.get("seq"),
+                                                     worker=k), copy=False)
+                yield
+        finally:
+            rx.close()
+            tx.close()
+    return loop()
+
+
+def fail_boot(ctx, k, n, endpoints, alive):
+    raise RuntimeError(f"worker {k} cannot open its capture device")

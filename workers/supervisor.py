@@ -1,0 +1,209 @@
+# The pool's arbiter (gunicorn-style): starts N worker processes (multiprocess, spawn),
+# watches their heartbeats, restarts the dead and counts them, stops the pool on a boot
+# failure instead of restarting forever, and drains on SIGINT/SIGTERM. No orphans.
+"""Supervisor.
+
+Runs in the main process. Each worker process runs :func:`worker_main`, which creates
+its own ZeroMQ context (after the fork/spawn), connects a PUSH socket to the supervisor's
+control PULL, says READY once its body has booted, then heartbeats every
+``HEARTBEAT_S`` while its body runs. The body is pluggable: ``"module:function"``
+called as ``body(ctx, k, n, endpoints, stop_event_check, **kwargs)``; it returns when
+asked to stop.
+
+Rules:
+1. A worker that exits (or misses heartbeats for ``DEAD_AFTER_S``) after READY is
+   restarted; ``restarts[k]`` counts it and the restart is logged.
+2. A worker that exits before READY is a boot failure: the pool stops, exit code
+   ``EXIT_BOOT`` (3), with the worker's message.
+3. Signal handlers only set a flag; the loop sends STOP, waits ``DRAIN_S``, then
+   terminates and finally kills what is left, and removes its ipc directory.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+
+import multiprocess as mp
+import zmq
+
+from . import messages as M
+
+EXIT_OK, EXIT_BOOT = 0, 3
+HEARTBEAT_S = 0.2
+DEAD_AFTER_S = 2.0
+DRAIN_S = 3.0
+
+
+def resolve(spec: str):
+    mod, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict):
+    """Entry point of worker process k (runs in the child)."""
+    ctx = zmq.Context()
+    ctl = ctx.socket(zmq.PUSH)
+    ctl.setsockopt(zmq.LINGER, 1000)
+    ctl.connect(endpoints["control"])
+    cmd = ctx.socket(zmq.SUB)
+    cmd.setsockopt(zmq.LINGER, 0)
+    cmd.setsockopt(zmq.SUBSCRIBE, b"")
+    cmd.connect(endpoints["command"])
+    state = {"stop": False, "last": 0.0}
+
+    def alive():
+        """Called by the body often: heartbeats, and True once STOP was broadcast."""
+        now = time.monotonic()
+        if now - state["last"] >= HEARTBEAT_S:
+            ctl.send(M.encode(M.HEARTBEAT, worker=k, pid=os.getpid()))
+            state["last"] = now
+        while cmd.poll(0):
+            if M.decode(cmd.recv()).get("t") == M.STOP:
+                state["stop"] = True
+        return not state["stop"]
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the supervisor decides
+    try:
+        body = resolve(body_spec)
+        boot = body(ctx, k, n, endpoints, alive, **kwargs)
+        ctl.send(M.encode(M.READY, worker=k, pid=os.getpid()))
+        for _ in boot:            # the body is a generator: booted once it yields
+            if not alive():
+                break
+    except Exception as e:      # a failing body: report it, exit non-zero
+        ctl.send(M.encode(M.STOP, worker=k, error=f"{type(e).__name__}: {e}"))
+        ctl.close()
+        cmd.close()
+        ctx.term()
+        os._exit(1)
+    ctl.send(M.encode(M.END, worker=k))
+    ctl.close()
+    cmd.close()
+    ctx.term()
+
+
+class Supervisor:
+    def __init__(self, n: int, body: str, kwargs: dict | None = None, ipc_dir: str | None = None,
+                 log=print):
+        self.n = n if n != "auto" else (os.cpu_count() or 1)
+        self.body = body
+        self.kwargs = kwargs or {}
+        self.own_dir = ipc_dir is None
+        self.dir = ipc_dir or tempfile.mkdtemp(prefix="shardct-")
+        self.endpoints = {"control": f"ipc://{self.dir}/control",
+                          "command": f"ipc://{self.dir}/command",
+                          **{f"shard-{k}": f"ipc://{self.dir}/shard-{k}" for k in range(self.n)},
+                          "sink": f"ipc://{self.dir}/sink"}
+        self.log = log
+        self.restarts = [0] * self.n
+        self.procs: list = [None] * self.n
+        self.ready = [False] * self.n
+        self.seen = [0.0] * self.n
+        self.stopping = False
+        self.exit_code = EXIT_OK
+        self.error = None
+        self._mp = mp.get_context("spawn")
+        self.ctx = zmq.Context()
+        self.ctl = self.ctx.socket(zmq.PULL)
+        self.ctl.bind(self.endpoints["control"])
+        self.cmd = self.ctx.socket(zmq.PUB)
+        self.cmd.setsockopt(zmq.LINGER, 0)
+        self.cmd.bind(self.endpoints["command"])
+
+    # ------------------------------------------------------------ lifecycle
+    def spawn(self, k: int):
+        p = self._mp.Process(target=worker_main, name=f"shardct-worker-{k}",
+                             args=(k, self.n, self.endpoints, self.body, self.kwargs), daemon=True)
+        p.start()
+        self.procs[k] = p
+        self.ready[k] = False
+        self.seen[k] = time.monotonic()
+
+    def start(self):
+        for k in range(self.n):
+            self.spawn(k)
+
+    def request_stop(self, *_):
+        """Signal handler: only sets a flag."""
+        self.stopping = True
+
+    def poll(self, timeout_s: float = 0.05) -> bool:
+        """One supervisor step: read control messages, restart the dead. False when the
+        pool must stop (boot failure or stop requested)."""
+        deadline = time.monotonic() + timeout_s
+        while self.ctl.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            try:
+                msg = M.decode(self.ctl.recv())
+            except M.WireError as e:
+                self.log(f"supervisor: dropped a bad control message: {e}")
+                continue
+            k = msg.get("worker")
+            if not isinstance(k, int) or not 0 <= k < self.n:
+                continue
+            self.seen[k] = time.monotonic()
+            if msg["t"] == M.READY:
+                self.ready[k] = True
+            elif msg["t"] == M.STOP and "error" in msg:
+                self.error = f"worker {k}: {msg['error']}"
+        now = time.monotonic()
+        for k, p in enumerate(self.procs):
+            if p is None:
+                continue
+            dead = not p.is_alive()
+            silent = self.ready[k] and now - self.seen[k] > DEAD_AFTER_S
+            if not (dead or silent) or self.stopping:
+                continue
+            if not self.ready[k]:
+                self.error = self.error or f"worker {k} exited during boot (exit code {p.exitcode})"
+                self.log(f"supervisor: boot failure, stopping the pool: {self.error}")
+                self.exit_code = EXIT_BOOT
+                return False
+            if silent and not dead:
+                p.kill()
+                p.join(1)
+            self.restarts[k] += 1
+            self.log(f"supervisor: worker {k} died (exit code {p.exitcode}); restart #{self.restarts[k]}")
+            self.spawn(k)
+        return not self.stopping
+
+    def stop(self):
+        """Drain and stop every worker; no process or ipc file is left behind."""
+        self.cmd.send(M.encode(M.STOP))
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline and any(p is not None and p.is_alive() for p in self.procs):
+            self.cmd.send(M.encode(M.STOP))
+            time.sleep(0.05)
+        for p in self.procs:
+            if p is not None and p.is_alive():
+                p.terminate()
+                p.join(1)
+            if p is not None and p.is_alive():
+                p.kill()
+                p.join(1)
+        self.ctl.close(0)
+        self.cmd.close(0)
+        self.ctx.term()
+        if self.own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        else:
+            for ep in self.endpoints.values():
+                path = ep[len("ipc://"):]
+                if os.path.exists(path):
+                    os.unlink(path)
+
+    def run(self, until=None) -> int:
+        """Supervise until a signal, a boot failure or ``until()`` is true."""
+        old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            while self.poll() and not (until and until()):
+                pass
+        finally:
+            self.stop()
+            for s, h in old.items():
+                signal.signal(s, h)
+        return self.exit_code
