@@ -85,8 +85,10 @@ def breakdown(flows, packets):
         out[name] = best_of(lambda: wire.parse_hash_batch(d.buf, d.off, d.length, meta, addr, chk,
                                                           T.seed, h)) / packets * 1e9
 
+    given = np.full(packets, -1, np.int64)
+
     def trk():
-        K.track_batch(d.buf, d.off, meta, addr, h, d.length, ts, v, tid, T.heads, T.tkey, T.tport,
+        K.track_batch(d.buf, d.off, meta, addr, h, d.length, ts, v, tid, given, T.heads, T.tkey, T.tport,
                       T.tnext, T.c64, T.c32, T.c8, T.cstatus, T.tbl, ct.stats_arr, ct.cfg, ct.tmo,
                       ct.ev, ct.evaddr, 0, False)
     trk()

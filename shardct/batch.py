@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 
@@ -68,3 +69,43 @@ class PacketBatch:
     @classmethod
     def empty(cls) -> "PacketBatch":
         return cls.from_frames([])
+
+
+@numba.njit(cache=True)
+def _gather(buf, off, length, idx, out, out_off):
+    o = 0
+    for j in range(idx.shape[0]):
+        i = idx[j]
+        s = off[i]
+        for b in range(length[i]):
+            out[o + b] = buf[s + b]
+        out_off[j] = o
+        o += length[i]
+
+
+def take(batch: PacketBatch, idx: np.ndarray) -> PacketBatch:
+    """A new batch of frames ``idx`` of ``batch`` (copied, in that order)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    length = batch.length[idx]
+    out = np.empty(int(length.astype(np.int64).sum()), dtype=np.uint8)
+    out_off = np.empty(idx.shape[0], dtype=np.int64)
+    _gather(batch.buf, batch.off, batch.length, idx, out, out_off)
+    return PacketBatch(out, out_off, length, batch.ifindex[idx], batch.ts[idx])
+
+
+def concat(batches: list[PacketBatch]) -> PacketBatch:
+    """One batch holding every frame of ``batches`` in order (buffers copied)."""
+    batches = [b for b in batches if len(b)]
+    if not batches:
+        return PacketBatch.empty()
+    if len(batches) == 1:
+        return batches[0]
+    bufs, offs, base = [], [], 0
+    for b in batches:
+        bufs.append(b.buf)
+        offs.append(b.off + base)
+        base += b.buf.shape[0]
+    return PacketBatch(np.concatenate(bufs), np.concatenate(offs),
+                       np.concatenate([b.length for b in batches]),
+                       np.concatenate([b.ifindex for b in batches]),
+                       np.concatenate([b.ts for b in batches]))

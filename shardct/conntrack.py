@@ -117,7 +117,7 @@ class ConnTrack:
     def __init__(self, config: Config | None = None, *, seed: int,
                  clock: Callable[[], int] | None = None, rules=None, network=None,
                  rng: np.random.Generator | None = None, router: bool = False,
-                 shard: tuple[int, int] = (0, 1)):
+                 shard: tuple[int, int] = (0, 1), owned: tuple[int, int] | None = None):
         """rules: a parsed nat RuleSet (rules.py) or None; network: a netconf.Network
         (interfaces, routes) for routing, MASQUERADE and REDIRECT; rng: randomness for NAT
         port search (a numpy Generator; derived from ``seed`` when omitted); router: also
@@ -126,7 +126,9 @@ class ConnTrack:
         bindings included), as Linux does once the nat table exists.
         shard: (k, n) when this table is worker k of n (it owns bucket slice k); with
         ``config.shard_affine_nat`` SNAT/MASQUERADE then prefer ports whose reply tuple
-        hashes into that slice."""
+        hashes into that slice. owned: the routing buckets [lo, hi) this table owns in a
+        sharded pool (shard.py); packets then may get the pool verdicts V_PARK, V_HANDOFF
+        and V_BOUNCE. Default: every bucket."""
         self.config = config or Config()
         self.clock = clock
         c = self.config
@@ -137,6 +139,9 @@ class ConnTrack:
         self.cfg[K.CF_MAX_CONNS] = c.max_conns
         self.cfg[K.CF_EVENTS] = int(c.events)
         self.cfg[K.CF_IGNORE_INVALID_RST] = int(c.tcp_ignore_invalid_rst)
+        lo, hi = owned if owned is not None else (0, c.n_buckets)
+        self.cfg[K.CF_SHARD_LO] = lo
+        self.cfg[K.CF_SHARD_HI] = hi
         self.tmo = c.timeouts.to_array()
         self.stats_arr = np.zeros(K.N_STATS, dtype=np.int64)
         self.ev = np.zeros((c.event_buffer, K.N_EV), dtype=np.int64)
@@ -165,6 +170,7 @@ class ConnTrack:
             self._hashes = np.empty(cap, dtype=np.int64)
             self._verdict = np.empty(cap, dtype=np.uint8)
             self._tid = np.empty(cap, dtype=np.int64)
+            self._given = np.full(cap, -1, dtype=np.int64)
             self._cap = cap
         return (self._meta[:n], self._addr[:n], self._hashes[:n], self._verdict[:n],
                 self._tid[:n])
@@ -193,20 +199,27 @@ class ConnTrack:
         meta, addr, hashes, verdict, tid = self._scratch(n)
         wire.parse_hash_batch(batch.buf, batch.off, batch.length, meta, addr,
                               self.config.checksum, self.table.seed, hashes)
+        self.run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n])
+        return Result(verdict.copy(), tid.copy(), meta, addr)
+
+    def run(self, batch, meta, addr, hashes, ts, verdict, tid, given):
+        """Track a parsed batch in order (the kernel, stopping for the NAT slow path
+        where it must). ``given``: see track.track_batch. Writes verdict and tid."""
+        n = len(batch)
         self._buf, self._off, self._batch = batch.buf, batch.off, batch
         i = 0
         resumed = False
         while i < n:
-            i = self._track(meta, addr, hashes, batch.length, ts, verdict, tid, i, resumed)
+            i = self._track(meta, addr, hashes, batch.length, ts, verdict, tid, given, i, resumed)
             if i < n:
                 j = self._slow_path(i, meta, addr, hashes, ts, verdict, tid)
                 resumed = j == i
                 i = j
-        return Result(verdict.copy(), tid.copy(), meta, addr)
 
-    def _track(self, meta, addr, hashes, length, ts, verdict, tid, start, resumed=False):
+    def _track(self, meta, addr, hashes, length, ts, verdict, tid, given, start, resumed=False):
         t = self.table
         return K.track_batch(self._buf, self._off, meta, addr, hashes, length, ts, verdict, tid,
+                             given,
                              t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
                              t.tbl, self.stats_arr, self.cfg, self.tmo, self.ev, self.evaddr,
                              start, resumed)

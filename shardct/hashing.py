@@ -158,3 +158,17 @@ def words_addr(hi: int, lo: int, ipver: int) -> bytes:
     if ipver == 4:
         return int(lo & M32).to_bytes(4, "big")
     return int(hi).to_bytes(8, "big") + int(lo).to_bytes(8, "big")
+
+
+@numba.njit(cache=True)
+def owners(hashes, n_workers, n_buckets):
+    """Owning worker of each tuple hash; a packet with no tuple (hash -1: not IP, broken
+    headers, non-first fragments) goes to worker 0, which gives it its verdict."""
+    out = np.empty(hashes.shape[0], dtype=np.int64)
+    for i in range(hashes.shape[0]):
+        h = hashes[i]
+        if h < 0:
+            out[i] = 0
+            continue
+        out[i] = owner_of_bucket(h % n_buckets, n_workers, n_buckets)
+    return out

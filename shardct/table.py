@@ -18,7 +18,7 @@ c32         uint32[cap, 10]  PKTS0, PKTS1, then per direction d at 2+4d:
 c8          uint8[cap, 8]    PROTO, IPVER, STATE, SCALE0, SCALE1, TFLAGS0, TFLAGS1, spare
 cstatus     uint16[cap]      status bits (``S_*``, Linux numbering where Linux has one)
 tbl         int64[...]       scalars: free list head, entry count, capacity, chain mask,
-                             routing buckets, hash seed, event count
+                             routing buckets, hash seed, event count, dying list
 ==========  ===============  ====================================================
 
 Chains are indexed by ``hash & (nheads - 1)``; nheads is a power of two and a multiple
@@ -38,6 +38,7 @@ from .errors import ConfigError
 EXPIRES, BYTES0, BYTES1 = 0, 1, 2
 # c32 columns
 PKTS0, PKTS1 = 0, 1
+HOME, HCONN = 0, 1      # a reply entry (S_REMOTE) keeps its conn's home worker and id here
 W_END, W_MAXEND, W_MAXWIN, W_MAXACK = 0, 1, 2, 3     # + 2 + 4*dir
 UDP_STREAM_LO, UDP_STREAM_HI = 2, 3
 N_C32 = 10
@@ -55,6 +56,11 @@ S_SRC_NAT_DONE = 1 << 7
 S_DST_NAT_DONE = 1 << 8
 S_DYING = 1 << 9
 S_NEW_PENDING = 1 << 12   # confirmed, its first packet not yet accepted (no NEW event yet)
+# sharded pool (shard.py): a table holds home conns and reply entries of conns homed elsewhere
+S_REMOTE = 1 << 0     # reply entry: tuple 1 linked here, the conn lives at c32 HOME/HCONN
+S_XSHARD = 1 << 6     # home conn whose reply tuple is in another shard's bucket
+S_PENDING = 1 << 10   # cross-shard insertion not committed yet: its packets are parked
+S_INVIS = 1 << 11     # pending and not yet holding its own (higher) bucket
 S_LINK0 = 1 << 13     # original tuple is in a chain here
 S_LINK1 = 1 << 14     # reply tuple is in a chain here
 S_USED = 1 << 15      # slot allocated
@@ -68,8 +74,8 @@ TF_DATA_UNACK = 0x10
 TF_MAXACK_SET = 0x20
 
 # tbl scalars
-T_FREE, T_COUNT, T_CAP, T_MASK, T_NBUCKETS, T_SEED, T_EVN, T_NHEADS = range(8)
-N_TBL = 8
+T_FREE, T_COUNT, T_CAP, T_MASK, T_NBUCKETS, T_SEED, T_EVN, T_NHEADS, T_DYING = range(9)
+N_TBL = 9
 
 
 def _pow2_at_least(n: int) -> int:
@@ -107,6 +113,7 @@ class ConnTable:
         self.tbl[T_NBUCKETS] = n_buckets
         self.tbl[T_SEED] = seed & 0xFFFFFFFF
         self.tbl[T_NHEADS] = nheads
+        self.tbl[T_DYING] = -1
 
     @property
     def capacity(self) -> int:

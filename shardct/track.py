@@ -22,7 +22,8 @@ import numpy as np
 
 from .hashing import hash_key
 from .table import (S_NEW_PENDING, BYTES0, EXPIRES, IPVER, PKTS0, PROTO, S_ASSURED, S_CONFIRMED,
-                    S_DST_NAT, S_LINK0, S_LINK1, S_SEEN_REPLY, S_SRC_NAT, S_USED,
+                    S_DST_NAT, S_DYING, S_INVIS, S_LINK0, S_LINK1, S_PENDING, S_REMOTE,
+                    S_SEEN_REPLY, S_SRC_NAT, S_USED, S_XSHARD, T_DYING,
                     SCALE0, STATE, T_COUNT, T_EVN, T_FREE, T_MASK, T_NBUCKETS, T_NHEADS,
                     T_SEED, TF_BE_LIBERAL, TF_CLOSE_INIT, TF_DATA_UNACK, TF_MAXACK_SET,
                     TF_SACK_PERM, TF_WINDOW_SCALE, TFLAGS0, UDP_STREAM_HI, UDP_STREAM_LO,
@@ -34,8 +35,9 @@ from .wire import (CLS_INVALID, CLS_NOTIP, CLS_RELATED, CLS_TRACK, CLS_UNTRACKED
                    M_REASON, M_SACKPERM, M_SEQ, M_TFLAGS, M_WIN, M_WSCALE, REASON_NAMES)
 
 # ---- configuration (cfg int64 array)
-CF_BE_LIBERAL, CF_LOOSE, CF_MAX_CONNS, CF_EVENTS, CF_IGNORE_INVALID_RST, CF_NAT, CF_ROUTER = range(7)
-N_CFG = 7
+(CF_BE_LIBERAL, CF_LOOSE, CF_MAX_CONNS, CF_EVENTS, CF_IGNORE_INVALID_RST, CF_NAT, CF_ROUTER,
+ CF_SHARD_LO, CF_SHARD_HI) = range(9)
+N_CFG = 9           # CF_SHARD_LO..HI: the routing buckets this table owns (all by default)
 
 # ---- timeouts (tmo int64 array, ns): TCP states 0..9, then these
 TMO_RETRANS, TMO_UNACK, TMO_UDP, TMO_UDP_STREAM, TMO_ICMP, TMO_GENERIC = 10, 11, 12, 13, 14, 15
@@ -43,8 +45,12 @@ N_TMO = 16
 
 # ---- verdicts
 V_ACCEPT, V_RELATED, V_UNTRACKED, V_INVALID, V_DROP, V_NOTIP = 0, 1, 2, 3, 4, 5
+# sharded pool only (shard.py; never leave a worker): wait for a cross-shard insertion,
+# go to the conn's home, go back to the owner of the packet's own bucket
+V_PARK, V_HANDOFF, V_BOUNCE = 6, 7, 8
 V_PENDING = 255
-VERDICT_NAMES = ("accept", "related", "untracked", "invalid", "drop", "not_ip")
+VERDICT_NAMES = ("accept", "related", "untracked", "invalid", "drop", "not_ip", "park",
+                 "handoff", "bounce")
 
 # ---- statistics (stats int64 array). The first eight are conntrack -S's names.
 (ST_FOUND, ST_INVALID, ST_INSERT, ST_INSERT_FAILED, ST_DROP, ST_EARLY_DROP, ST_ERROR,
@@ -176,9 +182,10 @@ def emit(ev, evaddr, tbl, stats, cfg, kind, c, tkey, tport, c64, c32, c8, cstatu
 @numba.njit(cache=True)
 def destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg,
                  ev, evaddr, c, now):
-    """Unlink both tuples of conn c, emit DESTROY, free the slot."""
+    """Unlink both tuples of conn c, emit DESTROY, free the slot (a cross-shard conn's
+    slot goes to the dying list instead)."""
     st = cstatus[c]
-    if st & S_USED == 0:
+    if st & S_USED == 0 or st & S_DYING:
         return
     if st & S_LINK0:
         unlink_tuple(heads, tkey, tport, tnext, c8, tbl, 2 * c)
@@ -187,6 +194,13 @@ def destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, c
     if st & S_CONFIRMED:
         emit(ev, evaddr, tbl, stats, cfg, EV_DESTROY, c, tkey, tport, c64, c32, c8, cstatus, now)
         stats[ST_DESTROY] += 1
+    if st & S_XSHARD:
+        # its reply entry lives in another shard: keep the slot on the dying list until
+        # the pool has sent the release (shard.py drains it)
+        cstatus[c] = S_USED | S_DYING | S_XSHARD
+        tnext[2 * c + 1] = tbl[T_DYING]
+        tbl[T_DYING] = c
+        return
     cstatus[c] = 0
     tnext[2 * c] = tbl[T_FREE]
     tnext[2 * c + 1] = -1
@@ -225,6 +239,9 @@ def early_drop(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg
         while t >= 0:
             c = t >> 1
             nx = np.int64(tnext[t])
+            if cstatus[c] & (S_REMOTE | S_PENDING):
+                t = nx         # reply entries and pending insertions are not ours to evict
+                continue
             if now > c64[c, EXPIRES]:
                 stats[ST_EXPIRED] += 1
                 destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats,
@@ -462,12 +479,20 @@ def create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
     (r*, rports): check max_conns (early drop), refuse a reply tuple owned by another
     live conn (insert_failed), link both tuples, emit NEW.
 
+    When the reply tuple's routing bucket is outside this table's slice
+    (cfg CF_SHARD_LO..HI) the conn is created pending (S_XSHARD | S_PENDING, reply tuple
+    not linked; S_INVIS too when the reply bucket is the lower one): shard.py reserves
+    the reply tuple at its owner and commits.
+
     Returns the conn id, -1 when the table is full (drop), -2 on a reply clash.
     Precondition: the original tuple is not in the table (the caller looked it up).
     """
     rh = hash_key(tbl[T_SEED], r0, r1, r2, r3, rports, proto, ipver)
     same = (r0 == a0 and r1 == a1 and r2 == a2 and r3 == a3 and rports == ports0)
-    if not same:
+    nb = tbl[T_NBUCKETS]
+    rb = rh % nb
+    xshard = not same and (rb < cfg[CF_SHARD_LO] or rb >= cfg[CF_SHARD_HI])
+    if not same and not xshard:
         rt = find_tuple(heads, tkey, tport, tnext, c8, tbl, rh, r0, r1, r2, r3, rports,
                         proto, ipver)
         if rt >= 0:
@@ -502,7 +527,11 @@ def create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
     c64[c, EXPIRES] = now
     link_tuple(heads, tnext, tbl, t0, h0)
     st = S_USED | S_CONFIRMED | S_LINK0
-    if not same:
+    if xshard:
+        st |= S_XSHARD | S_PENDING
+        if rb < h0 % nb:
+            st |= S_INVIS
+    elif not same:
         link_tuple(heads, tnext, tbl, t0 + 1, rh)
         st |= S_LINK1
     # SRC_NAT: the reply does not go back to the original source (address or port)
@@ -579,7 +608,7 @@ def init_proto(c32, c8, c, meta, i, now):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
+def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
                 heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl,
                 stats, cfg, tmo, ev, evaddr, start, resumed):
     """Track packets start..n-1 in order. ``resumed``: packet ``start`` already went
@@ -588,14 +617,24 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
     unprocessed (n when all are done); that packet has verdict V_PENDING and needs a
     Python decision (a new conn while NAT rules are loaded).
 
+    ``given[i]``: -1 for a fresh packet; -2 for one already counted (and TTL-decremented)
+    by a kernel run in another shard; a tuple id >= 0 for a packet whose conn a shard
+    already found (handoff, parked): it is checked, not looked up. Pool verdicts (a table
+    with a bucket slice): V_HANDOFF (hit a reply entry; pconn is the entry), V_PARK (its
+    conn is pending; pconn is the tuple), V_BOUNCE (would start a conn whose original
+    tuple is not in this slice).
+
     Preconditions: meta/addr filled by wire.parse_batch; hashes[i] is the tuple hash of
     each CLS_TRACK / CLS_RELATED packet.
     """
     n = meta.shape[0]
+    nb = tbl[T_NBUCKETS]
     for i in range(start, n):
         now = ts[i]
         cls = meta[i, M_CLS]
         pconn[i] = -1
+        g = given[i]
+        fresh = g == -1 and not (resumed and i == start)
         if cls == CLS_NOTIP:
             verdict[i] = V_NOTIP
             stats[ST_NOT_IP] += 1
@@ -609,8 +648,7 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
                 stats[ST_INVALID] += 1
                 stats[INV_BASE + r] += 1
                 continue
-            if not (resumed and i == start) and not decrement_ttl(buf, off[i] + meta[i, M_L3],
-                                                                  meta[i, M_IPVER]):
+            if fresh and not decrement_ttl(buf, off[i] + meta[i, M_L3], meta[i, M_IPVER]):
                 verdict[i] = V_DROP
                 stats[ST_TTL_EXPIRED] += 1
                 stats[ST_DROP] += 1
@@ -627,7 +665,7 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
             stats[ST_INVALID] += 1
             stats[INV_BASE + r] += 1
             continue
-        if not (resumed and i == start):
+        if fresh:
             stats[ST_PACKETS] += 1
         a0 = addr[i, 0]
         a1 = addr[i, 1]
@@ -637,8 +675,23 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
         proto = meta[i, M_PROTO]
         ipver = meta[i, M_IPVER]
         h = hashes[i]
-        t = find_tuple(heads, tkey, tport, tnext, c8, tbl, h, a0, a1, a2, a3, ports, proto,
-                       ipver)
+        if g >= 0:
+            t = g
+            gc = g >> 1
+            if not (cstatus[gc] & S_USED and cstatus[gc] & (S_REMOTE | S_DYING) == 0
+                    and tkey[t, 1] == a1 and tkey[t, 3] == a3 and np.int64(tport[t]) == ports
+                    and tkey[t, 0] == a0 and tkey[t, 2] == a2
+                    and np.int64(c8[gc, PROTO]) == proto and np.int64(c8[gc, IPVER]) == ipver):
+                t = -1        # the conn it was handed for is gone
+        else:
+            t = find_tuple(heads, tkey, tport, tnext, c8, tbl, h, a0, a1, a2, a3, ports, proto,
+                           ipver)
+        if t >= 0 and cstatus[t >> 1] & (S_REMOTE | S_PENDING):
+            # a reply entry: the conn lives in another shard; a pending conn: wait for
+            # its insertion to commit
+            verdict[i] = V_HANDOFF if cstatus[t >> 1] & S_REMOTE else V_PARK
+            pconn[i] = t
+            continue
         if t >= 0 and now > c64[t >> 1, EXPIRES]:
             stats[ST_EXPIRED] += 1
             destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg,
@@ -678,6 +731,9 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
         for _attempt in range(2):      # a second pass only after a TCP reopen
             if t < 0:
                 # ---- no conn: may this packet start one?
+                if h % nb < cfg[CF_SHARD_LO] or h % nb >= cfg[CF_SHARD_HI]:
+                    verdict[i] = V_BOUNCE      # its original tuple belongs to another shard
+                    break
                 ok = True
                 if proto == 6:
                     ok = tcp_may_create(fl, cfg[CF_LOOSE] != 0)
@@ -702,6 +758,10 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn,
                     break
                 init_proto(c32, c8, c, meta, i, now)
                 t = 2 * c
+                if cstatus[c] & S_PENDING:
+                    verdict[i] = V_PARK
+                    pconn[i] = t
+                    break
             # ---- conn c, direction d: update protocol state
             c = t >> 1
             d = t & 1
@@ -809,10 +869,10 @@ def reap(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, 
 
 @numba.njit(cache=True)
 def collect_conns(cstatus, out):
-    """Ids of allocated conns into out; returns how many."""
+    """Ids of allocated conns (not reply entries, not dying) into out; returns how many."""
     n = 0
     for c in range(cstatus.shape[0]):
-        if cstatus[c] & S_USED:
+        if cstatus[c] & S_USED and cstatus[c] & (S_REMOTE | S_DYING) == 0:
             out[n] = c
             n += 1
     return n

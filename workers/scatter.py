@@ -17,19 +17,7 @@ import numba
 import numpy as np
 
 from shardct.batch import PacketBatch
-from shardct.hashing import owner_of_bucket
-
-
-@numba.njit(cache=True)
-def owners(hashes, n_workers, n_buckets):
-    out = np.empty(hashes.shape[0], dtype=np.int64)
-    for i in range(hashes.shape[0]):
-        h = hashes[i]
-        if h < 0:
-            out[i] = 0
-            continue
-        out[i] = owner_of_bucket(h % n_buckets, n_workers, n_buckets)
-    return out
+from shardct.hashing import owners
 
 
 @numba.njit(cache=True)

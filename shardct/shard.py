@@ -1,0 +1,781 @@
+# The pool's cross-shard protocol as a pure state machine: one Shard per worker owns a
+# contiguous slice of the routing buckets and a ConnTrack table; shards talk only through
+# the messages this module builds and consumes (workers/pool.py moves them over ZeroMQ).
+"""Cross-shard insertion, handoff and release.
+
+Ownership
+    A conn's **home** is the shard owning its original tuple's bucket; only the home
+    writes conn state. When the reply tuple's bucket belongs to another shard (the
+    **owner**), the owner keeps a **reply entry**: a slot whose tuple 1 is linked in its
+    bucket and whose c32 words say (home, conn) (table.S_REMOTE). The home keeps the conn
+    with its reply tuple unlinked (S_XSHARD).
+
+A round (one dispatcher batch per shard)
+    ``local(pk)`` runs the kernel over the shard's packets in order. Packets that hit a
+    reply entry are *handed off* to the home with the conn's tuple id (the home checks
+    it, it does not look it up). A packet that starts a conn whose reply tuple is
+    elsewhere creates it *pending* (S_PENDING) and parks; so do later packets of it.
+
+    Then supersteps: every shard sends every other shard exactly one :class:`Msg`
+    (possibly empty) and then processes what it received, in sender order and in this
+    section order: ``rel`` (releases), ``req`` (reservations), ``ans`` (answers),
+    ``ho`` (handoffs), ``bo`` (bounces). A round ends after a superstep in which every
+    shard said it sent nothing (``Msg.active`` false everywhere), so all shards agree.
+    No shard ever waits for anything but the peers' message of the current superstep,
+    which every shard sends before it reads; a superstep cannot deadlock.
+
+Insertion in ascending bucket order (gVisor's lock order, as messages)
+    A conn needs two buckets: b0 (its original tuple, at home) and b1 (its reply tuple,
+    at the owner). It **reserves the lower bucket first**:
+
+    * b0 < b1: the home links the original tuple at once (visible: it holds b0) and
+      sends ``req`` to the owner of b1.
+    * b1 < b0: the original tuple is linked but S_INVIS (invisible to others'
+      reservations: it does not hold b0 yet) and ``req`` goes to the owner of b1. On a
+      grant the home takes b0: if a visible entry with that tuple appeared meanwhile the
+      conn loses, releases b1 and its packets join the winner (or are dropped).
+
+    The owner answers a ``req`` at once, never waiting: no visible entry with that tuple
+    -> GRANT (it links the reply entry); a visible conn whose other tuple is the
+    requester's original tuple -> JOIN (the requester's packets are that conn's, in the
+    direction it names: the race where a packet and its inverse start at two shards
+    together); anything else -> FAIL (insert_failed, the packets are dropped, as
+    Linux's confirm does on a clash).
+
+    Both contenders for the same pair of buckets ask for the same lower bucket first,
+    so its owner orders them; the loser never holds the higher one. Exactly one conn
+    results.
+
+Handoff, bounce, release
+    A handoff whose conn is gone (expired, reaped, lost in a worker crash) is **bounced**
+    to the shard that owns the packet's own bucket together with a release of the stale
+    reply entry; that shard looks it up afresh. A destroyed cross-shard conn waits on
+    the table's dying list until ``release`` rows for its reply entry are sent.
+
+Deviations (documented, tested): packets of one conn that reach different shards in the
+same round are concurrent (as two CPUs under RSS in Linux); NAT's port-in-use check only
+sees reply tuples in this shard's buckets, so a NATed conn whose reply tuple clashes in
+another shard is dropped as insert_failed (``shard_affine_nat`` avoids it).
+
+Owner: the single thread of one worker. Time comes in with the packets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from . import track as K
+from . import wire
+from .batch import PacketBatch, concat, take
+from .config import Config
+from .conntrack import ConnTrack
+from .hashing import hash_key, owner_of_bucket, owner_slices, owners
+from .table import (EXPIRES, HCONN, HOME, IPVER, PROTO, S_CONFIRMED, S_DYING, S_INVIS,
+                    S_LINK1, S_NEW_PENDING, S_PENDING, S_REMOTE, S_USED, S_XSHARD, T_COUNT,
+                    T_DYING, T_FREE, T_SEED)
+
+# answers
+GRANT, JOIN, FAIL = 0, 1, 2
+N_REL = 9    # release rows: key0..3, ports, proto, ipver, home, hconn
+N_REQ = 14   # request rows: reply key0..3, rports, proto, ipver, orig key0..3, oports, conn,
+             # again (1: a committed conn reserving anew at a restarted owner)
+N_ANS = 4    # answer rows: conn, kind, join home, join tuple id
+NEVER = np.iinfo(np.int64).max
+
+
+@dataclass
+class Packets:
+    """Frames with what the pool carries along: tuple hash, global sequence number and
+    the tuple id a shard already found (-1 fresh, -2 counted elsewhere)."""
+    batch: PacketBatch
+    hashes: np.ndarray
+    seq: np.ndarray
+    given: np.ndarray
+
+    def __len__(self):
+        return len(self.batch)
+
+    def take(self, idx) -> "Packets":
+        idx = np.asarray(idx, dtype=np.int64)
+        return Packets(take(self.batch, idx), self.hashes[idx], self.seq[idx], self.given[idx])
+
+    @staticmethod
+    def concat(parts: list["Packets"]) -> "Packets":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Packets.empty()
+        if len(parts) == 1:
+            return parts[0]
+        return Packets(concat([p.batch for p in parts]),
+                       np.concatenate([p.hashes for p in parts]),
+                       np.concatenate([p.seq for p in parts]),
+                       np.concatenate([p.given for p in parts]))
+
+    @staticmethod
+    def empty() -> "Packets":
+        z = np.zeros(0, dtype=np.int64)
+        return Packets(PacketBatch.empty(), z, z.copy(), z.copy())
+
+
+@dataclass
+class Msg:
+    """One superstep's message from one shard to another."""
+    active: bool = False                        # the sender sent something to anyone
+    rel: np.ndarray = field(default_factory=lambda: np.zeros((0, N_REL), np.uint64))
+    req: np.ndarray = field(default_factory=lambda: np.zeros((0, N_REQ), np.uint64))
+    ans: np.ndarray = field(default_factory=lambda: np.zeros((0, N_ANS), np.int64))
+    ho: Packets = field(default_factory=Packets.empty)
+    bo: Packets = field(default_factory=Packets.empty)
+
+    def empty(self) -> bool:
+        return not (len(self.rel) or len(self.req) or len(self.ans) or len(self.ho)
+                    or len(self.bo))
+
+
+# ------------------------------------------------------------------ table operations
+
+
+@numba.njit(cache=True)
+def find_visible(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
+                 k0, k1, k2, k3, ports, proto, ipver, exclude, now):
+    """A tuple id holding this key that others must respect (not S_INVIS, not dying,
+    not conn ``exclude``), or -1. An expired home conn found on the way is destroyed."""
+    h = hash_key(tbl[T_SEED], k0, k1, k2, k3, ports, proto, ipver)
+    while True:
+        t = K.find_tuple(heads, tkey, tport, tnext, c8, tbl, h, k0, k1, k2, k3, ports, proto,
+                         ipver)
+        # find_tuple returns the first match; walk on past ones that do not count
+        while t >= 0:
+            c = t >> 1
+            st = cstatus[c]
+            if (c != exclude and st & (S_INVIS | S_DYING) == 0 and tkey[t, 0] == k0
+                    and tkey[t, 1] == k1 and tkey[t, 2] == k2 and tkey[t, 3] == k3
+                    and np.int64(tport[t]) == ports and np.int64(c8[c, PROTO]) == proto
+                    and np.int64(c8[c, IPVER]) == ipver):
+                break
+            t = np.int64(tnext[t])
+        if t < 0:
+            return np.int64(-1)
+        c = t >> 1
+        if cstatus[c] & (S_REMOTE | S_PENDING) == 0 and now > c64[c, EXPIRES]:
+            stats[K.ST_EXPIRED] += 1
+            K.destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg,
+                           ev, evaddr, c, now)
+            continue
+        return t
+
+
+@numba.njit(cache=True)
+def link_reply_entry(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, row, home):
+    """Link a reply entry for request ``row`` of shard ``home``; its slot or -1 (full)."""
+    c = K.alloc_conn(tnext, c64, c32, c8, cstatus, tbl)
+    if c < 0:
+        return np.int64(-1)
+    t1 = 2 * c + 1
+    for k in range(4):
+        tkey[t1, k] = row[k]
+        tkey[t1 - 1, k] = row[7 + k]
+    tport[t1] = row[4]
+    tport[t1 - 1] = row[11]
+    c8[c, PROTO] = row[5]
+    c8[c, IPVER] = row[6]
+    c32[c, HOME] = home
+    c32[c, HCONN] = row[12]
+    c64[c, EXPIRES] = NEVER          # the home decides expiry and sends a release
+    cstatus[c] = S_USED | S_REMOTE | S_LINK1 | S_CONFIRMED
+    h = hash_key(tbl[T_SEED], row[0], row[1], row[2], row[3], np.int64(row[4]),
+                 np.int64(row[5]), np.int64(row[6]))
+    K.link_tuple(heads, tnext, tbl, t1, h)
+    return c
+
+
+@numba.njit(cache=True)
+def release_entry(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, row):
+    """Remove the reply entry ``row`` (a release) names; False when there is none."""
+    h = hash_key(tbl[T_SEED], row[0], row[1], row[2], row[3], np.int64(row[4]),
+                 np.int64(row[5]), np.int64(row[6]))
+    t = np.int64(heads[h & tbl[K.T_MASK]])
+    while t >= 0:
+        c = t >> 1
+        if (cstatus[c] & S_REMOTE and t & 1 and c32[c, HOME] == row[7]
+                and c32[c, HCONN] == row[8] and tkey[t, 0] == row[0] and tkey[t, 1] == row[1]
+                and tkey[t, 2] == row[2] and tkey[t, 3] == row[3] and tport[t] == row[4]):
+            K.unlink_tuple(heads, tkey, tport, tnext, c8, tbl, t)
+            cstatus[c] = 0
+            tnext[2 * c] = tbl[T_FREE]
+            tnext[2 * c + 1] = -1
+            tbl[T_FREE] = c
+            tbl[T_COUNT] -= 1
+            return True
+        t = np.int64(tnext[t])
+    return False
+
+
+@numba.njit(cache=True)
+def drain_dying(tkey, tport, tnext, c8, cstatus, tbl, home, out):
+    """Release rows for every dying cross-shard conn (their reply entries), freeing
+    the slots. Returns how many rows; stops early when ``out`` is full."""
+    n = 0
+    c = tbl[T_DYING]
+    while c >= 0 and n < out.shape[0]:
+        nx = tnext[2 * c + 1]
+        t1 = 2 * c + 1
+        for k in range(4):
+            out[n, k] = tkey[t1, k]
+        out[n, 4] = tport[t1]
+        out[n, 5] = c8[c, PROTO]
+        out[n, 6] = c8[c, IPVER]
+        out[n, 7] = home
+        out[n, 8] = c
+        n += 1
+        cstatus[c] = 0
+        tnext[2 * c] = tbl[T_FREE]
+        tnext[2 * c + 1] = -1
+        tbl[T_FREE] = c
+        tbl[T_COUNT] -= 1
+        c = nx
+    tbl[T_DYING] = c
+    return n
+
+
+@numba.njit(cache=True)
+def forget_peer(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, peer, n_workers, out):
+    """A restarted peer lost its table: free our reply entries pointing at it, and list
+    our cross-shard conns whose reply entry it held (to reserve again). Returns
+    (entries freed, conns listed in out)."""
+    freed = 0
+    m = 0
+    nb = tbl[K.T_NBUCKETS]
+    for c in range(cstatus.shape[0]):
+        st = cstatus[c]
+        if st & S_USED == 0 or st & S_DYING:
+            continue
+        if st & S_REMOTE and c32[c, HOME] == peer:
+            K.unlink_tuple(heads, tkey, tport, tnext, c8, tbl, 2 * c + 1)
+            cstatus[c] = 0
+            tnext[2 * c] = tbl[T_FREE]
+            tnext[2 * c + 1] = -1
+            tbl[T_FREE] = c
+            tbl[T_COUNT] -= 1
+            freed += 1
+        elif st & S_XSHARD:
+            h = K.tuple_hash_of(tkey, tport, c8, tbl, 2 * c + 1)
+            if owner_of_bucket(h % nb, n_workers, nb) == peer:
+                out[m] = c
+                m += 1
+    return freed, m
+
+
+class Shard:
+    """Worker k of n: its table and its side of the protocol.
+
+    Call order per round: ``local(packets)``; then repeatedly ``outbox()`` -> deliver
+    each peer its Msg -> ``step(inbox)`` with the n-1 received Msgs in sender order,
+    until ``step`` returns False (round over on every shard); then ``results()``.
+    Between rounds: ``reap(now)``.
+    """
+
+    def __init__(self, k: int, n: int, config: Config | None = None, *, seed: int, rules=None,
+                 network=None, router: bool = False, rng=None):
+        self.k, self.n = k, n
+        self.config = config or Config()
+        self.nb = self.config.n_buckets
+        self.ct = ConnTrack(self.config, seed=seed, rules=rules, network=network, router=router,
+                            rng=rng, shard=(k, n), owned=owner_slices(n, self.nb)[k])
+        self._out: dict[int, dict[str, list]] = {}
+        self._reset_out()
+        self.parked: dict[int, list[Packets]] = {}     # pending conn -> its packets
+        self.requested: set[int] = set()
+        self.again: set[int] = set()                   # committed conns reserving anew
+        self.done: list[tuple[Packets, np.ndarray]] = []
+        self.counts = {"handoffs_out": 0, "handoffs_in": 0, "bounces": 0, "reserve_requests": 0,
+                       "grants": 0, "joins": 0, "fails": 0, "releases_out": 0,
+                       "releases_applied": 0, "stale_answers": 0, "supersteps": 0,
+                       "peer_restarts": 0, "entries_forgotten": 0, "reply_lost": 0}
+        self._dying = np.zeros((1024, N_REL), dtype=np.uint64)
+        self.now = 0
+
+    # ------------------------------------------------------------ plumbing
+    def _reset_out(self):
+        self._out = {p: {"rel": [], "req": [], "ans": [], "ho": [], "bo": []}
+                     for p in range(self.n) if p != self.k}
+
+    def owner(self, h: int) -> int:
+        """The shard owning the routing bucket of tuple hash h."""
+        return owner_of_bucket(int(h) % self.nb, self.n, self.nb)
+
+    def _kernel(self, pk: Packets):
+        """Run the tracking kernel over pk in order; returns (verdict, tid)."""
+        n = len(pk)
+        meta, addr = wire.new_meta(n)
+        wire.parse_batch(pk.batch.buf, pk.batch.off, pk.batch.length, meta, addr,
+                         self.ct.config.checksum)
+        verdict = np.empty(n, dtype=np.uint8)
+        tid = np.empty(n, dtype=np.int64)
+        if n:
+            self.now = max(self.now, int(pk.batch.ts.max()))
+        self.ct.run(pk.batch, meta, addr, pk.hashes, pk.batch.ts, verdict, tid, pk.given)
+        return verdict, tid
+
+    def _sort(self, pk: Packets) -> Packets:
+        order = np.argsort(pk.seq, kind="stable")
+        return pk if np.all(order == np.arange(len(pk))) else pk.take(order)
+
+    def _dispose(self, pk: Packets, verdict: np.ndarray, tid: np.ndarray):
+        """Route each packet by its verdict: final ones to the results, the others to
+        their home, their owner or their pending conn."""
+        t = self.ct.table
+        final = verdict <= K.V_NOTIP
+        if final.all():
+            self.done.append((pk, verdict))
+            return
+        idx = np.flatnonzero(final)
+        if len(idx):
+            self.done.append((pk.take(idx), verdict[idx]))
+        ho = np.flatnonzero(verdict == K.V_HANDOFF)
+        if len(ho):
+            e = tid[ho] >> 1
+            homes = t.c32[e, HOME].astype(np.int64)
+            given = 2 * t.c32[e, HCONN].astype(np.int64) + 1
+            self.counts["handoffs_out"] += len(ho)
+            for home in np.unique(homes):
+                sel = homes == home
+                part = pk.take(ho[sel])
+                part.given[:] = given[sel]
+                self._out[int(home)]["ho"].append(part)
+        bo = np.flatnonzero(verdict == K.V_BOUNCE)
+        if len(bo):
+            own = owners(pk.hashes[bo], self.n, self.nb)
+            self.counts["bounces"] += len(bo)
+            for o in np.unique(own):
+                part = pk.take(bo[own == o])
+                part.given[:] = -2
+                self._out[int(o)]["bo"].append(part)
+        for i in np.flatnonzero(verdict == K.V_PARK):
+            c = int(tid[i]) >> 1
+            one = pk.take([i])
+            one.given[:] = tid[i]
+            self.parked.setdefault(c, []).append(one)
+            if c not in self.requested:
+                self._request(c)
+
+    def peer_restarted(self, p: int):
+        """Peer p came back with an empty table (its worker died): forget our entries
+        for its conns and reserve our conns' reply tuples there again."""
+        t = self.ct.table
+        out = np.empty(t.capacity, dtype=np.int64)
+        freed, m = forget_peer(t.heads, t.tkey, t.tport, t.tnext, t.c8, t.cstatus, t.c32,
+                               t.tbl, p, self.n, out)
+        self.counts["peer_restarts"] += 1
+        self.counts["entries_forgotten"] += int(freed)
+        for c in out[:m]:
+            self._request(int(c), again=True)
+
+    def _request(self, c: int, again: bool = False):
+        t = self.ct.table
+        row = np.zeros(N_REQ, dtype=np.uint64)
+        row[0:4] = t.tkey[2 * c + 1]
+        row[4] = t.tport[2 * c + 1]
+        row[5] = t.c8[c, PROTO]
+        row[6] = t.c8[c, IPVER]
+        row[7:11] = t.tkey[2 * c]
+        row[11] = t.tport[2 * c]
+        row[12] = c
+        row[13] = int(again)
+        rh = hash_key(t.seed, row[0], row[1], row[2], row[3], int(row[4]), int(row[5]),
+                      int(row[6]))
+        self._out[self.owner(rh)]["req"].append(row)
+        (self.again if again else self.requested).add(c)
+        self.counts["reserve_requests"] += 1
+
+    def _drain_dying(self):
+        t = self.ct.table
+        while t.tbl[T_DYING] >= 0:
+            n = drain_dying(t.tkey, t.tport, t.tnext, t.c8, t.cstatus, t.tbl, self.k, self._dying)
+            for r in self._dying[:n]:
+                rh = hash_key(t.seed, r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]))
+                self._out[self.owner(rh)]["rel"].append(r.copy())
+                self.counts["releases_out"] += 1
+
+    def _table_args(self):
+        t = self.ct.table
+        return (t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus, t.tbl)
+
+    def _abort(self, c: int):
+        """Undo pending conn c: it never existed (no NEW/DESTROY events); its reservation,
+        if granted, is released through the dying list."""
+        t = self.ct.table
+        st = self.ct.stats_arr
+        t.cstatus[c] &= ~(S_CONFIRMED | S_NEW_PENDING | S_PENDING | S_INVIS) & 0xFFFF
+        st[K.ST_INSERT] -= 1
+        st[K.ST_NEW] -= 1
+        K.destroy_conn(*self._table_args(), st, self.ct.cfg, self.ct.ev, self.ct.evaddr, c,
+                       self.now)
+        self.requested.discard(c)
+        return Packets.concat(self.parked.pop(c, []))
+
+    # ------------------------------------------------------------ a round
+    def local(self, pk: Packets):
+        """The dispatcher's packets for this shard (in sequence order)."""
+        if len(pk):
+            self._dispose(pk, *self._kernel(pk))
+        self._drain_dying()
+
+    def outbox(self) -> dict[int, Msg]:
+        """This superstep's message to every peer (built from what is queued)."""
+        msgs = {}
+        for p, q in self._out.items():
+            m = Msg()
+            if q["rel"]:
+                m.rel = np.vstack(q["rel"])
+            if q["req"]:
+                m.req = np.vstack(q["req"])
+            if q["ans"]:
+                m.ans = np.vstack(q["ans"])
+            m.ho = Packets.concat(q["ho"])
+            m.bo = Packets.concat(q["bo"])
+            msgs[p] = m
+        active = any(not m.empty() for m in msgs.values())
+        for m in msgs.values():
+            m.active = active
+        self._sent_active = active
+        self._reset_out()
+        return msgs
+
+    def step(self, inbox: list[Msg]) -> bool:
+        """Process one superstep's messages (from every peer, in sender order). Returns
+        False when the round is over everywhere: nobody sent anything this superstep."""
+        self.counts["supersteps"] += 1
+        if not self._sent_active and not any(m.active for m in inbox):
+            if self.parked:
+                raise AssertionError(f"shard {self.k}: round ended with pending conns "
+                                     f"{sorted(self.parked)}")
+            return False
+        ta = self._table_args()
+        t = self.ct.table
+        st, cfg, ev, evaddr = self.ct.stats_arr, self.ct.cfg, self.ct.ev, self.ct.evaddr
+        # 1. releases
+        for m in inbox:
+            for r in m.rel:
+                if release_entry(t.heads, t.tkey, t.tport, t.tnext, t.c8, t.cstatus, t.c32,
+                                 t.tbl, r):
+                    self.counts["releases_applied"] += 1
+        # 2. reservations: answer at once
+        for sender, m in self._senders(inbox):
+            for r in m.req:
+                self._answer(sender, r, ta, st, cfg, ev, evaddr)
+        # 3. answers to our reservations
+        rerun = []
+        for sender, m in self._senders(inbox):
+            for a in m.ans:
+                pk = self._resolve(int(a[0]), int(a[1]), int(a[2]), int(a[3]), ta, st, cfg, ev,
+                                   evaddr)
+                if pk is not None:
+                    rerun.append(pk)
+        # 4. handoffs to us (we are the home), 5. bounces (we own their bucket)
+        for m in inbox:
+            if len(m.ho):
+                self.counts["handoffs_in"] += len(m.ho)
+                rerun.append(m.ho)
+        for m in inbox:
+            if len(m.bo):
+                rerun.append(m.bo)
+        if rerun:
+            pk = self._sort(Packets.concat(rerun))
+            verdict, tid = self._kernel(pk)
+            self._bounce_stale(pk, verdict)
+            self._dispose(pk, verdict, tid)
+        self._drain_dying()
+        return True
+
+    def _senders(self, inbox):
+        peers = [p for p in range(self.n) if p != self.k]
+        return zip(peers, inbox)
+
+    def _answer(self, sender, r, ta, st, cfg, ev, evaddr):
+        t = self.ct.table
+        row = np.zeros(N_ANS, dtype=np.int64)
+        row[0] = int(r[12])
+        hit = find_visible(*ta, st, cfg, ev, evaddr, r[0], r[1], r[2], r[3], int(r[4]),
+                           int(r[5]), int(r[6]), -1, self.now)
+        if hit < 0:
+            if link_reply_entry(*ta, r, sender) < 0:
+                row[1] = FAIL                       # no room for the reply entry
+                self.counts["fails"] += 1
+            else:
+                row[1] = GRANT
+                self.counts["grants"] += 1
+        else:
+            c = hit >> 1
+            other = hit ^ 1
+            same = (np.array_equal(t.tkey[other], r[7:11]) and int(t.tport[other]) == int(r[11]))
+            if same and t.cstatus[c] & S_REMOTE:
+                row[1], row[2], row[3] = JOIN, int(t.c32[c, HOME]), 2 * int(t.c32[c, HCONN]) + (other & 1)
+            elif same:
+                row[1], row[2], row[3] = JOIN, self.k, other
+            else:
+                row[1] = FAIL
+            self.counts["joins" if same else "fails"] += 1
+        self._out[sender]["ans"].append(row)
+
+    def _resolve(self, c, kind, jhome, jtid, ta, st, cfg, ev, evaddr):
+        """Act on the answer for pending conn c. Returns packets to run here now, or None."""
+        t = self.ct.table
+        if c in self.again:
+            self.again.discard(c)
+            if kind != GRANT and t.cstatus[c] & S_XSHARD and not t.cstatus[c] & S_DYING:
+                # its reply tuple went to another conn while the owner was down
+                self.counts["reply_lost"] += 1
+                K.destroy_conn(*ta, st, cfg, ev, evaddr, c, self.now)
+            return None
+        if c not in self.requested or not t.cstatus[c] & S_PENDING:
+            self.counts["stale_answers"] += 1
+            return None
+        if kind == GRANT:
+            if t.cstatus[c] & S_INVIS:
+                # take our own (higher) bucket now; someone may have got there first
+                k0 = t.tkey[2 * c]
+                hit = find_visible(*ta, st, cfg, ev, evaddr, k0[0], k0[1], k0[2], k0[3],
+                                   int(t.tport[2 * c]), int(t.c8[c, PROTO]),
+                                   int(t.c8[c, IPVER]), c, self.now)
+                if hit >= 0:
+                    w = hit >> 1
+                    r1 = t.tkey[2 * c + 1].copy()
+                    other = hit ^ 1
+                    pk = self._abort(c)
+                    if np.array_equal(t.tkey[other], r1) and t.tport[other] == t.tport[2 * c + 1]:
+                        if t.cstatus[w] & S_REMOTE:
+                            return self._join(pk, int(t.c32[w, HOME]),
+                                              2 * int(t.c32[w, HCONN]) + (hit & 1))
+                        return self._join(pk, self.k, hit)
+                    return self._fail(pk)
+            t.cstatus[c] &= ~(S_PENDING | S_INVIS) & 0xFFFF
+            self.requested.discard(c)
+            return Packets.concat(self.parked.pop(c, []))
+        pk = self._abort(c)
+        if kind == JOIN:
+            return self._join(pk, jhome, jtid)
+        return self._fail(pk)
+
+    def _join(self, pk: Packets, home: int, tid: int):
+        """The packets belong to conn ``tid`` at ``home`` (they lost a race to it)."""
+        pk.given[:] = tid
+        if home == self.k:
+            return pk
+        if tid & 1:
+            # we own this tuple's bucket: remember where its conn lives
+            b = pk.batch
+            meta, addr = wire.new_meta(1)
+            wire.parse_batch(b.buf, b.off[:1], b.length[:1], meta, addr, False)
+            ta = self._table_args()
+            if find_visible(*ta, self.ct.stats_arr, self.ct.cfg, self.ct.ev, self.ct.evaddr,
+                            addr[0, 0], addr[0, 1], addr[0, 2], addr[0, 3],
+                            int(meta[0, wire.M_PORTS]), int(meta[0, wire.M_PROTO]),
+                            int(meta[0, wire.M_IPVER]), -1, self.now) < 0:
+                row = np.zeros(N_REQ, dtype=np.uint64)
+                row[0:4] = addr[0]
+                row[4] = meta[0, wire.M_PORTS]
+                row[5] = meta[0, wire.M_PROTO]
+                row[6] = meta[0, wire.M_IPVER]
+                p = int(meta[0, wire.M_PORTS])
+                row[7:11] = (addr[0, 2], addr[0, 3], addr[0, 0], addr[0, 1])
+                row[11] = ((p & 0xFFFF) << 16) | (p >> 16)
+                row[12] = tid >> 1
+                link_reply_entry(*ta, row, home)
+        self._out[home]["ho"].append(pk)
+        self.counts["handoffs_out"] += len(pk)
+        return None
+
+    def _fail(self, pk: Packets):
+        """A clash no one wins (Linux: insert_failed at confirm): drop the packets."""
+        st = self.ct.stats_arr
+        st[K.ST_INSERT_FAILED] += len(pk)
+        st[K.ST_DROP] += len(pk)
+        self.done.append((pk, np.full(len(pk), K.V_DROP, dtype=np.uint8)))
+        return None
+
+    def _bounce_stale(self, pk: Packets, verdict):
+        """Handoffs that bounced: tell the sender to forget the stale reply entry."""
+        for i in np.flatnonzero((verdict == K.V_BOUNCE) & (pk.given >= 0)):
+            b = pk.batch
+            meta, addr = wire.new_meta(1)
+            wire.parse_batch(b.buf, b.off[i:i + 1], b.length[i:i + 1], meta, addr, False)
+            r = np.zeros(N_REL, dtype=np.uint64)
+            r[0:4] = addr[0]
+            r[4] = meta[0, wire.M_PORTS]
+            r[5] = meta[0, wire.M_PROTO]
+            r[6] = meta[0, wire.M_IPVER]
+            r[7] = self.k
+            r[8] = int(pk.given[i]) >> 1
+            self._out[self.owner(pk.hashes[i])]["rel"].append(r)
+
+    # ------------------------------------------------------------ between rounds
+    def results(self) -> tuple[Packets, np.ndarray]:
+        """The round's finished packets (any order) and their verdicts; clears them."""
+        if not self.done:
+            return Packets.empty(), np.zeros(0, dtype=np.uint8)
+        pk = Packets.concat([p for p, _ in self.done])
+        v = np.concatenate([v for _, v in self.done])
+        self.done = []
+        return pk, v
+
+    def reap(self, now: int, start: int) -> tuple[int, int]:
+        """One bounded reaper run on the packet clock; releases go out next round."""
+        r = self.ct.reap(now, start)
+        self._drain_dying()
+        return r
+
+
+# ------------------------------------------------------------------ the dispatcher's rounds
+
+@numba.njit(inline="always", cache=True)
+def _end_key(hi, lo, port, proto):
+    """16-bit key of one end point (address, port) of a tuple."""
+    x = (hi * np.uint64(0x9E3779B97F4A7C15)) ^ (lo * np.uint64(0xC2B2AE3D27D4EB4F))
+    x ^= np.uint64((port << 8) | proto) * np.uint64(0x165667B19E3779F9)
+    x ^= x >> np.uint64(29)
+    return np.int64(x & np.uint64(0xFFFF))
+
+
+@numba.njit(cache=True)
+def causal_cuts(meta, addr, max_round, stamp_src, stamp_dst):
+    """Round boundaries for a parsed batch: a new round starts at packet i when i could
+    answer an earlier packet of the current round (its destination end point is where
+    one came from, or its source end point is where one went: replies, NATed or not,
+    and ICMP errors), or after ``max_round`` packets. Then no round holds both
+    directions of a conn, and a conn's first packet is settled before its reply is
+    processed, as on a real network. Hash collisions only cut more often.
+
+    stamp_*: int64[65536] scratch (any content). Returns the start of each round."""
+    n = meta.shape[0]
+    out = np.empty(n + 1, dtype=np.int64)
+    r = 0
+    gen = np.int64(1)
+    stamp_src[:] = 0
+    stamp_dst[:] = 0
+    start = 0
+    out[0] = 0
+    for i in range(n):
+        if meta[i, wire.M_CLS] != wire.CLS_TRACK and meta[i, wire.M_CLS] != wire.CLS_RELATED:
+            continue
+        ports = meta[i, wire.M_PORTS]
+        proto = meta[i, wire.M_PROTO]
+        ks = _end_key(addr[i, 0], addr[i, 1], ports >> 16, proto)
+        kd = _end_key(addr[i, 2], addr[i, 3], ports & 0xFFFF, proto)
+        if i - start >= max_round or stamp_src[kd] == gen or stamp_dst[ks] == gen:
+            r += 1
+            out[r] = i
+            start = i
+            gen += 1
+        stamp_src[ks] = gen
+        stamp_dst[kd] = gen
+    return out[:r + 1]
+
+
+# ------------------------------------------------------------------ in one process
+
+class Dispatcher:
+    """The dispatcher's work, pure: parse and hash each frame, number it, cut the batch
+    into rounds (``causal_cuts``; ``causal=False`` cuts by size only) and split each
+    round by owning shard."""
+
+    def __init__(self, n: int, config: Config, seed: int, max_round: int = 256,
+                 causal: bool = True):
+        self.n, self.config, self.seed = n, config, seed & 0xFFFFFFFF
+        self.max_round, self.causal = max_round, causal
+        self.seq = 0
+        self._stamps = (np.zeros(65536, np.int64), np.zeros(65536, np.int64))
+
+    def rounds(self, batch: PacketBatch):
+        """Yield (parts, seq range) per round: parts[k] is shard k's Packets."""
+        m = len(batch)
+        meta, addr = wire.new_meta(m)
+        hashes = np.empty(m, dtype=np.int64)
+        wire.parse_hash_batch(batch.buf, batch.off, batch.length, meta, addr,
+                              self.config.checksum, self.seed, hashes)
+        if self.causal:
+            cuts = causal_cuts(meta, addr, self.max_round, *self._stamps)
+        else:
+            cuts = np.arange(0, max(m, 1), self.max_round, dtype=np.int64)
+        bounds = list(cuts) + [m]
+        own = owners(hashes, self.n, self.config.n_buckets)
+        seq = np.arange(self.seq, self.seq + m, dtype=np.int64)
+        self.seq += m
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            if e <= s:
+                continue
+            parts = []
+            for k in range(self.n):
+                idx = s + np.flatnonzero(own[s:e] == k)
+                parts.append(Packets(take(batch, idx), hashes[idx], seq[idx],
+                                     np.full(len(idx), -1, dtype=np.int64)))
+            yield parts, (int(seq[s]), int(seq[e - 1]) + 1)
+
+
+def run_round(shards: list[Shard], parts: list[Packets]) -> int:
+    """One round across shards in this process (tests, the single-host simulator):
+    ``local`` on each, then supersteps until every shard says the round is over.
+    Returns the number of supersteps."""
+    for s, p in zip(shards, parts):
+        s.local(p)
+    steps = 0
+    while True:
+        boxes = [s.outbox() for s in shards]
+        more = [s.step([boxes[p][s.k] for p in range(len(shards)) if p != s.k]) for s in shards]
+        steps += 1
+        if not any(more):
+            return steps
+        if steps > 64:
+            raise AssertionError("a round did not settle in 64 supersteps")
+
+
+class LocalPool:
+    """n shards in this process, driven round by round exactly as the worker pool drives
+    them (tests, and the reference for the pool's results)."""
+
+    def __init__(self, n: int, config: Config | None = None, *, seed: int, max_round: int = 256,
+                 causal: bool = True, reap_every_ns: int | None = None, **shard_kw):
+        self.config = config or Config()
+        self.shards = [Shard(k, n, self.config, seed=seed, **shard_kw) for k in range(n)]
+        self.dispatcher = Dispatcher(n, self.config, seed, max_round, causal)
+        self.rounds = 0
+        self.supersteps = 0
+        self.reap_every_ns = reap_every_ns
+        self._reap_at = None
+        self._reap_start = [0] * n
+
+    def process(self, batch: PacketBatch) -> tuple[Packets, np.ndarray]:
+        """Every frame's outcome, in sequence order: (Packets as they leave, verdicts)."""
+        out = []
+        for parts, (s, e) in self.dispatcher.rounds(batch):
+            self.supersteps += run_round(self.shards, parts)
+            self.rounds += 1
+            for sh in self.shards:
+                out.append(sh.results())
+            self._maybe_reap(max(sh.now for sh in self.shards))
+        pk = Packets.concat([p for p, _ in out])
+        v = np.concatenate([v for _, v in out]) if out else np.zeros(0, np.uint8)
+        order = np.argsort(pk.seq, kind="stable")
+        return pk.take(order), v[order]
+
+    def _maybe_reap(self, now):
+        if self.reap_every_ns is None:
+            return
+        if self._reap_at is None:
+            self._reap_at = now + self.reap_every_ns
+        while now >= self._reap_at:
+            for k, sh in enumerate(self.shards):
+                self._reap_start[k], _ = sh.reap(self._reap_at, self._reap_start[k])
+            self._reap_at += self.reap_every_ns
+
+    def conns(self, now=None):
+        return [c for sh in self.shards for c in sh.ct.conns(now)]
+
+    def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for sh in self.shards:
+            for k, v in sh.ct.stats().items():
+                total[k] = total.get(k, 0) + v
+        return total
