@@ -329,6 +329,31 @@ class ConnTrack:
                 continue
             yield self.conn(int(c))
 
+    def conn_rows(self) -> dict[str, np.ndarray]:
+        """Every live conn as arrays (what a worker sends when asked for its table);
+        ``conns_from_rows`` turns them back into Conn snapshots."""
+        t = self.table
+        ids = np.empty(t.capacity, dtype=np.int64)
+        c = ids[:K.collect_conns(t.cstatus, ids)]
+        return {"id": c, "tkey": np.ascontiguousarray(t.tkey.reshape(-1, 8)[c]),
+                "tport": np.ascontiguousarray(t.tport.reshape(-1, 2)[c]).astype(np.int64),
+                "c8": np.ascontiguousarray(t.c8[c]), "status": t.cstatus[c].astype(np.int64),
+                "expires": t.c64[c, EXPIRES].copy(),
+                "pkts": t.c32[c, PKTS0:PKTS0 + 2].astype(np.int64),
+                "bytes": t.c64[c, BYTES0:BYTES0 + 2].copy()}
+
+    @classmethod
+    def conns_from_rows(cls, r: dict) -> list[Conn]:
+        out = []
+        for i in range(len(r["id"])):
+            c8 = r["c8"][i]
+            out.append(cls._snapshot(int(r["id"][i]), r["tkey"][i, :4], r["tkey"][i, 4:],
+                                     int(r["tport"][i, 0]), int(r["tport"][i, 1]), int(c8[PROTO]),
+                                     int(c8[IPVER]), int(c8[STATE]), int(r["status"][i]),
+                                     int(r["expires"][i]), tuple(int(x) for x in r["pkts"][i]),
+                                     tuple(int(x) for x in r["bytes"][i])))
+        return out
+
     def __len__(self) -> int:
         return self.table.count
 

@@ -14,6 +14,10 @@ A batch travels as a multipart ZeroMQ message::
     frame 6  hashes   int64   (optional: the tuple hash the dispatcher computed, -1 none)
 
 Control messages are a single msgpack frame ``{"v": VERSION, "t": TYPE, ...}``.
+
+Array messages (the pool's rounds, steps and results) are a header naming each array's
+dtype and shape, ``{"v", "t", "arrays": [[name, dtype, shape], ...], ...}``, followed by
+one raw frame per array; dtypes come from ``DTYPES`` only.
 Unpacking is bounded (``MAX_HEADER`` bytes of msgpack, ``MAX_PACKETS`` per batch,
 ``MAX_BUF`` bytes of frames); anything inconsistent raises :class:`WireError`.
 """
@@ -26,9 +30,13 @@ from shardct.batch import PacketBatch
 
 VERSION = 1
 # message types
-BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK = (
-    "batch", "result", "handoff", "heartbeat", "ready", "stop", "stats", "end", "ack")
-TYPES = {BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK}
+BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK, STEP, HELLO = (
+    "batch", "result", "handoff", "heartbeat", "ready", "stop", "stats", "end", "ack", "step",
+    "hello")
+TYPES = {BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK, STEP, HELLO}
+# dtypes an array message may carry
+DTYPES = {"u1": np.uint8, "i2": np.int16, "i4": np.int32, "i8": np.int64, "u8": np.uint64}
+MAX_ARRAYS = 32
 
 MAX_HEADER = 64 * 1024
 MAX_PACKETS = 1 << 16
@@ -118,3 +126,43 @@ def decode_batch(frames) -> tuple[dict, PacketBatch, np.ndarray | None]:
               or int((off + length.astype(np.int64)).max()) > buf.shape[0]):
         raise WireError("a frame lies outside the buffer")
     return h, PacketBatch(buf, off, length, arrs["ifindex"], arrs["ts"]), hashes
+
+
+def encode_arrays(t: str, arrays: dict, **header) -> list:
+    """Frames for send_multipart(copy=False): a header and each array as a raw buffer."""
+    spec, frames = [], []
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        code = a.dtype.str[1:]
+        if code not in DTYPES:
+            raise ValueError(f"{name}: dtype {a.dtype} cannot travel")
+        spec.append([name, code, list(a.shape)])
+        frames.append(a.data)
+    h = {"v": VERSION, "t": t, "arrays": spec, **header}
+    return [msgpack.packb(h, use_bin_type=True)] + frames
+
+
+def decode_arrays(frames) -> tuple[dict, dict]:
+    """Validate and view an array message: (header, {name: array}). Arrays are read-only
+    views of the frames; copy what you will write."""
+    if not frames:
+        raise WireError("empty message")
+    h = _unpack_header(frames[0])
+    spec = h.get("arrays")
+    if not isinstance(spec, list) or len(spec) > MAX_ARRAYS or len(spec) != len(frames) - 1:
+        raise WireError(f"array list {spec!r:.80} does not match {len(frames) - 1} frames")
+    out, total = {}, 0
+    for (item, frame) in zip(spec, frames[1:]):
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                and item[1] in DTYPES and isinstance(item[2], list) and len(item[2]) <= 2
+                and all(isinstance(d, int) and 0 <= d <= MAX_BUF for d in item[2])):
+            raise WireError(f"bad array spec {item!r:.80}")
+        name, code, shape = item
+        dt = np.dtype(DTYPES[code])
+        mv = memoryview(frame)
+        want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        total += mv.nbytes
+        if mv.nbytes != want or total > MAX_BUF:
+            raise WireError(f"{name}: {mv.nbytes} bytes, shape {shape} wants {want}")
+        out[name] = np.frombuffer(mv, dtype=dt).reshape(shape)
+    return h, out

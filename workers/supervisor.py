@@ -43,8 +43,23 @@ def resolve(spec: str):
     return getattr(importlib.import_module(mod), fn)
 
 
-def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict):
+def enter_netns(name: str):
+    """Move this process into network namespace ``name`` (ip netns add name)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:          # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns({name})")
+    finally:
+        os.close(fd)
+
+
+def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
+                netns: str | None = None):
     """Entry point of worker process k (runs in the child)."""
+    if netns:
+        enter_netns(netns)
     ctx = zmq.Context()
     ctl = ctx.socket(zmq.PUSH)
     ctl.setsockopt(zmq.LINGER, 1000)
@@ -88,7 +103,11 @@ def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict):
 
 class Supervisor:
     def __init__(self, n: int, body: str, kwargs: dict | None = None, ipc_dir: str | None = None,
-                 log=print):
+                 log=print, *, endpoints: dict | None = None, pass_incarnation: bool = False,
+                 netns: str | None = None):
+        """endpoints: overrides of the ipc defaults (tcp:// across hosts); every worker
+        gets ``incarnation=`` (its restart count) when pass_incarnation; netns: the
+        network namespace the workers run in."""
         self.n = n if n != "auto" else (os.cpu_count() or 1)
         self.body = body
         self.kwargs = kwargs or {}
@@ -97,7 +116,10 @@ class Supervisor:
         self.endpoints = {"control": f"ipc://{self.dir}/control",
                           "command": f"ipc://{self.dir}/command",
                           **{f"shard-{k}": f"ipc://{self.dir}/shard-{k}" for k in range(self.n)},
-                          "sink": f"ipc://{self.dir}/sink"}
+                          **{f"peer-{k}": f"ipc://{self.dir}/peer-{k}" for k in range(self.n)},
+                          "sink": f"ipc://{self.dir}/sink", **(endpoints or {})}
+        self.pass_incarnation = pass_incarnation
+        self.netns = netns
         self.log = log
         self.restarts = [0] * self.n
         self.procs: list = [None] * self.n
@@ -116,8 +138,10 @@ class Supervisor:
 
     # ------------------------------------------------------------ lifecycle
     def spawn(self, k: int):
+        kw = dict(self.kwargs, incarnation=self.restarts[k]) if self.pass_incarnation else self.kwargs
         p = self._mp.Process(target=worker_main, name=f"shardct-worker-{k}",
-                             args=(k, self.n, self.endpoints, self.body, self.kwargs), daemon=True)
+                             args=(k, self.n, self.endpoints, self.body, kw, self.netns),
+                             daemon=True)
         p.start()
         self.procs[k] = p
         self.ready[k] = False
@@ -192,7 +216,7 @@ class Supervisor:
         else:
             for ep in self.endpoints.values():
                 path = ep[len("ipc://"):]
-                if os.path.exists(path):
+                if ep.startswith("ipc://") and os.path.exists(path):
                     os.unlink(path)
 
     def run(self, until=None) -> int:

@@ -1,0 +1,466 @@
+# The worker pool over ZeroMQ: the dispatcher and the sink (in the supervisor's process)
+# and the shard workers (one process each), moving shard.py's rounds and supersteps as
+# array messages. The protocol itself lives in shardct/shard.py; this is its transport.
+"""Worker pool.
+
+Sockets (endpoints are configuration: ``ipc://`` on one host by default, ``tcp://``
+across hosts; see :func:`endpoints`)::
+
+    dispatcher --PUSH--> shard-k (PULL, bound by worker k)     BATCH {round, n}: Packets
+    worker j   --PUSH--> peer-k  (PULL, bound by worker k)     STEP {round, step, from,
+                                                               active, gen}: Msg arrays
+    worker k   --PUSH--> sink    (PULL, bound by the pool)     RESULT {round, worker, gen}
+    worker k   --PUSH--> sink, every peer                      HELLO {worker, gen, first}
+
+Per round every worker gets exactly one BATCH (maybe empty); it runs ``Shard.local``,
+then supersteps: send one STEP to every peer, wait for one STEP from every peer, run
+``Shard.step``; when a superstep was silent everywhere it sends its RESULT (every packet
+it finished this round, with verdicts) and takes the next round. The sink emits a round
+once every worker's RESULT is in, in sequence order, so frames leave in input order.
+
+Crash (a worker killed mid-round): the supervisor restarts it and the dispatcher tells
+the new incarnation (HELLO on its shard socket) the first round f it will take: the
+next one not yet dispatched. The worker says HELLO(f) to its peers and the sink. Peers then treat its STEP
+messages for rounds before f as empty and fail the conns that were waiting on it; at
+round f they drop their reply entries for its conns and reserve their own again
+(``Shard.peer_restarted``). A peer that moved on to a later round never sends the
+current one's remaining steps; receivers treat them as empty. The sink counts every
+packet of a round that never came back as lost (``lost_packets``), and the conns the
+dead worker had at its last heartbeat as ``lost_conns``.
+
+Backpressure: at most ``window`` rounds are in flight between the dispatcher and the
+sink. Flow control needs no other waiting: a worker only ever waits for the current
+superstep's messages, which every worker sends before it reads.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import zmq
+
+from shardct import PacketBatch
+from shardct.config import Config
+from shardct.shard import Dispatcher, Msg, Packets, Shard, sum_counts
+
+from . import messages as M
+from .supervisor import Supervisor
+
+PK_FIELDS = ("buf", "off", "length", "ifindex", "ts", "hashes", "seq", "given")
+
+
+def tcp_endpoints(n: int, host: str, worker_host: str, port: int) -> dict:
+    """Endpoints for a pool across hosts: the supervisor, dispatcher and sink listen on
+    ``host``, the workers on ``worker_host``; ports from ``port`` up (3 + 2n of them).
+    Without this every endpoint is ipc:// in a private directory."""
+    p = iter(range(port, port + 3 + 2 * n))
+    eps = {"control": f"tcp://{host}:{next(p)}", "command": f"tcp://{host}:{next(p)}",
+           "sink": f"tcp://{host}:{next(p)}"}
+    for k in range(n):
+        eps[f"shard-{k}"] = f"tcp://{worker_host}:{next(p)}"
+        eps[f"peer-{k}"] = f"tcp://{worker_host}:{next(p)}"
+    return eps
+
+
+# ------------------------------------------------------------------ wire forms
+
+def pk_arrays(prefix: str, pk: Packets) -> dict:
+    b = pk.batch
+    return {f"{prefix}buf": b.buf, f"{prefix}off": b.off, f"{prefix}length": b.length,
+            f"{prefix}ifindex": b.ifindex, f"{prefix}ts": b.ts, f"{prefix}hashes": pk.hashes,
+            f"{prefix}seq": pk.seq, f"{prefix}given": pk.given}
+
+
+def pk_from(prefix: str, a: dict) -> Packets:
+    """Packets from received arrays, validated (raises WireError)."""
+    try:
+        buf, off, length = a[prefix + "buf"], a[prefix + "off"], a[prefix + "length"]
+        rest = [a[prefix + f] for f in ("ifindex", "ts", "hashes", "seq", "given")]
+    except KeyError as e:
+        raise M.WireError(f"missing array {e}") from None
+    n = off.shape[0]
+    want = (np.uint8, np.int64, np.int32, np.int16, np.int64, np.int64, np.int64, np.int64)
+    for arr, dt in zip([buf, off, length] + rest, want):
+        if arr.dtype != dt or arr.ndim != 1:
+            raise M.WireError(f"{prefix}: array of {arr.dtype}/{arr.ndim}d, want {np.dtype(dt)}")
+    if any(x.shape[0] != n for x in [length] + rest):
+        raise M.WireError(f"{prefix}: arrays of different lengths")
+    if n and (off.min() < 0 or length.min() < 0
+              or int((off + length.astype(np.int64)).max()) > buf.shape[0]):
+        raise M.WireError(f"{prefix}: a frame lies outside the buffer")
+    batch = PacketBatch(buf.copy(), off, length, rest[0], rest[1])
+    return Packets(batch, rest[2], rest[3], rest[4].copy())
+
+
+def msg_arrays(m: Msg) -> dict:
+    return {"rel": m.rel, "req": m.req, "ans": m.ans, **pk_arrays("ho.", m.ho),
+            **pk_arrays("bo.", m.bo)}
+
+
+def msg_from(h: dict, a: dict) -> Msg:
+    from shardct.shard import N_ANS, N_REL, N_REQ
+    m = Msg(active=bool(h.get("active")))
+    for name, cols, dt in (("rel", N_REL, np.uint64), ("req", N_REQ, np.uint64),
+                           ("ans", N_ANS, np.int64)):
+        x = a.get(name)
+        if x is None or x.dtype != dt or x.ndim != 2 or x.shape[1] != cols:
+            raise M.WireError(f"{name}: want ({cols} columns) of {np.dtype(dt)}")
+        setattr(m, name, x)
+    m.ho = pk_from("ho.", a)
+    m.bo = pk_from("bo.", a)
+    return m
+
+
+# ------------------------------------------------------------------ the worker
+
+def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None, network=None,
+                 router: bool = False, incarnation: int = 0, reap_every_ns: int = 100_000_000):
+    """Worker body (supervisor.worker_main): shard k of n."""
+    Shard.warm()
+    shard = Shard(k, n, config, seed=seed, rules=rules, network=network, router=router,
+                  rng=np.random.default_rng([seed, k]))
+    rx = ctx.socket(zmq.PULL)
+    rx.setsockopt(zmq.LINGER, 0)
+    rx.bind(eps[f"shard-{k}"])
+    prx = ctx.socket(zmq.PULL)
+    prx.setsockopt(zmq.LINGER, 0)
+    prx.bind(eps[f"peer-{k}"])
+    ptx = {}
+    for p in range(n):
+        if p != k:
+            s = ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 0)
+            s.connect(eps[f"peer-{p}"])
+            ptx[p] = s
+    sink = ctx.socket(zmq.PUSH)
+    sink.setsockopt(zmq.LINGER, 1000)
+    sink.setsockopt(zmq.SNDHWM, 0)
+    sink.connect(eps["sink"])
+    poller = zmq.Poller()
+    poller.register(rx, zmq.POLLIN)
+    poller.register(prx, zmq.POLLIN)
+    W = _WorkerState(k, n, shard, incarnation)
+
+    def loop():
+        try:
+            yield from W.run(rx, prx, ptx, sink, poller, alive, reap_every_ns)
+        finally:
+            for s in [rx, prx, sink, *ptx.values()]:
+                s.close(0)
+    return loop()
+
+
+class _WorkerState:
+    def __init__(self, k, n, shard, gen):
+        self.k, self.n, self.shard, self.gen = k, n, shard, gen
+        self.steps: dict[tuple[int, int], dict[int, Msg]] = {}
+        self.batches: dict[int, Packets] = {}
+        self.absent_until = {p: 0 for p in range(n) if p != k}   # peer p absent before round
+        self.moved_on = {p: -1 for p in range(n) if p != k}      # highest round seen from p
+        self.restarted: dict[int, int] = {}                      # peer -> round it rejoins
+        self.peer_gen = {p: 0 for p in range(n) if p != k}
+        self.wire_errors = 0
+        self.late = 0
+        self.final: set[int] = set()       # rounds after which the table is sent along
+        self.start_round = 0 if gen == 0 else None
+
+    def _recv_peer(self, prx):
+        frames = prx.recv_multipart(copy=False)
+        try:
+            h, a = M.decode_arrays(frames) if len(frames) > 1 else (M.decode(frames[0]), {})
+            p = h.get("from")
+            if p not in self.absent_until:
+                raise M.WireError(f"message from unknown worker {p!r}")
+            if h["t"] == M.HELLO:
+                g, f = int(h["gen"]), int(h["first"])
+                if g > self.peer_gen[p]:
+                    self.peer_gen[p] = g
+                    self.absent_until[p] = f
+                    self.restarted[p] = f
+                    self.shard.peer_lost(p)
+                return
+            if h["t"] != M.STEP:
+                raise M.WireError(f"unexpected {h['t']}")
+            r, s, g = int(h["round"]), int(h["step"]), int(h["gen"])
+            if g < self.peer_gen[p]:
+                return                      # from a dead incarnation
+            self.moved_on[p] = max(self.moved_on[p], r)
+            self.steps.setdefault((r, s), {})[p] = msg_from(h, a)
+        except (M.WireError, KeyError, TypeError, ValueError) as e:
+            self.wire_errors += 1
+            print(f"worker {self.k}: dropped a bad peer message: {e}", flush=True)
+
+    def _recv_batch(self, rx):
+        frames = rx.recv_multipart(copy=False)
+        try:
+            if len(frames) == 1:
+                h = M.decode(frames[0])
+                if h["t"] == M.HELLO and int(h["gen"]) == self.gen:
+                    self.start_round = int(h["first"])     # where a restarted worker joins
+                return
+            h, a = M.decode_arrays(frames)
+            self.batches[int(h["round"])] = pk_from("", a)
+            if h.get("final"):
+                self.final.add(int(h["round"]))
+        except (M.WireError, KeyError, TypeError, ValueError) as e:
+            self.wire_errors += 1
+            print(f"worker {self.k}: dropped a bad batch: {e}", flush=True)
+
+    def run(self, rx, prx, ptx, sink, poller, alive, reap_every_ns):
+        r = None
+        reap_at = None
+        reap_start = 0
+        while alive():
+            # ---- wait for this round's batch
+            if r is None or r not in self.batches:
+                ev = dict(poller.poll(20))
+                if rx in ev:
+                    self._recv_batch(rx)
+                if prx in ev:
+                    self._recv_peer(prx)
+                if r is None and self.start_round is not None:
+                    r = self.start_round
+                    for old in [x for x in self.batches if x < r]:
+                        del self.batches[old]
+                    hello = M.encode(M.HELLO, **{"from": self.k}, worker=self.k, gen=self.gen,
+                                     first=r)
+                    for s in ptx.values():
+                        s.send(hello)
+                    sink.send(hello)
+                yield
+                continue
+            pk = self.batches.pop(r)
+            for p, f in list(self.restarted.items()):
+                if f <= r:
+                    self.shard.peer_restarted(p)
+                    del self.restarted[p]
+            self.shard.local(pk)
+            step = 0
+            while True:
+                out = self.shard.outbox()
+                for p, m in out.items():
+                    if r >= self.absent_until[p]:
+                        ptx[p].send_multipart(M.encode_arrays(
+                            M.STEP, msg_arrays(m), **{"from": self.k}, round=r, step=step,
+                            active=m.active, gen=self.gen), copy=False)
+                inbox = yield from self._gather(r, step, prx, rx, poller, alive)
+                if inbox is None:
+                    return
+                more = self.shard.step(inbox, final_ok=True)
+                step += 1
+                if not more:
+                    break
+            for key in [key for key in self.steps if key[0] <= r]:
+                self.late += len(self.steps.pop(key))
+            res, verdict = self.shard.results()
+            table = {}
+            if r in self.final:
+                table = {f"conn.{name}": a for name, a in self.shard.ct.conn_rows().items()}
+            sink.send_multipart(M.encode_arrays(
+                M.RESULT, {**pk_arrays("", res), "verdict": verdict, **table}, worker=self.k,
+                round=r, gen=self.gen, entries=self.shard.ct.table.count,
+                counts=self.shard.counts, stats=self.shard.ct.stats()), copy=False)
+            now = self.shard.now
+            if reap_at is None:
+                reap_at = now + reap_every_ns
+            while now >= reap_at:
+                reap_start, _ = self.shard.reap(reap_at, reap_start)
+                reap_at += reap_every_ns
+            r += 1
+            yield
+
+    def _gather(self, r, step, prx, rx, poller, alive):
+        """Wait (yielding) until every present peer's STEP (r, step) is in."""
+        while True:
+            have = self.steps.get((r, step), {})
+            inbox, missing = [], False
+            for p in sorted(self.absent_until):
+                if p in have:
+                    inbox.append(have[p])
+                elif r < self.absent_until[p] or self.moved_on[p] > r:
+                    inbox.append(Msg())          # it is gone or has left this round
+                else:
+                    missing = True
+                    break
+            if not missing:
+                self.steps.pop((r, step), None)
+                return inbox
+            if not alive():
+                return None
+            ev = dict(poller.poll(20))
+            if prx in ev:
+                self._recv_peer(prx)
+            if rx in ev:
+                self._recv_batch(rx)
+            yield
+
+
+# ------------------------------------------------------------------ dispatcher + sink
+
+class Pool:
+    """Supervisor, dispatcher and sink in this process; n shard workers.
+
+    ``run(batches, emit)``: dispatch every batch (an iterable of PacketBatch), call
+    ``emit(packets, verdicts)`` once per round in order, return the totals."""
+
+    def __init__(self, n, config: Config | None = None, *, seed: int, rules=None, network=None,
+                 router=False, max_round=1024, causal=True, window=8, eps: dict | None = None,
+                 ipc_dir=None, log=print, worker_netns: str | None = None):
+        self.config = config or Config()
+        self.n = n if n != "auto" else (os.cpu_count() or 1)
+        kw = dict(config=self.config, seed=seed, rules=rules, network=network, router=router)
+        self.sup = Supervisor(self.n, "workers.pool:shard_worker", kw, ipc_dir, log,
+                              endpoints=eps, pass_incarnation=True, netns=worker_netns)
+        self.dispatcher = Dispatcher(self.n, self.config, seed, max_round, causal)
+        self.window = window
+        self.log = log
+        self.totals = {"packets_in": 0, "packets_out": 0, "lost_packets": 0, "rounds": 0,
+                       "lost_conns": 0, "wire_errors": 0}
+        self.worker_stats: dict[int, dict] = {}
+        self.worker_counts: dict[int, dict] = {}
+        self.entries = [0] * self.n
+        self.tables: dict[int, dict] = {}     # worker -> its conns after the last round
+
+    def _open(self):
+        ctx = self.sup.ctx
+        self.tx = []
+        for k in range(self.n):
+            s = ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 0)
+            s.connect(self.sup.endpoints[f"shard-{k}"])
+            self.tx.append(s)
+        self.rx = ctx.socket(zmq.PULL)
+        self.rx.setsockopt(zmq.LINGER, 0)
+        self.rx.bind(self.sup.endpoints["sink"])
+
+    def _close(self):
+        for s in self.tx + [self.rx]:
+            s.close(0)
+
+    def run(self, batches, emit=None, timeout_s: float = 600.0) -> dict:
+        self._open()
+        self.sup.start()
+        pending: dict[int, dict] = {}      # round -> {"n": packets, "got": {worker: ...}}
+        first = [0] * self.n               # worker k answers rounds >= first[k] (restarts)
+        gen = [0] * self.n
+        next_emit = 0
+        r = 0
+        it = iter(batches)
+        rounds_iter = iter(())
+        done_src = False
+        sent_final = False
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                if not self.sup.poll(0):
+                    raise RuntimeError(self.sup.error or "pool stopped")
+                self._note_restarts(gen, r)
+                # ---- dispatch while the window allows
+                while not done_src and r - next_emit < self.window:
+                    nxt = next(rounds_iter, None)
+                    if nxt is None:
+                        b = next(it, None)
+                        if b is None:
+                            done_src = True
+                            break
+                        self.totals["packets_in"] += len(b)
+                        rounds_iter = self.dispatcher.rounds(b)
+                        continue
+                    parts, _ = nxt
+                    pending[r] = {"n": sum(len(p) for p in parts), "got": {}}
+                    for k, p in enumerate(parts):
+                        self.tx[k].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", p),
+                                                                  round=r), copy=False)
+                    r += 1
+                if done_src and not sent_final:
+                    # a last, empty round that brings every worker's table back
+                    pending[r] = {"n": 0, "got": {}}
+                    for k in range(self.n):
+                        self.tx[k].send_multipart(M.encode_arrays(
+                            M.BATCH, pk_arrays("", Packets.empty()), round=r, final=True),
+                            copy=False)
+                    r += 1
+                    sent_final = True
+                if done_src and next_emit == r:
+                    return self.totals
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"pool did not finish round {next_emit} in {timeout_s} s")
+                # ---- collect results
+                if self.rx.poll(20):
+                    self._recv(pending, first)
+                while next_emit < r and all(k in pending[next_emit]["got"] or next_emit < first[k]
+                                            for k in range(self.n)):
+                    got = pending.pop(next_emit)
+                    parts = [x for x in got["got"].values() if x is not None]
+                    pk = Packets.concat([p for p, _ in parts])
+                    v = (np.concatenate([v for _, v in parts]) if parts
+                         else np.zeros(0, np.uint8))
+                    order = np.argsort(pk.seq, kind="stable")
+                    pk, v = pk.take(order), v[order]
+                    self.totals["lost_packets"] += got["n"] - len(pk)
+                    self.totals["packets_out"] += len(pk)
+                    self.totals["rounds"] += 1
+                    if emit is not None:
+                        emit(pk, v)
+                    next_emit += 1
+        finally:
+            self._close()
+            self.sup.stop()
+
+    def _note_restarts(self, gen, next_round):
+        for k in range(self.n):
+            if self.sup.restarts[k] > gen[k]:
+                gen[k] = self.sup.restarts[k]
+                # the rounds it had are lost; it joins at the next one dispatched
+                self.tx[k].send(M.encode(M.HELLO, gen=gen[k], first=next_round))
+                self.totals["lost_conns"] += self.entries[k]
+                self.entries[k] = 0
+
+    def _recv(self, pending, first):
+        frames = self.rx.recv_multipart(copy=False)
+        try:
+            if len(frames) == 1:
+                h = M.decode(frames[0])
+                if h["t"] == M.HELLO:
+                    k = int(h["worker"])
+                    first[k] = max(first[k], int(h["first"]))
+                return
+            h, a = M.decode_arrays(frames)
+            if h["t"] != M.RESULT:
+                raise M.WireError(f"unexpected {h['t']}")
+            k, rr = int(h["worker"]), int(h["round"])
+            pk = pk_from("", a)
+            v = a["verdict"]
+            if v.dtype != np.uint8 or v.shape != (len(pk),):
+                raise M.WireError("verdicts do not match the packets")
+            self.entries[k] = int(h.get("entries", 0))
+            g = int(h.get("gen", 0))
+            self.worker_stats[(k, g)] = h.get("stats", {})
+            self.worker_counts[(k, g)] = h.get("counts", {})
+            if rr in pending:
+                pending[rr]["got"][k] = (pk, v)
+            if "conn.id" in a:
+                self.tables[k] = {name[5:]: x for name, x in a.items() if name.startswith("conn.")}
+        except (M.WireError, KeyError, TypeError, ValueError) as e:
+            self.totals["wire_errors"] += 1
+            self.log(f"pool: dropped a bad result: {e}")
+
+    def conns(self, now: int | None = None):
+        """Every worker's conns as of the end of ``run`` (Conn snapshots)."""
+        from shardct.conntrack import ConnTrack
+        out = []
+        for k in sorted(self.tables):
+            out += [c for c in ConnTrack.conns_from_rows(self.tables[k])
+                    if now is None or c.expires >= now]
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Counters summed over workers (each incarnation's last report)."""
+        return sum_counts(self.worker_stats.values())
+
+    def counts(self) -> dict[str, int]:
+        """Protocol counters (Shard.counts) summed over workers."""
+        return sum_counts(self.worker_counts.values())
