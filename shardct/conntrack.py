@@ -101,10 +101,15 @@ class Result:
     addr: np.ndarray
 
     def forward_mask(self, drop_invalid: bool) -> np.ndarray:
-        keep = self.verdict != K.V_DROP
-        if drop_invalid:
-            keep &= self.verdict != K.V_INVALID
-        return keep
+        return forward_mask(self.verdict, drop_invalid)
+
+
+def forward_mask(verdict: np.ndarray, drop_invalid: bool) -> np.ndarray:
+    """Which frames leave: all but DROP, and but INVALID when ``drop_invalid``."""
+    keep = verdict != K.V_DROP
+    if drop_invalid:
+        keep &= verdict != K.V_INVALID
+    return keep
 
 
 def _addr(a) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -378,6 +383,9 @@ class ConnTrack:
         """Counters by name: conntrack -S's names first, then shardct's own, then
         ``invalid.<reason>`` breakdowns; ``entries`` is the live table count."""
         s = {"entries": self.table.count}
+        if self.cfg[K.CF_SHARD_LO] != 0 or self.cfg[K.CF_SHARD_HI] != self.config.n_buckets:
+            # a shard's table also holds reply entries of conns homed elsewhere
+            s["entries"] = K.count_conns(self.table.cstatus)
         for k, name in enumerate(K.STAT_NAMES):
             s[name] = int(self.stats_arr[k])
         for k, name in enumerate(K.INVALID_NAMES):

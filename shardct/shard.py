@@ -70,7 +70,7 @@ from . import track as K
 from . import wire
 from .batch import PacketBatch, concat, take
 from .config import Config
-from .conntrack import ConnTrack
+from .conntrack import REAP_FRACTION, REAP_MAX_INTERVAL, ConnTrack
 from .hashing import hash_key, owner_of_bucket, owner_slices, owners
 from .table import (EXPIRES, HCONN, HOME, IPVER, PROTO, S_CONFIRMED, S_DYING, S_INVIS,
                     S_LINK1, S_NEW_PENDING, S_PENDING, S_REMOTE, S_USED, S_XSHARD, T_COUNT,
@@ -294,9 +294,12 @@ class Shard:
                        "grants": 0, "joins": 0, "fails": 0, "releases_out": 0,
                        "releases_applied": 0, "stale_answers": 0, "supersteps": 0,
                        "peer_restarts": 0, "entries_forgotten": 0, "reply_lost": 0,
-                       "abandoned": 0, "peer_lost": 0}
+                       "abandoned": 0, "peer_lost": 0,
+                       "busy_us": 0, "step_wait_us": 0}     # the worker pool's timers
         self._dying = np.zeros((1024, N_REL), dtype=np.uint64)
         self.now = 0
+        self._reap_at = None
+        self._reap_start = 0
 
     # ------------------------------------------------------------ plumbing
     def _reset_out(self):
@@ -660,6 +663,24 @@ class Shard:
         self._drain_dying()
         return r
 
+    def reap_until(self, now: int):
+        """Run the reaper on its own schedule (gVisor's adaptive interval) up to ``now``
+        on the packet clock. A clock that jumps more than a full sweep ahead gets one
+        full sweep instead of a run per missed interval."""
+        if now <= 0:
+            return
+        if self._reap_at is None:
+            self._reap_at = now + self.ct.reap_interval
+            return
+        if now - self._reap_at > REAP_FRACTION * REAP_MAX_INTERVAL:
+            self.ct.reap_all(now)
+            self._drain_dying()
+            self._reap_at = now + self.ct.reap_interval
+            return
+        while now >= self._reap_at:
+            self._reap_start, interval = self.reap(self._reap_at, self._reap_start)
+            self._reap_at += interval
+
 
 # ------------------------------------------------------------------ the dispatcher's rounds
 
@@ -673,21 +694,23 @@ def _end_key(hi, lo, port, proto):
 
 
 @numba.njit(cache=True)
-def causal_cuts(meta, addr, max_round, stamp_src, stamp_dst):
+def causal_cuts(meta, addr, owner, max_round, stamp, seen_src, seen_dst):
     """Round boundaries for a parsed batch: a new round starts at packet i when i could
-    answer an earlier packet of the current round (its destination end point is where
-    one came from, or its source end point is where one went: replies, NATed or not,
-    and ICMP errors), or after ``max_round`` packets. Then no round holds both
-    directions of a conn, and a conn's first packet is settled before its reply is
-    processed, as on a real network. Hash collisions only cut more often.
+    answer an earlier packet of the current round that went to another shard (its
+    destination end point is where that one came from, or its source end point is where
+    that one went: replies, NATed or not, and ICMP errors), or after ``max_round``
+    packets. Packets at the same shard need no cut: one shard runs them in order, and
+    its handoffs travel together, in order. So no conn's packets cross shards within a
+    round in both directions, and a conn's first packet is settled before its answer
+    is processed, as on a real network. Hash collisions only cut more often.
 
-    stamp_*: int64[65536] scratch (any content). Returns the start of each round."""
+    stamp: int64[65536], seen_*: uint64[65536] scratch (any content); owner: the shard
+    of each packet (< 64). Returns the start of each round."""
     n = meta.shape[0]
     out = np.empty(n + 1, dtype=np.int64)
     r = 0
     gen = np.int64(1)
-    stamp_src[:] = 0
-    stamp_dst[:] = 0
+    stamp[:] = 0
     start = 0
     out[0] = 0
     for i in range(n):
@@ -697,17 +720,24 @@ def causal_cuts(meta, addr, max_round, stamp_src, stamp_dst):
         proto = meta[i, wire.M_PROTO]
         ks = _end_key(addr[i, 0], addr[i, 1], ports >> 16, proto)
         kd = _end_key(addr[i, 2], addr[i, 3], ports & 0xFFFF, proto)
-        if i - start >= max_round or stamp_src[kd] == gen or stamp_dst[ks] == gen:
+        me = np.uint64(1) << np.uint64(owner[i])
+        others = ~me
+        if (i - start >= max_round
+                or (stamp[kd] == gen and seen_src[kd] & others)
+                or (stamp[ks] == gen and seen_dst[ks] & others)):
             r += 1
             out[r] = i
             start = i
             gen += 1
-        stamp_src[ks] = gen
-        stamp_dst[kd] = gen
+        for k in (ks, kd):
+            if stamp[k] != gen:
+                stamp[k] = gen
+                seen_src[k] = 0
+                seen_dst[k] = 0
+        seen_src[ks] |= me
+        seen_dst[kd] |= me
     return out[:r + 1]
 
-
-# ------------------------------------------------------------------ in one process
 
 class Dispatcher:
     """The dispatcher's work, pure: parse and hash each frame, number it, cut the batch
@@ -719,7 +749,10 @@ class Dispatcher:
         self.n, self.config, self.seed = n, config, seed & 0xFFFFFFFF
         self.max_round, self.causal = max_round, causal
         self.seq = 0
-        self._stamps = (np.zeros(65536, np.int64), np.zeros(65536, np.int64))
+        self._stamps = (np.zeros(65536, np.int64), np.zeros(65536, np.uint64),
+                        np.zeros(65536, np.uint64))
+        if causal and n > 64:
+            raise ValueError("causal rounds track at most 64 shards")
 
     def rounds(self, batch: PacketBatch):
         """Yield (parts, seq range) per round: parts[k] is shard k's Packets."""
@@ -728,12 +761,12 @@ class Dispatcher:
         hashes = np.empty(m, dtype=np.int64)
         wire.parse_hash_batch(batch.buf, batch.off, batch.length, meta, addr,
                               self.config.checksum, self.seed, hashes)
+        own = owners(hashes, self.n, self.config.n_buckets)
         if self.causal:
-            cuts = causal_cuts(meta, addr, self.max_round, *self._stamps)
+            cuts = causal_cuts(meta, addr, own, self.max_round, *self._stamps)
         else:
             cuts = np.arange(0, max(m, 1), self.max_round, dtype=np.int64)
         bounds = list(cuts) + [m]
-        own = owners(hashes, self.n, self.config.n_buckets)
         seq = np.arange(self.seq, self.seq + m, dtype=np.int64)
         self.seq += m
         for s, e in zip(bounds[:-1], bounds[1:]):
@@ -778,15 +811,13 @@ class LocalPool:
     them (tests, and the reference for the pool's results)."""
 
     def __init__(self, n: int, config: Config | None = None, *, seed: int, max_round: int = 256,
-                 causal: bool = True, reap_every_ns: int | None = None, **shard_kw):
+                 causal: bool = True, reap: bool = False, **shard_kw):
         self.config = config or Config()
         self.shards = [Shard(k, n, self.config, seed=seed, **shard_kw) for k in range(n)]
         self.dispatcher = Dispatcher(n, self.config, seed, max_round, causal)
         self.rounds = 0
         self.supersteps = 0
-        self.reap_every_ns = reap_every_ns
-        self._reap_at = None
-        self._reap_start = [0] * n
+        self.reap = reap        # run each shard's reaper between rounds (packet clock)
 
     def process(self, batch: PacketBatch) -> tuple[Packets, np.ndarray]:
         """Every frame's outcome, in sequence order: (Packets as they leave, verdicts)."""
@@ -796,21 +827,13 @@ class LocalPool:
             self.rounds += 1
             for sh in self.shards:
                 out.append(sh.results())
-            self._maybe_reap(max(sh.now for sh in self.shards))
+            if self.reap:
+                for sh in self.shards:
+                    sh.reap_until(max(x.now for x in self.shards))
         pk = Packets.concat([p for p, _ in out])
         v = np.concatenate([v for _, v in out]) if out else np.zeros(0, np.uint8)
         order = np.argsort(pk.seq, kind="stable")
         return pk.take(order), v[order]
-
-    def _maybe_reap(self, now):
-        if self.reap_every_ns is None:
-            return
-        if self._reap_at is None:
-            self._reap_at = now + self.reap_every_ns
-        while now >= self._reap_at:
-            for k, sh in enumerate(self.shards):
-                self._reap_start[k], _ = sh.reap(self._reap_at, self._reap_start[k])
-            self._reap_at += self.reap_every_ns
 
     def conns(self, now=None):
         return [c for sh in self.shards for c in sh.ct.conns(now)]

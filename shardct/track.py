@@ -876,3 +876,13 @@ def collect_conns(cstatus, out):
             out[n] = c
             n += 1
     return n
+
+
+@numba.njit(cache=True)
+def count_conns(cstatus):
+    """How many allocated conns (not reply entries, not dying) there are."""
+    n = 0
+    for c in range(cstatus.shape[0]):
+        if cstatus[c] & S_USED and cstatus[c] & (S_REMOTE | S_DYING) == 0:
+            n += 1
+    return n

@@ -47,7 +47,7 @@ from shardct.shard import Dispatcher, Msg, Packets, Shard, sum_counts
 from . import messages as M
 from .supervisor import Supervisor
 
-PK_FIELDS = ("buf", "off", "length", "ifindex", "ts", "hashes", "seq", "given")
+STATS_EVERY = 64     # rounds between counter reports (and with the final table)
 
 
 def tcp_endpoints(n: int, host: str, worker_host: str, port: int) -> dict:
@@ -94,8 +94,12 @@ def pk_from(prefix: str, a: dict) -> Packets:
 
 
 def msg_arrays(m: Msg) -> dict:
-    return {"rel": m.rel, "req": m.req, "ans": m.ans, **pk_arrays("ho.", m.ho),
-            **pk_arrays("bo.", m.bo)}
+    """Only the sections with something in them travel."""
+    out = {name: x for name, x in (("rel", m.rel), ("req", m.req), ("ans", m.ans)) if len(x)}
+    for prefix, pk in (("ho.", m.ho), ("bo.", m.bo)):
+        if len(pk):
+            out.update(pk_arrays(prefix, pk))
+    return out
 
 
 def msg_from(h: dict, a: dict) -> Msg:
@@ -104,18 +108,21 @@ def msg_from(h: dict, a: dict) -> Msg:
     for name, cols, dt in (("rel", N_REL, np.uint64), ("req", N_REQ, np.uint64),
                            ("ans", N_ANS, np.int64)):
         x = a.get(name)
-        if x is None or x.dtype != dt or x.ndim != 2 or x.shape[1] != cols:
+        if x is None:
+            continue
+        if x.dtype != dt or x.ndim != 2 or x.shape[1] != cols:
             raise M.WireError(f"{name}: want ({cols} columns) of {np.dtype(dt)}")
         setattr(m, name, x)
-    m.ho = pk_from("ho.", a)
-    m.bo = pk_from("bo.", a)
+    for prefix in ("ho.", "bo."):
+        if prefix + "buf" in a:
+            setattr(m, prefix[:2], pk_from(prefix, a))
     return m
 
 
 # ------------------------------------------------------------------ the worker
 
 def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None, network=None,
-                 router: bool = False, incarnation: int = 0, reap_every_ns: int = 100_000_000):
+                 router: bool = False, incarnation: int = 0):
     """Worker body (supervisor.worker_main): shard k of n."""
     Shard.warm()
     shard = Shard(k, n, config, seed=seed, rules=rules, network=network, router=router,
@@ -145,7 +152,7 @@ def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None
 
     def loop():
         try:
-            yield from W.run(rx, prx, ptx, sink, poller, alive, reap_every_ns)
+            yield from W.run(rx, prx, ptx, sink, poller, alive)
         finally:
             for s in [rx, prx, sink, *ptx.values()]:
                 s.close(0)
@@ -208,10 +215,8 @@ class _WorkerState:
             self.wire_errors += 1
             print(f"worker {self.k}: dropped a bad batch: {e}", flush=True)
 
-    def run(self, rx, prx, ptx, sink, poller, alive, reap_every_ns):
+    def run(self, rx, prx, ptx, sink, poller, alive):
         r = None
-        reap_at = None
-        reap_start = 0
         while alive():
             # ---- wait for this round's batch
             if r is None or r not in self.batches:
@@ -236,6 +241,7 @@ class _WorkerState:
                 if f <= r:
                     self.shard.peer_restarted(p)
                     del self.restarted[p]
+            t0 = time.perf_counter()
             self.shard.local(pk)
             step = 0
             while True:
@@ -245,9 +251,13 @@ class _WorkerState:
                         ptx[p].send_multipart(M.encode_arrays(
                             M.STEP, msg_arrays(m), **{"from": self.k}, round=r, step=step,
                             active=m.active, gen=self.gen), copy=False)
+                t1 = time.perf_counter()
+                self.shard.counts["busy_us"] += int((t1 - t0) * 1e6)
                 inbox = yield from self._gather(r, step, prx, rx, poller, alive)
                 if inbox is None:
                     return
+                t0 = time.perf_counter()
+                self.shard.counts["step_wait_us"] += int((t0 - t1) * 1e6)
                 more = self.shard.step(inbox, final_ok=True)
                 step += 1
                 if not more:
@@ -258,16 +268,14 @@ class _WorkerState:
             table = {}
             if r in self.final:
                 table = {f"conn.{name}": a for name, a in self.shard.ct.conn_rows().items()}
+            extra = {}
+            if table or r % STATS_EVERY == 0:
+                extra = {"counts": self.shard.counts, "stats": self.shard.ct.stats()}
             sink.send_multipart(M.encode_arrays(
                 M.RESULT, {**pk_arrays("", res), "verdict": verdict, **table}, worker=self.k,
-                round=r, gen=self.gen, entries=self.shard.ct.table.count,
-                counts=self.shard.counts, stats=self.shard.ct.stats()), copy=False)
-            now = self.shard.now
-            if reap_at is None:
-                reap_at = now + reap_every_ns
-            while now >= reap_at:
-                reap_start, _ = self.shard.reap(reap_at, reap_start)
-                reap_at += reap_every_ns
+                round=r, gen=self.gen, entries=self.shard.ct.table.count, **extra), copy=False)
+            self.shard.counts["busy_us"] += int((time.perf_counter() - t0) * 1e6)
+            self.shard.reap_until(self.shard.now)
             r += 1
             yield
 
@@ -340,75 +348,99 @@ class Pool:
         for s in self.tx + [self.rx]:
             s.close(0)
 
-    def run(self, batches, emit=None, timeout_s: float = 600.0) -> dict:
+    def start(self):
+        """Open the sockets and start the workers (they warm up their kernels, then take
+        rounds)."""
         self._open()
         self.sup.start()
-        pending: dict[int, dict] = {}      # round -> {"n": packets, "got": {worker: ...}}
-        first = [0] * self.n               # worker k answers rounds >= first[k] (restarts)
-        gen = [0] * self.n
-        next_emit = 0
-        r = 0
+        self.pending: dict[int, dict] = {}   # round -> {"n": packets, "got": {worker: ...}}
+        self.first = [0] * self.n            # worker k answers rounds >= first[k] (restarts)
+        self.gen = [0] * self.n
+        self.next_emit = 0
+        self.r = 0
+
+    def wait_ready(self, timeout_s: float = 120.0):
+        """Block until every worker has booted (kernels loaded), e.g. before timing."""
+        deadline = time.monotonic() + timeout_s
+        while not all(self.sup.ready):
+            if not self.sup.poll(0.05):
+                raise RuntimeError(self.sup.error or "pool stopped")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers not ready after {timeout_s} s")
+
+    def stop(self):
+        self._close()
+        self.sup.stop()
+
+    def run(self, batches, emit=None, timeout_s: float = 600.0) -> dict:
+        """start, feed every batch and the final (table) round, stop."""
+        self.start()
+        try:
+            return self.feed(batches, emit, timeout_s, final=True)
+        finally:
+            self.stop()
+
+    def feed(self, batches, emit=None, timeout_s: float = 600.0, final: bool = False) -> dict:
+        """Dispatch every batch and wait until every round is out. ``emit(packets,
+        verdicts)`` gets each round in sequence order (None: only count). ``final``: end
+        with an empty round that brings every worker's table back (``conns()``)."""
         it = iter(batches)
         rounds_iter = iter(())
         done_src = False
-        sent_final = False
+        sent_final = not final
         deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                if not self.sup.poll(0):
-                    raise RuntimeError(self.sup.error or "pool stopped")
-                self._note_restarts(gen, r)
-                # ---- dispatch while the window allows
-                while not done_src and r - next_emit < self.window:
-                    nxt = next(rounds_iter, None)
-                    if nxt is None:
-                        b = next(it, None)
-                        if b is None:
-                            done_src = True
-                            break
-                        self.totals["packets_in"] += len(b)
-                        rounds_iter = self.dispatcher.rounds(b)
-                        continue
-                    parts, _ = nxt
-                    pending[r] = {"n": sum(len(p) for p in parts), "got": {}}
-                    for k, p in enumerate(parts):
-                        self.tx[k].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", p),
-                                                                  round=r), copy=False)
-                    r += 1
-                if done_src and not sent_final:
-                    # a last, empty round that brings every worker's table back
-                    pending[r] = {"n": 0, "got": {}}
-                    for k in range(self.n):
-                        self.tx[k].send_multipart(M.encode_arrays(
-                            M.BATCH, pk_arrays("", Packets.empty()), round=r, final=True),
-                            copy=False)
-                    r += 1
-                    sent_final = True
-                if done_src and next_emit == r:
-                    return self.totals
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"pool did not finish round {next_emit} in {timeout_s} s")
-                # ---- collect results
-                if self.rx.poll(20):
-                    self._recv(pending, first)
-                while next_emit < r and all(k in pending[next_emit]["got"] or next_emit < first[k]
-                                            for k in range(self.n)):
-                    got = pending.pop(next_emit)
-                    parts = [x for x in got["got"].values() if x is not None]
-                    pk = Packets.concat([p for p, _ in parts])
-                    v = (np.concatenate([v for _, v in parts]) if parts
-                         else np.zeros(0, np.uint8))
-                    order = np.argsort(pk.seq, kind="stable")
-                    pk, v = pk.take(order), v[order]
-                    self.totals["lost_packets"] += got["n"] - len(pk)
-                    self.totals["packets_out"] += len(pk)
-                    self.totals["rounds"] += 1
-                    if emit is not None:
-                        emit(pk, v)
-                    next_emit += 1
-        finally:
-            self._close()
-            self.sup.stop()
+        while True:
+            if not self.sup.poll(0):
+                raise RuntimeError(self.sup.error or "pool stopped")
+            self._note_restarts(self.gen, self.r)
+            # ---- dispatch while the window allows
+            while not done_src and self.r - self.next_emit < self.window:
+                nxt = next(rounds_iter, None)
+                if nxt is None:
+                    b = next(it, None)
+                    if b is None:
+                        done_src = True
+                        break
+                    self.totals["packets_in"] += len(b)
+                    rounds_iter = self.dispatcher.rounds(b)
+                    continue
+                self._send_round(nxt[0], False)
+            if done_src and not sent_final:
+                self._send_round([Packets.empty()] * self.n, True)
+                sent_final = True
+            if done_src and self.next_emit == self.r:
+                return self.totals
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pool did not finish round {self.next_emit} in {timeout_s} s")
+            # ---- collect results
+            if self.rx.poll(20):
+                self._recv(self.pending, self.first)
+            self._emit_ready(emit)
+
+    def _send_round(self, parts, final):
+        self.pending[self.r] = {"n": sum(len(p) for p in parts), "got": {}}
+        for k, p in enumerate(parts):
+            self.tx[k].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", p), round=self.r,
+                                                      final=final), copy=False)
+        self.r += 1
+
+    def _emit_ready(self, emit):
+        """Emit every complete round at the head of the window, in order."""
+        while self.next_emit < self.r and all(k in self.pending[self.next_emit]["got"]
+                                              or self.next_emit < self.first[k]
+                                              for k in range(self.n)):
+            got = self.pending.pop(self.next_emit)
+            parts = list(got["got"].values())
+            n_out = sum(len(p) for p, _ in parts)
+            self.totals["lost_packets"] += got["n"] - n_out
+            self.totals["packets_out"] += n_out
+            self.totals["rounds"] += 1
+            if emit is not None:
+                pk = Packets.concat([p for p, _ in parts])
+                v = np.concatenate([v for _, v in parts]) if parts else np.zeros(0, np.uint8)
+                order = np.argsort(pk.seq, kind="stable")
+                emit(pk.take(order), v[order])
+            self.next_emit += 1
 
     def _note_restarts(self, gen, next_round):
         for k in range(self.n):
@@ -438,8 +470,9 @@ class Pool:
                 raise M.WireError("verdicts do not match the packets")
             self.entries[k] = int(h.get("entries", 0))
             g = int(h.get("gen", 0))
-            self.worker_stats[(k, g)] = h.get("stats", {})
-            self.worker_counts[(k, g)] = h.get("counts", {})
+            if "stats" in h:
+                self.worker_stats[(k, g)] = h["stats"]
+                self.worker_counts[(k, g)] = h["counts"]
             if rr in pending:
                 pending[rr]["got"][k] = (pk, v)
             if "conn.id" in a:

@@ -34,6 +34,12 @@ def add_parser(sub):
                    help="print N conntrack -L lines at the end (0: none, -1: all)")
     p.add_argument("--events", action="store_true", help="print conntrack -E lines as they happen")
     p.add_argument("--router", action="store_true", help="decrement TTL (router hop)")
+    p.add_argument("--workers", default="1",
+                   help="shard worker processes (N or 'auto' for every core); 1 runs the "
+                        "engine in this process")
+    p.add_argument("--round", type=int, default=1024,
+                   help="pool: packets per round at most (rounds are also cut so that a "
+                        "reply never shares a round with what it answers)")
     p.set_defaults(func=cmd_replay)
 
 
@@ -48,9 +54,7 @@ def _engine(args):
         from .configfile import load
         ec = load(args.config)
         cfg, rules, network = ec.config, ec.rules, ec.network
-    import numpy as np
-    return ConnTrack(cfg, seed=args.seed, rules=rules, network=network, router=args.router,
-                     rng=np.random.default_rng(args.seed)), cfg
+    return cfg, rules, network
 
 
 def _batches(args, names):
@@ -66,10 +70,21 @@ def _batches(args, names):
 def cmd_replay(args) -> int:
     from shardct.errors import ConfigError
     try:
-        ct, cfg = _engine(args)
+        cfg, rules, network = _engine(args)
     except ConfigError as e:
         print(f"shardct replay: {e}", file=sys.stderr)
         return 2
+    workers = args.workers
+    if workers != "auto":
+        try:
+            workers = int(workers)
+        except ValueError:
+            print(f"shardct replay: --workers {workers!r}: want a number or 'auto'", file=sys.stderr)
+            return 2
+    if workers != 1:
+        return _replay_pool(args, cfg, rules, network, workers)
+    ct = ConnTrack(cfg, seed=args.seed, rules=rules, network=network, router=args.router,
+                   rng=np.random.default_rng(args.seed))
     names = ct.network.names if ct.network is not None else []
     writer = None
     verdicts = Counter()
@@ -89,7 +104,7 @@ def cmd_replay(args) -> int:
                 if writer is None:
                     writer = _open_writer(args.write, names)
                 writer.write_batch(batch, mask=r.forward_mask(cfg.drop_invalid),
-                                   ifindex=_egress(ct, batch))
+                                   ifindex=_egress(ct.network, batch))
             last_ts = int(batch.ts[-1])
             if next_reap is None:
                 next_reap = last_ts
@@ -108,19 +123,65 @@ def cmd_replay(args) -> int:
     dt = time.perf_counter() - t0
     print(f"replayed {n_pkts} packets in {dt:.3f} s (wall clock, cold start included): "
           + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items())))
-    print(format_stats(ct.stats()))
-    s = ct.stats()
+    _summary(args, ct.stats(), list(ct.conns(now=last_ts)), last_ts)
+    return 0
+
+
+def _summary(args, s, conns, last_ts):
+    print(format_stats(s))
     print(f"entries={s['entries']} new={s['new']} destroy={s['destroy']} expired={s['expired']} "
           f"related={s['related']} untracked={s['untracked']} nat_rewrites={s['nat_rewrites']}")
     if args.list:
-        conns = list(ct.conns(now=last_ts))
         shown = conns if args.list < 0 else conns[:args.list]
         for c in shown:
             print(format_conn(c, last_ts))
         if len(shown) < len(conns):
             print(f"... {len(conns) - len(shown)} more (--list -1 prints all)")
         print(f"shardct: {len(conns)} flow entries in the table, {len(shown)} shown.")
-    return 0
+
+
+def _replay_pool(args, cfg, rules, network, workers) -> int:
+    """The same replay through the worker pool (workers/pool.py)."""
+    from shardct.conntrack import forward_mask
+    from .pool import Pool
+    if args.events:
+        print("shardct replay: --events needs --workers 1 (the pool does not ship events)",
+              file=sys.stderr)
+        return 2
+    names = network.names if network is not None else []
+    pool = Pool(workers, cfg, seed=args.seed, rules=rules, network=network, router=args.router,
+                max_round=args.round, log=lambda m: print(m, file=sys.stderr))
+    verdicts = Counter()
+    state = {"writer": None, "last_ts": 0}
+
+    def emit(pk, v):
+        for x, c in zip(*np.unique(v, return_counts=True)):
+            verdicts[K.VERDICT_NAMES[int(x)]] += int(c)
+        if len(pk):
+            state["last_ts"] = max(state["last_ts"], int(pk.batch.ts.max()))
+        if args.write:
+            if state["writer"] is None:
+                state["writer"] = _open_writer(args.write, names)
+            state["writer"].write_batch(pk.batch, mask=forward_mask(v, cfg.drop_invalid),
+                                        ifindex=_egress(network, pk.batch))
+
+    t0 = time.perf_counter()
+    try:
+        totals = pool.run(_batches(args, names), emit=emit)
+    finally:
+        if state["writer"] is not None:
+            state["writer"].close()
+    dt = time.perf_counter() - t0
+    print(f"replayed {totals['packets_in']} packets through {pool.n} workers in {dt:.3f} s "
+          f"(wall clock, worker start included): "
+          + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items())))
+    c = pool.counts()
+    print(f"pool: rounds={totals['rounds']} handoffs={c.get('handoffs_out', 0)} "
+          f"cross_shard_inserts={c.get('grants', 0)} joins={c.get('joins', 0)} "
+          f"lost_packets={totals['lost_packets']} lost_conns={totals['lost_conns']} "
+          f"restarts={sum(pool.sup.restarts)}")
+    _summary(args, pool.stats(), pool.conns(now=state["last_ts"]), state["last_ts"])
+    return 0 if totals["lost_packets"] == 0 else 1
 
 
 def _open_writer(path, names):
@@ -130,10 +191,10 @@ def _open_writer(path, names):
     return PcapWriter(path)
 
 
-def _egress(ct, batch):
+def _egress(network, batch):
     """Egress interface id of each (rewritten) frame: the route to its destination;
     the ingress interface when there is no network config or no route."""
-    if ct.network is None:
+    if network is None:
         return batch.ifindex
     from shardct import wire
     meta, addr = wire.new_meta(len(batch))
@@ -148,7 +209,7 @@ def _egress(ct, batch):
     for k, (hi, lo, ver) in enumerate(uniq):
         if ver not in (4, 6):
             continue
-        dev = ct.network.route(ipaddress.ip_address(words_addr(int(hi), int(lo), int(ver))))
-        ids[k] = ct.network.index(dev) if dev is not None else -1
+        dev = network.route(ipaddress.ip_address(words_addr(int(hi), int(lo), int(ver))))
+        ids[k] = network.index(dev) if dev is not None else -1
     eg = ids[inv.ravel()]
     return np.where(eg >= 0, eg, out).astype(np.int16)

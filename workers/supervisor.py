@@ -20,6 +20,7 @@ Rules:
 """
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import os
 import shutil
@@ -34,7 +35,7 @@ from . import messages as M
 
 EXIT_OK, EXIT_BOOT = 0, 3
 HEARTBEAT_S = 0.2
-DEAD_AFTER_S = 2.0
+DEAD_AFTER_S = 10.0    # generous: a first numba compile inside a round can take seconds
 DRAIN_S = 3.0
 
 
@@ -76,12 +77,15 @@ def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
         if now - state["last"] >= HEARTBEAT_S:
             ctl.send(M.encode(M.HEARTBEAT, worker=k, pid=os.getpid()))
             state["last"] = now
+            # a worker about to be declared silent prints where it is stuck first
+            faulthandler.dump_traceback_later(DEAD_AFTER_S * 0.8)
         while cmd.poll(0):
             if M.decode(cmd.recv()).get("t") == M.STOP:
                 state["stop"] = True
         return not state["stop"]
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the supervisor decides
+    faulthandler.register(signal.SIGUSR1)              # kill -USR1 <pid>: print the stack
     try:
         body = resolve(body_spec)
         boot = body(ctx, k, n, endpoints, alive, **kwargs)

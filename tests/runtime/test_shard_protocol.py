@@ -56,7 +56,7 @@ def test_shard_count_invariance(nat):
     want_stats = ref.stats()
     assert (r.verdict == K.V_ACCEPT).sum() > 0.9 * len(b)
     for n in (1, 2, 3, 4):
-        pool = LocalPool(n, Config(), seed=SEED, reap_every_ns=100_000_000, **nat_kw(nat))
+        pool = LocalPool(n, Config(), seed=SEED, reap=True, **nat_kw(nat))
         pk, v = pool.process(fresh(b))
         assert list(pk.seq) == list(range(len(b))), "every frame comes out exactly once"
         bad = np.flatnonzero(v != r.verdict)
