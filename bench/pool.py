@@ -91,7 +91,7 @@ def pool_run(n, hs, data, args, causal):
         t_syn = time.perf_counter() - t
         grants = pool.counts().get("grants", 0)
         for w in waves[1:]:
-            pool.feed(chunks(w, 65536))
+            pool.feed(chunks(w, 65536), final=True)
         rounds0 = pool.totals["rounds"]
         before = dict(pool.counts())
         parts = list(chunks(data, 65536))
@@ -138,7 +138,7 @@ def main():
         mode = "causal rounds (replay order kept)" if causal else "rounds by size"
         for n in [int(x) for x in args.workers.split(",")]:
             r = pool_run(n, hs, data, args, causal)
-            print(f"  pool {n} worker(s), {mode}: {r['mpps']:6.2f} Mpps end to end "
+            print(f"  pool {n} worker(s), {mode}: {r['mpps'] * 1000:8,.0f} kpps end to end "
                   f"({r['rounds']} rounds), handoff {r['handoff']:.1%}, "
                   f"SYN wave {r['conns_per_s']:,.0f} new conns/s of which cross-shard inserts "
                   f"{r['xinserts_per_s']:,.0f}/s; dispatcher process CPU {r['dispatcher_cpu']:.0%}, "

@@ -73,14 +73,17 @@ class PacketBatch:
 
 @numba.njit(cache=True)
 def _gather(buf, off, length, idx, out, out_off):
-    o = 0
+    # unsigned positions: numba then skips its negative-index wraparound test, which
+    # otherwise keeps the byte loop from vectorizing (8x slower)
+    o = np.uint64(0)
     for j in range(idx.shape[0]):
         i = idx[j]
-        s = off[i]
-        for b in range(length[i]):
+        s = np.uint64(off[i])
+        n = np.uint64(length[i])
+        for b in range(n):
             out[o + b] = buf[s + b]
         out_off[j] = o
-        o += length[i]
+        o += n
 
 
 def take(batch: PacketBatch, idx: np.ndarray) -> PacketBatch:

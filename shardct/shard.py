@@ -759,8 +759,9 @@ class Dispatcher:
         m = len(batch)
         meta, addr = wire.new_meta(m)
         hashes = np.empty(m, dtype=np.int64)
-        wire.parse_hash_batch(batch.buf, batch.off, batch.length, meta, addr,
-                              self.config.checksum, self.seed, hashes)
+        # routing needs the tuple only: checksums are the workers' job
+        wire.parse_hash_batch(batch.buf, batch.off, batch.length, meta, addr, False, self.seed,
+                              hashes)
         own = owners(hashes, self.n, self.config.n_buckets)
         if self.causal:
             cuts = causal_cuts(meta, addr, own, self.max_round, *self._stamps)

@@ -39,10 +39,10 @@ def _copy(buf, off, length, owner, pk_start, by_start, out_buf, out_off, out_idx
     for i in range(owner.shape[0]):
         k = owner[i]
         j = pk_next[k]
-        o = by_next[k]
-        ln = length[i]
-        s = off[i]
-        for b in range(ln):
+        o = np.uint64(by_next[k])
+        ln = np.uint64(length[i])
+        s = np.uint64(off[i])
+        for b in range(ln):        # unsigned: no wraparound test, the loop vectorizes
             out_buf[o + b] = buf[s + b]
         out_off[j] = o
         out_idx[j] = i
