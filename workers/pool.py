@@ -28,6 +28,12 @@ current one's remaining steps; receivers treat them as empty. The sink counts ev
 packet of a round that never came back as lost (``lost_packets``), and the conns the
 dead worker had at its last heartbeat as ``lost_conns``.
 
+Timeouts: the protocol inside a round has none; a superstep waits for every present
+peer's message, and only a dead peer can withhold one. The supervisor sees a dead worker
+at once (process exit) or after ``supervisor.DEAD_AFTER_S`` (10 s) without heartbeats
+(every 0.2 s; a stalled worker prints its stack at 8 s); the restart's HELLO releases
+whoever waited. ``Pool.feed(timeout_s=)`` bounds a whole run.
+
 Backpressure: at most ``window`` rounds are in flight between the dispatcher and the
 sink. Flow control needs no other waiting: a worker only ever waits for the current
 superstep's messages, which every worker sends before it reads.

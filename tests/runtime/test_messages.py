@@ -74,3 +74,33 @@ def test_random_headers_only_ever_raise_wire_error(d):
         M.decode_batch([msgpack.packb(d)] + f[1:])
     except M.WireError:
         pass
+
+
+def test_pool_messages_round_trip_and_reject_corruption():
+    """Array messages (workers/pool.py): a superstep Msg survives the trip; a bad dtype,
+    a short frame or a frame outside its buffer is a WireError, never a crash."""
+    import numpy as np
+    from shardct.shard import Msg, Packets
+    from shardct.traffic import handshake_frames
+    from workers.pool import msg_arrays, msg_from
+    b = handshake_frames(3)
+    pk = Packets(b, np.arange(len(b), dtype=np.int64), np.arange(len(b), dtype=np.int64) + 7,
+                 np.full(len(b), -1, dtype=np.int64))
+    m = Msg(active=True, ans=np.array([[1, 0, 2, 3]], dtype=np.int64), ho=pk)
+    frames = M.encode_arrays(M.STEP, msg_arrays(m), round=1, step=0, active=True)
+    h, a = M.decode_arrays([bytes(f) for f in frames])
+    got = msg_from(h, a)
+    assert got.active and got.ans.tolist() == [[1, 0, 2, 3]] and len(got.bo) == 0
+    assert got.ho.batch.frames() == b.frames() and list(got.ho.seq) == list(pk.seq)
+    bad = [bytes(f) for f in frames]
+    bad[1] = bad[1][:-1]                                   # a short array
+    with pytest.raises(M.WireError):
+        M.decode_arrays(bad)
+    h2, a2 = M.decode_arrays([bytes(f) for f in frames])
+    a2["ho.off"] = a2["ho.off"] + 10_000                   # frames outside the buffer
+    with pytest.raises(M.WireError):
+        msg_from(h2, a2)
+    a3 = dict(a)
+    a3["ans"] = a["ans"].astype(np.uint64)                 # wrong dtype
+    with pytest.raises(M.WireError):
+        msg_from(h, a3)

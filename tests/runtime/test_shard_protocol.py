@@ -240,3 +240,29 @@ def test_lost_shard_conns_are_rebuilt_and_counted():
     assert sum(s.counts["entries_forgotten"] for s in pool.shards) > 0
     flush(pool.shards)
     check_tables(pool.shards, 3)
+
+
+def test_shard_affine_masquerade_needs_no_handoff():
+    """Issue 4 item 6: with shard_affine_nat each home picks MASQUERADE ports whose
+    reply tuple lands in its own buckets, so replies need no handoff and no cross-shard
+    insert; off (the default, Linux's choice of port), they do."""
+    clients = [(f"10.0.1.{1 + j}", 30000 + j) for j in range(120)]
+    for affine in (False, True):
+        pool = LocalPool(3, Config(shard_affine_nat=affine), seed=SEED, **nat_kw(True))
+        out = [raw(Ether() / IP(src=c, dst="192.168.0.5") / UDP(sport=p, dport=53))
+               for c, p in clients]
+        pk, v = pool.process(PacketBatch.from_frames(out, ts=10**9, ifindex=PT.LAN))
+        assert (v == K.V_ACCEPT).all(), np.bincount(v)
+        ports = [Ether(f)[UDP].sport for f in pk.batch.frames()]
+        before = sum(s.counts["handoffs_out"] for s in pool.shards)
+        back = [raw(Ether() / IP(src="192.168.0.5", dst=PT.R_WAN) / UDP(sport=53, dport=p))
+                for p in ports]
+        pk, v = pool.process(PacketBatch.from_frames(back, ts=2 * 10**9, ifindex=PT.WAN))
+        assert (v == K.V_ACCEPT).all(), np.bincount(v)
+        assert [Ether(f)[IP].dst for f in pk.batch.frames()] == [c for c, _ in clients]
+        ho = sum(s.counts["handoffs_out"] for s in pool.shards) - before
+        req = sum(s.counts["reserve_requests"] for s in pool.shards)
+        if affine:
+            assert ho == 0 and req == 0, f"affine: {ho} handoffs, {req} cross-shard inserts"
+        else:
+            assert ho > 0 and req > 0, (ho, req)
