@@ -400,6 +400,7 @@ class Pool:
                 raise RuntimeError(self.sup.error or "pool stopped")
             self._note_restarts(self.gen, self.r)
             # ---- dispatch while the window allows
+            idle = False
             while not done_src and self.r - self.next_emit < self.window:
                 nxt = next(rounds_iter, None)
                 if nxt is None:
@@ -409,6 +410,9 @@ class Pool:
                         break
                     self.totals["packets_in"] += len(b)
                     rounds_iter = self.dispatcher.rounds(b)
+                    if not len(b):
+                        idle = True       # a live source had nothing: go collect results
+                        break
                     continue
                 self._send_round(nxt[0], False)
             if done_src and not sent_final:
@@ -418,8 +422,8 @@ class Pool:
                 return self.totals
             if time.monotonic() > deadline:
                 raise TimeoutError(f"pool did not finish round {self.next_emit} in {timeout_s} s")
-            # ---- collect results
-            if self.rx.poll(20):
+            # ---- collect results (a live source that came back empty already waited)
+            if self.rx.poll(0 if idle else 20):
                 self._recv(self.pending, self.first)
             self._emit_ready(emit)
 
