@@ -140,3 +140,26 @@ def pool_main():
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "pool":
     pool_main()
+
+
+def live_main():
+    """`shardct live -i afb` (2 workers) while a trace is sent into afa; prints its
+    output as JSON."""
+    import subprocess
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "runtime"))
+    import pooltrace as PT
+    p = subprocess.Popen([sys.executable, "-m", "workers.cli", "live", "-i", "afb",
+                          "--workers", "2", "--duration", "25", "--list", "-1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    inject = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    inject.bind(("afa", 0))
+    b = PT.trace(100, seed=43)
+    time.sleep(15)                       # the workers boot (numba kernels load)
+    for f in b.frames():
+        inject.send(f)
+    out, err = p.communicate(timeout=120)
+    print(json.dumps({"rc": p.returncode, "out": out, "err": err[-2000:], "sent": len(b)}))
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "live":
+    live_main()
