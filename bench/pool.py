@@ -12,7 +12,7 @@ handoff ratio, cross-shard inserts/s, and where the time goes: the dispatcher's 
 (parse+hash+cut+split+send and the sink), each worker's compute vs waiting for its
 peers' superstep messages.
 
-    python3 bench/pool.py [--flows 20000] [--packets 1000000] [--round 16384]
+    python3 bench/pool.py [--flows 20000] [--packets 3000000] [--round 65536]
 """
 from __future__ import annotations
 
@@ -120,8 +120,10 @@ def pool_run(n, hs, data, args, causal):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--flows", type=int, default=20000)
-    ap.add_argument("--packets", type=int, default=1_000_000)
-    ap.add_argument("--round", type=int, default=16384, help="packets per round at most")
+    ap.add_argument("--packets", type=int, default=3_000_000)
+    ap.add_argument("--round", type=int, default=65536,
+                    help="packets per round at most (bigger rounds: fewer superstep waits, "
+                         "more latency; 65536 is the largest a batch message carries)")
     ap.add_argument("--window", type=int, default=8, help="rounds in flight")
     ap.add_argument("--reply-share", type=float, default=0.5)
     ap.add_argument("--workers", default="1,2")
