@@ -56,7 +56,11 @@ def cmd_live(args) -> int:
     except OSError as e:
         print(f"shardct live: {args.interface}: {e}", file=sys.stderr)
         return 2
-    workers = args.workers if args.workers == "auto" else int(args.workers)
+    try:
+        workers = args.workers if args.workers == "auto" else int(args.workers)
+    except ValueError:
+        print(f"shardct live: --workers {args.workers!r}: want a number or 'auto'", file=sys.stderr)
+        return 2
     pool = Pool(workers, cfg, seed=args.seed, rules=rules, network=network,
                 log=lambda m: print(m, file=sys.stderr))
     state = {"stop": False, "last_ts": 0}
