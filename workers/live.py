@@ -49,17 +49,17 @@ def cmd_live(args) -> int:
             print(f"shardct live: {e}", file=sys.stderr)
             return 2
         cfg, rules, network = ec.config, ec.rules, ec.network
+    try:
+        workers = args.workers if args.workers == "auto" else int(args.workers)
+    except ValueError:
+        print(f"shardct live: --workers {args.workers!r}: want a number or 'auto'", file=sys.stderr)
+        return 2
     names = network.names if network is not None else list(args.interface)
     try:
         rings = [RxRing(name, names.index(name) if name in names else -1)
                  for name in args.interface]
     except OSError as e:
         print(f"shardct live: {args.interface}: {e}", file=sys.stderr)
-        return 2
-    try:
-        workers = args.workers if args.workers == "auto" else int(args.workers)
-    except ValueError:
-        print(f"shardct live: --workers {args.workers!r}: want a number or 'auto'", file=sys.stderr)
         return 2
     pool = Pool(workers, cfg, seed=args.seed, rules=rules, network=network,
                 log=lambda m: print(m, file=sys.stderr))
