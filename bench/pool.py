@@ -9,7 +9,7 @@ SYN/ACKs; then the ACKs), then the data phase is timed.
 
 Prints per configuration: Mpps end to end (first dispatch to last result at the sink),
 handoff ratio, cross-shard inserts/s, and where the time goes: the dispatcher's process
-(parse+hash+cut+split+send and the sink), each worker's compute vs waiting for its
+(dispatcher and sink, or the sink alone when the dispatcher has its own process), each worker's compute vs waiting for its
 peers' superstep messages.
 
     python3 bench/pool.py [--flows 20000] [--packets 3000000] [--round 65536]
@@ -74,12 +74,12 @@ def single(hs, data, batch):
     return len(data) / dt
 
 
-def pool_run(n, hs, data, args, causal):
+def pool_run(n, hs, data, args, causal, own=False):
     if causal:
         data = take(data, np.arange(min(len(data), args.causal_packets)))
     cfg = Config(max_conns=len(hs), events=False)
     pool = Pool(n, cfg, seed=SEED, max_round=args.round, causal=causal, window=args.window,
-                log=lambda *a: None)
+                log=lambda *a: None, dispatcher_process=own)
     pool.start()
     try:
         pool.wait_ready()
@@ -136,16 +136,20 @@ def main():
           f"{args.reply_share:.0%} reply direction, rounds <= {args.round}")
     base = single(hs, data, 1024)
     print(f"  single process ConnTrack.process, batch 1024: {base / 1e6:6.2f} Mpps")
-    for causal in (False, True):
+    runs = [(False, n, False) for n in [int(x) for x in args.workers.split(",")]]
+    runs += [(False, max(int(x) for x in args.workers.split(",")), True)]
+    runs += [(True, n, False) for n in [int(x) for x in args.workers.split(",")]]
+    for causal, n, own in runs:
         mode = "causal rounds (replay order kept)" if causal else "rounds by size"
-        for n in [int(x) for x in args.workers.split(",")]:
-            r = pool_run(n, hs, data, args, causal)
-            print(f"  pool {n} worker(s), {mode}: {r['mpps'] * 1000:8,.0f} kpps end to end "
-                  f"({r['rounds']} rounds), handoff {r['handoff']:.1%}, "
-                  f"SYN wave {r['conns_per_s']:,.0f} new conns/s of which cross-shard inserts "
-                  f"{r['xinserts_per_s']:,.0f}/s; dispatcher process CPU {r['dispatcher_cpu']:.0%}, "
-                  f"worker busy {r['worker_busy']:.0%} / waiting on peers "
-                  f"{r['worker_wait']:.0%}; invalid {r['invalid']}")
+        if own:
+            mode += ", dispatcher in its own process"
+        r = pool_run(n, hs, data, args, causal, own)
+        print(f"  pool {n} worker(s), {mode}: {r['mpps'] * 1000:8,.0f} kpps end to end "
+              f"({r['rounds']} rounds), handoff {r['handoff']:.1%}, "
+              f"SYN wave {r['conns_per_s']:,.0f} new conns/s of which cross-shard inserts "
+              f"{r['xinserts_per_s']:,.0f}/s; main process CPU {r['dispatcher_cpu']:.0%}, "
+              f"worker busy {r['worker_busy']:.0%} / waiting on peers "
+              f"{r['worker_wait']:.0%}; invalid {r['invalid']}")
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ from shardct.batch import PacketBatch
 
 VERSION = 1
 # message types
-BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK, STEP, HELLO = (
+BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK, STEP, HELLO, ROUND = (
     "batch", "result", "handoff", "heartbeat", "ready", "stop", "stats", "end", "ack", "step",
-    "hello")
-TYPES = {BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK, STEP, HELLO}
+    "hello", "round")
+TYPES = {BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK, STEP, HELLO, ROUND}
 # dtypes an array message may carry
 DTYPES = {"u1": np.uint8, "i2": np.int16, "i4": np.int32, "i8": np.int64, "u8": np.uint64}
 MAX_ARRAYS = 32

@@ -34,6 +34,12 @@ at once (process exit) or after ``supervisor.DEAD_AFTER_S`` (10 s) without heart
 (every 0.2 s; a stalled worker prints its stack at 8 s); the restart's HELLO releases
 whoever waited. ``Pool.feed(timeout_s=)`` bounds a whole run.
 
+The dispatcher runs in the supervisor's process by default; ``dispatcher_process=True``
+runs it as a process of its own (``dispatcher_body``): the pool then sends it batches on
+``source``, it announces each round to the sink (ROUND), acknowledges each batch (ACK),
+and the sink grants it room with ACK {emitted}. It is not restarted: its death stops the
+pool with that reason (its place in the input died with it).
+
 Backpressure: at most ``window`` rounds are in flight between the dispatcher and the
 sink. Flow control needs no other waiting: a worker only ever waits for the current
 superstep's messages, which every worker sends before it reads.
@@ -60,9 +66,9 @@ def tcp_endpoints(n: int, host: str, worker_host: str, port: int) -> dict:
     """Endpoints for a pool across hosts: the supervisor, dispatcher and sink listen on
     ``host``, the workers on ``worker_host``; ports from ``port`` up (3 + 2n of them).
     Without this every endpoint is ipc:// in a private directory."""
-    p = iter(range(port, port + 3 + 2 * n))
+    p = iter(range(port, port + 4 + 2 * n))
     eps = {"control": f"tcp://{host}:{next(p)}", "command": f"tcp://{host}:{next(p)}",
-           "sink": f"tcp://{host}:{next(p)}"}
+           "sink": f"tcp://{host}:{next(p)}", "source": f"tcp://{host}:{next(p)}"}
     for k in range(n):
         eps[f"shard-{k}"] = f"tcp://{worker_host}:{next(p)}"
         eps[f"peer-{k}"] = f"tcp://{worker_host}:{next(p)}"
@@ -311,6 +317,89 @@ class _WorkerState:
             yield
 
 
+# ------------------------------------------------------------------ the dispatcher process
+
+def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_round: int,
+                    causal: bool, window: int):
+    """The dispatcher as a process of its own (``Pool(dispatcher_process=True)``): takes
+    batches on ``source``, sends each round to the workers and its size to the sink
+    (ROUND), acknowledges each batch with the rounds it made (ACK), passes restarts on
+    to the restarted worker (HELLO: the next round is its first), and ends with the
+    table round on END."""
+    disp = Dispatcher(n, config, seed, max_round, causal)
+    src = ctx.socket(zmq.PULL)
+    src.setsockopt(zmq.LINGER, 0)
+    src.bind(eps["source"])
+    tx = []
+    for j in range(n):
+        s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.connect(eps[f"shard-{j}"])
+        tx.append(s)
+    sink = ctx.socket(zmq.PUSH)
+    sink.setsockopt(zmq.LINGER, 1000)
+    sink.setsockopt(zmq.SNDHWM, 0)
+    sink.connect(eps["sink"])
+    st = {"r": 0, "emitted": 0, "rounds": None, "batch": 0, "end": False}
+    queue = []          # batches waiting for the current one's rounds to go out
+
+    def send_round(parts, final):
+        r = st["r"]
+        for j, part in enumerate(parts):
+            tx[j].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", part), round=r,
+                                                 final=final), copy=False)
+        sink.send(M.encode(M.ROUND, round=r, n=sum(len(x) for x in parts), final=final))
+        st["r"] = r + 1
+
+    def take_message():
+        frames = src.recv_multipart(copy=False)
+        try:
+            if len(frames) == 1:
+                h = M.decode(frames[0])
+                if h["t"] == M.HELLO:
+                    tx[int(h["worker"])].send(M.encode(M.HELLO, gen=int(h["gen"]), first=st["r"]))
+                elif h["t"] == M.ACK:                  # the sink emitted up to this round
+                    st["emitted"] = max(st["emitted"], int(h["emitted"]))
+                elif h["t"] == M.END:
+                    st["end"] = True
+                return
+            h, batch, _ = M.decode_batch(frames)
+            queue.append((int(h.get("seq", 0)), batch))
+        except (M.WireError, KeyError, TypeError, ValueError) as e:
+            print(f"dispatcher: dropped a bad message: {e}", flush=True)
+
+    def loop():
+        try:
+            while alive():
+                while src.poll(0):
+                    take_message()
+                if st["rounds"] is None and queue:
+                    st["batch"], b = queue.pop(0)
+                    st["rounds"] = disp.rounds(b)
+                sent = 0
+                # at most ``window`` rounds ahead of the sink: a restarted worker then
+                # loses only those
+                while st["rounds"] is not None and st["r"] - st["emitted"] < window and sent < 64:
+                    nxt = next(st["rounds"], None)
+                    if nxt is None:
+                        st["rounds"] = None
+                        sink.send(M.encode(M.ACK, batch=st["batch"], rounds=st["r"]))
+                        break
+                    send_round(nxt[0], False)
+                    sent += 1
+                if st["end"] and st["rounds"] is None and not queue:
+                    send_round([Packets.empty()] * n, True)
+                    st["end"] = False
+                if not sent:
+                    src.poll(5)
+                yield
+        finally:
+            for s in [src, sink, *tx]:
+                s.close(0)
+    return loop()
+
+
 # ------------------------------------------------------------------ dispatcher + sink
 
 class Pool:
@@ -321,12 +410,20 @@ class Pool:
 
     def __init__(self, n, config: Config | None = None, *, seed: int, rules=None, network=None,
                  router=False, max_round=1024, causal=True, window=8, eps: dict | None = None,
-                 ipc_dir=None, log=print, worker_netns: str | None = None):
+                 ipc_dir=None, log=print, worker_netns: str | None = None,
+                 dispatcher_process: bool = False):
         self.config = config or Config()
         self.n = n if n != "auto" else (os.cpu_count() or 1)
         kw = dict(config=self.config, seed=seed, rules=rules, network=network, router=router)
+        self.dispatcher_process = dispatcher_process
+        extra = None
+        if dispatcher_process:
+            extra = ("workers.pool:dispatcher_body",
+                     dict(config=self.config, seed=seed, max_round=max_round, causal=causal,
+                          window=window))
         self.sup = Supervisor(self.n, "workers.pool:shard_worker", kw, ipc_dir, log,
-                              endpoints=eps, pass_incarnation=True, netns=worker_netns)
+                              endpoints=eps, pass_incarnation=True, netns=worker_netns,
+                              extra=extra)
         self.dispatcher = Dispatcher(self.n, self.config, seed, max_round, causal)
         self.window = window
         self.log = log
@@ -349,6 +446,12 @@ class Pool:
         self.rx = ctx.socket(zmq.PULL)
         self.rx.setsockopt(zmq.LINGER, 0)
         self.rx.bind(self.sup.endpoints["sink"])
+        if self.dispatcher_process:
+            self.src = ctx.socket(zmq.PUSH)
+            self.src.setsockopt(zmq.LINGER, 0)
+            self.src.setsockopt(zmq.SNDHWM, 0)
+            self.src.connect(self.sup.endpoints["source"])
+            self.tx.append(self.src)
 
     def _close(self):
         for s in self.tx + [self.rx]:
@@ -364,6 +467,9 @@ class Pool:
         self.gen = [0] * self.n
         self.next_emit = 0
         self.r = 0
+        self.batches_sent = 0
+        self.batches_acked = 0
+        self.final_round = None
 
     def wait_ready(self, timeout_s: float = 120.0):
         """Block until every worker has booted (kernels loaded), e.g. before timing."""
@@ -390,6 +496,8 @@ class Pool:
         """Dispatch every batch and wait until every round is out. ``emit(packets,
         verdicts)`` gets each round in sequence order (None: only count). ``final``: end
         with an empty round that brings every worker's table back (``conns()``)."""
+        if self.dispatcher_process:
+            return self._feed_remote(batches, emit, timeout_s, final)
         it = iter(batches)
         rounds_iter = iter(())
         done_src = False
@@ -427,6 +535,46 @@ class Pool:
                 self._recv(self.pending, self.first)
             self._emit_ready(emit)
 
+    def _feed_remote(self, batches, emit, timeout_s, final):
+        """feed() with the dispatcher in its own process: send it batches (at most two
+        unacknowledged, and only while the window of rounds has room), collect results."""
+        it = iter(batches)
+        done_src = False
+        sent_end = not final
+        self.final_round = None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.sup.poll(0):
+                raise RuntimeError(self.sup.error or "pool stopped")
+            self._note_restarts(self.gen, None)
+            idle = False
+            while (not done_src and self.batches_sent - self.batches_acked < 2
+                   and self.r - self.next_emit < self.window):
+                b = next(it, None)
+                if b is None:
+                    done_src = True
+                    break
+                self.totals["packets_in"] += len(b)
+                self.src.send_multipart(M.encode_batch(b, seq=self.batches_sent), copy=False)
+                self.batches_sent += 1
+                if not len(b):
+                    idle = True
+                    break
+            if done_src and not sent_end and self.batches_acked == self.batches_sent:
+                self.src.send(M.encode(M.END))
+                sent_end = True
+            if (done_src and sent_end and self.batches_acked == self.batches_sent
+                    and self.next_emit == self.r and (not final or self.final_round is not None)):
+                return self.totals
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pool did not finish round {self.next_emit} in {timeout_s} s")
+            if self.rx.poll(0 if idle else 20):
+                self._recv(self.pending, self.first)
+            before = self.next_emit
+            self._emit_ready(emit)
+            if self.next_emit != before:
+                self.src.send(M.encode(M.ACK, emitted=self.next_emit))
+
     def _send_round(self, parts, final):
         self.pending[self.r] = {"n": sum(len(p) for p in parts), "got": {}}
         for k, p in enumerate(parts):
@@ -436,9 +584,9 @@ class Pool:
 
     def _emit_ready(self, emit):
         """Emit every complete round at the head of the window, in order."""
-        while self.next_emit < self.r and all(k in self.pending[self.next_emit]["got"]
-                                              or self.next_emit < self.first[k]
-                                              for k in range(self.n)):
+        while (self.next_emit < self.r and self.pending[self.next_emit]["n"] is not None
+               and all(k in self.pending[self.next_emit]["got"] or self.next_emit < self.first[k]
+                       for k in range(self.n))):
             got = self.pending.pop(self.next_emit)
             parts = list(got["got"].values())
             n_out = sum(len(p) for p, _ in parts)
@@ -457,7 +605,10 @@ class Pool:
             if self.sup.restarts[k] > gen[k]:
                 gen[k] = self.sup.restarts[k]
                 # the rounds it had are lost; it joins at the next one dispatched
-                self.tx[k].send(M.encode(M.HELLO, gen=gen[k], first=next_round))
+                if self.dispatcher_process:
+                    self.src.send(M.encode(M.HELLO, worker=k, gen=gen[k]))
+                else:
+                    self.tx[k].send(M.encode(M.HELLO, gen=gen[k], first=next_round))
                 self.totals["lost_conns"] += self.entries[k]
                 self.entries[k] = 0
 
@@ -469,6 +620,14 @@ class Pool:
                 if h["t"] == M.HELLO:
                     k = int(h["worker"])
                     first[k] = max(first[k], int(h["first"]))
+                elif h["t"] == M.ROUND:          # the dispatcher process made a round
+                    rr = int(h["round"])
+                    pending.setdefault(rr, {"n": None, "got": {}})["n"] = int(h["n"])
+                    self.r = max(self.r, rr + 1)
+                    if h.get("final"):
+                        self.final_round = rr
+                elif h["t"] == M.ACK:
+                    self.batches_acked += 1
                 return
             h, a = M.decode_arrays(frames)
             if h["t"] != M.RESULT:
@@ -483,8 +642,8 @@ class Pool:
             if "stats" in h:
                 self.worker_stats[(k, g)] = h["stats"]
                 self.worker_counts[(k, g)] = h["counts"]
-            if rr in pending:
-                pending[rr]["got"][k] = (pk, v)
+            if rr in pending or (self.dispatcher_process and rr >= self.next_emit):
+                pending.setdefault(rr, {"n": None, "got": {}})["got"][k] = (pk, v)
             if "conn.id" in a:
                 self.tables[k] = {name[5:]: x for name, x in a.items() if name.startswith("conn.")}
         except (M.WireError, KeyError, TypeError, ValueError) as e:

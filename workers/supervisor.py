@@ -108,11 +108,14 @@ def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
 class Supervisor:
     def __init__(self, n: int, body: str, kwargs: dict | None = None, ipc_dir: str | None = None,
                  log=print, *, endpoints: dict | None = None, pass_incarnation: bool = False,
-                 netns: str | None = None):
+                 netns: str | None = None, extra: tuple[str, dict] | None = None):
         """endpoints: overrides of the ipc defaults (tcp:// across hosts); every worker
         gets ``incarnation=`` (its restart count) when pass_incarnation; netns: the
-        network namespace the workers run in."""
+        network namespace the workers run in; extra: (body, kwargs) of one more process
+        (index n: the dispatcher), started first and not restarted: its death stops the
+        pool (its place in the input is gone with it)."""
         self.n = n if n != "auto" else (os.cpu_count() or 1)
+        self.extra = extra
         self.body = body
         self.kwargs = kwargs or {}
         self.own_dir = ipc_dir is None
@@ -121,14 +124,16 @@ class Supervisor:
                           "command": f"ipc://{self.dir}/command",
                           **{f"shard-{k}": f"ipc://{self.dir}/shard-{k}" for k in range(self.n)},
                           **{f"peer-{k}": f"ipc://{self.dir}/peer-{k}" for k in range(self.n)},
-                          "sink": f"ipc://{self.dir}/sink", **(endpoints or {})}
+                          "sink": f"ipc://{self.dir}/sink", "source": f"ipc://{self.dir}/source",
+                          **(endpoints or {})}
         self.pass_incarnation = pass_incarnation
         self.netns = netns
         self.log = log
-        self.restarts = [0] * self.n
-        self.procs: list = [None] * self.n
-        self.ready = [False] * self.n
-        self.seen = [0.0] * self.n
+        m = self.n + (1 if extra else 0)
+        self.restarts = [0] * m
+        self.procs: list = [None] * m
+        self.ready = [False] * m
+        self.seen = [0.0] * m
         self.stopping = False
         self.exit_code = EXIT_OK
         self.error = None
@@ -142,17 +147,20 @@ class Supervisor:
 
     # ------------------------------------------------------------ lifecycle
     def spawn(self, k: int):
-        kw = dict(self.kwargs, incarnation=self.restarts[k]) if self.pass_incarnation else self.kwargs
+        if k == self.n:
+            body, kw, netns = self.extra[0], self.extra[1], None
+        else:
+            body, netns = self.body, self.netns
+            kw = dict(self.kwargs, incarnation=self.restarts[k]) if self.pass_incarnation else self.kwargs
         p = self._mp.Process(target=worker_main, name=f"shardct-worker-{k}",
-                             args=(k, self.n, self.endpoints, self.body, kw, self.netns),
-                             daemon=True)
+                             args=(k, self.n, self.endpoints, body, kw, netns), daemon=True)
         p.start()
         self.procs[k] = p
         self.ready[k] = False
         self.seen[k] = time.monotonic()
 
     def start(self):
-        for k in range(self.n):
+        for k in range(len(self.procs)):
             self.spawn(k)
 
     def request_stop(self, *_):
@@ -170,7 +178,7 @@ class Supervisor:
                 self.log(f"supervisor: dropped a bad control message: {e}")
                 continue
             k = msg.get("worker")
-            if not isinstance(k, int) or not 0 <= k < self.n:
+            if not isinstance(k, int) or not 0 <= k < len(self.procs):
                 continue
             self.seen[k] = time.monotonic()
             if msg["t"] == M.READY:
@@ -193,6 +201,10 @@ class Supervisor:
             if silent and not dead:
                 p.kill()
                 p.join(1)
+            if k == self.n:
+                self.error = self.error or f"the dispatcher died (exit code {p.exitcode})"
+                self.log(f"supervisor: {self.error}; stopping the pool")
+                return False
             self.restarts[k] += 1
             self.log(f"supervisor: worker {k} died (exit code {p.exitcode}); restart #{self.restarts[k]}")
             self.spawn(k)

@@ -47,13 +47,15 @@ def nat_trace():
     return b, rb.frames(), r.verdict.copy(), snapshot(ref.conns(now=int(b.ts.max()))), ref.stats()
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_pool_equals_single_table(nat_trace, n):
+@pytest.mark.parametrize("n,own_process", [(1, False), (2, False), (3, False), (4, False),
+                                           (2, True)])
+def test_pool_equals_single_table(nat_trace, n, own_process):
     """TCP/UDP/ICMP lifecycles through MASQUERADE with an idle gap (expiry): every frame
     leaves once, in input order, with the bytes and verdict the single table gives; the
-    final tables and the counters agree too."""
+    final tables and the counters agree too. own_process: the dispatcher runs in a
+    process of its own."""
     b, frames, verdict, conns, stats = nat_trace
-    pool, totals, pk, v = run_pool(n, b, **nat_kw())
+    pool, totals, pk, v = run_pool(n, b, dispatcher_process=own_process, **nat_kw())
     assert totals["packets_out"] == len(b) and totals["lost_packets"] == 0, totals
     assert list(pk.seq) == list(range(len(b)))
     bad = np.flatnonzero(v != verdict)
@@ -70,13 +72,15 @@ def test_pool_equals_single_table(nat_trace, n):
         assert c["handoffs_out"] > 0 and c["grants"] > 0, c
 
 
-def test_kill_9_under_load_is_restarted_and_counted():
+@pytest.mark.parametrize("own_process", [False, True])
+def test_kill_9_under_load_is_restarted_and_counted(own_process):
     """kill -9 of worker 1 while rounds are in flight: the pool keeps going, the worker
     comes back, every input packet is either out or counted lost, and the conns it held
     are reported lost."""
     b = concat([PT.trace(400, seed=s) for s in range(6)])
     b.ts[:] = np.sort(b.ts)
-    pool = Pool(2, Config(tcp_loose=True), seed=SEED, log=lambda *a: None, max_round=64)
+    pool = Pool(2, Config(tcp_loose=True), seed=SEED, log=lambda *a: None, max_round=64,
+                dispatcher_process=own_process)
     state = {"rounds": 0, "killed": False}
 
     def emit(pk, v):
@@ -93,3 +97,21 @@ def test_kill_9_under_load_is_restarted_and_counted():
     assert totals["lost_conns"] > 0, totals
     assert 1 in pool.tables, "the restarted worker finished the run"
     print("kill -9 run:", totals, pool.counts())
+
+
+def test_dispatcher_process_death_stops_the_pool_with_a_reason():
+    """The dispatcher in its own process is not restarted (its place in the input would
+    be lost): its death stops the run with a clear error, and no process is left."""
+    b = PT.trace(300, seed=8)
+    pool = Pool(2, Config(), seed=SEED, log=lambda *a: None, max_round=16,
+                dispatcher_process=True)
+    state = {"rounds": 0}
+
+    def emit(pk, v):
+        state["rounds"] += 1
+        if state["rounds"] == 5:
+            pool.sup.procs[2].kill()
+
+    with pytest.raises(RuntimeError, match="dispatcher died"):
+        pool.run([take(b, np.arange(len(b)))], emit=emit, timeout_s=120)
+    assert not any(p.is_alive() for p in pool.sup.procs)
