@@ -8,9 +8,10 @@ through in three waves (all SYNs: new conns/s and cross-shard inserts/s; then th
 SYN/ACKs; then the ACKs), then the data phase is timed.
 
 Prints per configuration: Mpps end to end (first dispatch to last result at the sink),
-handoff ratio, cross-shard inserts/s, and where the time goes: the dispatcher's process
-(dispatcher and sink, or the sink alone when the dispatcher has its own process), each worker's compute vs waiting for its
-peers' superstep messages.
+handoff ratio, cross-shard inserts/s, and where the time goes: the main process's CPU
+(dispatcher and sink, or the sink alone when the dispatcher has its own process), each
+worker's compute vs waiting for its peers' superstep messages. The largest worker count
+also runs with the dispatcher in its own process.
 
     python3 bench/pool.py [--flows 20000] [--packets 3000000] [--round 65536]
 """
