@@ -34,8 +34,8 @@ at once (process exit) or after ``supervisor.DEAD_AFTER_S`` (10 s) without heart
 (every 0.2 s; a stalled worker prints its stack at 8 s); the restart's HELLO releases
 whoever waited. ``Pool.feed(timeout_s=)`` bounds a whole run.
 
-The dispatcher runs in the supervisor's process by default; ``dispatcher_process=True``
-runs it as a process of its own (``dispatcher_body``): the pool then sends it batches on
+The dispatcher runs as a process of its own (``dispatcher_body``; ``dispatcher_process=
+False`` keeps it in the supervisor's process, one hop less): the pool sends it batches on
 ``source``, it announces each round to the sink (ROUND), acknowledges each batch (ACK),
 and the sink grants it room with ACK {emitted}. It is not restarted: its death stops the
 pool with that reason (its place in the input died with it).
@@ -327,6 +327,10 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
     to the restarted worker (HELLO: the next round is its first), and ends with the
     table round on END."""
     disp = Dispatcher(n, config, seed, max_round, causal)
+    from shardct.traffic import handshake_frames
+    for _ in disp.rounds(handshake_frames(2)):      # compile before READY
+        pass
+    disp.seq = 0
     src = ctx.socket(zmq.PULL)
     src.setsockopt(zmq.LINGER, 0)
     src.bind(eps["source"])
@@ -411,7 +415,7 @@ class Pool:
     def __init__(self, n, config: Config | None = None, *, seed: int, rules=None, network=None,
                  router=False, max_round=1024, causal=True, window=8, eps: dict | None = None,
                  ipc_dir=None, log=print, worker_netns: str | None = None,
-                 dispatcher_process: bool = False):
+                 dispatcher_process: bool = True):
         self.config = config or Config()
         self.n = n if n != "auto" else (os.cpu_count() or 1)
         kw = dict(config=self.config, seed=seed, rules=rules, network=network, router=router)

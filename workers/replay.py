@@ -37,8 +37,8 @@ def add_parser(sub):
     p.add_argument("--workers", default="1",
                    help="shard worker processes (N or 'auto' for every core); 1 runs the "
                         "engine in this process")
-    p.add_argument("--dispatcher-process", action="store_true",
-                   help="pool: run the dispatcher as a process of its own")
+    p.add_argument("--dispatcher-inline", action="store_true",
+                   help="pool: run the dispatcher in the supervisor's process, not its own")
     p.add_argument("--round", type=int, default=1024,
                    help="pool: packets per round at most (rounds are also cut so that a "
                         "reply never shares a round with what it answers)")
@@ -152,7 +152,7 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
         return 2
     names = network.names if network is not None else []
     pool = Pool(workers, cfg, seed=args.seed, rules=rules, network=network, router=args.router,
-                max_round=args.round, dispatcher_process=args.dispatcher_process,
+                max_round=args.round, dispatcher_process=not args.dispatcher_inline,
                 log=lambda m: print(m, file=sys.stderr))
     verdicts = Counter()
     state = {"writer": None, "last_ts": 0}
