@@ -72,6 +72,7 @@ from .batch import PacketBatch, concat, take
 from .config import Config
 from .conntrack import REAP_FRACTION, REAP_MAX_INTERVAL, ConnTrack
 from .hashing import hash_key, owner_of_bucket, owner_slices, owners
+from .scatter import scatter
 from .table import (EXPIRES, HCONN, HOME, IPVER, PROTO, S_CONFIRMED, S_DYING, S_INVIS,
                     S_LINK1, S_NEW_PENDING, S_PENDING, S_REMOTE, S_USED, S_XSHARD, T_COUNT,
                     T_DYING, T_FREE, T_SEED)
@@ -203,11 +204,7 @@ def release_entry(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, row):
                 and c32[c, HCONN] == row[8] and tkey[t, 0] == row[0] and tkey[t, 1] == row[1]
                 and tkey[t, 2] == row[2] and tkey[t, 3] == row[3] and tport[t] == row[4]):
             K.unlink_tuple(heads, tkey, tport, tnext, c8, tbl, t)
-            cstatus[c] = 0
-            tnext[2 * c] = tbl[T_FREE]
-            tnext[2 * c + 1] = -1
-            tbl[T_FREE] = c
-            tbl[T_COUNT] -= 1
+            K.free_slot(tnext, cstatus, tbl, c)
             return True
         t = np.int64(tnext[t])
     return False
@@ -230,11 +227,7 @@ def drain_dying(tkey, tport, tnext, c8, cstatus, tbl, home, out):
         out[n, 7] = home
         out[n, 8] = c
         n += 1
-        cstatus[c] = 0
-        tnext[2 * c] = tbl[T_FREE]
-        tnext[2 * c + 1] = -1
-        tbl[T_FREE] = c
-        tbl[T_COUNT] -= 1
+        K.free_slot(tnext, cstatus, tbl, c)
         c = nx
     tbl[T_DYING] = c
     return n
@@ -254,11 +247,7 @@ def forget_peer(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, peer, n_worker
             continue
         if st & S_REMOTE and c32[c, HOME] == peer:
             K.unlink_tuple(heads, tkey, tport, tnext, c8, tbl, 2 * c + 1)
-            cstatus[c] = 0
-            tnext[2 * c] = tbl[T_FREE]
-            tnext[2 * c + 1] = -1
-            tbl[T_FREE] = c
-            tbl[T_COUNT] -= 1
+            K.free_slot(tnext, cstatus, tbl, c)
             freed += 1
         elif st & S_XSHARD:
             h = K.tuple_hash_of(tkey, tport, c8, tbl, 2 * c + 1)
@@ -266,6 +255,20 @@ def forget_peer(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, peer, n_worker
                 out[m] = c
                 m += 1
     return freed, m
+
+
+def key_rows(pk: Packets, idx: np.ndarray, ncols: int) -> np.ndarray:
+    """Rows for packets idx of pk with their tuple in columns 0..6 (key words, ports,
+    proto, ipver), the rest zero: the start of a release or request row."""
+    b = pk.batch
+    meta, addr = wire.new_meta(len(idx))
+    wire.parse_batch(b.buf, b.off[idx], b.length[idx], meta, addr, False)
+    rows = np.zeros((len(idx), ncols), dtype=np.uint64)
+    rows[:, 0:4] = addr
+    rows[:, 4] = meta[:, wire.M_PORTS]
+    rows[:, 5] = meta[:, wire.M_PROTO]
+    rows[:, 6] = meta[:, wire.M_IPVER]
+    return rows
 
 
 class Shard:
@@ -590,21 +593,13 @@ class Shard:
             return pk
         if tid & 1:
             # we own this tuple's bucket: remember where its conn lives
-            b = pk.batch
-            meta, addr = wire.new_meta(1)
-            wire.parse_batch(b.buf, b.off[:1], b.length[:1], meta, addr, False)
+            row = key_rows(pk, np.zeros(1, np.int64), N_REQ)[0]
             ta = self._table_args()
             if find_visible(*ta, self.ct.stats_arr, self.ct.cfg, self.ct.ev, self.ct.evaddr,
-                            addr[0, 0], addr[0, 1], addr[0, 2], addr[0, 3],
-                            int(meta[0, wire.M_PORTS]), int(meta[0, wire.M_PROTO]),
-                            int(meta[0, wire.M_IPVER]), -1, self.now) < 0:
-                row = np.zeros(N_REQ, dtype=np.uint64)
-                row[0:4] = addr[0]
-                row[4] = meta[0, wire.M_PORTS]
-                row[5] = meta[0, wire.M_PROTO]
-                row[6] = meta[0, wire.M_IPVER]
-                p = int(meta[0, wire.M_PORTS])
-                row[7:11] = (addr[0, 2], addr[0, 3], addr[0, 0], addr[0, 1])
+                            row[0], row[1], row[2], row[3], int(row[4]), int(row[5]),
+                            int(row[6]), -1, self.now) < 0:
+                p = int(row[4])
+                row[7:11] = (row[2], row[3], row[0], row[1])     # the original: inverted
                 row[11] = ((p & 0xFFFF) << 16) | (p >> 16)
                 row[12] = tid >> 1
                 link_reply_entry(*ta, row, home)
@@ -622,18 +617,15 @@ class Shard:
 
     def _bounce_stale(self, pk: Packets, verdict):
         """Handoffs that bounced: tell the sender to forget the stale reply entry."""
-        for i in np.flatnonzero((verdict == K.V_BOUNCE) & (pk.given >= 0)):
-            b = pk.batch
-            meta, addr = wire.new_meta(1)
-            wire.parse_batch(b.buf, b.off[i:i + 1], b.length[i:i + 1], meta, addr, False)
-            r = np.zeros(N_REL, dtype=np.uint64)
-            r[0:4] = addr[0]
-            r[4] = meta[0, wire.M_PORTS]
-            r[5] = meta[0, wire.M_PROTO]
-            r[6] = meta[0, wire.M_IPVER]
-            r[7] = self.k
-            r[8] = int(pk.given[i]) >> 1
-            self._out[self.owner(pk.hashes[i])]["rel"].append(r)
+        idx = np.flatnonzero((verdict == K.V_BOUNCE) & (pk.given >= 0))
+        if not len(idx):
+            return
+        rows = key_rows(pk, idx, N_REL)
+        rows[:, 7] = self.k
+        rows[:, 8] = (pk.given[idx] >> 1).astype(np.uint64)
+        own = owners(pk.hashes[idx], self.n, self.nb)
+        for o in np.unique(own):
+            self._out[int(o)]["rel"].append(rows[own == o])
 
     # ------------------------------------------------------------ between rounds
     def results(self) -> tuple[Packets, np.ndarray]:
@@ -775,11 +767,10 @@ class Dispatcher:
         for s, e in zip(bounds[:-1], bounds[1:]):
             if e <= s:
                 continue
-            parts = []
-            for k in range(self.n):
-                idx = s + np.flatnonzero(own[s:e] == k)
-                parts.append(Packets(take(batch, idx), hashes[idx], seq[idx],
-                                     np.full(len(idx), -1, dtype=np.int64)))
+            part = PacketBatch(batch.buf, batch.off[s:e], batch.length[s:e], batch.ifindex[s:e],
+                               batch.ts[s:e])
+            parts = [Packets(pb, ph, seq[s + idx], np.full(len(idx), -1, dtype=np.int64))
+                     for pb, ph, idx in scatter(part, hashes[s:e], self.n, self.config.n_buckets)]
             yield parts, (int(seq[s]), int(seq[e - 1]) + 1)
 
 

@@ -201,6 +201,12 @@ def destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, c
         tnext[2 * c + 1] = tbl[T_DYING]
         tbl[T_DYING] = c
         return
+    free_slot(tnext, cstatus, tbl, c)
+
+
+@numba.njit(inline="always", cache=True)
+def free_slot(tnext, cstatus, tbl, c):
+    """Return slot c (its tuples already unlinked) to the free list."""
     cstatus[c] = 0
     tnext[2 * c] = tbl[T_FREE]
     tnext[2 * c + 1] = -1

@@ -9,7 +9,7 @@ from shardct import wire
 from shardct.batch import PacketBatch
 from shardct.hashing import N_BUCKETS, owner_of
 from shardct.traffic import tcp_frames
-from workers.scatter import owners, scatter
+from shardct.scatter import owners, scatter
 
 
 @settings(max_examples=50, deadline=None)

@@ -17,7 +17,7 @@ from shardct import wire
 from shardct.hashing import N_BUCKETS
 from shardct.traffic import tcp_frames
 from workers import messages as M
-from workers.scatter import scatter
+from shardct.scatter import scatter
 from workers.supervisor import EXIT_BOOT, Supervisor
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from shardct.batch import PacketBatch
-from shardct.hashing import owners
+from .batch import PacketBatch
+from .hashing import owners
 
 
 @numba.njit(cache=True)
