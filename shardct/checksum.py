@@ -13,51 +13,48 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .cpu import load16, load32, load64
+
 _LITTLE = bool(np.little_endian)
 
 
 @numba.njit(inline="always", cache=True)
-def csum_add(buf, start, n, acc):
-    """Add n bytes of buf from start to the 64-bit accumulator (odd tail padded with 0)."""
-    i = start
-    end = start + n
-    while i + 8 <= end:
-        acc += (((np.int64(buf[i]) << 8) | np.int64(buf[i + 1]))
-                + ((np.int64(buf[i + 2]) << 8) | np.int64(buf[i + 3]))
-                + ((np.int64(buf[i + 4]) << 8) | np.int64(buf[i + 5]))
-                + ((np.int64(buf[i + 6]) << 8) | np.int64(buf[i + 7])))
-        i += 8
-    while i + 2 <= end:
-        acc += (np.int64(buf[i]) << 8) | np.int64(buf[i + 1])
-        i += 2
-    if i < end:
-        acc += np.int64(buf[i]) << 8
-    return acc
+def bswap16(x):
+    return ((x & 0xFF) << 8) | ((x >> 8) & 0xFF)
 
 
 @numba.njit(inline="always", cache=True)
-def csum_add_w(w16, buf, start, n, acc):
-    """csum_add for hot paths: when start is even, sums native 16-bit words of the
-    uint16 view ``w16`` of ``buf`` (ones'-complement sums are byte-order independent,
-    RFC 1071 §2(B): swap the folded result), else falls back to bytes."""
-    if start & 1:
-        return csum_add(buf, start, n, acc)
-    k = start >> 1
-    e = (start + n) >> 1
-    s = np.int64(0)
-    while k + 4 <= e:
-        s += np.int64(w16[k]) + np.int64(w16[k + 1]) + np.int64(w16[k + 2]) + np.int64(w16[k + 3])
-        k += 4
-    while k < e:
-        s += np.int64(w16[k])
-        k += 1
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    if _LITTLE:      # little-endian host: swap to network order
-        s = ((s & 0xFF) << 8) | (s >> 8)
-    if n & 1:
-        s += np.int64(buf[start + n - 1]) << 8
-    return acc + s
+def csum_add(buf, start, n, acc):
+    """Add the 16-bit big-endian words of buf[start:start+n] (an odd tail padded with 0)
+    to the accumulator; returns acc plus their folded 16-bit sum.
+
+    Reads 8 bytes per load and sums native 32-bit halves: a ones'-complement sum does not
+    depend on word size or byte order once folded, except that a little-endian host gets
+    it byte-swapped (RFC 1071 §2(B)), which the last step undoes. Reads nothing outside
+    the range. Precondition: buf is a C-contiguous uint8 array holding the range."""
+    i = np.int64(start)
+    end = i + n
+    s = np.uint64(0)
+    while i + 8 <= end:
+        w = load64(buf, i)
+        s += (w & np.uint64(0xFFFFFFFF)) + (w >> np.uint64(32))
+        i += 8
+    if i + 4 <= end:
+        s += np.uint64(load32(buf, i))
+        i += 4
+    if i + 2 <= end:
+        s += np.uint64(load16(buf, i))
+        i += 2
+    if i < end:
+        s += np.uint64(buf[i]) if _LITTLE else np.uint64(buf[i]) << np.uint64(8)
+    s = (s & np.uint64(0xFFFFFFFF)) + (s >> np.uint64(32))
+    s = (s & np.uint64(0xFFFFFFFF)) + (s >> np.uint64(32))
+    s = (s & np.uint64(0xFFFF)) + (s >> np.uint64(16))
+    s = (s & np.uint64(0xFFFF)) + (s >> np.uint64(16))
+    v = np.int64(s)
+    if _LITTLE:
+        v = bswap16(v)
+    return acc + v
 
 
 @numba.njit(inline="always", cache=True)
@@ -90,7 +87,10 @@ def csum_replace16(hc, old, new):
 
 @numba.njit(inline="always", cache=True)
 def get16(buf, i):
-    return (np.int64(buf[i]) << 8) | np.int64(buf[i + 1])
+    """Big-endian 16-bit field at buf[i] (one load)."""
+    if _LITTLE:
+        return bswap16(load16(buf, i))
+    return load16(buf, i)
 
 
 @numba.njit(inline="always", cache=True)
@@ -101,8 +101,12 @@ def put16(buf, i, v):
 
 @numba.njit(inline="always", cache=True)
 def get32(buf, i):
-    return ((np.int64(buf[i]) << 24) | (np.int64(buf[i + 1]) << 16)
-            | (np.int64(buf[i + 2]) << 8) | np.int64(buf[i + 3]))
+    """Big-endian 32-bit field at buf[i] (one load)."""
+    v = load32(buf, i)
+    if _LITTLE:
+        v = (((v & 0xFF) << 24) | ((v & 0xFF00) << 8) | ((v >> 8) & 0xFF00)
+             | ((v >> 24) & 0xFF))
+    return v
 
 
 # ------------------------------------------------------------------ references

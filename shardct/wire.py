@@ -27,8 +27,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .checksum import csum_add, csum_add_w, csum_fold, get16, get32, pseudo_v4, pseudo_v6
-from .hashing import hash_key
+from .checksum import csum_add, csum_fold, get16, get32, pseudo_v4, pseudo_v6
+from .cpu import kernel
+from .hashing import hash_key, hash_v4
 
 # classes
 CLS_TRACK, CLS_RELATED, CLS_UNTRACKED, CLS_INVALID, CLS_NOTIP = 0, 1, 2, 3, 4
@@ -173,9 +174,8 @@ def _ip_header(buf, l3, end):
 
 
 @numba.njit(inline="always", cache=True)
-def parse_one(buf, w16, o, n, meta, addr, i, validate):
-    """Parse frame i (buf[o:o+n]) into meta[i], addr[i]. Never raises. w16 is the
-    uint16 view of buf (fast checksums)."""
+def parse_one(buf, o, n, meta, addr, i, validate):
+    """Parse frame i (buf[o:o+n]) into meta[i], addr[i]. Never raises."""
     for c in range(N_META):
         meta[i, c] = 0
     meta[i, M_WSCALE] = -1
@@ -214,7 +214,7 @@ def parse_one(buf, w16, o, n, meta, addr, i, validate):
         meta[i, M_REASON] = REASON_IP_LEN
         return
     if ver == 4:
-        if validate and csum_fold(csum_add_w(w16, buf, l3, l4 - l3, np.int64(0))) != 0xFFFF:
+        if validate and csum_fold(csum_add(buf, l3, l4 - l3, np.int64(0))) != 0xFFFF:
             meta[i, M_CLS] = CLS_INVALID
             meta[i, M_REASON] = REASON_IP_CSUM
             return
@@ -262,7 +262,7 @@ def parse_one(buf, w16, o, n, meta, addr, i, validate):
                 acc = pseudo_v4(buf, l3, IPPROTO_TCP, l4len)
             else:
                 acc = pseudo_v6(buf, l3, IPPROTO_TCP, l4len)
-            if csum_fold(csum_add_w(w16, buf, l4, l4len, acc)) != 0xFFFF:
+            if csum_fold(csum_add(buf, l4, l4len, acc)) != 0xFFFF:
                 meta[i, M_CLS] = CLS_INVALID
                 meta[i, M_REASON] = REASON_L4_CSUM
                 return
@@ -316,7 +316,7 @@ def parse_one(buf, w16, o, n, meta, addr, i, validate):
                 acc = pseudo_v4(buf, l3, IPPROTO_UDP, ulen)
             else:
                 acc = pseudo_v6(buf, l3, IPPROTO_UDP, ulen)
-            if csum_fold(csum_add_w(w16, buf, l4, ulen, acc)) != 0xFFFF:
+            if csum_fold(csum_add(buf, l4, ulen, acc)) != 0xFFFF:
                 meta[i, M_CLS] = CLS_INVALID
                 meta[i, M_REASON] = REASON_L4_CSUM
                 return
@@ -332,7 +332,7 @@ def parse_one(buf, w16, o, n, meta, addr, i, validate):
             acc = np.int64(0)
             if ver == 6:
                 acc = pseudo_v6(buf, l3, IPPROTO_ICMPV6, l4len)
-            if csum_fold(csum_add_w(w16, buf, l4, l4len, acc)) != 0xFFFF:
+            if csum_fold(csum_add(buf, l4, l4len, acc)) != 0xFFFF:
                 meta[i, M_CLS] = CLS_INVALID
                 meta[i, M_REASON] = REASON_L4_CSUM
                 return
@@ -419,25 +419,30 @@ def parse_one(buf, w16, o, n, meta, addr, i, validate):
     meta[i, M_CLS] = CLS_TRACK
 
 
-@numba.njit(cache=True)
+@kernel
 def parse_batch(buf, off, length, meta, addr, validate):
     """Parse every frame of a batch. Preconditions: meta is (n, N_META) int64 and addr
     is (n, 4) uint64 with n == len(off)."""
-    w16 = buf[:buf.shape[0] & ~1].view(np.uint16)
     for i in range(off.shape[0]):
-        parse_one(buf, w16, off[i], length[i], meta, addr, i, validate)
+        parse_one(buf, off[i], length[i], meta, addr, i, validate)
 
 
-@numba.njit(cache=True)
+@kernel
 def parse_hash_batch(buf, off, length, meta, addr, validate, seed, hashes):
     """Parse, then hash each trackable or related tuple (-1 otherwise): what the
-    dispatcher needs to route."""
-    w16 = buf[:buf.shape[0] & ~1].view(np.uint16)
-    for i in range(off.shape[0]):
-        parse_one(buf, w16, off[i], length[i], meta, addr, i, validate)
+    dispatcher needs to route. The one-at-a-time hash is a long serial chain per tuple,
+    so it runs after parsing as a branch-free IPv4 loop the compiler vectorizes across
+    packets; a second pass fixes the rows that are not IPv4 tuples."""
+    n = off.shape[0]
+    for i in range(n):
+        parse_one(buf, off[i], length[i], meta, addr, i, validate)
+    for i in range(n):
+        hashes[i] = np.int64(hash_v4(seed, addr[i, 1], addr[i, 3], meta[i, M_PORTS],
+                                     meta[i, M_PROTO]))
+    for i in range(n):
         c = meta[i, M_CLS]
-        if c == CLS_TRACK or c == CLS_RELATED:
+        if c != CLS_TRACK and c != CLS_RELATED:
+            hashes[i] = -1
+        elif meta[i, M_IPVER] != 4:
             hashes[i] = hash_key(seed, addr[i, 0], addr[i, 1], addr[i, 2], addr[i, 3],
                                  meta[i, M_PORTS], meta[i, M_PROTO], meta[i, M_IPVER])
-        else:
-            hashes[i] = -1

@@ -25,10 +25,12 @@ def test_incremental_equals_full_recompute(data, edits):
     assert ck == want or {ck, want} == {0, 0xFFFF}, f"incremental {ck:#06x}, full {want:#06x}"
 
 
-@settings(max_examples=200, deadline=None)
-@given(data=st.binary(min_size=0, max_size=200), start=st.integers(0, 10))
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(min_size=0, max_size=200), start=st.integers(0, 17))
 def test_kernel_sum_equals_reference(data, start):
-    buf = np.frombuffer(b"\xAA" * start + data, dtype=np.uint8)
+    # every start alignment mod 8 and every tail length (the kernel loads 8, 4, 2, 1
+    # bytes at a time); bytes after the range must not count
+    buf = np.frombuffer(b"\xAA" * start + data + b"\x5C" * 7, dtype=np.uint8)
     got = (~csum_fold(csum_add(buf, start, len(data), np.int64(0)))) & 0xFFFF
     assert got == checksum(data), f"got {got:#06x}, want {checksum(data):#06x}"
 
@@ -36,14 +38,3 @@ def test_kernel_sum_equals_reference(data, start):
 @given(hc=st.integers(0, 0xFFFF), old=st.integers(0, 0xFFFF), new=st.integers(0, 0xFFFF))
 def test_kernel_replace_equals_reference(hc, old, new):
     assert int(csum_replace16(np.int64(hc), np.int64(old), np.int64(new))) == replace16(hc, old, new)
-
-
-@settings(max_examples=300, deadline=None)
-@given(data=st.binary(min_size=0, max_size=200), start=st.integers(0, 9))
-def test_word_sum_equals_byte_sum(data, start):
-    from shardct.checksum import csum_add_w
-    buf = np.frombuffer(b"\x55" * start + data + b"\x77", dtype=np.uint8)
-    w16 = buf[:buf.shape[0] & ~1].view(np.uint16)
-    got = csum_fold(csum_add_w(w16, buf, start, len(data), np.int64(3)))
-    want = csum_fold(csum_add(buf, start, len(data), np.int64(3)))
-    assert got == want, f"start {start}, {len(data)} bytes: got {got:#06x}, want {want:#06x}"
