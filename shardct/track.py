@@ -20,6 +20,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .cpu import kernel, prefetch
 from .hashing import hash_key
 from .table import (S_NEW_PENDING, BYTES0, EXPIRES, IPVER, PKTS0, PROTO, S_ASSURED, S_CONFIRMED,
                     S_DST_NAT, S_DYING, S_INVIS, S_LINK0, S_LINK1, S_PENDING, S_REMOTE,
@@ -124,14 +125,14 @@ def find_tuple(heads, tkey, tport, tnext, c8, tbl, h, a0, a1, a2, a3, ports, pro
     return np.int64(-1)
 
 
-@numba.njit(cache=True)
+@kernel
 def link_tuple(heads, tnext, tbl, t, h):
     k = h & tbl[T_MASK]
     tnext[t] = heads[k]
     heads[k] = t
 
 
-@numba.njit(cache=True)
+@kernel
 def unlink_tuple(heads, tkey, tport, tnext, c8, tbl, t):
     h = tuple_hash_of(tkey, tport, c8, tbl, t)
     k = h & tbl[T_MASK]
@@ -150,7 +151,7 @@ def unlink_tuple(heads, tkey, tport, tnext, c8, tbl, t):
     return False
 
 
-@numba.njit(cache=True)
+@kernel
 def emit(ev, evaddr, tbl, stats, cfg, kind, c, tkey, tport, c64, c32, c8, cstatus, now):
     """Append one event with a snapshot of conn c (it may be freed right after)."""
     if cfg[CF_EVENTS] == 0:
@@ -179,7 +180,7 @@ def emit(ev, evaddr, tbl, stats, cfg, kind, c, tkey, tport, c64, c32, c8, cstatu
     tbl[T_EVN] = n + 1
 
 
-@numba.njit(cache=True)
+@kernel
 def destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg,
                  ev, evaddr, c, now):
     """Unlink both tuples of conn c, emit DESTROY, free the slot (a cross-shard conn's
@@ -214,7 +215,7 @@ def free_slot(tnext, cstatus, tbl, c):
     tbl[T_COUNT] -= 1
 
 
-@numba.njit(cache=True)
+@kernel
 def alloc_conn(tnext, c64, c32, c8, cstatus, tbl):
     """Take a free slot (zeroed) or return -1 when the arrays are full."""
     c = tbl[T_FREE]
@@ -234,7 +235,7 @@ def alloc_conn(tnext, c64, c32, c8, cstatus, tbl):
     return c
 
 
-@numba.njit(cache=True)
+@kernel
 def early_drop(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
                h, now):
     """Free one slot by evicting an expired or non-ASSURED conn from the 8 chains
@@ -278,7 +279,7 @@ def tcp_options_into(c8, c, d, wscale, sackperm):
     c8[c, TFLAGS0 + d] = f
 
 
-@numba.njit(cache=True)
+@kernel
 def tcp_new(c32, c8, c, fl, seq, win, paylen, wscale, sackperm, syn):
     """Initialise the original direction's window data (tcp_new)."""
     end = (seq + paylen + (1 if fl & 2 else 0) + (1 if fl & 1 else 0)) & M32
@@ -478,7 +479,7 @@ def tcp_may_create(fl, loose):
 
 # ------------------------------------------------------------------ the batch kernel
 
-@numba.njit(cache=True)
+@kernel
 def create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
                 h0, a0, a1, a2, a3, ports0, r0, r1, r2, r3, rports, proto, ipver, now):
     """Create and confirm a conn with original tuple (a*, ports0) and reply tuple
@@ -552,7 +553,7 @@ def create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
     return c
 
 
-@numba.njit(cache=True)
+@kernel
 def nat_packet(buf, o, meta, i, tkey, tport, c8, cstatus, stats, t, related):
     """Rewrite packet i (frame at buf[o:]) of tuple id t = 2c+d to what the conn's NAT
     bindings say (see rewrite.py). No-op for conns without SRC_NAT/DST_NAT."""
@@ -599,7 +600,7 @@ def nat_packet(buf, o, meta, i, tkey, tport, c8, cstatus, stats, t, related):
     icmp_recompute(buf, l3, l4, l4len, ipver)
 
 
-@numba.njit(cache=True)
+@kernel
 def init_proto(c32, c8, c, meta, i, now):
     """Protocol state of a conn created by packet i (tcp_new; UDP stream time)."""
     proto = meta[i, M_PROTO]
@@ -613,7 +614,33 @@ def init_proto(c32, c8, c, meta, i, now):
         c32[c, UDP_STREAM_HI] = (stream >> 32) & M32
 
 
-@numba.njit(cache=True, error_model="numpy")
+PF_HEAD = 12     # packets ahead whose chain head is prefetched
+PF_ROWS = 6      # packets ahead whose first tuple and conn rows are prefetched
+
+
+@numba.njit(inline="always", cache=True)
+def prefetch_ahead(meta, hashes, heads, tkey, tport, c64, c32, c8, cstatus, mask, i, n):
+    """Hints only: a lookup touches a head, then a tuple and its conn's rows, each a
+    likely cache miss in a large table. Reading heads early is safe (the value is used
+    only as a hint; the real lookup reads it again)."""
+    j = i + PF_HEAD
+    if j < n and meta[j, M_CLS] <= CLS_RELATED:
+        prefetch(heads, hashes[j] & mask)
+    j = i + PF_ROWS
+    if j < n and meta[j, M_CLS] <= CLS_RELATED:
+        t = np.int64(heads[hashes[j] & mask])
+        if t >= 0:
+            c = t >> 1
+            prefetch(tkey, t)
+            prefetch(tport, t)
+            prefetch(cstatus, c)
+            prefetch(c8, c)
+            prefetch(c64, c)
+            prefetch(c32, c)
+            prefetch(c32[c], c32.shape[1] - 1)
+
+
+@kernel(error_model="numpy")
 def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
                 heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl,
                 stats, cfg, tmo, ev, evaddr, start, resumed):
@@ -635,7 +662,11 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
     """
     n = meta.shape[0]
     nb = tbl[T_NBUCKETS]
+    mask = tbl[T_MASK]
     for i in range(start, n):
+        # two-stage prefetch (see prefetch_ahead): heads PF_HEAD packets ahead, the
+        # chain's first tuple and its conn rows PF_ROWS packets ahead
+        prefetch_ahead(meta, hashes, heads, tkey, tport, c64, c32, c8, cstatus, mask, i, n)
         now = ts[i]
         cls = meta[i, M_CLS]
         pconn[i] = -1
@@ -840,7 +871,7 @@ def update_conn(c64, c32, c8, cstatus, cfg, tmo, stats, c, d, proto, fl, seq, ac
 
 # ------------------------------------------------------------------ expiry
 
-@numba.njit(cache=True)
+@kernel
 def reap(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
          now, start, n_walk):
     """Walk routing buckets start..start+n_walk-1 (every chain inside them) and destroy
@@ -873,7 +904,7 @@ def reap(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, 
     return b, checked, expired
 
 
-@numba.njit(cache=True)
+@kernel
 def collect_conns(cstatus, out):
     """Ids of allocated conns (not reply entries, not dying) into out; returns how many."""
     n = 0
@@ -884,7 +915,7 @@ def collect_conns(cstatus, out):
     return n
 
 
-@numba.njit(cache=True)
+@kernel
 def count_conns(cstatus):
     """How many allocated conns (not reply entries, not dying) there are."""
     n = 0
