@@ -340,8 +340,8 @@ class ConnTrack:
         t = self.table
         ids = np.empty(t.capacity, dtype=np.int64)
         c = ids[:K.collect_conns(t.cstatus, ids)]
-        return {"id": c, "tkey": np.ascontiguousarray(t.tkey.reshape(-1, 8)[c]),
-                "tport": np.ascontiguousarray(t.tport.reshape(-1, 2)[c]).astype(np.int64),
+        return {"id": c, "tkey": np.hstack((t.tkey[2 * c], t.tkey[2 * c + 1])),
+                "tport": np.stack((t.tport[2 * c], t.tport[2 * c + 1]), axis=1).astype(np.int64),
                 "c8": np.ascontiguousarray(t.c8[c]), "status": t.cstatus[c].astype(np.int64),
                 "expires": t.c64[c, EXPIRES].copy(),
                 "pkts": t.c32[c, PKTS0:PKTS0 + 2].astype(np.int64),

@@ -21,6 +21,11 @@ tbl         int64[...]       scalars: free list head, entry count, capacity, cha
                              routing buckets, hash seed, event count, dying list
 ==========  ===============  ====================================================
 
+In memory these are records, so that a lookup touches few cache lines: tkey, tport and
+tnext are strided views into one 40-byte record per tuple (a conn's two tuples are
+adjacent), and c64, c32 and c8 are views into one 72-byte record per conn. Kernels see
+ordinary (non-contiguous) arrays and index them as above.
+
 Chains are indexed by ``hash & (nheads - 1)``; nheads is a power of two and a multiple
 of the routing bucket count (a power of two too), so every chain lies inside one routing
 bucket (``chain & (n_buckets - 1)``) and walking a routing bucket means walking chains
@@ -78,6 +83,27 @@ T_FREE, T_COUNT, T_CAP, T_MASK, T_NBUCKETS, T_SEED, T_EVN, T_NHEADS, T_DYING = r
 N_TBL = 9
 
 
+TUPLE_RECORD = 40     # bytes per tuple: tkey, tport, tnext
+CONN_RECORD = 72      # bytes per conn: c64, c32, c8
+
+
+def _zeros_aligned(nbytes: int, align: int = 64) -> np.ndarray:
+    """Zeroed bytes starting on a cache-line boundary."""
+    raw = np.zeros(nbytes + align, dtype=np.uint8)
+    skip = -raw.ctypes.data % align
+    return raw[skip:skip + nbytes]
+
+
+def _field(raw: np.ndarray, n: int, record: int, offset: int, dtype, width: int = 0):
+    """A view of one field of ``n`` records of ``record`` bytes in ``raw``: shape (n,)
+    or (n, width) of ``dtype`` starting ``offset`` bytes into each record."""
+    dt = np.dtype(dtype)
+    if width:
+        return np.ndarray((n, width), dt, buffer=raw, offset=offset,
+                          strides=(record, dt.itemsize))
+    return np.ndarray((n,), dt, buffer=raw, offset=offset, strides=(record,))
+
+
 def _pow2_at_least(n: int) -> int:
     p = 1
     while p < n:
@@ -96,12 +122,17 @@ class ConnTable:
         cap = int(capacity)
         nheads = max(_pow2_at_least(cap), n_buckets)
         self.heads = np.full(nheads, -1, dtype=np.int32)
-        self.tkey = np.zeros((2 * cap, 4), dtype=np.uint64)
-        self.tport = np.zeros(2 * cap, dtype=np.uint32)
-        self.tnext = np.full(2 * cap, -1, dtype=np.int32)
-        self.c64 = np.zeros((cap, 3), dtype=np.int64)
-        self.c32 = np.zeros((cap, N_C32), dtype=np.uint32)
-        self.c8 = np.zeros((cap, N_C8), dtype=np.uint8)
+        # tuple record: tkey (32 bytes), tport (4), tnext (4)
+        self._trec = _zeros_aligned(2 * cap * TUPLE_RECORD)
+        self.tkey = _field(self._trec, 2 * cap, TUPLE_RECORD, 0, np.uint64, 4)
+        self.tport = _field(self._trec, 2 * cap, TUPLE_RECORD, 32, np.uint32)
+        self.tnext = _field(self._trec, 2 * cap, TUPLE_RECORD, 36, np.int32)
+        self.tnext[:] = -1
+        # conn record: c64 (24 bytes), c32 (40), c8 (8)
+        self._crec = _zeros_aligned(cap * CONN_RECORD)
+        self.c64 = _field(self._crec, cap, CONN_RECORD, 0, np.int64, 3)
+        self.c32 = _field(self._crec, cap, CONN_RECORD, 24, np.uint32, N_C32)
+        self.c8 = _field(self._crec, cap, CONN_RECORD, 64, np.uint8, N_C8)
         self.cstatus = np.zeros(cap, dtype=np.uint16)
         # free list: 0 -> 1 -> ... -> cap-1
         self.tnext[0:2 * cap:2] = np.arange(1, cap + 1, dtype=np.int32)
@@ -129,8 +160,8 @@ class ConnTable:
 
     def nbytes(self) -> int:
         """Bytes held by the table's arrays (everything a conn costs)."""
-        return sum(a.nbytes for a in (self.heads, self.tkey, self.tport, self.tnext,
-                                      self.c64, self.c32, self.c8, self.cstatus, self.tbl))
+        return sum(a.nbytes for a in (self.heads, self._trec, self._crec, self.cstatus,
+                                      self.tbl))
 
     def arrays(self):
         return (self.heads, self.tkey, self.tport, self.tnext, self.c64, self.c32, self.c8,
