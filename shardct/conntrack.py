@@ -176,6 +176,7 @@ class ConnTrack:
             self._verdict = np.empty(cap, dtype=np.uint8)
             self._tid = np.empty(cap, dtype=np.int64)
             self._given = np.full(cap, -1, dtype=np.int64)
+            self._ts = np.empty(cap, dtype=np.int64)
             self._cap = cap
         return (self._meta[:n], self._addr[:n], self._hashes[:n], self._verdict[:n],
                 self._tid[:n])
@@ -200,8 +201,12 @@ class ConnTrack:
             raise ValueError("batch.buf is read-only: NAT and router mode rewrite frames in place")
         if now is None and self.clock is not None:
             now = self.clock()
-        ts = batch.ts if now is None else np.full(n, now, dtype=np.int64)
         meta, addr, hashes, verdict, tid = self._scratch(n)
+        if now is None:
+            ts = batch.ts
+        else:
+            ts = self._ts[:n]
+            ts.fill(now)
         wire.parse_hash_batch(batch.buf, batch.off, batch.length, meta, addr,
                               self.config.checksum, self.table.seed, hashes)
         self.run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n])
