@@ -152,6 +152,10 @@ class ConnTrack:
         self.ev = np.zeros((c.event_buffer, K.N_EV), dtype=np.int64)
         self.evaddr = np.zeros((c.event_buffer, 8), dtype=np.uint64)
         self.reap_interval = REAP_MIN_INTERVAL
+        t = self.table
+        # track_batch's table and engine arguments, gathered once (they are never replaced)
+        self._track_args = (t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
+                            t.tbl, self.stats_arr, self.cfg, self.tmo, self.ev, self.evaddr)
         self.cfg[K.CF_ROUTER] = int(router)
         self.nat = None
         if rules is not None or network is not None:
@@ -227,12 +231,8 @@ class ConnTrack:
                 i = j
 
     def _track(self, meta, addr, hashes, length, ts, verdict, tid, given, start, resumed=False):
-        t = self.table
         return K.track_batch(self._buf, self._off, meta, addr, hashes, length, ts, verdict, tid,
-                             given,
-                             t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
-                             t.tbl, self.stats_arr, self.cfg, self.tmo, self.ev, self.evaddr,
-                             start, resumed)
+                             given, *self._track_args, start, resumed)
 
     def _slow_path(self, i, meta, addr, hashes, ts, verdict, tid) -> int:
         """Packet i starts a conn while NAT is on: decide the bindings (nat.py), create and
