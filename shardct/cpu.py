@@ -1,6 +1,7 @@
 # CPU-level helpers for kernels that numba does not offer: a cache prefetch hint and
-# unaligned little-endian loads from a byte buffer. Both are LLVM intrinsics emitted
-# through numba's extension API; they change speed, never results.
+# unaligned little-endian loads from a byte buffer (LLVM intrinsics emitted through
+# numba's extension API), and the decorator for batch kernels compiled without NRT.
+# They change speed, never results.
 """Memory hints and loads for kernels.
 
 ``prefetch(a, i)`` asks the CPU to bring the cache line holding ``a[i]`` (first element of
