@@ -15,7 +15,8 @@ c64         int64[cap, 3]    EXPIRES (ns, absolute), BYTES0, BYTES1
 c32         uint32[cap, 10]  PKTS0, PKTS1, then per direction d at 2+4d:
                              END, MAXEND, MAXWIN, MAXACK (Linux td_*); UDP keeps its
                              stream time (ns) in the first two words
-c8          uint8[cap, 8]    PROTO, IPVER, STATE, SCALE0, SCALE1, TFLAGS0, TFLAGS1, spare
+c8          uint8[cap, 6]    PROTO, IPVER, STATE, SCALES (window scale of direction d in
+                             bits 4d..4d+3), TFLAGS0, TFLAGS1
 cstatus     uint16[cap]      status bits (``S_*``, Linux numbering where Linux has one)
 tbl         int64[...]       scalars: free list head, entry count, capacity, chain mask,
                              routing buckets, hash seed, event count, dying list
@@ -23,8 +24,9 @@ tbl         int64[...]       scalars: free list head, entry count, capacity, cha
 
 In memory these are records, so that a lookup touches few cache lines: tkey, tport and
 tnext are strided views into one 40-byte record per tuple (a conn's two tuples are
-adjacent), and c64, c32 and c8 are views into one 72-byte record per conn. Kernels see
-ordinary (non-contiguous) arrays and index them as above.
+adjacent), and c64, c32, c8 and cstatus are views into one 72-byte record per conn. Kernels
+see ordinary (non-contiguous) arrays and index them as above. Large tables sit on huge
+pages (cpu.table_bytes).
 
 Chains are indexed by ``hash & (nheads - 1)``; nheads is a power of two and a multiple
 of the routing bucket count (a power of two too), so every chain lies inside one routing
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .cpu import table_bytes
 from .errors import ConfigError
 
 # c64 columns
@@ -48,8 +51,8 @@ W_END, W_MAXEND, W_MAXWIN, W_MAXACK = 0, 1, 2, 3     # + 2 + 4*dir
 UDP_STREAM_LO, UDP_STREAM_HI = 2, 3
 N_C32 = 10
 # c8 columns
-PROTO, IPVER, STATE, SCALE0, SCALE1, TFLAGS0, TFLAGS1 = 0, 1, 2, 3, 4, 5, 6
-N_C8 = 8
+PROTO, IPVER, STATE, SCALES, TFLAGS0, TFLAGS1 = 0, 1, 2, 3, 4, 5
+N_C8 = 6
 
 # status bits
 S_SEEN_REPLY = 1 << 1
@@ -84,14 +87,7 @@ N_TBL = 9
 
 
 TUPLE_RECORD = 40     # bytes per tuple: tkey, tport, tnext
-CONN_RECORD = 72      # bytes per conn: c64, c32, c8
-
-
-def _zeros_aligned(nbytes: int, align: int = 64) -> np.ndarray:
-    """Zeroed bytes starting on a cache-line boundary."""
-    raw = np.zeros(nbytes + align, dtype=np.uint8)
-    skip = -raw.ctypes.data % align
-    return raw[skip:skip + nbytes]
+CONN_RECORD = 72      # bytes per conn: c64, c32, c8, cstatus
 
 
 def _field(raw: np.ndarray, n: int, record: int, offset: int, dtype, width: int = 0):
@@ -121,19 +117,20 @@ class ConnTable:
             raise ConfigError("n_buckets", f"got {n_buckets}, want a power of two")
         cap = int(capacity)
         nheads = max(_pow2_at_least(cap), n_buckets)
-        self.heads = np.full(nheads, -1, dtype=np.int32)
+        self.heads = table_bytes(4 * nheads).view(np.int32)
+        self.heads[:] = -1
         # tuple record: tkey (32 bytes), tport (4), tnext (4)
-        self._trec = _zeros_aligned(2 * cap * TUPLE_RECORD)
+        self._trec = table_bytes(2 * cap * TUPLE_RECORD)
         self.tkey = _field(self._trec, 2 * cap, TUPLE_RECORD, 0, np.uint64, 4)
         self.tport = _field(self._trec, 2 * cap, TUPLE_RECORD, 32, np.uint32)
         self.tnext = _field(self._trec, 2 * cap, TUPLE_RECORD, 36, np.int32)
         self.tnext[:] = -1
-        # conn record: c64 (24 bytes), c32 (40), c8 (8)
-        self._crec = _zeros_aligned(cap * CONN_RECORD)
+        # conn record: c64 (24 bytes), c32 (40), c8 (6), cstatus (2)
+        self._crec = table_bytes(cap * CONN_RECORD)
         self.c64 = _field(self._crec, cap, CONN_RECORD, 0, np.int64, 3)
         self.c32 = _field(self._crec, cap, CONN_RECORD, 24, np.uint32, N_C32)
         self.c8 = _field(self._crec, cap, CONN_RECORD, 64, np.uint8, N_C8)
-        self.cstatus = np.zeros(cap, dtype=np.uint16)
+        self.cstatus = _field(self._crec, cap, CONN_RECORD, 70, np.uint16)
         # free list: 0 -> 1 -> ... -> cap-1
         self.tnext[0:2 * cap:2] = np.arange(1, cap + 1, dtype=np.int32)
         self.tnext[2 * (cap - 1)] = -1
@@ -160,7 +157,7 @@ class ConnTable:
 
     def nbytes(self) -> int:
         """Bytes held by the table's arrays (everything a conn costs)."""
-        return sum(a.nbytes for a in (self.heads, self._trec, self._crec, self.cstatus,
+        return sum(a.nbytes for a in (self.heads, self._trec, self._crec,
                                       self.tbl))
 
     def arrays(self):

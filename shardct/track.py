@@ -25,7 +25,7 @@ from .hashing import hash_key
 from .table import (S_NEW_PENDING, BYTES0, EXPIRES, IPVER, PKTS0, PROTO, S_ASSURED, S_CONFIRMED,
                     S_DST_NAT, S_DYING, S_INVIS, S_LINK0, S_LINK1, S_PENDING, S_REMOTE,
                     S_SEEN_REPLY, S_SRC_NAT, S_USED, S_XSHARD, T_DYING,
-                    SCALE0, STATE, T_COUNT, T_EVN, T_FREE, T_MASK, T_NBUCKETS, T_NHEADS,
+                    SCALES, STATE, T_COUNT, T_EVN, T_FREE, T_MASK, T_NBUCKETS, T_NHEADS,
                     T_SEED, TF_BE_LIBERAL, TF_CLOSE_INIT, TF_DATA_UNACK, TF_MAXACK_SET,
                     TF_SACK_PERM, TF_WINDOW_SCALE, TFLAGS0, UDP_STREAM_HI, UDP_STREAM_LO,
                     W_END, W_MAXACK, W_MAXEND, W_MAXWIN)
@@ -266,13 +266,25 @@ def early_drop(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg
 # ------------------------------------------------------------------ TCP
 
 @numba.njit(inline="always", cache=True)
+def scale_of(c8, c, d):
+    """Window scale of direction d (a nibble of SCALES)."""
+    return (np.int64(c8[c, SCALES]) >> (4 * d)) & 0xF
+
+
+@numba.njit(inline="always", cache=True)
+def set_scale(c8, c, d, v):
+    sh = 4 * d
+    c8[c, SCALES] = (np.int64(c8[c, SCALES]) & ~(0xF << sh) | ((v & 0xF) << sh)) & 0xFF
+
+
+@numba.njit(inline="always", cache=True)
 def tcp_options_into(c8, c, d, wscale, sackperm):
     f = c8[c, TFLAGS0 + d]
     if wscale >= 0:
-        c8[c, SCALE0 + d] = wscale
+        set_scale(c8, c, d, wscale)
         f |= TF_WINDOW_SCALE
     else:
-        c8[c, SCALE0 + d] = 0
+        set_scale(c8, c, d, 0)
         f &= ~TF_WINDOW_SCALE & 0xFF
     if sackperm:
         f |= TF_SACK_PERM
@@ -317,12 +329,11 @@ def tcp_in_window(c32, c8, c, d, state, fl, seq, ack, win, paylen, wscale, sackp
             tcp_options_into(c8, c, d, wscale, sackperm)
             if not ((c8[c, TFLAGS0 + d] & TF_WINDOW_SCALE)
                     and (c8[c, TFLAGS0 + 1 - d] & TF_WINDOW_SCALE)):
-                c8[c, SCALE0 + d] = 0
-                c8[c, SCALE0 + 1 - d] = 0
+                c8[c, SCALES] = 0
         else:
             # picked up mid-stream: use what this packet says
             c32[c, sb + W_END] = end
-            swin = (np.int64(win) << np.int64(c8[c, SCALE0 + d]))
+            swin = np.int64(win) << scale_of(c8, c, d)
             if swin == 0:
                 swin = 1
             c32[c, sb + W_MAXWIN] = swin & M32
@@ -366,7 +377,7 @@ def tcp_in_window(c32, c8, c, d, state, fl, seq, ack, win, paylen, wscale, sackp
         return W_OK if liberal else W_IGNORE           # overly delayed ACK
     # in window: update sender and receiver data
     if not syn:
-        win = win << np.int64(c8[c, SCALE0 + d])
+        win = win << scale_of(c8, c, d)
     swin = win + s32(sack - ack)
     if s_maxwin < swin:
         c32[c, sb + W_MAXWIN] = swin & M32
@@ -620,19 +631,18 @@ PF_NEXT = 4      # packets ahead whose second tuple in the chain and its conn ar
 
 
 @numba.njit(inline="always", cache=True)
-def prefetch_tuple(tkey, tnext, c64, c8, cstatus, t):
+def prefetch_tuple(tkey, tnext, c64, c8, t):
     """Hint tuple t's record and its conn's record: their first and last fields cover
-    their cache lines (table.py)."""
+    their cache lines (table.py; cstatus sits beside c8)."""
     c = t >> 1
     prefetch(tkey, t)
     prefetch(tnext, t)
     prefetch(c64, c)
     prefetch(c8, c)
-    prefetch(cstatus, c)
 
 
 @numba.njit(inline="always", cache=True)
-def prefetch_ahead(hashes, heads, tkey, tnext, c64, c8, cstatus, mask, i, n):
+def prefetch_ahead(hashes, heads, tkey, tnext, c64, c8, mask, i, n):
     """Hints only. A lookup in a large table misses the cache at the head, then at the
     tuple and its conn; when the tuple is second in its chain (about a third of lookups
     with about one tuple per head) that is one more dependent miss. So: heads PF_HEAD
@@ -646,12 +656,12 @@ def prefetch_ahead(hashes, heads, tkey, tnext, c64, c8, cstatus, mask, i, n):
     if j < n:
         t = np.int64(heads[hashes[j] & mask])
         if t >= 0:
-            prefetch_tuple(tkey, tnext, c64, c8, cstatus, t)
+            prefetch_tuple(tkey, tnext, c64, c8, t)
     j = i + PF_NEXT
     if j < n:
         t = np.int64(heads[hashes[j] & mask])
         if t >= 0 and tnext[t] >= 0:
-            prefetch_tuple(tkey, tnext, c64, c8, cstatus, np.int64(tnext[t]))
+            prefetch_tuple(tkey, tnext, c64, c8, np.int64(tnext[t]))
 
 
 @kernel(error_model="numpy")
@@ -680,7 +690,7 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
     for i in range(start, n):
         # three-stage prefetch (see prefetch_ahead): heads, then the chain's first
         # tuple and conn, then its second
-        prefetch_ahead(hashes, heads, tkey, tnext, c64, c8, cstatus, mask, i, n)
+        prefetch_ahead(hashes, heads, tkey, tnext, c64, c8, mask, i, n)
         now = ts[i]
         cls = meta[i, M_CLS]
         pconn[i] = -1

@@ -17,6 +17,7 @@ from scapy.all import IP, TCP, Ether, IPv6, raw
 from shardct import Config, ConnTrack, ManualClock, PacketBatch
 from shardct import track as K
 from shardct.tcpstate import IG, IV, TRANSITIONS, FlagClass, TcpState, flag_class, next_state
+from shardct.table import SCALES
 
 S = 1_000_000_000
 E = Ether(dst="02:00:00:00:00:01", src="02:00:00:00:00:02")
@@ -166,7 +167,8 @@ def test_window_scaling(w, syn_scale, synack_scale, data):
     step(t, seg("O", "A", seq=11, ack=21, win=w, data=data), "ESTABLISHED")
     both_scaled = bool(syn_scale) and bool(synack_scale)
     c = t.conn().id
-    got = (int(t.ct.table.c8[c, 3]), int(t.ct.table.c8[c, 4]))
+    packed = int(t.ct.table.c8[c, SCALES])     # direction d's scale in bits 4d..4d+3
+    got = (packed & 0xF, packed >> 4)
     want = (syn_scale, synack_scale) if both_scaled else (0, 0)
     assert got == want, f"scales got {got}, want {want}"
     now = t.clock.advance(240)
