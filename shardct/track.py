@@ -114,7 +114,7 @@ def tuple_hash_of(tkey, tport, c8, tbl, t):
 @numba.njit(inline="always", cache=True)
 def find_tuple(heads, tkey, tport, tnext, c8, tbl, h, a0, a1, a2, a3, ports, proto, ipver):
     """Tuple id with this key in chain ``h & mask``, or -1. Does not look at expiry."""
-    t = np.int64(heads[h & tbl[T_MASK]])
+    t = np.int64(heads[h & (tbl[T_MASK] & 0x7FFFFFFF)])      # (see track_batch's mask)
     while t >= 0:
         if (tkey[t, 1] == a1 and tkey[t, 3] == a3 and np.int64(tport[t]) == ports
                 and tkey[t, 0] == a0 and tkey[t, 2] == a2):
@@ -642,6 +642,25 @@ def prefetch_tuple(tkey, tnext, c64, c8, t):
 
 
 @numba.njit(inline="always", cache=True)
+def prefetch_head(hashes, heads, mask, j):
+    prefetch(heads, hashes[j] & mask)
+
+
+@numba.njit(inline="always", cache=True)
+def prefetch_first(hashes, heads, tkey, tnext, c64, c8, mask, j):
+    t = np.int64(heads[hashes[j] & mask])
+    if t >= 0:
+        prefetch_tuple(tkey, tnext, c64, c8, t)
+
+
+@numba.njit(inline="always", cache=True)
+def prefetch_second(hashes, heads, tkey, tnext, c64, c8, mask, j):
+    t = np.int64(heads[hashes[j] & mask])
+    if t >= 0 and tnext[t] >= 0:
+        prefetch_tuple(tkey, tnext, c64, c8, np.int64(tnext[t]))
+
+
+@numba.njit(inline="always", cache=True)
 def prefetch_ahead(hashes, heads, tkey, tnext, c64, c8, mask, i, n):
     """Hints only. A lookup in a large table misses the cache at the head, then at the
     tuple and its conn; when the tuple is second in its chain (about a third of lookups
@@ -649,19 +668,25 @@ def prefetch_ahead(hashes, heads, tkey, tnext, c64, c8, mask, i, n):
     packets ahead, the chain's first tuple PF_ROWS ahead, its second PF_NEXT ahead.
     Reading heads and tnext early is safe (the values only aim hints; the lookup reads
     them again), and a packet without a tuple (hash -1) just hints the last chain."""
-    j = i + PF_HEAD
-    if j < n:
-        prefetch(heads, hashes[j] & mask)
-    j = i + PF_ROWS
-    if j < n:
-        t = np.int64(heads[hashes[j] & mask])
-        if t >= 0:
-            prefetch_tuple(tkey, tnext, c64, c8, t)
-    j = i + PF_NEXT
-    if j < n:
-        t = np.int64(heads[hashes[j] & mask])
-        if t >= 0 and tnext[t] >= 0:
-            prefetch_tuple(tkey, tnext, c64, c8, np.int64(tnext[t]))
+    if i + PF_HEAD < n:
+        prefetch_head(hashes, heads, mask, i + PF_HEAD)
+    if i + PF_ROWS < n:
+        prefetch_first(hashes, heads, tkey, tnext, c64, c8, mask, i + PF_ROWS)
+    if i + PF_NEXT < n:
+        prefetch_second(hashes, heads, tkey, tnext, c64, c8, mask, i + PF_NEXT)
+
+
+@numba.njit(inline="always", cache=True)
+def prefetch_start(hashes, heads, tkey, tnext, c64, c8, mask, start, n):
+    """Fill the pipeline for a batch's first packets, which no earlier packet hinted
+    for: otherwise each takes its misses one after another (about 3% of a 1024-packet
+    batch over 100k uniform flows)."""
+    for j in range(start, min(start + PF_HEAD, n)):
+        prefetch_head(hashes, heads, mask, j)
+    for j in range(start, min(start + PF_ROWS, n)):
+        prefetch_first(hashes, heads, tkey, tnext, c64, c8, mask, j)
+    for j in range(start, min(start + PF_NEXT, n)):
+        prefetch_second(hashes, heads, tkey, tnext, c64, c8, mask, j)
 
 
 @kernel(error_model="numpy")
@@ -686,7 +711,10 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
     """
     n = meta.shape[0]
     nb = tbl[T_NBUCKETS]
-    mask = tbl[T_MASK]
+    # known non-negative, so indexing skips the negative-index wraparound
+    mask = tbl[T_MASK] & 0x7FFFFFFF
+    start = max(start, 0)
+    prefetch_start(hashes, heads, tkey, tnext, c64, c8, mask, start, n)
     for i in range(start, n):
         # three-stage prefetch (see prefetch_ahead): heads, then the chain's first
         # tuple and conn, then its second
