@@ -153,6 +153,8 @@ class ConnTrack:
         self.evaddr = np.zeros((c.event_buffer, 8), dtype=np.uint64)
         self.reap_interval = REAP_MIN_INTERVAL
         t = self.table
+        self._cap = 0           # scratch arrays (see _scratch), grown on first use
+        self._seed = t.seed
         # track_batch's table and engine arguments, gathered once (they are never replaced)
         self._track_args = (t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
                             t.tbl, self.stats_arr, self.cfg, self.tmo, self.ev, self.evaddr)
@@ -173,7 +175,7 @@ class ConnTrack:
     # ------------------------------------------------------------ packets
     def _scratch(self, n):
         """Per-batch work arrays, reused across calls (grown when needed)."""
-        if getattr(self, "_cap", 0) < n:
+        if self._cap < n:
             cap = max(n, 256)
             self._meta, self._addr = wire.new_meta(cap)
             self._hashes = np.empty(cap, dtype=np.int64)
@@ -200,39 +202,44 @@ class ConnTrack:
 
         The Result's ``verdict`` and ``tuple_id`` are fresh arrays; its ``meta`` and
         ``addr`` are this engine's scratch space, valid until the next call."""
-        n = len(batch)
-        if not batch.buf.flags.writeable:
+        buf = batch.buf
+        n = batch.off.shape[0]
+        if not buf.flags.writeable:
             raise ValueError("batch.buf is read-only: NAT and router mode rewrite frames in place")
         if now is None and self.clock is not None:
             now = self.clock()
-        meta, addr, hashes, verdict, tid = self._scratch(n)
+        if self._cap < n:
+            self._scratch(n)
+        meta, addr, hashes = self._meta[:n], self._addr[:n], self._hashes[:n]
         if now is None:
             ts = batch.ts
         else:
             ts = self._ts[:n]
             ts.fill(now)
-        wire.parse_hash_batch(batch.buf, batch.off, batch.length, meta, addr,
-                              self.config.checksum, self.table.seed, hashes)
+        # the Result's arrays are the kernel's outputs: fresh ones, no copies
+        verdict = np.empty(n, dtype=np.uint8)
+        tid = np.empty(n, dtype=np.int64)
+        wire.parse_hash_batch(buf, batch.off, batch.length, meta, addr,
+                              self.config.checksum, self._seed, hashes)
         self.run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n])
-        return Result(verdict.copy(), tid.copy(), meta, addr)
+        return Result(verdict, tid, meta, addr)
 
     def run(self, batch, meta, addr, hashes, ts, verdict, tid, given):
         """Track a parsed batch in order (the kernel, stopping for the NAT slow path
         where it must). ``given``: see track.track_batch. Writes verdict and tid."""
-        n = len(batch)
-        self._buf, self._off, self._batch = batch.buf, batch.off, batch
-        i = 0
-        resumed = False
+        n = batch.off.shape[0]
+        buf, off, length = batch.buf, batch.off, batch.length
+        self._batch = batch
+        args = self._track_args
+        i = K.track_batch(buf, off, meta, addr, hashes, length, ts, verdict, tid, given, *args,
+                          0, False)
         while i < n:
-            i = self._track(meta, addr, hashes, batch.length, ts, verdict, tid, given, i, resumed)
-            if i < n:
-                j = self._slow_path(i, meta, addr, hashes, ts, verdict, tid)
-                resumed = j == i
+            j = self._slow_path(i, meta, addr, hashes, ts, verdict, tid)
+            if j < n:
+                i = K.track_batch(buf, off, meta, addr, hashes, length, ts, verdict, tid, given,
+                                  *args, j, j == i)
+            else:
                 i = j
-
-    def _track(self, meta, addr, hashes, length, ts, verdict, tid, given, start, resumed=False):
-        return K.track_batch(self._buf, self._off, meta, addr, hashes, length, ts, verdict, tid,
-                             given, *self._track_args, start, resumed)
 
     def _slow_path(self, i, meta, addr, hashes, ts, verdict, tid) -> int:
         """Packet i starts a conn while NAT is on: decide the bindings (nat.py), create and
