@@ -24,14 +24,15 @@ def bswap16(x):
 
 
 @numba.njit(inline="always", cache=True)
-def csum_add(buf, start, n, acc):
-    """Add the 16-bit big-endian words of buf[start:start+n] (an odd tail padded with 0)
-    to the accumulator; returns acc plus their folded 16-bit sum.
+def csum_raw(buf, start, n):
+    """Unfolded sum of buf[start:start+n] as native 32-bit halves (an odd tail padded
+    with 0), for csum_native. Raw sums of ranges that each start a 16-bit word may be
+    added together before folding.
 
-    Reads 8 bytes per load and sums native 32-bit halves: a ones'-complement sum does not
-    depend on word size or byte order once folded, except that a little-endian host gets
-    it byte-swapped (RFC 1071 §2(B)), which the last step undoes. Reads nothing outside
-    the range. Precondition: buf is a C-contiguous uint8 array holding the range."""
+    Reads 8 bytes per load: a ones'-complement sum does not depend on word size or byte
+    order once folded, except that a little-endian host gets it byte-swapped (RFC 1071
+    §2(B)), which csum_native undoes. Reads nothing outside the range. Precondition: buf
+    is a C-contiguous uint8 array holding the range, n < 2**32."""
     i = np.int64(start)
     end = i + n
     s = np.uint64(0)
@@ -47,6 +48,12 @@ def csum_add(buf, start, n, acc):
         i += 2
     if i < end:
         s += np.uint64(buf[i]) if _LITTLE else np.uint64(buf[i]) << np.uint64(8)
+    return s
+
+
+@numba.njit(inline="always", cache=True)
+def csum_native(s):
+    """A raw sum folded to 16 bits, in network order (as an int)."""
     s = (s & np.uint64(0xFFFFFFFF)) + (s >> np.uint64(32))
     s = (s & np.uint64(0xFFFFFFFF)) + (s >> np.uint64(32))
     s = (s & np.uint64(0xFFFF)) + (s >> np.uint64(16))
@@ -54,7 +61,26 @@ def csum_add(buf, start, n, acc):
     v = np.int64(s)
     if _LITTLE:
         v = bswap16(v)
-    return acc + v
+    return v
+
+
+@numba.njit(inline="always", cache=True)
+def csum_add(buf, start, n, acc):
+    """Add the 16-bit big-endian words of buf[start:start+n] (an odd tail padded with 0)
+    to the accumulator; returns acc plus their folded 16-bit sum."""
+    return acc + csum_native(csum_raw(buf, start, n))
+
+
+@numba.njit(inline="always", cache=True)
+def l4_sum(buf, l3, l4, n, proto, ipver):
+    """Unfolded sum over the pseudo-header (IPv4 or IPv6 at l3) and the n bytes of the
+    transport segment at l4, folded once: the segment verifies when
+    ``csum_fold(l4_sum(...)) == 0xFFFF``."""
+    if ipver == 4:
+        s = csum_raw(buf, l3 + 12, 8)
+    else:
+        s = csum_raw(buf, l3 + 8, 32)
+    return csum_native(s + csum_raw(buf, l4, n)) + proto + (n & 0xFFFF) + (n >> 16)
 
 
 @numba.njit(inline="always", cache=True)
@@ -62,20 +88,6 @@ def csum_fold(acc):
     while acc >> 16:
         acc = (acc & 0xFFFF) + (acc >> 16)
     return acc
-
-
-@numba.njit(inline="always", cache=True)
-def pseudo_v4(buf, l3, proto, l4len):
-    """Sum of the IPv4 pseudo-header (addresses at l3+12..l3+20)."""
-    acc = csum_add(buf, l3 + 12, 8, np.int64(0))
-    return acc + proto + l4len
-
-
-@numba.njit(inline="always", cache=True)
-def pseudo_v6(buf, l3, proto, l4len):
-    """Sum of the IPv6 pseudo-header (addresses at l3+8..l3+40)."""
-    acc = csum_add(buf, l3 + 8, 32, np.int64(0))
-    return acc + proto + (l4len & 0xFFFF) + (l4len >> 16)
 
 
 @numba.njit(inline="always", cache=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .checksum import csum_add, csum_fold, get16, get32, pseudo_v4, pseudo_v6
+from .checksum import csum_add, csum_fold, get16, get32, l4_sum
 from .cpu import kernel
 from .hashing import hash_key, hash_v4
 
@@ -257,15 +257,10 @@ def parse_one(buf, o, n, meta, addr, i, validate):
             meta[i, M_CLS] = CLS_INVALID
             meta[i, M_REASON] = REASON_TCP_FLAGS
             return
-        if check:
-            if ver == 4:
-                acc = pseudo_v4(buf, l3, IPPROTO_TCP, l4len)
-            else:
-                acc = pseudo_v6(buf, l3, IPPROTO_TCP, l4len)
-            if csum_fold(csum_add(buf, l4, l4len, acc)) != 0xFFFF:
-                meta[i, M_CLS] = CLS_INVALID
-                meta[i, M_REASON] = REASON_L4_CSUM
-                return
+        if check and csum_fold(l4_sum(buf, l3, l4, l4len, IPPROTO_TCP, ver)) != 0xFFFF:
+            meta[i, M_CLS] = CLS_INVALID
+            meta[i, M_REASON] = REASON_L4_CSUM
+            return
         meta[i, M_PORTS] = (get16(buf, l4) << 16) | get16(buf, l4 + 2)
         meta[i, M_SEQ] = get32(buf, l4 + 4)
         meta[i, M_ACK] = get32(buf, l4 + 8)
@@ -311,15 +306,10 @@ def parse_one(buf, o, n, meta, addr, i, validate):
             meta[i, M_CLS] = CLS_INVALID
             meta[i, M_REASON] = REASON_L4_CSUM
             return
-        if check and ck != 0:
-            if ver == 4:
-                acc = pseudo_v4(buf, l3, IPPROTO_UDP, ulen)
-            else:
-                acc = pseudo_v6(buf, l3, IPPROTO_UDP, ulen)
-            if csum_fold(csum_add(buf, l4, ulen, acc)) != 0xFFFF:
-                meta[i, M_CLS] = CLS_INVALID
-                meta[i, M_REASON] = REASON_L4_CSUM
-                return
+        if check and ck != 0 and csum_fold(l4_sum(buf, l3, l4, ulen, IPPROTO_UDP, ver)) != 0xFFFF:
+            meta[i, M_CLS] = CLS_INVALID
+            meta[i, M_REASON] = REASON_L4_CSUM
+            return
         meta[i, M_PORTS] = (get16(buf, l4) << 16) | get16(buf, l4 + 2)
         meta[i, M_CLS] = CLS_TRACK
         return
@@ -329,10 +319,11 @@ def parse_one(buf, o, n, meta, addr, i, validate):
             meta[i, M_REASON] = REASON_L4_SHORT
             return
         if check:
-            acc = np.int64(0)
             if ver == 6:
-                acc = pseudo_v6(buf, l3, IPPROTO_ICMPV6, l4len)
-            if csum_fold(csum_add(buf, l4, l4len, acc)) != 0xFFFF:
+                acc = l4_sum(buf, l3, l4, l4len, IPPROTO_ICMPV6, 6)
+            else:
+                acc = csum_add(buf, l4, l4len, np.int64(0))     # ICMPv4: no pseudo-header
+            if csum_fold(acc) != 0xFFFF:
                 meta[i, M_CLS] = CLS_INVALID
                 meta[i, M_REASON] = REASON_L4_CSUM
                 return
