@@ -84,6 +84,14 @@ def l4_sum(buf, l3, l4, n, proto, ipver):
 
 
 @numba.njit(inline="always", cache=True)
+def icmp_sum(buf, l3, l4, n, ipver):
+    """Sum over an ICMP message (ICMPv6: with its pseudo-header, RFC 4443 §2.3)."""
+    if ipver == 6:
+        return l4_sum(buf, l3, l4, n, 58, 6)
+    return csum_add(buf, l4, n, np.int64(0))      # ICMPv4 has no pseudo-header
+
+
+@numba.njit(inline="always", cache=True)
 def csum_fold(acc):
     while acc >> 16:
         acc = (acc & 0xFFFF) + (acc >> 16)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .checksum import csum_add, csum_fold, get16, l4_sum, put16
+from .checksum import csum_fold, get16, icmp_sum, put16
 
 M16 = 0xFFFF
 
@@ -148,8 +148,4 @@ def decrement_ttl(buf, l3, ipver):
 def icmp_recompute(buf, l3, l4, l4len, ipver):
     """Recompute an ICMP/ICMPv6 checksum over the whole message."""
     put16(buf, l4 + 2, 0)
-    if ipver == 6:
-        acc = l4_sum(buf, l3, l4, l4len, 58, 6)
-    else:
-        acc = csum_add(buf, l4, l4len, np.int64(0))     # ICMPv4: no pseudo-header
-    put16(buf, l4 + 2, (~csum_fold(acc)) & M16)
+    put16(buf, l4 + 2, (~csum_fold(icmp_sum(buf, l3, l4, l4len, ipver))) & M16)

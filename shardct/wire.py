@@ -27,7 +27,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .checksum import csum_add, csum_fold, get16, get32, l4_sum
+from .checksum import csum_add, csum_fold, get16, get32, icmp_sum, l4_sum
 from .cpu import kernel
 from .hashing import hash_key, hash_v4
 
@@ -318,15 +318,10 @@ def parse_one(buf, o, n, meta, addr, i, validate):
             meta[i, M_CLS] = CLS_INVALID
             meta[i, M_REASON] = REASON_L4_SHORT
             return
-        if check:
-            if ver == 6:
-                acc = l4_sum(buf, l3, l4, l4len, IPPROTO_ICMPV6, 6)
-            else:
-                acc = csum_add(buf, l4, l4len, np.int64(0))     # ICMPv4: no pseudo-header
-            if csum_fold(acc) != 0xFFFF:
-                meta[i, M_CLS] = CLS_INVALID
-                meta[i, M_REASON] = REASON_L4_CSUM
-                return
+        if check and csum_fold(icmp_sum(buf, l3, l4, l4len, ver)) != 0xFFFF:
+            meta[i, M_CLS] = CLS_INVALID
+            meta[i, M_REASON] = REASON_L4_CSUM
+            return
         ty = np.int64(buf[l4])
         meta[i, M_ICMPTYPE] = ty
         ident = get16(buf, l4 + 4)
