@@ -4,8 +4,9 @@ Prints, for 64-byte TCP/IPv4 frames over established flows with Zipf and uniform
 popularity: ns per packet and packets/s (through the ConnTrack API, and for the kernels
 alone), the same over 1000 flows whose table fits in cache (the compute floor; the rest
 of the 100k-flow figures is cache misses), new connections per second, bytes per
-connection at 1M connections, and the rewriting cost per packet with SNAT on.
-Everything is measured in this run, side by side.
+connection at 1M connections, the rewriting cost per packet with SNAT on, and this
+machine's latency for a dependent random load over 1 and 16 MiB (the 100k-flow table's
+size). Everything is measured in this run, side by side.
 
     python3 bench/core.py [--flows 100000] [--packets 2000000] [--batch 1024]
 """
@@ -164,6 +165,32 @@ def run_nat(flows, packets, batch):
     return (dt - copy_dt) / packets * 1e9, len(first) / new_dt, ct.stats()["nat_rewrites"]
 
 
+def machine_memory():
+    """ns per dependent random load (pointer chase) over 1 MiB and 16 MiB of distinct
+    cache lines on huge pages: this machine's cache and DRAM latency, measured in the same
+    run, so the 100k-flow rows can be read against it (a 100k-flow table is ~16 MiB)."""
+    import numba
+    from shardct.cpu import table_bytes
+
+    @numba.njit
+    def chase(nxt, p, steps):
+        for _ in range(steps):
+            p = nxt[p]
+        return p
+
+    out = {}
+    for mib in (1, 16):
+        n = mib << 17                       # int64 words
+        a = table_bytes(n * 8).view(np.int64)
+        order = np.random.default_rng(1).permutation(np.arange(0, n, 8))   # one per line
+        a[order[:-1]] = order[1:]
+        a[order[-1]] = order[0]
+        steps = 1_000_000
+        chase(a, order[0], 1000)
+        out[mib] = best_of(lambda: chase(a, order[0], steps), REPS) / steps * 1e9
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--flows", type=int, default=100_000)
@@ -190,6 +217,9 @@ def main():
     rows.append(("new conns (SYN, SYN/ACK, ACK)", f"{cps:,.0f} conns/s", "", f"{n} conns"))
     rows.append(("new conns with MASQUERADE", f"{nat_new:,.0f} conns/s", "", "slow path"))
     rows.append(("table bytes per conn at 1M", f"{bytes_per_conn():.1f} B", "", "both tuples"))
+    for mib, ns in machine_memory().items():
+        rows.append((f"this machine: dependent random load, {mib} MiB of lines", f"{ns:7.1f} ns",
+                     "", "pointer chase, huge pages"))
     w = max(len(r[0]) for r in rows)
     for r in rows:
         print(f"  {r[0]:<{w}}  {r[1]:>18}  {r[2]:>10}  {r[3]}")
