@@ -82,7 +82,9 @@ def breakdown(flows, packets, batch):
     established(ct, flows, seed=1)
     d, _ = tcp_frames(flows, packets, popularity="zipf", seed=1, frame_len=64)
     parts = list(slices(d, batch))
-    meta, addr, h, v, tid = ct._scratch(batch)
+    meta, addr, h = ct._scratch(batch)
+    v = np.empty(batch, np.uint8)
+    tid = np.empty(batch, np.int64)
     given = ct._given[:batch]
     ts = np.full(batch, 1_000_000, np.int64)
     T = ct.table

@@ -179,13 +179,10 @@ class ConnTrack:
             cap = max(n, 256)
             self._meta, self._addr = wire.new_meta(cap)
             self._hashes = np.empty(cap, dtype=np.int64)
-            self._verdict = np.empty(cap, dtype=np.uint8)
-            self._tid = np.empty(cap, dtype=np.int64)
             self._given = np.full(cap, -1, dtype=np.int64)
             self._ts = np.empty(cap, dtype=np.int64)
             self._cap = cap
-        return (self._meta[:n], self._addr[:n], self._hashes[:n], self._verdict[:n],
-                self._tid[:n])
+        return self._meta[:n], self._addr[:n], self._hashes[:n]
 
     def parse(self, batch: PacketBatch):
         """(meta, addr, hashes) of a batch: fresh arrays (wire.parse_hash_batch)."""

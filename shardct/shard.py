@@ -197,7 +197,7 @@ def release_entry(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, row):
     """Remove the reply entry ``row`` (a release) names; False when there is none."""
     h = hash_key(tbl[T_SEED], row[0], row[1], row[2], row[3], np.int64(row[4]),
                  np.int64(row[5]), np.int64(row[6]))
-    t = np.int64(heads[h & tbl[K.T_MASK]])
+    t = np.int64(heads[h & K.chain_mask(tbl)])
     while t >= 0:
         c = t >> 1
         if (cstatus[c] & S_REMOTE and t & 1 and c32[c, HOME] == row[7]

@@ -134,7 +134,7 @@ def find_tuple(heads, tkey, tport, tnext, c8, tbl, h, a0, a1, a2, a3, ports, pro
 
 @kernel
 def link_tuple(heads, tnext, tbl, t, h):
-    k = h & tbl[T_MASK]
+    k = h & chain_mask(tbl)
     tnext[t] = heads[k]
     heads[k] = t
 
@@ -142,7 +142,7 @@ def link_tuple(heads, tnext, tbl, t, h):
 @kernel
 def unlink_tuple(heads, tkey, tport, tnext, c8, tbl, t):
     h = tuple_hash_of(tkey, tport, c8, tbl, t)
-    k = h & tbl[T_MASK]
+    k = h & chain_mask(tbl)
     p = np.int64(heads[k])
     if p == t:
         heads[k] = tnext[t]
@@ -247,7 +247,7 @@ def early_drop(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg
                h, now):
     """Free one slot by evicting an expired or non-ASSURED conn from the 8 chains
     starting at chain ``h`` (NF_CT_EVICTION_RANGE). True when one was freed."""
-    mask = tbl[T_MASK]
+    mask = chain_mask(tbl)
     for k in range(8):
         t = np.int64(heads[(h + k) & mask])
         while t >= 0:
