@@ -373,13 +373,24 @@ def tcp_in_window(c32, c8, c, d, state, fl, seq, ack, win, paylen, wscale, sackp
     s_maxwin = np.int64(c32[c, sb + W_MAXWIN])
     r_maxwin = np.int64(c32[c, rb + W_MAXWIN])
     liberal = liberal or (c8[c, TFLAGS0 + d] & TF_BE_LIBERAL) != 0
+    maxack_win = s_maxwin if s_maxwin > MAXACKWINCONST else MAXACKWINCONST
+    in_recv_win = r_maxwin == 0 or after(end, s_end - r_maxwin - 1)
+    # the checks in Linux's order; be_liberal passes every one of them unchanged
     if not before(seq, s_maxend + 1):
-        return W_OK if liberal else W_INVALID          # SEQ over the upper bound
-    if r_maxwin != 0 and not after(end, s_end - r_maxwin - 1):
-        return W_OK if liberal else W_IGNORE           # already-ACKed data retransmitted
+        # SEQ over the upper bound. A sender overshooting the receiver's window by at most
+        # that window, with a sane ACK, passes as IGNORE but its end is kept, so the
+        # peer's ACK of those bytes is not "ACK over the upper bound" (Linux 6.0+)
+        overshot = (end - s_maxend + 1) & M32
+        if (r_maxwin != 0 and in_recv_win and after(sack, r_end - maxack_win - 1)
+                and overshot <= r_maxwin and before(sack, r_end + 1)):
+            c32[c, sb + W_END] = end
+            c8[c, TFLAGS0 + d] |= TF_DATA_UNACK
+            return W_OK if liberal else W_IGNORE
+        return W_OK if liberal else W_INVALID
     if not before(sack, r_end + 1):
         return W_OK if liberal else W_INVALID          # ACKs data not seen yet
-    maxack_win = s_maxwin if s_maxwin > MAXACKWINCONST else MAXACKWINCONST
+    if not in_recv_win:
+        return W_OK if liberal else W_IGNORE           # already-ACKed data retransmitted
     if not after(sack, r_end - maxack_win - 1):
         return W_OK if liberal else W_IGNORE           # overly delayed ACK
     # in window: update sender and receiver data

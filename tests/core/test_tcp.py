@@ -220,24 +220,70 @@ def test_out_of_window_data_is_invalid_unless_liberal():
              note=f"liberal={liberal}")
 
 
+def test_liberal_still_refuses_rsts_below_the_acked_sequence():
+    """nf_conntrack_tcp_be_liberal: "mark only out of window RST segments as INVALID".
+    In Linux's code that is the RST check (seq before the peer's max ACK), which runs
+    before and apart from the window checks; the window checks themselves all pass."""
+    t = Tracker(tcp_be_liberal=True)
+    connected(t, iss=1000, irs=3000, isw=65000, irw=65000)
+    step(t, seg("O", "A", seq=1001, ack=3001), "ESTABLISHED")
+    step(t, seg("R", "R", seq=2999), "ESTABLISHED", K.V_INVALID, note="liberal, RST below max ACK")
+    step(t, seg("O", "A", seq=1001 + 10_000_000, ack=3001, data=10), "ESTABLISHED", K.V_ACCEPT,
+         note="liberal, data out of window")
+
+
 def test_ack_of_unseen_data_is_invalid():
     t = Tracker()
     connected(t)
     step(t, seg("O", "A", seq=1235, ack=790 + 100000), "ESTABLISHED", K.V_INVALID)
 
 
-def test_retransmission_of_acked_data_is_ignored():
-    t = Tracker()
+def acked_stream(t):
+    """Connect, then 6000 bytes from the client, each 1000 ACKed by the server."""
     connected(t, iss=1000, irs=3000, isw=2000, irw=2000)
     step(t, seg("O", "A", seq=1001, ack=3001, win=2000, data=1000), "ESTABLISHED")
     step(t, seg("R", "A", seq=3001, ack=2001, win=2000), "ESTABLISHED")
     for k in range(5):
         step(t, seg("O", "A", seq=2001 + 1000 * k, ack=3001, win=2000, data=1000), "ESTABLISHED")
         step(t, seg("R", "A", seq=3001, ack=3001 + 1000 * k, win=2000), "ESTABLISHED")
+
+
+def test_retransmission_of_acked_data_is_ignored():
+    t = Tracker()
+    acked_stream(t)
     before = t.ct.stats()["ignore"]
     step(t, seg("O", "A", seq=1001, ack=3001, win=2000, data=10), "ESTABLISHED", K.V_ACCEPT,
          note="old data again")
     assert t.ct.stats()["ignore"] == before + 1
+
+
+def test_sender_overshooting_the_window_passes_and_its_ack_fits():
+    """Linux 6.0+: data starting past the receiver's window, by at most that window, is
+    IGNOREd (passes, no state change) but its end is kept, so the ACK for it is valid."""
+    t = Tracker()
+    connected(t, iss=1000, irs=3000, isw=1000, irw=1000)     # client may send up to 2001
+    before = t.ct.stats()["ignore"]
+    step(t, seg("O", "A", seq=2002, ack=3001, win=1000, data=100), "ESTABLISHED", K.V_ACCEPT,
+         note="100 bytes past the window")
+    got = t.ct.stats()["ignore"] - before
+    assert got == 1, f"ignored got {got}, want 1"
+    step(t, seg("R", "A", seq=3001, ack=2102, win=1000), "ESTABLISHED", K.V_ACCEPT,
+         note="the ACK of the overshooting bytes")
+    # past the window by more than the receiver's largest window: INVALID as before
+    step(t, seg("O", "A", seq=2102 + 3000, ack=3001, win=1000, data=10), "ESTABLISHED",
+         K.V_INVALID, note="far past the window")
+
+
+def test_window_checks_run_in_linux_order():
+    """Old (already ACKed) data that also ACKs unseen data: Linux checks the ACK's upper
+    bound before the receive window, so INVALID, not IGNORE."""
+    t = Tracker()
+    acked_stream(t)
+    inv = t.ct.stats()["invalid.tcp_window"]
+    step(t, seg("O", "A", seq=1001, ack=3001 + 100000, win=2000, data=10), "ESTABLISHED",
+         K.V_INVALID, note="old data, ACK of unseen data")
+    got = t.ct.stats()["invalid.tcp_window"] - inv
+    assert got == 1, f"invalid.tcp_window got +{got}, want +1"
 
 
 def test_syn_ack_first_is_invalid_and_creates_nothing():
