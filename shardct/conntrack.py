@@ -39,6 +39,7 @@ STATUS_NAMES = ((S_SEEN_REPLY, "SEEN_REPLY"), (S_ASSURED, "ASSURED"), (S_CONFIRM
 REAP_MIN_INTERVAL = 10_000_000          # 10 ms
 REAP_MAX_INTERVAL = 468_750_000         # 60 s / 128
 REAP_FRACTION = 128
+REAP_DELAY = 5_000_000_000             # gVisor reaperDelay: the first run's "previous interval"
 
 
 class ManualClock:
@@ -151,7 +152,7 @@ class ConnTrack:
         self.stats_arr = np.zeros(K.N_STATS, dtype=np.int64)
         self.ev = np.zeros((c.event_buffer, K.N_EV), dtype=np.int64)
         self.evaddr = np.zeros((c.event_buffer, 8), dtype=np.uint64)
-        self.reap_interval = REAP_MIN_INTERVAL
+        self.reap_interval = REAP_DELAY
         t = self.table
         self._cap = 0           # scratch arrays (see _scratch), grown on first use
         self._seed = t.seed
@@ -405,15 +406,18 @@ class ConnTrack:
     def reap(self, now: int, start: int) -> tuple[int, int]:
         """One bounded reaper run (gVisor reapUnused): walk n_buckets/128 routing buckets
         from ``start``; returns (next_start, next_interval_ns). The interval drops to
-        10 ms when over half of the tuples seen had expired, else grows by 10 ms up to
-        468.75 ms."""
+        10 ms when over half of the tuples seen had expired (gVisor's integer percentage,
+        ``expired * 100 // checked > 50``), else grows by 10 ms up to 468.75 ms. Like
+        gVisor's reaper, which starts 5 s (reaperDelay) after the table is made, the
+        first run takes 5 s as the previous interval, so unless the table is stale it
+        returns 468.75 ms."""
         t = self.table
         nb = self.config.n_buckets
         n_walk = max(1, nb // REAP_FRACTION)
         nxt, checked, expired = K.reap(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8,
                                        t.cstatus, t.tbl, self.stats_arr, self.cfg, self.ev,
                                        self.evaddr, now, start, n_walk)
-        if checked and expired > checked // 2:
+        if checked and expired * 100 // checked > 50:
             self.reap_interval = REAP_MIN_INTERVAL
         else:
             self.reap_interval = min(self.reap_interval + REAP_MIN_INTERVAL, REAP_MAX_INTERVAL)

@@ -959,7 +959,10 @@ def update_conn(c64, c32, c8, cstatus, cfg, tmo, stats, c, d, proto, fl, seq, ac
 def reap(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
          now, start, n_walk):
     """Walk routing buckets start..start+n_walk-1 (every chain inside them) and destroy
-    expired conns, both tuples together. Returns (next_start, checked, expired)."""
+    expired conns, both tuples together. Returns (next_start, checked, expired), counted
+    in tuples as gVisor's reapUnused counts them: an expired conn whose other tuple is in
+    the same routing bucket counts that tuple as checked and expired too (the walk would
+    have met it there)."""
     nb = tbl[T_NBUCKETS]
     nheads = tbl[T_NHEADS]
     checked = 0
@@ -979,6 +982,11 @@ def reap(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, 
                     while nx >= 0 and (nx >> 1) == c:
                         nx = np.int64(tnext[nx])
                     expired += 1
+                    o = t ^ 1
+                    if (cstatus[c] & (S_LINK1 if o & 1 else S_LINK0)
+                            and tuple_hash_of(tkey, tport, c8, tbl, o) % nb == b):
+                        checked += 1
+                        expired += 1
                     stats[ST_EXPIRED] += 1
                     destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats,
                                  cfg, ev, evaddr, c, now)

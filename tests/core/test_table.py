@@ -513,19 +513,20 @@ def test_reap_traversal_from_odd_start_covers_every_bucket():
 
 
 def test_reap_interval_rule():
+    """gVisor reapUnused: 10 ms when expired * 100 // checked > 50 (tuples), else the
+    previous interval + 10 ms, capped at 468.75 ms; the first run's previous interval is
+    reaperDelay (5 s)."""
     ct = mk(n_buckets=128, max_conns=1024)     # one bucket per call
-    nb = 128
-    # empty buckets: +10 ms per call up to 468.75 ms
-    got = [ct.reap(T0, k)[1] for k in range(50)]
-    want = [min(10 * MS * (k + 2), 468_750_000) for k in range(50)]
-    assert got == want, f"intervals got {got}, want {want}"
+    got = [ct.reap(T0, k)[1] for k in range(2)]
+    assert got == [468_750_000] * 2, f"first runs (after 5 s) got {got}, want 468.75 ms twice"
 
-    def port_in_bucket(b, taken, other_not=None):
+    def port_in_bucket(b, taken, both=False):
+        """A UDP port p: A:p -> B:53 in bucket b; its reply in b too iff ``both``."""
         for p in range(1024, 65536):
             if p in taken:
                 continue
             b0, b1 = buckets_of(ct, A, B, p, 53, "udp")
-            if b0 == b and b1 != b:
+            if b0 == b and (b1 == b) == both:
                 taken.add(p)
                 return p
         raise AssertionError("no port found")
@@ -541,16 +542,30 @@ def test_reap_interval_rule():
     got = (ct.find(A, B, x1, 53, "udp"), ct.find(A, B, x2, 53, "udp"), ct.find(A, B, y, 53, "udp") is not None)
     assert got == (None, None, True), f"(x1, x2, y present) got {got!r}, want (None, None, True)"
     # bucket 9: one expired, one live -> exactly half -> not more than half: grows
-    x, y = port_in_bucket(9, taken), None
+    x = port_in_bucket(9, taken)
     send1(ct, udp(A, B, x, 53), T0)
     y = port_in_bucket(9, taken)
     send1(ct, udp(A, B, y, 53), T0 + 20 * S)
     _, iv = ct.reap(T0 + 31 * S, 9)
     assert iv == 20 * MS, f"1 of 2 expired: interval got {iv}, want {20 * MS}"
-    # nothing expired: grows again
-    _, iv = ct.reap(T0 + 31 * S, 9)
-    assert iv == 30 * MS, f"0 of 1 expired: interval got {iv}, want {30 * MS}"
-    _ = nb
+    # nothing expired: grows again, then on up to the cap
+    got = [ct.reap(T0 + 31 * S, 9)[1] for _ in range(47)]
+    want = [min(10 * MS * (k + 3), 468_750_000) for k in range(47)]
+    assert got == want, f"0 expired: intervals got {got}, want {want}"
+    # bucket 11: an expired conn with both tuples there and a live one: 2 of 3 tuples
+    x = port_in_bucket(11, taken, both=True)
+    send1(ct, udp(A, B, x, 53), T0)
+    y = port_in_bucket(11, taken)
+    send1(ct, udp(A, B, y, 53), T0 + 20 * S)
+    _, iv = ct.reap(T0 + 31 * S, 11)
+    assert iv == 10 * MS, f"2 of 3 tuples expired (one conn): interval got {iv}, want {10 * MS}"
+    # bucket 13: 26 of 51 tuples expired is 50 in gVisor's integer percentage: grows
+    xs = [port_in_bucket(13, taken) for _ in range(26)]
+    ys = [port_in_bucket(13, taken) for _ in range(25)]
+    send(ct, [udp(A, B, p, 53) for p in xs], T0)
+    send(ct, [udp(A, B, p, 53) for p in ys], T0 + 20 * S)
+    _, iv = ct.reap(T0 + 31 * S, 13)
+    assert iv == 20 * MS, f"26 of 51 expired: interval got {iv}, want {20 * MS}"
 
 
 def test_reaping_removes_both_tuples_and_flow_can_be_recreated():
