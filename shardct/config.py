@@ -61,12 +61,19 @@ class Config:
     tcp_be_liberal: bool = False     # nf_conntrack_tcp_be_liberal
     tcp_loose: bool = True           # nf_conntrack_tcp_loose: pick up mid-stream
     tcp_ignore_invalid_rst: bool = False
+    tcp_max_retrans: int = 3         # nf_conntrack_tcp_max_retrans (1..7 here: a 3-bit count)
     checksum: bool = True            # nf_conntrack_checksum: validate before tracking
     events: bool = True              # nf_conntrack_events
     drop_invalid: bool = False       # forward INVALID untouched unless set (Linux default)
     event_buffer: int = 65536        # events held between drains; overflow is counted
     shard_affine_nat: bool = False   # SNAT/MASQUERADE prefer ports whose reply hashes home
     timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def __post_init__(self):
+        if not 1 <= self.tcp_max_retrans <= 7:
+            raise ConfigError("tcp_max_retrans",
+                              f"tcp_max_retrans = {self.tcp_max_retrans}: want 1..7 (the "
+                              "retransmission count is kept in 3 bits per conn)")
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "<config>") -> "Config":
@@ -93,7 +100,10 @@ class Config:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e9:
                 raise ConfigError(where, f"timeouts.{k} = {v!r}: want seconds > 0")
             tkw[k] = v
-        cfg = cls(**kw, timeouts=Timeouts(**tkw))
+        try:
+            cfg = cls(**kw, timeouts=Timeouts(**tkw))
+        except ConfigError as e:
+            raise ConfigError(where, e.reason) from None
         if cfg.n_buckets & (cfg.n_buckets - 1):
             raise ConfigError(where, f"n_buckets = {cfg.n_buckets}: want a power of two")
         return cfg

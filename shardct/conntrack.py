@@ -145,6 +145,7 @@ class ConnTrack:
         self.cfg[K.CF_MAX_CONNS] = c.max_conns
         self.cfg[K.CF_EVENTS] = int(c.events)
         self.cfg[K.CF_IGNORE_INVALID_RST] = int(c.tcp_ignore_invalid_rst)
+        self.cfg[K.CF_MAX_RETRANS] = int(c.tcp_max_retrans)
         lo, hi = owned if owned is not None else (0, c.n_buckets)
         self.cfg[K.CF_SHARD_LO] = lo
         self.cfg[K.CF_SHARD_HI] = hi

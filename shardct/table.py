@@ -15,8 +15,10 @@ c64         int64[cap, 3]    EXPIRES (ns, absolute), BYTES0, BYTES1
 c32         uint32[cap, 10]  PKTS0, PKTS1, then per direction d at 2+4d:
                              END, MAXEND, MAXWIN, MAXACK (Linux td_*); UDP keeps its
                              stream time (ns) in the first two words
-c8          uint8[cap, 6]    PROTO, IPVER, STATE, SCALES (window scale of direction d in
-                             bits 4d..4d+3), TFLAGS0, TFLAGS1
+c8          uint8[cap, 8]    PROTO, IPVER, STATE, SCALES (window scale of direction d in
+                             bits 4d..4d+3), TFLAGS0, TFLAGS1, LAST (Linux's last_index,
+                             last_dir, last_win == 0 and retrans, packed: ``LAST_*``),
+                             ACKFP (fingerprint of the last ACK segment, see track.py)
 cstatus     uint16[cap]      status bits (``S_*``, Linux numbering where Linux has one)
 tbl         int64[...]       scalars: free list head, entry count, capacity, chain mask,
                              routing buckets, hash seed, event count, dying list
@@ -24,7 +26,7 @@ tbl         int64[...]       scalars: free list head, entry count, capacity, cha
 
 In memory these are records, so that a lookup touches few cache lines: tkey, tport and
 tnext are strided views into one 40-byte record per tuple (a conn's two tuples are
-adjacent), and c64, c32, c8 and cstatus are views into one 72-byte record per conn. Kernels
+adjacent), and c64, c32, c8 and cstatus are views into one 74-byte record per conn. Kernels
 see ordinary (non-contiguous) arrays and index them as above. Large tables sit on huge
 pages (cpu.table_bytes).
 
@@ -51,8 +53,8 @@ W_END, W_MAXEND, W_MAXWIN, W_MAXACK = 0, 1, 2, 3     # + 2 + 4*dir
 UDP_STREAM_LO, UDP_STREAM_HI = 2, 3
 N_C32 = 10
 # c8 columns
-PROTO, IPVER, STATE, SCALES, TFLAGS0, TFLAGS1 = 0, 1, 2, 3, 4, 5
-N_C8 = 6
+PROTO, IPVER, STATE, SCALES, TFLAGS0, TFLAGS1, LAST, ACKFP = 0, 1, 2, 3, 4, 5, 6, 7
+N_C8 = 8
 
 # status bits
 S_SEEN_REPLY = 1 << 1
@@ -81,13 +83,22 @@ TF_BE_LIBERAL = 0x08
 TF_DATA_UNACK = 0x10
 TF_MAXACK_SET = 0x20
 
+# the LAST byte: what Linux keeps of the last packet that passed the window checks (or
+# was ignored), for the retransmission count, the zero-window cap and the answer to an
+# out-of-window FIN/RST. The count saturates at LAST_RETRANS_MAX.
+LAST_INDEX = 0x07           # its flag class index (tcp_packet's idx) + 1; 0 none yet
+LAST_DIR = 0x08             # its direction
+LAST_WIN0 = 0x10            # the last ACK segment advertised a zero window
+LAST_RETRANS_SHIFT = 5      # bits 5..7: the same ACK segment seen again, times
+LAST_RETRANS_MAX = 7
+
 # tbl scalars
 T_FREE, T_COUNT, T_CAP, T_MASK, T_NBUCKETS, T_SEED, T_EVN, T_NHEADS, T_DYING = range(9)
 N_TBL = 9
 
 
 TUPLE_RECORD = 40     # bytes per tuple: tkey, tport, tnext
-CONN_RECORD = 72      # bytes per conn: c64, c32, c8, cstatus
+CONN_RECORD = 74      # bytes per conn: c64, c32, c8, cstatus
 
 
 def _field(raw: np.ndarray, n: int, record: int, offset: int, dtype, width: int = 0):
@@ -125,12 +136,12 @@ class ConnTable:
         self.tport = _field(self._trec, 2 * cap, TUPLE_RECORD, 32, np.uint32)
         self.tnext = _field(self._trec, 2 * cap, TUPLE_RECORD, 36, np.int32)
         self.tnext[:] = -1
-        # conn record: c64 (24 bytes), c32 (40), c8 (6), cstatus (2)
+        # conn record: c64 (24 bytes), c32 (40), c8 (8), cstatus (2)
         self._crec = table_bytes(cap * CONN_RECORD)
         self.c64 = _field(self._crec, cap, CONN_RECORD, 0, np.int64, 3)
         self.c32 = _field(self._crec, cap, CONN_RECORD, 24, np.uint32, N_C32)
         self.c8 = _field(self._crec, cap, CONN_RECORD, 64, np.uint8, N_C8)
-        self.cstatus = _field(self._crec, cap, CONN_RECORD, 70, np.uint16)
+        self.cstatus = _field(self._crec, cap, CONN_RECORD, 72, np.uint16)
         # free list: 0 -> 1 -> ... -> cap-1
         self.tnext[0:2 * cap:2] = np.arange(1, cap + 1, dtype=np.int32)
         self.tnext[2 * (cap - 1)] = -1

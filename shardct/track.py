@@ -28,7 +28,8 @@ from .table import (S_NEW_PENDING, BYTES0, EXPIRES, IPVER, PKTS0, PROTO, S_ASSUR
                     SCALES, STATE, T_COUNT, T_EVN, T_FREE, T_MASK, T_NBUCKETS, T_NHEADS,
                     T_SEED, TF_BE_LIBERAL, TF_CLOSE_INIT, TF_DATA_UNACK, TF_MAXACK_SET,
                     TF_SACK_PERM, TF_WINDOW_SCALE, TFLAGS0, UDP_STREAM_HI, UDP_STREAM_LO,
-                    W_END, W_MAXACK, W_MAXEND, W_MAXWIN)
+                    W_END, W_MAXACK, W_MAXEND, W_MAXWIN, ACKFP, LAST, LAST_DIR, LAST_INDEX,
+                    LAST_RETRANS_MAX, LAST_RETRANS_SHIFT, LAST_WIN0)
 from .tcpstate import TRANSITIONS, IG, IV
 from .rewrite import decrement_ttl, icmp_recompute, rewrite_header
 from .wire import (CLS_INVALID, CLS_NOTIP, CLS_RELATED, CLS_TRACK, CLS_UNTRACKED,
@@ -37,11 +38,12 @@ from .wire import (CLS_INVALID, CLS_NOTIP, CLS_RELATED, CLS_TRACK, CLS_UNTRACKED
 
 # ---- configuration (cfg int64 array)
 (CF_BE_LIBERAL, CF_LOOSE, CF_MAX_CONNS, CF_EVENTS, CF_IGNORE_INVALID_RST, CF_NAT, CF_ROUTER,
- CF_SHARD_LO, CF_SHARD_HI) = range(9)
-N_CFG = 9           # CF_SHARD_LO..HI: the routing buckets this table owns (all by default)
+ CF_SHARD_LO, CF_SHARD_HI, CF_MAX_RETRANS) = range(10)
+N_CFG = 10          # CF_SHARD_LO..HI: the routing buckets this table owns (all by default)
 
 # ---- timeouts (tmo int64 array, ns): TCP states 0..9, then these
 TMO_RETRANS, TMO_UNACK, TMO_UDP, TMO_UDP_STREAM, TMO_ICMP, TMO_GENERIC = 10, 11, 12, 13, 14, 15
+TMO_CLOSE = 8       # the CLOSE state's: Linux gives any RST that passes this timeout
 N_TMO = 16
 
 # ---- verdicts
@@ -298,6 +300,33 @@ def tcp_options_into(c8, c, d, wscale, sackperm):
     c8[c, TFLAGS0 + d] = f
 
 
+@numba.njit(inline="always", cache=True)
+def ack_fingerprint(d, seq, ack, end, win):
+    """8 bits standing for Linux's (last_dir, last_seq, last_ack, last_end, last_win) of
+    an ACK segment: equal for the same segment again. Distinct segments collide with
+    probability 1/256, so a false count of 3 retransmissions takes three collisions in a
+    row (about 6e-8 per segment), and it lasts only until the next segment."""
+    x = (np.uint64(seq & M32) << np.uint64(32)) | np.uint64(ack & M32)
+    y = (np.uint64(end & M32) << np.uint64(17)) ^ (np.uint64(win & 0xFFFF) << np.uint64(1)) \
+        ^ np.uint64(d)
+    h = x * np.uint64(0x9E3779B97F4A7C15) ^ y * np.uint64(0xC2B2AE3D27D4EB4F)
+    h ^= h >> np.uint64(29)
+    return np.int64((h * np.uint64(0xBF58476D1CE4E5B9)) >> np.uint64(56))
+
+
+@numba.njit(inline="always", cache=True)
+def set_last(c8, c, idx, d):
+    """Linux's last_index = idx, last_dir = d (retrans and last_win kept)."""
+    c8[c, LAST] = ((np.int64(c8[c, LAST]) & ~(LAST_INDEX | LAST_DIR)) | (idx + 1) | (d << 3)) & 0xFF
+
+
+@numba.njit(inline="always", cache=True)
+def last_index(c8, c):
+    """(last_index, last_dir); last_index -1 when no packet has been noted yet."""
+    last = np.int64(c8[c, LAST])
+    return (last & LAST_INDEX) - 1, (last & LAST_DIR) >> 3
+
+
 @kernel
 def tcp_new(c32, c8, c, fl, seq, win, paylen, wscale, sackperm, syn):
     """Initialise the original direction's window data (tcp_new)."""
@@ -320,6 +349,7 @@ def tcp_in_window(c32, c8, c, d, state, fl, seq, ack, win, paylen, wscale, sackp
     """Linux tcp_in_window (6.1+ outcomes). Returns W_OK, W_INVALID or W_IGNORE."""
     sb = 2 + 4 * d            # sender
     rb = 2 + 4 * (1 - d)      # receiver
+    win_raw = win
     syn = fl & 2
     fin = fl & 1
     ackf = fl & 16
@@ -418,7 +448,37 @@ def tcp_in_window(c32, c8, c, d, state, fl, seq, ack, win, paylen, wscale, sackp
         c32[c, rb + W_MAXEND] = nme & M32
     if ack == r_end:
         c8[c, TFLAGS0 + 1 - d] &= ~TF_DATA_UNACK & 0xFF
+    if ackf and not (syn or fin or rst):
+        # Linux counts retransmissions: the same ACK segment (direction, seq, ack, end,
+        # window) again; any other resets the count and notes whether its window is 0
+        fp = ack_fingerprint(d, seq, ack, end, win_raw)
+        last = np.int64(c8[c, LAST])
+        if np.int64(c8[c, ACKFP]) == fp:
+            if (last >> LAST_RETRANS_SHIFT) < LAST_RETRANS_MAX:
+                last += 1 << LAST_RETRANS_SHIFT
+        else:
+            c8[c, ACKFP] = fp
+            last &= LAST_INDEX | LAST_DIR
+            if win_raw == 0:
+                last |= LAST_WIN0
+        c8[c, LAST] = last & 0xFF
     return W_OK
+
+
+@numba.njit(inline="always", cache=True)
+def tcp_handle_invalid(c64, c8, cstatus, tmo, c, d, idx, now):
+    """nf_tcp_handle_invalid: an out-of-window FIN or RST of an ASSURED conn that
+    answers the other side's FIN or RST lowers its timeout to UNACK (a dead conn whose
+    window state is out of sync goes in minutes, not days); any other notes itself."""
+    if cstatus[c] & S_ASSURED == 0 or (idx != 2 and idx != 4):
+        return
+    li, ld = last_index(c8, c)
+    if ld != d and (li == 2 or li == 4):
+        left = c64[c, EXPIRES] - now
+        if left >= 120_000_000_000 and left > tmo[TMO_UNACK]:
+            c64[c, EXPIRES] = now + tmo[TMO_UNACK]
+    else:
+        set_last(c8, c, idx, d)
 
 
 @numba.njit(inline="always", cache=True)
@@ -442,6 +502,12 @@ def tcp_packet(c64, c32, c8, cstatus, cfg, tmo, stats, c, d, fl, seq, ack, win, 
         # SYN on TIME_WAIT/CLOSE: kill the old conn, the packet starts a new one
         return R_REOPEN
     if new == IG:
+        # Linux notes an ignored packet as the last one (its window too)
+        set_last(c8, c, idx, d)
+        if win == 0:
+            c8[c, LAST] |= LAST_WIN0
+        else:
+            c8[c, LAST] &= ~LAST_WIN0 & 0xFF
         stats[ST_IGNORE] += 1
         return R_IGNORE
     if new == IV:
@@ -472,16 +538,27 @@ def tcp_packet(c64, c32, c8, cstatus, cfg, tmo, stats, c, d, fl, seq, ack, win, 
     if w == W_INVALID:
         stats[ST_INVALID] += 1
         stats[INV_BASE + INV_TCP_WINDOW] += 1
+        tcp_handle_invalid(c64, c8, cstatus, tmo, c, d, idx, now)
         return R_INVALID
     if w == W_IGNORE:
         stats[ST_IGNORE] += 1
         return R_IGNORE
+    set_last(c8, c, idx, d)
     c8[c, STATE] = new
     if old != new and new == 4:
         c8[c, TFLAGS0 + d] |= TF_CLOSE_INIT
+    # the timeout, first rule that applies (Linux nf_conntrack_tcp_packet)
     timeout = tmo[new]
-    if ((c8[c, TFLAGS0] | c8[c, TFLAGS0 + 1]) & TF_DATA_UNACK) and timeout > tmo[TMO_UNACK]:
+    last = np.int64(c8[c, LAST])
+    if (last >> LAST_RETRANS_SHIFT) >= cfg[CF_MAX_RETRANS] and timeout > tmo[TMO_RETRANS]:
+        timeout = tmo[TMO_RETRANS]
+    elif idx == 4:
+        timeout = tmo[TMO_CLOSE]
+    elif (((c8[c, TFLAGS0] | c8[c, TFLAGS0 + 1]) & TF_DATA_UNACK)
+          and timeout > tmo[TMO_UNACK]):
         timeout = tmo[TMO_UNACK]
+    elif last & LAST_WIN0 and timeout > tmo[TMO_RETRANS]:
+        timeout = tmo[TMO_RETRANS]
     st = cstatus[c]
     if st & S_SEEN_REPLY == 0:
         if fl & 4:

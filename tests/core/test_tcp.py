@@ -17,6 +17,8 @@ from scapy.all import IP, TCP, Ether, IPv6, raw
 from shardct import Config, ConnTrack, ManualClock, PacketBatch
 from shardct import track as K
 from shardct.tcpstate import IG, IV, TRANSITIONS, FlagClass, TcpState, flag_class, next_state
+from shardct.config import Timeouts
+from shardct.errors import ConfigError
 from shardct.table import SCALES
 
 S = 1_000_000_000
@@ -334,6 +336,98 @@ def test_timeouts_follow_linux_defaults():
     t.send(seg("O", "A", seq=1236, ack=791))
     got["TIME_WAIT"] = t.conn().timeout(t.clock())
     assert got == want, f"got {got}, want {want}"
+
+
+def test_timeouts_of_the_other_states_follow_linux_defaults():
+    got = {}
+    t = Tracker()
+    connected(t)
+    step(t, seg("R", "FA", seq=790, ack=1235), "FIN_WAIT")
+    step(t, seg("O", "A", seq=1235, ack=791), "CLOSE_WAIT", note="the FIN ACKed")
+    got["CLOSE_WAIT"] = timeout_of(t)
+    t = Tracker()
+    connected(t)
+    step(t, seg("O", "R", seq=1235), "CLOSE")
+    got["CLOSE"] = timeout_of(t)
+    t = Tracker()
+    step(t, seg("O", "S", seq=1234), "SYN_SENT")
+    step(t, seg("R", "S", seq=789), "SYN_SENT2", note="simultaneous open")
+    got["SYN_SENT2"] = timeout_of(t)
+    want = {"CLOSE_WAIT": 60, "CLOSE": 10, "SYN_SENT2": 120}
+    assert got == want, f"got {got}, want {want}"
+
+
+# timeouts distinct from each other so each rule shows which one applied
+RULES_TMO = dict(tcp_max_retrans=200, tcp_unacknowledged=250)
+
+
+def timeout_of(t):
+    return t.conn().timeout(t.clock())
+
+
+@pytest.mark.parametrize("max_retrans", [3, 1])
+def test_retransmitted_ack_segments_cap_the_timeout(max_retrans):
+    """nf_conntrack_tcp_max_retrans: after that many copies of the same ACK segment the
+    timeout is min(state's, timeout_max_retrans); any other segment lifts it again."""
+    t = Tracker(tcp_max_retrans=max_retrans, timeouts=Timeouts(**RULES_TMO))
+    connected(t)
+    ack = seg("O", "A", seq=1235, ack=790, win=30000)
+    got = []
+    for _ in range(max_retrans + 1):       # the segment, then max_retrans copies
+        got.append(timeout_of(t))
+        step(t, ack, "ESTABLISHED")
+    got.append(timeout_of(t))
+    want = [432000] * (max_retrans + 1) + [200]
+    assert got == want, f"timeouts got {got}, want {want}"
+    step(t, seg("O", "A", seq=1235, ack=790, win=29000), "ESTABLISHED", note="a new window")
+    got = timeout_of(t)
+    assert got == 432000, f"after a different segment: timeout got {got}, want 432000"
+
+
+def test_zero_window_caps_the_timeout():
+    t = Tracker(timeouts=Timeouts(**RULES_TMO))
+    connected(t)
+    step(t, seg("R", "A", seq=790, ack=1235, win=0), "ESTABLISHED", note="zero window")
+    got = timeout_of(t)
+    assert got == 200, f"after a zero window: timeout got {got}, want 200 (max_retrans)"
+    step(t, seg("R", "A", seq=790, ack=1235, win=5000), "ESTABLISHED", note="window opens")
+    got = timeout_of(t)
+    assert got == 432000, f"window open again: timeout got {got}, want 432000"
+
+
+def test_any_rst_that_passes_gets_the_close_timeout():
+    """Linux: an inexact in-window RST keeps ESTABLISHED (room for a challenge ACK) but
+    its timeout is CLOSE's; the next valid segment restores ESTABLISHED's."""
+    t = Tracker()
+    connected(t, iss=1000, irs=3000, isw=65000, irw=65000)
+    step(t, seg("O", "A", seq=1001, ack=3001), "ESTABLISHED")
+    step(t, seg("R", "R", seq=3100), "ESTABLISHED", note="in window, not exact")
+    got = timeout_of(t)
+    assert got == 10, f"after an inexact RST: timeout got {got}, want 10"
+    # the RST's sequence counts as sent (td_end 3100): acking it clears unacked data
+    step(t, seg("O", "A", seq=1001, ack=3100), "ESTABLISHED", note="ACK up to the RST")
+    got = timeout_of(t)
+    assert got == 432000, f"after the ACK: timeout got {got}, want 432000"
+
+
+def test_out_of_window_fins_from_both_sides_lower_an_assured_timeout():
+    """nf_tcp_handle_invalid (6.1+): an ASSURED conn whose FIN/RST is out of window and
+    is answered by an out-of-window FIN/RST from the other side drops to UNACK."""
+    t = Tracker(timeouts=Timeouts(**RULES_TMO))
+    connected(t, iss=1000, irs=3000, isw=65000, irw=65000)
+    step(t, seg("O", "FA", seq=1001 + 10_000_000, ack=3001), "ESTABLISHED", K.V_INVALID,
+         note="client FIN out of window")
+    got = timeout_of(t)
+    assert got == 432000, f"one side only: timeout got {got}, want 432000"
+    step(t, seg("R", "FA", seq=3001 + 10_000_000, ack=1001), "ESTABLISHED", K.V_INVALID,
+         note="server FIN out of window")
+    got = timeout_of(t)
+    assert got == 250, f"both sides: timeout got {got}, want 250 (unacknowledged)"
+
+
+def test_max_retrans_outside_the_count_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"ct\.toml: tcp_max_retrans = 9: want 1\.\.7"):
+        Config.from_dict({"tcp_max_retrans": 9}, "ct.toml")
 
 
 def test_ipv6_handshake():
