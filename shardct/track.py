@@ -499,7 +499,11 @@ def tcp_packet(c64, c32, c8, cstatus, cfg, tmo, stats, c, d, fl, seq, ack, win, 
         idx = 5
     new = np.int64(TRANSITIONS[d, idx, old])
     if new == 1 and old >= 7:
-        # SYN on TIME_WAIT/CLOSE: kill the old conn, the packet starts a new one
+        # SYN on TIME_WAIT/CLOSE: kill the old conn, the packet starts a new one. Linux
+        # reopens only after a FIN (CLOSE_INIT) or this side's own RST; otherwise it
+        # ignores the SYN and resyncs on the SYN/ACK from the SYN's end, window, scale
+        # and flags, which a conn record here does not keep (8 more bytes): reopening at
+        # once reaches the same state one packet earlier
         return R_REOPEN
     if new == IG:
         # Linux notes an ignored packet as the last one (its window too)
