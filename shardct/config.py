@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from .errors import ConfigError
+from .table import LAST_RETRANS_MAX
 from .tcpstate import TcpState
 
 
@@ -70,10 +71,11 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
 
     def __post_init__(self):
-        if not 1 <= self.tcp_max_retrans <= 7:
+        if not 1 <= self.tcp_max_retrans <= LAST_RETRANS_MAX:
             raise ConfigError("tcp_max_retrans",
-                              f"tcp_max_retrans = {self.tcp_max_retrans}: want 1..7 (the "
-                              "retransmission count is kept in 3 bits per conn)")
+                              f"tcp_max_retrans = {self.tcp_max_retrans}: want 1.."
+                              f"{LAST_RETRANS_MAX} (the retransmission count is kept in 3 "
+                              "bits per conn)")
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "<config>") -> "Config":
