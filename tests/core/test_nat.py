@@ -79,14 +79,15 @@ def test_masquerade_keeps_port_and_unnats_reply(proto):
     got = (v, out[IP].src, out[IP].dst, out[IP].sport, out[IP].dport, out[IP].ttl)
     exp = (K.V_ACCEPT, R_WAN, SERVER, 1234, 8080, 63)
     assert got == exp, f"got {got}, want {exp}"
-    assert checksums_ok(out)
-    assert bytes(out[Raw]) == b"\x01\x02\x03\x04"
+    assert checksums_ok(out), f"checksums got invalid, want valid: {out.summary()}"
+    got = bytes(out[Raw])
+    assert got == b"\x01\x02\x03\x04", f"payload got {got!r}, want b'\\x01\\x02\\x03\\x04'"
     L4r = TCP(sport=8080, dport=1234, flags="SA", ack=1) if proto == "tcp" else UDP(sport=8080, dport=1234)
     v, back = r.send(IP(src=SERVER, dst=R_WAN) / L4r, WAN)
     got = (v, back[IP].src, back[IP].dst, back[IP].sport, back[IP].dport)
     exp = (K.V_ACCEPT, SERVER, CLIENT, 8080, 1234)
     assert got == exp, f"got {got}, want {exp}"
-    assert checksums_ok(back)
+    assert checksums_ok(back), f"checksums got invalid, want valid: {back.summary()}"
 
 
 def test_masquerade_icmp_echo_keeps_ident():
@@ -94,35 +95,40 @@ def test_masquerade_icmp_echo_keeps_ident():
     v, out = r.send(IP(src=CLIENT, dst=SERVER) / ICMP(type=8, id=1, seq=5) / b"ping", LAN)
     got = (v, out[IP].src, out[ICMP].id, out[ICMP].seq)
     assert got == (K.V_ACCEPT, R_WAN, 1, 5), got
-    assert checksums_ok(out)
+    assert checksums_ok(out), f"checksums got invalid, want valid: {out.summary()}"
     v, back = r.send(IP(src=SERVER, dst=R_WAN) / ICMP(type=0, id=1, seq=5) / b"ping", WAN)
     got = (v, back[IP].src, back[IP].dst, back[ICMP].id)
     assert got == (K.V_ACCEPT, SERVER, CLIENT, 1), got
-    assert checksums_ok(back)
+    assert checksums_ok(back), f"checksums got invalid, want valid: {back.summary()}"
 
 
 def test_masquerade_ipv6_udp_and_echo():
     r = Router("-A POSTROUTING -o wan0 -j MASQUERADE", family=6)
     v, out = r.send(IPv6(src=CLIENT6, dst=SERVER6) / UDP(sport=1234, dport=8080) / b"abcd", LAN)
-    assert (v, out[IPv6].src, out[IPv6].hlim) == (K.V_ACCEPT, R_WAN6, 63)
-    assert checksums_ok(out)
+    got, exp = (v, out[IPv6].src, out[IPv6].hlim), (K.V_ACCEPT, R_WAN6, 63)
+    assert got == exp, f"(verdict, src, hlim) got {got}, want {exp}"
+    assert checksums_ok(out), f"checksums got invalid, want valid: {out.summary()}"
     v, back = r.send(IPv6(src=SERVER6, dst=R_WAN6) / UDP(sport=8080, dport=1234), WAN)
-    assert (v, back[IPv6].dst) == (K.V_ACCEPT, CLIENT6)
-    assert checksums_ok(back)
+    got, exp = (v, back[IPv6].dst), (K.V_ACCEPT, CLIENT6)
+    assert got == exp, f"(verdict, dst) got {got}, want {exp}"
+    assert checksums_ok(back), f"checksums got invalid, want valid: {back.summary()}"
     v, out = r.send(IPv6(src=CLIENT6, dst=SERVER6) / ICMPv6EchoRequest(id=9, seq=1), LAN)
-    assert (v, out[IPv6].src, out[ICMPv6EchoRequest].id) == (K.V_ACCEPT, R_WAN6, 9)
+    got, exp = (v, out[IPv6].src, out[ICMPv6EchoRequest].id), (K.V_ACCEPT, R_WAN6, 9)
+    assert got == exp, f"(verdict, src, echo id) got {got}, want {exp}"
     q = out.copy()
     del q[ICMPv6EchoRequest].cksum
     assert raw(Ether(raw(q))) == raw(out), "ICMPv6 checksum (pseudo-header) must verify"
     v, back = r.send(IPv6(src=SERVER6, dst=R_WAN6) / ICMPv6EchoReply(id=9, seq=1), WAN)
-    assert (v, back[IPv6].dst, back[ICMPv6EchoReply].id) == (K.V_ACCEPT, CLIENT6, 9)
+    got, exp = (v, back[IPv6].dst, back[ICMPv6EchoReply].id), (K.V_ACCEPT, CLIENT6, 9)
+    assert got == exp, f"(verdict, dst, echo id) got {got}, want {exp}"
 
 
 def test_zero_udp_checksum_stays_zero():
     r = Router("-A POSTROUTING -o wan0 -j MASQUERADE")
     pkt = IP(src=CLIENT, dst=SERVER) / UDP(sport=1234, dport=53, chksum=0) / b"q"
     v, out = r.send(pkt, LAN)
-    assert (v, out[UDP].chksum, out[IP].src) == (K.V_ACCEPT, 0, R_WAN)
+    got, exp = (v, out[UDP].chksum, out[IP].src), (K.V_ACCEPT, 0, R_WAN)
+    assert got == exp, f"(verdict, UDP checksum, src) got {got}, want {exp}"
 
 
 # ---------------------------------------------------------------- DNAT / REDIRECT
@@ -132,12 +138,14 @@ def test_dnat_to_other_host_and_port():
     v, out = r.send(IP(src=CLIENT, dst=R_LAN) / TCP(sport=40000, dport=8081, flags="S"), LAN)
     got = (v, out[IP].src, out[IP].dst, out[TCP].sport, out[TCP].dport)
     assert got == (K.V_ACCEPT, CLIENT, SERVER, 40000, 8080), got
-    assert checksums_ok(out)
+    assert checksums_ok(out), f"checksums got invalid, want valid: {out.summary()}"
     v, back = r.send(IP(src=SERVER, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="SA", ack=1), WAN)
     got = (v, back[IP].src, back[TCP].sport, back[IP].dst)
     assert got == (K.V_ACCEPT, R_LAN, 8081, CLIENT), got
-    assert checksums_ok(back)
-    assert r.ct.original_dst(CLIENT, SERVER, 40000, 8080, "tcp") == (ipaddress.ip_address(R_LAN), 8081)
+    assert checksums_ok(back), f"checksums got invalid, want valid: {back.summary()}"
+    got = r.ct.original_dst(CLIENT, SERVER, 40000, 8080, "tcp")
+    exp = (ipaddress.ip_address(R_LAN), 8081)
+    assert got == exp, f"original_dst got {got}, want {exp}"
 
 
 def test_redirect_to_ingress_address_and_original_dst():
@@ -145,7 +153,7 @@ def test_redirect_to_ingress_address_and_original_dst():
     v, out = r.send(IP(src=CLIENT, dst=SERVER) / UDP(sport=5000, dport=2402) / b"x", LAN)
     got = (v, out[IP].dst, out[UDP].dport)
     assert got == (K.V_ACCEPT, R_LAN, 42), got
-    assert checksums_ok(out)
+    assert checksums_ok(out), f"checksums got invalid, want valid: {out.summary()}"
     got = r.ct.original_dst(CLIENT, R_LAN, 5000, 42, "udp")
     assert got == (ipaddress.ip_address(SERVER), 2402), got
     assert r.ct.original_dst(CLIENT, R_LAN, 5001, 42, "udp") is None, "no conn: ENOTCONN"
@@ -181,7 +189,7 @@ def test_port_exhaustion_with_tiny_range():
         ports.append((v, out[UDP].sport if v == K.V_ACCEPT else None))
     got = sorted(p for v, p in ports if v == K.V_ACCEPT)
     assert got == [1000, 1001], f"got {ports}"
-    assert ports[2][0] == K.V_DROP
+    assert ports[2][0] == K.V_DROP, f"third flow verdict got {ports[2][0]}, want {K.V_DROP} (drop)"
     s = r.ct.stats()
     assert (s["insert_failed"], s["drop"]) == (1, 1), s
 
@@ -192,7 +200,8 @@ def test_nat_conflict_single_port_range():
     v1, _ = r.send(IPv6(src="b::2", dst="a::2") / UDP(sport=2, dport=3), LAN)
     v2, _ = r.send(IPv6(src="d::4", dst="a::2") / UDP(sport=2, dport=3), LAN)
     v3, _ = r.send(IPv6(src="b::2", dst="a::2") / UDP(sport=2, dport=3), LAN)
-    assert (v1, v2, v3) == (K.V_ACCEPT, K.V_DROP, K.V_ACCEPT)
+    got, exp = (v1, v2, v3), (K.V_ACCEPT, K.V_DROP, K.V_ACCEPT)
+    assert got == exp, f"verdicts got {got}, want {exp}"
 
 
 @pytest.mark.parametrize("sport,lo,hi", [(1, 1, 511), (511, 1, 511), (512, 600, 1023),
@@ -204,12 +213,12 @@ def test_snat_port_conflicts_stay_in_class(sport, lo, hi, proto):
     for k in range(3):
         L4 = TCP(sport=sport, dport=5432, flags="S") if proto == "tcp" else UDP(sport=sport, dport=5432)
         v, out = r.send(IP(src=f"10.0.0.{20 + k}", dst=SERVER) / L4, LAN)
-        assert v == K.V_ACCEPT
+        assert v == K.V_ACCEPT, f"flow {k} verdict got {v}, want {K.V_ACCEPT}"
         got.append(out[IP].sport)
     assert got[0] == sport, f"first flow keeps its port: got {got[0]}, want {sport}"
     for p in got[1:]:
         assert lo <= p <= hi and p != sport, f"remapped port {p} outside [{lo}, {hi}]"
-    assert len(set(got)) == 3
+    assert len(set(got)) == 3, f"ports got {got}, want 3 distinct"
 
 
 @pytest.mark.parametrize("ident", [0, 511, 512, 1023, 1024, 65535])
@@ -218,9 +227,9 @@ def test_snat_icmp_ident_conflicts(ident):
     got = []
     for k in range(3):
         v, out = r.send(IP(src=f"10.0.0.{30 + k}", dst=SERVER) / ICMP(id=ident), LAN)
-        assert v == K.V_ACCEPT
+        assert v == K.V_ACCEPT, f"flow {k} verdict got {v}, want {K.V_ACCEPT}"
         got.append(out[ICMP].id)
-        assert checksums_ok(out)
+        assert checksums_ok(out), f"flow {k}: checksums got invalid, want valid: {out.summary()}"
     assert got[0] == ident and len(set(got)) == 3, got
 
 
@@ -230,9 +239,13 @@ def test_dnat_clash_null_binding_remaps_source():
     r = Router("-A PREROUTING -p udp -d 10.0.0.3 --dport 1234 -j DNAT --to-destination 192.168.0.2:1234")
     v1, o1 = r.send(IP(src=CLIENT, dst=R_LAN) / UDP(sport=4321, dport=1234) / b"step 1", LAN)
     v2, o2 = r.send(IP(src=CLIENT, dst=SERVER) / UDP(sport=4321, dport=1234) / b"step 2", LAN)
-    assert (v1, o1[IP].dst, o1[UDP].sport) == (K.V_ACCEPT, SERVER, 4321)
-    assert v2 == K.V_ACCEPT and o2[UDP].sport != 4321 and o2[UDP].sport >= 1024
-    assert bytes(o2[Raw]) == b"step 2" and checksums_ok(o2)
+    got, exp = (v1, o1[IP].dst, o1[UDP].sport), (K.V_ACCEPT, SERVER, 4321)
+    assert got == exp, f"first flow (verdict, dst, sport) got {got}, want {exp}"
+    assert v2 == K.V_ACCEPT and o2[UDP].sport != 4321 and o2[UDP].sport >= 1024, \
+        f"flow 2 (verdict, sport) got {(v2, o2[UDP].sport)}, want ({K.V_ACCEPT}, >= 1024, != 4321)"
+    got = bytes(o2[Raw])
+    assert got == b"step 2" and checksums_ok(o2), \
+        f"second flow payload got {got!r}, want b'step 2' with valid checksums: {o2.summary()}"
 
 
 def test_snat_and_dnat_on_one_flow():
@@ -242,11 +255,11 @@ def test_snat_and_dnat_on_one_flow():
     got = (v, out[IP].src, out[IP].dst, out[TCP].sport, out[TCP].dport)
     assert got == (K.V_ACCEPT, R_WAN, SERVER, 1234, 8080), got
     c, _ = r.ct.lookup(CLIENT, R_LAN, 1234, 8080, "tcp")
-    assert {"SRC_NAT", "DST_NAT"} <= c.status
+    assert {"SRC_NAT", "DST_NAT"} <= c.status, f"status got {c.status}, want SRC_NAT and DST_NAT"
     v, back = r.send(IP(src=SERVER, dst=R_WAN) / TCP(sport=8080, dport=1234, flags="SA", ack=1), WAN)
     got = (v, back[IP].src, back[IP].dst, back[TCP].sport, back[TCP].dport)
     assert got == (K.V_ACCEPT, R_LAN, CLIENT, 8080, 1234), got
-    assert checksums_ok(back)
+    assert checksums_ok(back), f"checksums got invalid, want valid: {back.summary()}"
 
 
 # ---------------------------------------------------------------- ICMP errors
@@ -264,13 +277,15 @@ def test_icmp_error_for_nated_flow(trim, proto, icmp_type, code):
     L4 = UDP(sport=1234, dport=5432) if proto == "udp" else TCP(sport=1234, dport=5432, flags="S")
     sent = IP(src=CLIENT, dst=R_LAN, ttl=64) / L4 / b"\x01\x02\x03\x04"
     v, out = r.send(sent, LAN)
-    assert (out[IP].src, out[IP].dst) == (R_WAN, SERVER)
+    got, exp = (out[IP].src, out[IP].dst), (R_WAN, SERVER)
+    assert got == exp, f"(src, dst) got {got}, want {exp}"
     quote = raw(out[IP])
     quote = quote[:len(quote) - trim] if trim else quote
     err = IP(src=SERVER, dst=R_WAN) / ICMP(type=icmp_type, code=code) / Raw(quote)
     v, back = r.send(err, WAN)
     assert v == K.V_RELATED, f"verdict {v}"
-    assert (back[IP].src, back[IP].dst, back[ICMP].type) == (R_LAN, CLIENT, icmp_type)
+    got, exp = (back[IP].src, back[IP].dst, back[ICMP].type), (R_LAN, CLIENT, icmp_type)
+    assert got == exp, f"(src, dst, ICMP type) got {got}, want {exp}"
     want_quote = IP(raw(sent))
     want_quote.ttl = 63
     del want_quote.chksum
@@ -289,12 +304,14 @@ def test_icmp_error_quoting_ipv4_options():
     from scapy.all import IPOption_NOP
     sent = IP(src=CLIENT, dst=SERVER, options=[IPOption_NOP()] * 4) / UDP(sport=1234, dport=9) / b"opt"
     v, out = r.send(sent, LAN)
-    assert (v, out[IP].src, out[IP].ihl) == (K.V_ACCEPT, R_WAN, 6)
+    got, exp = (v, out[IP].src, out[IP].ihl), (K.V_ACCEPT, R_WAN, 6)
+    assert got == exp, f"(verdict, src, ihl) got {got}, want {exp}"
     v, back = r.send(IP(src=SERVER, dst=R_WAN) / ICMP(type=3, code=3) / Raw(raw(out[IP])), WAN)
-    assert (v, back[IP].dst) == (K.V_RELATED, CLIENT)
+    got, exp = (v, back[IP].dst), (K.V_RELATED, CLIENT)
+    assert got == exp, f"(verdict, dst) got {got}, want {exp}"
     q = IP(bytes(back[ICMP].payload))
     assert (q.src, q.ihl, q[UDP].sport) == (CLIENT, 6, 1234), q.summary()
-    assert checksums_ok(back)
+    assert checksums_ok(back), f"checksums got invalid, want valid: {back.summary()}"
     chk = q.copy()
     del chk.chksum
     assert raw(IP(raw(chk)))[:24] == raw(q)[:24], "quoted IPv4 header checksum (with options)"
@@ -305,10 +322,12 @@ def test_icmpv6_error_quoting_extension_headers():
     r = Router("-A POSTROUTING -o wan0 -j MASQUERADE", family=6)
     sent = IPv6(src=CLIENT6, dst=SERVER6) / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / UDP(sport=1234, dport=9) / b"x"
     v, out = r.send(sent, LAN)
-    assert (v, out[IPv6].src) == (K.V_ACCEPT, R_WAN6)
+    got, exp = (v, out[IPv6].src), (K.V_ACCEPT, R_WAN6)
+    assert got == exp, f"(verdict, src) got {got}, want {exp}"
     err = IPv6(src=SERVER6, dst=R_WAN6) / ICMPv6DestUnreach(code=4) / Raw(raw(out[IPv6]))
     v, back = r.send(err, WAN)
-    assert (v, back[IPv6].dst) == (K.V_RELATED, CLIENT6)
+    got, exp = (v, back[IPv6].dst), (K.V_RELATED, CLIENT6)
+    assert got == exp, f"(verdict, dst) got {got}, want {exp}"
     inner = IPv6(bytes(back[ICMPv6DestUnreach].payload))
     assert (inner.src, inner[UDP].sport) == (CLIENT6, 1234), inner.summary()
     q = back.copy()
@@ -322,8 +341,10 @@ def test_drop_invalid_setting_is_reported_in_the_mask():
         b = PacketBatch.from_frames([raw(E / IP(src=CLIENT, dst=SERVER) / UDP(sport=1, dport=2, chksum=0x1234))],
                                     ifindex=LAN)
         res = r.ct.process(b)
-        assert int(res.verdict[0]) == K.V_INVALID
-        assert bool(res.forward_mask(r.ct.config.drop_invalid)[0]) is (not drop)
+        got = int(res.verdict[0])
+        assert got == K.V_INVALID, f"drop_invalid={drop}: verdict got {got}, want {K.V_INVALID}"
+        got = bool(res.forward_mask(r.ct.config.drop_invalid)[0])
+        assert got is (not drop), f"drop_invalid={drop}: forward_mask got {got}, want {not drop}"
         assert IP(raw(Ether(b.frame(0))[IP])).src == CLIENT, "INVALID packets are not NATed"
 
 
@@ -332,8 +353,9 @@ def test_icmp_error_with_cut_l4_header_is_invalid():
     v, out = r.send(IP(src=CLIENT, dst=SERVER) / UDP(sport=1234, dport=5432) / b"data", LAN)
     quote = raw(out[IP])[:20 + 3]
     v, back = r.send(IP(src=SERVER, dst=R_WAN) / ICMP(type=3, code=3) / Raw(quote), WAN)
-    assert v == K.V_INVALID
-    assert r.ct.stats()["invalid.icmp_inner"] == 1
+    assert v == K.V_INVALID, f"verdict got {v}, want {K.V_INVALID} (invalid)"
+    got = r.ct.stats()["invalid.icmp_inner"]
+    assert got == 1, f"invalid.icmp_inner got {got}, want 1"
 
 
 def test_icmpv6_error_for_masqueraded_flow():
@@ -341,9 +363,11 @@ def test_icmpv6_error_for_masqueraded_flow():
     v, out = r.send(IPv6(src=CLIENT6, dst=SERVER6) / UDP(sport=1234, dport=5432) / b"d", LAN)
     err = IPv6(src=SERVER6, dst=R_WAN6) / ICMPv6DestUnreach(code=4) / Raw(raw(out[IPv6]))
     v, back = r.send(err, WAN)
-    assert (v, back[IPv6].dst) == (K.V_RELATED, CLIENT6)
+    got, exp = (v, back[IPv6].dst), (K.V_RELATED, CLIENT6)
+    assert got == exp, f"(verdict, dst) got {got}, want {exp}"
     inner = IPv6(bytes(back[ICMPv6DestUnreach].payload))
-    assert (inner.src, inner[UDP].sport) == (CLIENT6, 1234)
+    got, exp = (inner.src, inner[UDP].sport), (CLIENT6, 1234)
+    assert got == exp, f"quoted (src, sport) got {got}, want {exp}"
     q = back.copy()
     del q[ICMPv6DestUnreach].cksum
     assert raw(Ether(raw(q))) == raw(back), "ICMPv6 checksum"
@@ -361,9 +385,9 @@ def test_allocations_keep_live_tuples_unique(flows, seed):
         L4 = {"udp": UDP(sport=port, dport=53), "tcp": TCP(sport=port, dport=80, flags="S"),
               "icmp": ICMP(id=port)}[proto]
         v, out = r.send(IP(src=f"10.0.0.{40 + host}", dst=SERVER) / L4, LAN)
-        assert v in (K.V_ACCEPT, K.V_DROP)
+        assert v in (K.V_ACCEPT, K.V_DROP), f"verdict got {v}, want {K.V_ACCEPT} or {K.V_DROP}"
         if v == K.V_ACCEPT:
-            assert checksums_ok(out)
+            assert checksums_ok(out), f"checksums got invalid, want valid: {out.summary()}"
     seen = set()
     for c in r.ct.conns():
         for t in (c.original, c.reply):
@@ -378,9 +402,10 @@ def test_udp_checksum_computing_to_zero_is_sent_as_ffff():
     c0 = IP(raw(probe))[UDP].chksum
     word = c0 if c0 != 0xFFFF else 0
     v, out = r.send(IP(src=CLIENT, dst=SERVER) / UDP(sport=1234, dport=53) / word.to_bytes(2, "big"), LAN)
-    assert (v, out[IP].src) == (K.V_ACCEPT, R_WAN)
+    got, exp = (v, out[IP].src), (K.V_ACCEPT, R_WAN)
+    assert got == exp, f"(verdict, src) got {got}, want {exp}"
     assert out[UDP].chksum == 0xFFFF, f"got {out[UDP].chksum:#06x}, want 0xffff (a computed 0)"
-    assert checksums_ok(out)
+    assert checksums_ok(out), f"checksums got invalid, want valid: {out.summary()}"
 
 
 def test_snat_address_range_same_client_same_address():
@@ -388,9 +413,11 @@ def test_snat_address_range_same_client_same_address():
     got = set()
     for k in range(3):
         v, out = r.send(IP(src=CLIENT, dst=SERVER) / UDP(sport=2000 + k, dport=53), LAN)
-        assert v == K.V_ACCEPT
+        assert v == K.V_ACCEPT, f"flow {k} verdict got {v}, want {K.V_ACCEPT}"
         got.add(out[IP].src)
-    assert len(got) == 1 and 100 <= int(got.pop().split(".")[-1]) <= 110
+    addrs = sorted(got)
+    assert len(got) == 1 and 100 <= int(got.pop().split(".")[-1]) <= 110, \
+        f"source addresses got {addrs}, want one in 192.168.0.100-110"
     r = Router("-A POSTROUTING -o wan0 -p udp -j SNAT --to-source 192.168.0.100-192.168.0.110 --persistent")
     got = set()
     for k in range(5):
@@ -433,8 +460,9 @@ def test_engine_never_raises_on_any_bytes(data):
         ifx.append(data.draw(st.sampled_from([-1, LAN, WAN])))
     b = PacketBatch.from_frames(frames, ifindex=ifx, ts=10_000_000_000)
     res = r.ct.process(b)
-    assert set(res.verdict.tolist()) <= {K.V_ACCEPT, K.V_RELATED, K.V_UNTRACKED, K.V_INVALID,
-                                         K.V_DROP, K.V_NOTIP}
+    got = set(res.verdict.tolist())
+    assert got <= {K.V_ACCEPT, K.V_RELATED, K.V_UNTRACKED, K.V_INVALID,
+                   K.V_DROP, K.V_NOTIP}, f"verdicts got {sorted(got)}, want only known verdicts"
     assert list(b.length) == [len(f) for f in frames], "frames never change length"
 
 
@@ -453,13 +481,14 @@ def test_shard_affine_masquerade_ports_bring_replies_home(n_workers):
         for j in range(40):
             pkt = IP(src=f"10.0.0.{10 + j}", dst=SERVER) / UDP(sport=30000 + j, dport=53)
             b = PacketBatch.from_frames([raw(E / pkt)], ifindex=LAN)
-            assert int(ct.process(b).verdict[0]) == K.V_ACCEPT
+            got = int(ct.process(b).verdict[0])
+            assert got == K.V_ACCEPT, f"flow {j}: verdict got {got}, want {K.V_ACCEPT}"
             out = Ether(b.frame(0))
             kept += out[UDP].sport == 30000 + j
             h = tuple_hash(ipaddress.ip_address(SERVER).packed, ipaddress.ip_address(R_WAN).packed,
                            53, out[UDP].sport, 17, ct.table.seed)
             home += owner_of(bucket_of(h), n_workers) == k
-            assert checksums_ok(out)
+            assert checksums_ok(out), f"checksums got invalid, want valid: {out.summary()}"
         if affine:
             assert home == 40, f"replies landing home: got {home}/40"
         else:

@@ -50,10 +50,14 @@ def test_ipv6_specs_and_family():
     rs = load("-A PREROUTING -d 2001:db8::1/128 -p udp -j DNAT --to-destination [a::1-a::9]:53-60\n"
               "-A POSTROUTING -o wan0 -j SNAT --to-source a::1", family=6)
     t = ev(rs, HOOK_PREROUTING, "b::2", "2001:db8::1", proto=17)
-    assert (str(t.addr_min), str(t.addr_max), t.port_min, t.port_max) == ("a::1", "a::9", 53, 60)
+    got = (str(t.addr_min), str(t.addr_max), t.port_min, t.port_max)
+    want = ("a::1", "a::9", 53, 60)
+    assert got == want, f"DNAT (addr_min, addr_max, port_min, port_max) got {got}, want {want}"
     t = ev(rs, HOOK_POSTROUTING, "b::2", "c::3", o="wan0")
-    assert (t.kind, str(t.addr_min), t.has_port) == (KIND_SNAT, "a::1", False)
-    assert ev(rs, HOOK_POSTROUTING, "b::2", "c::3", o="wan0", family=4) is None
+    got, want = (t.kind, str(t.addr_min), t.has_port), (KIND_SNAT, "a::1", False)
+    assert got == want, f"SNAT (kind, addr_min, has_port) got {got}, want {want}"
+    got = ev(rs, HOOK_POSTROUTING, "b::2", "c::3", o="wan0", family=4)
+    assert got is None, f"IPv4 on IPv6 rules: target got {got}, want None"
 
 
 def test_matches_and_negation():
@@ -61,24 +65,33 @@ def test_matches_and_negation():
               "-A PREROUTING ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80\n"
               "-A PREROUTING -p udp --sport 1000:2000 ! --dport 53 -j REDIRECT --to-ports 5353\n"
               "-A PREROUTING -i eth+ -p tcp -j REDIRECT --to-ports 3128")
-    assert ev(rs, HOOK_POSTROUTING, "172.17.0.5", "8.8.8.8", o="eth0").kind == KIND_MASQUERADE
-    assert ev(rs, HOOK_POSTROUTING, "172.17.0.5", "8.8.8.8", o="docker0") is None
-    assert ev(rs, HOOK_POSTROUTING, "10.0.0.5", "8.8.8.8", o="eth0") is None
+    got = ev(rs, HOOK_POSTROUTING, "172.17.0.5", "8.8.8.8", o="eth0").kind
+    assert got == KIND_MASQUERADE, f"-o eth0: kind got {got}, want {KIND_MASQUERADE} (MASQUERADE)"
+    got = ev(rs, HOOK_POSTROUTING, "172.17.0.5", "8.8.8.8", o="docker0")
+    assert got is None, f"! -o docker0: target got {got}, want None"
+    got = ev(rs, HOOK_POSTROUTING, "10.0.0.5", "8.8.8.8", o="eth0")
+    assert got is None, f"-s outside 172.17.0.0/16: target got {got}, want None"
     assert ev(rs, HOOK_PREROUTING, "8.8.8.8", "1.2.3.4", dport=8080, i="docker0") is None, \
         "! -i docker0 fails and eth+ does not match docker0"
     t = ev(rs, HOOK_PREROUTING, "8.8.8.8", "1.2.3.4", dport=8080, i="eth0")
-    assert (t.kind, str(t.addr_min), t.port_min) == (KIND_DNAT, "172.17.0.2", 80)
+    got, want = (t.kind, str(t.addr_min), t.port_min), (KIND_DNAT, "172.17.0.2", 80)
+    assert got == want, f"DNAT (kind, addr_min, port_min) got {got}, want {want}"
     t = ev(rs, HOOK_PREROUTING, "8.8.8.8", "1.2.3.4", proto=17, sport=1500, dport=54, i="wlan0")
-    assert (t.kind, t.port_min) == (KIND_REDIRECT, 5353)
-    assert ev(rs, HOOK_PREROUTING, "8.8.8.8", "1.2.3.4", proto=17, sport=1500, dport=53, i="wlan0") is None
-    assert ev(rs, HOOK_PREROUTING, "8.8.8.8", "1.2.3.4", dport=22, i="eth1").port_min == 3128
+    got, want = (t.kind, t.port_min), (KIND_REDIRECT, 5353)
+    assert got == want, f"REDIRECT (kind, port_min) got {got}, want {want}"
+    got = ev(rs, HOOK_PREROUTING, "8.8.8.8", "1.2.3.4", proto=17, sport=1500, dport=53, i="wlan0")
+    assert got is None, f"! --dport 53 with dport 53: target got {got}, want None"
+    got = ev(rs, HOOK_PREROUTING, "8.8.8.8", "1.2.3.4", dport=22, i="eth1").port_min
+    assert got == 3128, f"-i eth+ REDIRECT: port_min got {got}, want 3128"
 
 
 def test_first_match_wins_and_accept_stops():
     rs = load("-A PREROUTING -p tcp --dport 22 -j ACCEPT\n"
               "-A PREROUTING -p tcp -j DNAT --to-destination 10.0.0.1")
-    assert ev(rs, HOOK_PREROUTING, "1.1.1.1", "2.2.2.2", dport=22) is None
-    assert ev(rs, HOOK_PREROUTING, "1.1.1.1", "2.2.2.2", dport=23).kind == KIND_DNAT
+    got = ev(rs, HOOK_PREROUTING, "1.1.1.1", "2.2.2.2", dport=22)
+    assert got is None, f"dport 22 (ACCEPT first): target got {got}, want None"
+    got = ev(rs, HOOK_PREROUTING, "1.1.1.1", "2.2.2.2", dport=23).kind
+    assert got == KIND_DNAT, f"dport 23: kind got {got}, want {KIND_DNAT} (DNAT)"
 
 
 def test_user_chains_with_return_kube_proxy_style():
@@ -90,11 +103,14 @@ def test_user_chains_with_return_kube_proxy_style():
               "-A KUBE-SVC-A -p udp -j DNAT --to-destination 10.244.1.5:53\n"
               "-A KUBE-SERVICES -p tcp -j DNAT --to-destination 10.244.9.9:80", head=HEAD)
     t = ev(rs, HOOK_PREROUTING, "192.168.1.1", "10.96.0.10", proto=17, dport=53)
-    assert (t.kind, str(t.addr_min), t.port_min) == (KIND_DNAT, "10.244.1.5", 53)
+    got, want = (t.kind, str(t.addr_min), t.port_min), (KIND_DNAT, "10.244.1.5", 53)
+    assert got == want, f"service DNAT (kind, addr_min, port_min) got {got}, want {want}"
     # RETURN from the service chain continues in KUBE-SERVICES (no UDP rule after it)
-    assert ev(rs, HOOK_PREROUTING, "10.244.3.3", "10.96.0.10", proto=17, dport=53) is None
+    got = ev(rs, HOOK_PREROUTING, "10.244.3.3", "10.96.0.10", proto=17, dport=53)
+    assert got is None, f"RETURN for 10.244.0.0/16: target got {got}, want None"
     t = ev(rs, HOOK_OUTPUT, "10.244.3.3", "10.96.0.10", proto=6, dport=53)
-    assert str(t.addr_min) == "10.244.9.9"
+    got = str(t.addr_min)
+    assert got == "10.244.9.9", f"OUTPUT tcp DNAT: addr_min got {got}, want 10.244.9.9"
 
 
 def test_flags_counters_and_other_tables():
@@ -103,18 +119,24 @@ def test_flags_counters_and_other_tables():
             "-A POSTROUTING -o wan1 -j SNAT --to-source 1.2.3.4-1.2.3.8 --persistent --random-fully\n"
             "COMMIT\n")
     rs = parse_iptables_save(text, "t.rules", 4)
-    assert rs.ignored_tables == ["filter"]
+    got = rs.ignored_tables
+    assert got == ["filter"], f"ignored_tables got {got}, want ['filter']"
     t = ev(rs, HOOK_POSTROUTING, "10.0.0.2", "8.8.8.8", o="wan0")
-    assert (t.port_min, t.port_max, t.flags) == (1024, 2047, F_RANDOM)
+    got, want = (t.port_min, t.port_max, t.flags), (1024, 2047, F_RANDOM)
+    assert got == want, f"MASQUERADE (port_min, port_max, flags) got {got}, want {want}"
     t = ev(rs, HOOK_POSTROUTING, "10.0.0.2", "8.8.8.8", o="wan1")
-    assert t.flags == F_PERSISTENT | F_RANDOM_FULLY
+    assert t.flags == F_PERSISTENT | F_RANDOM_FULLY, \
+        f"SNAT flags got {t.flags}, want {F_PERSISTENT | F_RANDOM_FULLY} (persistent, random-fully)"
 
 
 def test_example_configs_load():
     rs = parse_iptables_save((CONFIGS / "demo.rules").read_text(), "demo.rules", 4)
-    assert ev(rs, HOOK_POSTROUTING, "10.0.0.7", "1.1.1.1", o="wan0").kind == KIND_MASQUERADE
+    got = ev(rs, HOOK_POSTROUTING, "10.0.0.7", "1.1.1.1", o="wan0").kind
+    assert got == KIND_MASQUERADE, \
+        f"demo.rules -o wan0: kind got {got}, want {KIND_MASQUERADE} (MASQUERADE)"
     t = ev(rs, HOOK_PREROUTING, "1.1.1.1", "192.168.0.1", dport=8080, i="wan0")
-    assert (str(t.addr_min), t.port_min) == ("10.0.0.80", 80)
+    got, want = (str(t.addr_min), t.port_min), ("10.0.0.80", 80)
+    assert got == want, f"demo.rules DNAT (addr_min, port_min) got {got}, want {want}"
 
 
 # ---------------------------------------------------------------- refused, with file:line

@@ -67,7 +67,8 @@ def connected(t, iss=1234, irs=789, isw=30000, irw=50000):
     step(t, seg("O", "S", seq=iss, win=irw), "SYN_SENT", note="SYN")
     step(t, seg("R", "SA", seq=irs, ack=iss + 1, win=isw), "SYN_RECV", note="SYN/ACK")
     step(t, seg("O", "A", seq=iss + 1, ack=irs + 1, win=irw), "ESTABLISHED", note="ACK")
-    assert "ASSURED" in t.conn().status
+    got = t.conn().status
+    assert "ASSURED" in got, f"status got {got}, want ASSURED in it"
 
 
 # ---------------------------------------------------------------- gVisor sequences
@@ -194,11 +195,15 @@ def test_window_scaling(w, syn_scale, synack_scale, data):
     want = (syn_scale, synack_scale) if both_scaled else (0, 0)
     assert got == want, f"scales got {got}, want {want}"
     now = t.clock.advance(240)
-    assert t.ct.reap_all(now) == 0
-    assert len(t.ct) == 1
+    got = t.ct.reap_all(now)
+    assert got == 0, f"reaped after 240 s got {got}, want 0"
+    got = len(t.ct)
+    assert got == 1, f"conns after 240 s got {got}, want 1"
     now = t.clock.advance(5 * 24 * 3600)
-    assert t.ct.reap_all(now) == 1
-    assert len(t.ct) == 0
+    got = t.ct.reap_all(now)
+    assert got == 1, f"reaped after 5 days got {got}, want 1"
+    got = len(t.ct)
+    assert got == 0, f"conns after 5 days got {got}, want 0"
 
 
 def test_reap_refreshed_by_retransmitted_syn():
@@ -210,7 +215,8 @@ def test_reap_refreshed_by_retransmitted_syn():
     now = t.clock.advance(90)
     assert t.ct.reap_all(now) == 0, "SYN_SENT timeout is 120 s since the last packet"
     now = t.clock.advance(60)
-    assert t.ct.reap_all(now) == 1
+    got = t.ct.reap_all(now)
+    assert got == 1, f"reaped 150 s after the last SYN got {got}, want 1"
 
 
 # ---------------------------------------------------------------- Linux specifics
@@ -224,7 +230,8 @@ def test_rst_sequence_checks():
     for bad in (0, 42, 1000000, 2999):
         step(t, seg("R", "R", seq=bad), "ESTABLISHED", K.V_INVALID, note=f"RST seq {bad}")
     step(t, seg("R", "R", seq=3001), "CLOSE", note="exact RST")
-    assert t.ct.stats()["invalid.tcp_rst"] + t.ct.stats()["invalid.tcp_window"] == 4
+    got = t.ct.stats()["invalid.tcp_rst"] + t.ct.stats()["invalid.tcp_window"]
+    assert got == 4, f"invalid.tcp_rst + invalid.tcp_window got {got}, want 4"
 
 
 def test_inexact_in_window_rst_keeps_state():
@@ -276,7 +283,8 @@ def test_retransmission_of_acked_data_is_ignored():
     before = t.ct.stats()["ignore"]
     step(t, seg("O", "A", seq=1001, ack=3001, win=2000, data=10), "ESTABLISHED", K.V_ACCEPT,
          note="old data again")
-    assert t.ct.stats()["ignore"] == before + 1
+    got = t.ct.stats()["ignore"]
+    assert got == before + 1, f"ignore got {got}, want {before + 1}"
 
 
 def test_sender_overshooting_the_window_passes_and_its_ack_fits():
@@ -311,8 +319,10 @@ def test_window_checks_run_in_linux_order():
 def test_syn_ack_first_is_invalid_and_creates_nothing():
     t = Tracker()
     step(t, seg("O", "SA", seq=1, ack=1), None, K.V_INVALID)
-    assert len(t.ct) == 0
-    assert t.ct.stats()["invalid.not_new"] == 1
+    got = len(t.ct)
+    assert got == 0, f"conns got {got}, want 0"
+    got = t.ct.stats()["invalid.not_new"]
+    assert got == 1, f"invalid.not_new got {got}, want 1"
 
 
 def test_midstream_pickup_loose():
@@ -334,8 +344,9 @@ def test_reopen_in_time_wait():
     step(t, seg("O", "S", seq=99999), "SYN_SENT", note="new SYN reopens")
     kinds = [e.kind for e in t.ct.events()]
     assert kinds[-2:] == ["DESTROY", "NEW"], f"got {kinds[-2:]}, want DESTROY, NEW"
-    assert t.ct.stats()["new"] == 2
-    assert old is not None
+    got = t.ct.stats()["new"]
+    assert got == 2, f"new got {got}, want 2"
+    assert old is not None, f"first conn id got {old}, want an id"
 
 
 def test_timeouts_follow_linux_defaults():
@@ -453,8 +464,10 @@ def test_max_retrans_outside_the_count_is_a_config_error():
 def test_ipv6_handshake():
     t = Tracker()
     for d, f, s, a in (("O", "S", 1, 0), ("R", "SA", 100, 2), ("O", "A", 2, 101)):
-        assert t.send(seg(d, f, seq=s, ack=a, v6=True)) == K.V_ACCEPT
-    assert t.state(v6=True) == "ESTABLISHED"
+        got = t.send(seg(d, f, seq=s, ack=a, v6=True))
+        assert got == K.V_ACCEPT, f"{d} {f}: verdict got {got}, want {K.V_ACCEPT}"
+    got = t.state(v6=True)
+    assert got == "ESTABLISHED", f"state got {got}, want ESTABLISHED"
 
 
 # ---------------------------------------------------------------- the whole table
@@ -467,8 +480,12 @@ def test_table_covers_every_state_class_direction():
     for d, cls, s in itertools.product(range(2), range(6), range(10)):
         got = int(TRANSITIONS[d, cls, s])
         assert got in set(range(10)) | {IV, IG}, f"[{d}][{cls}][{s}] = {got}"
-    assert next_state(0, 0x02, TcpState.NONE) == TcpState.SYN_SENT
-    assert flag_class(0x12) == FlagClass.SYNACK and flag_class(0x14) == FlagClass.RST
+    got = next_state(0, 0x02, TcpState.NONE)
+    assert got == TcpState.SYN_SENT, \
+        f"next_state(original, SYN, NONE) got {got}, want {int(TcpState.SYN_SENT)} (SYN_SENT)"
+    syn_ack, rst = flag_class(0x12), flag_class(0x14)
+    assert syn_ack == FlagClass.SYNACK and rst == FlagClass.RST, \
+        f"flag_class(SYN/ACK, RST/ACK) got {syn_ack!r}, {rst!r}, want SYNACK, RST"
 
 
 STATE_PATHS = {

@@ -23,17 +23,25 @@ def test_round_trip_with_and_without_hashes():
     b = batch()
     for hashes in (None, np.arange(4, dtype=np.int64) * 7):
         h, got, gh = M.decode_batch(frames_of(M.encode_batch(b, hashes, seq=9, worker=1)))
-        assert (h["seq"], h["worker"], h["n"]) == (9, 1, 4)
-        assert got.frames() == b.frames()
-        assert list(got.ifindex) == list(b.ifindex) and list(got.ts) == list(b.ts)
-        assert (gh is None) == (hashes is None)
+        hdr = (h["seq"], h["worker"], h["n"])
+        assert hdr == (9, 1, 4), f"header (seq, worker, n) got {hdr}, want (9, 1, 4)"
+        got_frames = got.frames()
+        assert got_frames == b.frames(), f"frames got {got_frames}, want {b.frames()}"
+        got_if, got_ts = list(got.ifindex), list(got.ts)
+        assert got_if == list(b.ifindex) and got_ts == list(b.ts), \
+            f"(ifindex, ts) got {(got_if, got_ts)}, want {(list(b.ifindex), list(b.ts))}"
+        assert (gh is None) == (hashes is None), \
+            f"hashes got {gh!r}, want {'None' if hashes is None else 'an array'}"
         if hashes is not None:
-            assert list(gh) == list(hashes)
+            got_h = list(gh)
+            assert got_h == list(hashes), f"hashes got {got_h}, want {list(hashes)}"
         assert got.buf.flags.writeable, "the engine rewrites frames in place"
 
 
 def test_control_messages():
-    assert M.decode(M.encode(M.HEARTBEAT, worker=2, t_ns=5)) == {"v": 1, "t": "heartbeat", "worker": 2, "t_ns": 5}
+    got = M.decode(M.encode(M.HEARTBEAT, worker=2, t_ns=5))
+    want = {"v": 1, "t": "heartbeat", "worker": 2, "t_ns": 5}
+    assert got == want, f"heartbeat got {got}, want {want}"
     with pytest.raises(ValueError):
         M.encode("nope")
 
@@ -90,8 +98,12 @@ def test_pool_messages_round_trip_and_reject_corruption():
     frames = M.encode_arrays(M.STEP, msg_arrays(m), round=1, step=0, active=True)
     h, a = M.decode_arrays([bytes(f) for f in frames])
     got = msg_from(h, a)
-    assert got.active and got.ans.tolist() == [[1, 0, 2, 3]] and len(got.bo) == 0
-    assert got.ho.batch.frames() == b.frames() and list(got.ho.seq) == list(pk.seq)
+    ans, n_bo = got.ans.tolist(), len(got.bo)
+    assert got.active and ans == [[1, 0, 2, 3]] and n_bo == 0, \
+        f"(active, ans, len(bo)) got {(got.active, ans, n_bo)}, want (True, [[1, 0, 2, 3]], 0)"
+    ho_frames, ho_seq = got.ho.batch.frames(), list(got.ho.seq)
+    assert ho_frames == b.frames() and ho_seq == list(pk.seq), \
+        f"handoff (frames, seq) got {(ho_frames, ho_seq)}, want {(b.frames(), list(pk.seq))}"
     bad = [bytes(f) for f in frames]
     bad[1] = bad[1][:-1]                                   # a short array
     with pytest.raises(M.WireError):

@@ -57,13 +57,17 @@ def test_pool_equals_single_table(nat_trace, n, own_process):
     b, frames, verdict, conns, stats = nat_trace
     pool, totals, pk, v = run_pool(n, b, dispatcher_process=own_process, **nat_kw())
     assert totals["packets_out"] == len(b) and totals["lost_packets"] == 0, totals
-    assert list(pk.seq) == list(range(len(b)))
+    got = list(pk.seq)
+    assert got == list(range(len(b))), \
+        f"seq got {len(got)} packets starting {got[:10]}, want 0..{len(b) - 1} in order"
     bad = np.flatnonzero(v != verdict)
     assert not len(bad), f"verdicts differ at {bad[:5]}"
     got = pk.batch.frames()
     diff = [i for i in range(len(b)) if got[i] != frames[i]]
     assert not diff, f"frames differ at {diff[:5]}"
-    assert snapshot(pool.conns(now=int(b.ts.max()))) == conns
+    got = snapshot(pool.conns(now=int(b.ts.max())))
+    assert got == conns, f"conns got {len(got)}, want {len(conns)}: " \
+        f"extra {set(got) - set(conns)}, missing {set(conns) - set(got)}"
     st = pool.stats()
     for name in SAME_STATS:
         assert st[name] == stats[name], f"{name}: got {st[name]}, want {stats[name]}"
@@ -90,7 +94,7 @@ def test_kill_9_under_load_is_restarted_and_counted(own_process):
             state["killed"] = True
 
     totals = pool.run([take(b, np.arange(len(b)))], emit=emit, timeout_s=240)
-    assert state["killed"]
+    assert state["killed"], f"killed got {state['killed']} ({state['rounds']} rounds), want True"
     assert pool.sup.restarts[1] == 1, pool.sup.restarts
     assert totals["packets_out"] + totals["lost_packets"] == len(b), totals
     assert totals["packets_out"] > len(b) // 2, f"the pool kept working: {totals}"
@@ -114,4 +118,5 @@ def test_dispatcher_process_death_stops_the_pool_with_a_reason():
 
     with pytest.raises(RuntimeError, match="dispatcher died"):
         pool.run([take(b, np.arange(len(b)))], emit=emit, timeout_s=120)
-    assert not any(p.is_alive() for p in pool.sup.procs)
+    alive = [p.is_alive() for p in pool.sup.procs]
+    assert not any(alive), f"processes alive got {alive}, want all False"

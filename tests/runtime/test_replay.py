@@ -29,7 +29,8 @@ def test_pcap_written_by_scapy_reads_back(tmp_path):
     got = [b for b in read_capture(tmp_path / "a.pcap", interface="lan0", names=["lan0"])]
     b = got[0]
     assert b.frames() == frames(), "bytes"
-    assert list(b.ifindex) == [0] * 5
+    ifx = list(b.ifindex)
+    assert ifx == [0] * 5, f"ifindex got {ifx}, want [0] * 5 (lan0)"
     want_ts = [1700000000_000_000_000 + k * 1_000_000 for k in range(5)]
     assert [int(t) for t in b.ts] == want_ts, f"got {list(b.ts)}, want {want_ts}"
 
@@ -41,13 +42,16 @@ def test_pcap_and_pcapng_written_by_us_read_by_scapy(tmp_path):
         w.write_batch(b, mask=np.array([1, 1, 0, 1, 1], bool))
     got = [raw(p) for p in rdpcap(str(tmp_path / "o.pcap"))]
     want = [f for k, f in enumerate(frames()) if k != 2]
-    assert got == want
+    assert got == want, f"pcap frames got {got}, want {want} (frame 2 masked out)"
     with PcapngWriter(str(tmp_path / "o.pcapng"), ["lan0", "wan0"]) as w:
         w.write_batch(b)
     got = [(raw(p), p.sniffed_on) for p in PcapNgReader(str(tmp_path / "o.pcapng"))]
-    assert got == [(f, ["lan0", "wan0"][k % 2]) for k, f in enumerate(frames())]
+    want = [(f, ["lan0", "wan0"][k % 2]) for k, f in enumerate(frames())]
+    assert got == want, f"pcapng (frame, interface) got {got}, want {want}"
     back = list(read_capture(tmp_path / "o.pcapng", names=["wan0", "lan0"]))[0]
-    assert back.frames() == frames() and list(back.ifindex) == [1, 0, 1, 0, 1]
+    got_frames, got_if = back.frames(), list(back.ifindex)
+    assert got_frames == frames() and got_if == [1, 0, 1, 0, 1], \
+        f"(frames, ifindex) got {(got_frames, got_if)}, want {(frames(), [1, 0, 1, 0, 1])}"
     assert [int(t) for t in back.ts] == [int(t) for t in b.ts], "ns timestamps survive"
 
 
@@ -57,7 +61,8 @@ def test_pcapng_written_by_scapy(tmp_path):
         w.write(Ether(f))
     w.close()
     got = list(read_capture(tmp_path / "s.pcapng"))
-    assert got[0].frames() == frames(3)
+    first = got[0].frames()
+    assert first == frames(3), f"frames got {first}, want {frames(3)}"
 
 
 def test_truncated_pcap_counts_and_does_not_raise(tmp_path):
@@ -66,7 +71,8 @@ def test_truncated_pcap_counts_and_does_not_raise(tmp_path):
     (tmp_path / "t.pcap").write_bytes(data[:-3])
     stats = {}
     got = sum(len(b) for b in read_capture(tmp_path / "t.pcap", stats=stats))
-    assert (got, stats["truncated"]) == (4, 1)
+    assert (got, stats["truncated"]) == (4, 1), \
+        f"(packets, truncated) got {(got, stats['truncated'])}, want (4, 1)"
 
 
 def test_wrong_linktype_names_the_file(tmp_path):
@@ -98,7 +104,7 @@ def test_cli_replay_demo_and_its_own_capture(tmp_path):
     assert "src=192.168.0.10 dst=192.168.0.1 sport=443 dport=20000" in r.stdout, \
         "the masqueraded reply tuple is listed"
     pk = list(PcapNgReader(str(out)))
-    assert len(pk) == 19050
+    assert len(pk) == 19050, f"frames written got {len(pk)}, want 19050"
     assert pk[0][IP].src == "192.168.0.1" and pk[0].sniffed_on == "wan0", pk[0].summary()
     r = run("replay", str(out), "-c", "configs/demo.toml", "--list", "0")
     assert r.returncode == 0, r.stderr
@@ -109,7 +115,7 @@ def test_cli_replay_bad_config_names_file_and_line(tmp_path):
                                         "-A POSTROUTING -j DNAT --to-destination 1.2.3.4\nCOMMIT\n")
     (tmp_path / "c.toml").write_text('[nat]\nrules = "bad.rules"\n')
     r = run("replay", "-c", str(tmp_path / "c.toml"))
-    assert r.returncode == 2
+    assert r.returncode == 2, f"exit code got {r.returncode}, want 2; stderr: {r.stderr}"
     assert "bad.rules:3" in r.stderr and "DNAT" in r.stderr, r.stderr
 
 
@@ -123,4 +129,6 @@ def test_cli_replay_through_the_pool_writes_the_same_capture(tmp_path):
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-2000:]
     assert "lost_packets=0" in p.stdout and "handoffs=" in p.stdout, p.stdout
-    assert one.read_bytes() == two.read_bytes()
+    one_b, two_b = one.read_bytes(), two.read_bytes()
+    assert one_b == two_b, \
+        f"--workers 2 capture got {len(two_b)} B, want --workers 1's {len(one_b)} B, byte for byte"

@@ -18,7 +18,8 @@ def test_owner_matches_hashing(n_workers, hs):
     h = np.array(hs, dtype=np.int64)
     got = owners(h, n_workers, N_BUCKETS)
     want = [0 if x < 0 else owner_of(x % N_BUCKETS, n_workers) for x in hs]
-    assert list(got) == want
+    got = list(got)
+    assert got == want, f"owners got {got}, want {want}"
 
 
 def test_scatter_keeps_order_and_loses_nothing():
@@ -32,6 +33,10 @@ def test_scatter_keeps_order_and_loses_nothing():
         assert sorted(seen.tolist()) == list(range(len(b))), "a permutation of the input"
         for k, (pb, ph, idx) in enumerate(parts):
             assert list(idx) == sorted(idx), f"worker {k}: input order kept"
-            assert all(owner_of(int(x) % N_BUCKETS, n) == k for x in ph)
+            got_owners = [owner_of(int(x) % N_BUCKETS, n) for x in ph]
+            assert all(o == k for o in got_owners), \
+                f"n={n} worker {k}: bucket owners got {sorted(set(got_owners))}, want only {k}"
             assert pb.frames() == [b.frame(int(i)) for i in idx], "frames copied intact"
-            assert list(pb.ts) == list(b.ts[idx])
+            got_ts = list(pb.ts)
+            assert got_ts == list(b.ts[idx]), \
+                f"n={n} worker {k}: ts got {got_ts}, want {list(b.ts[idx])}"

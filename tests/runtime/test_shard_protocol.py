@@ -54,7 +54,8 @@ def test_shard_count_invariance(nat):
     r = ref.process(rb)
     want_conns = snapshot(ref.conns(now=end))
     want_stats = ref.stats()
-    assert (r.verdict == K.V_ACCEPT).sum() > 0.9 * len(b)
+    got = (r.verdict == K.V_ACCEPT).sum()
+    assert got > 0.9 * len(b), f"single table: accepted got {got} of {len(b)}, want over 90%"
     for n in (1, 2, 3, 4):
         pool = LocalPool(n, Config(), seed=SEED, reap=True, **nat_kw(nat))
         pk, v = pool.process(fresh(b))
@@ -123,10 +124,14 @@ def check_tables(shards, n):
             if st & S_XSHARD and not st & S_DYING:
                 e = entries.pop((s.k, int(c)), None)
                 assert e is not None, f"shard {s.k}: cross-shard conn {c} has no reply entry"
-                assert e[1] == tuple(t.tkey[2 * c + 1]) and e[2] == int(t.tport[2 * c + 1])
+                want_e = (tuple(t.tkey[2 * c + 1]), int(t.tport[2 * c + 1]))
+                assert e[1] == want_e[0] and e[2] == want_e[1], \
+                    f"shard {s.k}: conn {c}: reply entry (key, port) got {e[1:]}, want {want_e}"
                 h = hash_key(t.seed, *t.tkey[2 * c + 1], int(t.tport[2 * c + 1]),
                              int(t.c8[c, 0]), int(t.c8[c, 1]))
-                assert owner_of_bucket(h % 16384, n, 16384) == e[0]
+                owner = owner_of_bucket(h % 16384, n, 16384)
+                assert owner == e[0], \
+                    f"shard {s.k} conn {c}: reply entry at shard got {e[0]}, want owner {owner}"
     assert not entries, f"reply entries without a conn: {list(entries.items())[:3]}"
 
 
@@ -180,7 +185,7 @@ def test_race_packet_and_inverse_at_two_shards(proto):
             assert hits[0].packets == (1, 1), hits[0]
         check_tables(shards, n)
         races += len(pairs)
-    assert races > 1500
+    assert races > 1500, f"races got {races}, want > 1500"
 
 
 def test_stress_many_cross_shard_conns_at_once():
@@ -207,7 +212,10 @@ def test_stress_many_cross_shard_conns_at_once():
         assert steps <= 8, f"round {rnd} took {steps} supersteps"
         for s in shards:
             _, v = s.results()
-            assert set(v.tolist()) <= {K.V_ACCEPT, K.V_DROP}
+            got = set(v.tolist())
+            assert got <= {K.V_ACCEPT, K.V_DROP}, \
+                f"round {rnd} shard {s.k}: verdicts got {sorted(got)}, " \
+                f"want {K.V_ACCEPT}/{K.V_DROP} only"
         flush(shards)
         check_tables(shards, n)
         ts += 20 * 10**9 if rnd % 3 == 2 else 10**8
@@ -217,8 +225,10 @@ def test_stress_many_cross_shard_conns_at_once():
             s._drain_dying()
         flush(shards)
         check_tables(shards, n)
-    assert sum(s.counts["grants"] for s in shards) > 1000
-    assert sum(s.counts["releases_applied"] for s in shards) > 100
+    got = sum(s.counts["grants"] for s in shards)
+    assert got > 1000, f"grants got {got}, want > 1000"
+    got = sum(s.counts["releases_applied"] for s in shards)
+    assert got > 100, f"releases_applied got {got}, want > 100"
 
 
 def test_lost_shard_conns_are_rebuilt_and_counted():
@@ -230,14 +240,17 @@ def test_lost_shard_conns_are_rebuilt_and_counted():
     half = len(b) // 2
     pool.process(take(b, np.arange(half)))
     lost = pool.shards[1].ct.table.count
-    assert lost > 0
+    assert lost > 0, f"conns at shard 1 got {lost}, want > 0"
     pool.shards[1] = Shard(1, 3, Config(tcp_loose=True), seed=SEED)
     for s in (pool.shards[0], pool.shards[2]):
         s.peer_restarted(1)
     pk, v = pool.process(take(b, np.arange(half, len(b))))
-    assert len(v) == len(b) - half
-    assert set(v.tolist()) <= {K.V_ACCEPT, K.V_INVALID, K.V_DROP}
-    assert sum(s.counts["entries_forgotten"] for s in pool.shards) > 0
+    assert len(v) == len(b) - half, f"verdicts got {len(v)}, want {len(b) - half}"
+    got = set(v.tolist())
+    assert got <= {K.V_ACCEPT, K.V_INVALID, K.V_DROP}, \
+        f"verdicts got {sorted(got)}, want {K.V_ACCEPT}/{K.V_INVALID}/{K.V_DROP} only"
+    got = sum(s.counts["entries_forgotten"] for s in pool.shards)
+    assert got > 0, f"entries_forgotten got {got}, want > 0"
     flush(pool.shards)
     check_tables(pool.shards, 3)
 
@@ -259,7 +272,9 @@ def test_shard_affine_masquerade_needs_no_handoff():
                 for p in ports]
         pk, v = pool.process(PacketBatch.from_frames(back, ts=2 * 10**9, ifindex=PT.WAN))
         assert (v == K.V_ACCEPT).all(), np.bincount(v)
-        assert [Ether(f)[IP].dst for f in pk.batch.frames()] == [c for c, _ in clients]
+        got = [Ether(f)[IP].dst for f in pk.batch.frames()]
+        want = [c for c, _ in clients]
+        assert got == want, f"affine={affine}: reply dst got {got}, want {want}"
         ho = sum(s.counts["handoffs_out"] for s in pool.shards) - before
         req = sum(s.counts["reserve_requests"] for s in pool.shards)
         if affine:

@@ -70,16 +70,24 @@ def test_batches_come_back_once_in_order_and_kill9_restarts(tmp_path):
             got[hd["seq"]] = (hd["worker"], pb.frames())
         assert len(got) == len(sent), f"batches back: {len(got)} of {len(sent)}"
         for q, (k, idx) in sent.items():
-            assert got[q][0] == k and got[q][1] == [b.frame(i) for i in idx]
+            want_frames = [b.frame(i) for i in idx]
+            assert got[q][0] == k and got[q][1] == want_frames, \
+                f"batch {q}: worker got {got[q][0]}, want {k}; " \
+                f"frames equal to the {len(idx)} sent got {got[q][1] == want_frames}, want True"
         # kill -9 under load: restarted, counted, and it serves again
         victim = sup.procs[0].pid
         os.kill(victim, signal.SIGKILL)
-        assert wait_for(lambda: sup.restarts[0] == 1 and sup.ready[0], 60, lambda: sup.poll(0.01))
-        assert sup.procs[0].pid != victim
+        restarted = wait_for(lambda: sup.restarts[0] == 1 and sup.ready[0], 60,
+                             lambda: sup.poll(0.01))
+        assert restarted, \
+            f"(restarts, ready) got {(sup.restarts[0], sup.ready[0])}, want (1, True) in 60 s"
+        assert sup.procs[0].pid != victim, \
+            f"worker 0 pid got {sup.procs[0].pid}, want a new one, not {victim}"
         pushes[0].send_multipart(M.encode_batch(b, None, seq=-1), copy=False)
         assert sink.poll(20_000), "the restarted worker answers"
         hd, pb, _ = M.decode_batch(sink.recv_multipart())
-        assert (hd["worker"], len(pb)) == (0, len(b))
+        answer = (hd["worker"], len(pb))
+        assert answer == (0, len(b)), f"answer (worker, packets) got {answer}, want {(0, len(b))}"
     finally:
         for s in pushes:
             s.close(0)
@@ -98,7 +106,8 @@ def test_boot_failure_stops_the_pool(tmp_path):
         stopped = wait_for(lambda: not sup.poll(0.01), 60)
     finally:
         sup.stop()
-    assert stopped and sup.exit_code == EXIT_BOOT
+    assert stopped and sup.exit_code == EXIT_BOOT, \
+        f"(stopped, exit_code) got {(stopped, sup.exit_code)}, want {(True, EXIT_BOOT)}"
     assert "cannot open its capture device" in (sup.error or ""), sup.error
     assert sum(sup.restarts) == 0, "a boot failure is not restarted"
 
@@ -123,7 +132,8 @@ def test_sigterm_drains_and_leaves_nothing(tmp_path):
         pids = [int(x) for x in line.split()]
         assert len(pids) == 2, f"children: {line!r}"
         p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=30) == 0
+        rc = p.wait(timeout=30)
+        assert rc == 0, f"supervisor exit code after SIGTERM got {rc}, want 0"
     finally:
         if p.poll() is None:
             p.kill()
