@@ -44,6 +44,7 @@ N_CFG = 10          # CF_SHARD_LO..HI: the routing buckets this table owns (all 
 # ---- timeouts (tmo int64 array, ns): TCP states 0..9, then these
 TMO_RETRANS, TMO_UNACK, TMO_UDP, TMO_UDP_STREAM, TMO_ICMP, TMO_GENERIC = 10, 11, 12, 13, 14, 15
 TMO_CLOSE = 8       # the CLOSE state's: Linux gives any RST that passes this timeout
+INVALID_LOWER_FROM = 120_000_000_000    # nf_tcp_handle_invalid leaves conns with < 120 s left
 N_TMO = 16
 
 # ---- verdicts
@@ -321,6 +322,12 @@ def set_last(c8, c, idx, d):
 
 
 @numba.njit(inline="always", cache=True)
+def with_last_win(last, win):
+    """The LAST byte ``last`` noting whether the last segment's raw window was 0."""
+    return (last & ~LAST_WIN0) | (LAST_WIN0 if win == 0 else 0)
+
+
+@numba.njit(inline="always", cache=True)
 def last_index(c8, c):
     """(last_index, last_dir); last_index -1 when no packet has been noted yet."""
     last = np.int64(c8[c, LAST])
@@ -458,9 +465,7 @@ def tcp_in_window(c32, c8, c, d, state, fl, seq, ack, win, paylen, wscale, sackp
                 last += 1 << LAST_RETRANS_SHIFT
         else:
             c8[c, ACKFP] = fp
-            last &= LAST_INDEX | LAST_DIR
-            if win_raw == 0:
-                last |= LAST_WIN0
+            last = with_last_win(last & (LAST_INDEX | LAST_DIR), win_raw)
         c8[c, LAST] = last & 0xFF
     return W_OK
 
@@ -475,7 +480,7 @@ def tcp_handle_invalid(c64, c8, cstatus, tmo, c, d, idx, now):
     li, ld = last_index(c8, c)
     if ld != d and (li == 2 or li == 4):
         left = c64[c, EXPIRES] - now
-        if left >= 120_000_000_000 and left > tmo[TMO_UNACK]:
+        if left >= INVALID_LOWER_FROM and left > tmo[TMO_UNACK]:
             c64[c, EXPIRES] = now + tmo[TMO_UNACK]
     else:
         set_last(c8, c, idx, d)
@@ -508,10 +513,7 @@ def tcp_packet(c64, c32, c8, cstatus, cfg, tmo, stats, c, d, fl, seq, ack, win, 
     if new == IG:
         # Linux notes an ignored packet as the last one (its window too)
         set_last(c8, c, idx, d)
-        if win == 0:
-            c8[c, LAST] |= LAST_WIN0
-        else:
-            c8[c, LAST] &= ~LAST_WIN0 & 0xFF
+        c8[c, LAST] = with_last_win(np.int64(c8[c, LAST]), win) & 0xFF
         stats[ST_IGNORE] += 1
         return R_IGNORE
     if new == IV:
