@@ -96,6 +96,16 @@ def take(batch: PacketBatch, idx: np.ndarray) -> PacketBatch:
     return PacketBatch(out, out_off, length, batch.ifindex[idx], batch.ts[idx])
 
 
+def compact(batch: PacketBatch) -> PacketBatch:
+    """``batch`` itself when its buffer holds little but its frames, else a copy of just
+    its frames (a batch read from a capture is a view on the whole file: sending it
+    as it is would carry the file)."""
+    need = int(batch.length.astype(np.int64).sum())
+    if batch.buf.shape[0] <= 2 * need + 4096:
+        return batch
+    return take(batch, np.arange(len(batch)))
+
+
 def concat(batches: list[PacketBatch]) -> PacketBatch:
     """One batch holding every frame of ``batches`` in order (buffers copied)."""
     batches = [b for b in batches if len(b)]

@@ -11,18 +11,38 @@ Ownership
     with its reply tuple unlinked (S_XSHARD).
 
 A round (one dispatcher batch per shard)
+    Packets carry their global sequence number; a conn's packets are applied at its home
+    in that order, whichever shard they reached first, so a round can be as long as the
+    dispatcher likes (``max_round``) and an established conn never splits one.
+
     ``local(pk)`` runs the kernel over the shard's packets in order. Packets that hit a
     reply entry are *handed off* to the home with the conn's tuple id (the home checks
-    it, it does not look it up). A packet that starts a conn whose reply tuple is
+    it, it does not look it up). Packets that hit one of our cross-shard conns are
+    *held* (V_HOLD): the other direction's handoffs come in step 0, and the two are
+    merged by sequence number. A packet that starts a conn whose reply tuple is
     elsewhere creates it *pending* (S_PENDING) and parks; so do later packets of it.
+
+    A miss that may answer an earlier packet of the round (the dispatcher's ``dep``: see
+    ``answer_deps``) is *deferred* (V_DEFER) instead of starting a conn: the conn it
+    answers may be being created elsewhere. Every step re-runs the deferred packets
+    after the reservations it received were linked, so an answer finds its conn's
+    reply entry as soon as that exists. One still missing starts a conn only once the
+    packet it may answer is settled: the ``low`` of that packet's shard (its lowest
+    deferred, held or bouncing sequence number, sent with every message, after the
+    reservations of what it settled) is above it. The lowest unsettled packet anywhere
+    always qualifies, so rounds end.
 
     Then supersteps: every shard sends every other shard exactly one :class:`Msg`
     (possibly empty) and then processes what it received, in sender order and in this
     section order: ``rel`` (releases), ``req`` (reservations), ``ans`` (answers),
-    ``ho`` (handoffs), ``bo`` (bounces). A round ends after a superstep in which every
-    shard said it sent nothing (``Msg.active`` false everywhere), so all shards agree.
-    No shard ever waits for anything but the peers' message of the current superstep,
-    which every shard sends before it reads; a superstep cannot deadlock.
+    ``ho`` (handoffs, merged with what was held and with the released parked packets),
+    ``bo`` (bounces, which join the deferred). A round ends after a superstep in which
+    every shard said it had nothing to send or to wait for (``Msg.active`` false
+    everywhere), so all shards agree. No shard ever waits for anything but the peers'
+    message of the current superstep, which every shard sends before it reads; a
+    superstep cannot deadlock. Typical rounds take 2 supersteps (established flows:
+    handoffs, then silence) or 3 (new cross-shard conns: reservations, then grants with
+    their answers' handoffs, then silence).
 
 Insertion in ascending bucket order (gVisor's lock order, as messages)
     A conn needs two buckets: b0 (its original tuple, at home) and b1 (its reply tuple,
@@ -52,10 +72,13 @@ Handoff, bounce, release
     reply entry; that shard looks it up afresh. A destroyed cross-shard conn waits on
     the table's dying list until ``release`` rows for its reply entry are sent.
 
-Deviations (documented, tested): packets of one conn that reach different shards in the
-same round are concurrent (as two CPUs under RSS in Linux); NAT's port-in-use check only
-sees reply tuples in this shard's buckets, so a NATed conn whose reply tuple clashes in
-another shard is dropped as insert_failed (``shard_affine_nat`` avoids it).
+Deviations (documented): NAT's port-in-use check only sees reply tuples in this shard's
+buckets, so a NATed conn whose reply tuple clashes in another shard is dropped as
+insert_failed (``shard_affine_nat`` avoids it). A handoff whose conn died on the way
+(expired at home in the same round) starts its new conn a superstep late, so a later
+packet elsewhere may start a conn first that it would have answered (a JOIN then).
+A NATed reply that neither comes from where its conn's first packet went nor goes to
+where it came from (SNAT and DNAT on one conn, both changing that end) has no dep.
 
 Owner: the single thread of one worker. Time comes in with the packets.
 """
@@ -88,19 +111,23 @@ NEVER = np.iinfo(np.int64).max
 
 @dataclass
 class Packets:
-    """Frames with what the pool carries along: tuple hash, global sequence number and
-    the tuple id a shard already found (-1 fresh, -2 counted elsewhere)."""
+    """Frames with what the pool carries along: tuple hash, global sequence number, the
+    tuple id a shard already found (or a track.G_* code), and ``dep``: the latest
+    earlier packet of the round this one may answer, as ``seq << DEP_SHIFT | its shard``
+    (-1: none; see ``answer_deps``)."""
     batch: PacketBatch
     hashes: np.ndarray
     seq: np.ndarray
     given: np.ndarray
+    dep: np.ndarray
 
     def __len__(self):
         return len(self.batch)
 
     def take(self, idx) -> "Packets":
         idx = np.asarray(idx, dtype=np.int64)
-        return Packets(take(self.batch, idx), self.hashes[idx], self.seq[idx], self.given[idx])
+        return Packets(take(self.batch, idx), self.hashes[idx], self.seq[idx], self.given[idx],
+                       self.dep[idx])
 
     @staticmethod
     def concat(parts: list["Packets"]) -> "Packets":
@@ -110,20 +137,20 @@ class Packets:
         if len(parts) == 1:
             return parts[0]
         return Packets(concat([p.batch for p in parts]),
-                       np.concatenate([p.hashes for p in parts]),
-                       np.concatenate([p.seq for p in parts]),
-                       np.concatenate([p.given for p in parts]))
+                       *(np.concatenate([getattr(p, f) for p in parts])
+                         for f in ("hashes", "seq", "given", "dep")))
 
     @staticmethod
     def empty() -> "Packets":
         z = np.zeros(0, dtype=np.int64)
-        return Packets(PacketBatch.empty(), z, z.copy(), z.copy())
+        return Packets(PacketBatch.empty(), z, z.copy(), z.copy(), z.copy())
 
 
 @dataclass
 class Msg:
     """One superstep's message from one shard to another."""
     active: bool = False                        # the sender sent something to anyone
+    low: int = NEVER                            # sender's lowest unsettled sequence number
     rel: np.ndarray = field(default_factory=lambda: np.zeros((0, N_REL), np.uint64))
     req: np.ndarray = field(default_factory=lambda: np.zeros((0, N_REQ), np.uint64))
     ans: np.ndarray = field(default_factory=lambda: np.zeros((0, N_ANS), np.int64))
@@ -293,11 +320,15 @@ class Shard:
         self.requested: set[int] = set()
         self.again: set[int] = set()                   # committed conns reserving anew
         self.done: list[tuple[Packets, np.ndarray]] = []
+        self.held: list[Packets] = []                  # V_HOLD: wait for step 0's handoffs
+        self.deferred = Packets.empty()                # V_DEFER: wait for earlier creations
+        self.reran = 0
         self.counts = {"handoffs_out": 0, "handoffs_in": 0, "bounces": 0, "reserve_requests": 0,
                        "grants": 0, "joins": 0, "fails": 0, "releases_out": 0,
                        "releases_applied": 0, "stale_answers": 0, "supersteps": 0,
                        "peer_restarts": 0, "entries_forgotten": 0, "reply_lost": 0,
-                       "abandoned": 0, "peer_lost": 0,
+                       "abandoned": 0, "peer_lost": 0, "held": 0, "deferred": 0,
+                       "deferred_released": 0,
                        "busy_us": 0, "step_wait_us": 0}     # the worker pool's timers
         self._dying = np.zeros((1024, N_REL), dtype=np.uint64)
         self.now = 0
@@ -317,9 +348,10 @@ class Shard:
         """Run the tracking kernel over pk in order; returns (verdict, tid)."""
         n = len(pk)
         meta, addr = wire.new_meta(n)
-        # packets another kernel run already saw (handoffs, bounces, parked) had their
-        # checksums checked there
-        validate = self.ct.config.checksum and bool((pk.given == -1).any())
+        # packets another kernel run already saw (held, deferred, handoffs, bounces,
+        # parked) had their checksums checked there
+        validate = self.ct.config.checksum and bool(
+            ((pk.given == K.G_FRESH) | (pk.given == K.G_FRESH_DEFER)).any())
         wire.parse_batch(pk.batch.buf, pk.batch.off, pk.batch.length, meta, addr, validate)
         verdict = np.empty(n, dtype=np.uint8)
         tid = np.empty(n, dtype=np.int64)
@@ -360,8 +392,20 @@ class Shard:
             self.counts["bounces"] += len(bo)
             for o in np.unique(own):
                 part = pk.take(bo[own == o])
-                part.given[:] = -2
+                part.given[:] = K.G_COUNTED_DEFER       # a miss there: obeys its dep
                 self._out[int(o)]["bo"].append(part)
+        hold = np.flatnonzero(verdict == K.V_HOLD)
+        if len(hold):
+            part = pk.take(hold)
+            part.given[:] = K.G_COUNTED
+            self.held.append(part)
+            self.counts["held"] += len(hold)
+        dfr = np.flatnonzero(verdict == K.V_DEFER)
+        if len(dfr):
+            part = pk.take(dfr)
+            part.given[:] = K.G_COUNTED_DEFER
+            self.deferred = Packets.concat([self.deferred, part])
+            self.counts["deferred"] += len(dfr)
         for i in np.flatnonzero(verdict == K.V_PARK):
             c = int(tid[i]) >> 1
             one = pk.take([i])
@@ -439,10 +483,30 @@ class Shard:
 
     # ------------------------------------------------------------ a round
     def local(self, pk: Packets):
-        """The dispatcher's packets for this shard (in sequence order)."""
+        """The dispatcher's packets for this shard (in sequence order), ``given`` G_FRESH
+        or G_FRESH_DEFER. Hits on our cross-shard conns are held for step 0 (the other
+        direction's handoffs come then); misses that may answer an earlier packet of the
+        round are deferred."""
         if len(pk):
-            self._dispose(pk, *self._kernel(pk))
+            cfg = self.ct.cfg
+            cfg[K.CF_HOLD] = 1
+            try:
+                verdict, tid = self._kernel(pk)
+            finally:
+                cfg[K.CF_HOLD] = 0
+            self._dispose(pk, verdict, tid)
         self._drain_dying()
+
+    def _low(self, msgs) -> int:
+        """Our lowest sequence number that may still create a conn: deferred and held
+        packets here, bounces we are sending. (Not handoffs: one whose conn died on the
+        way comes back as a bounce a superstep later, so a conn it starts may be created
+        after a later packet's elsewhere: counted in ``bounces``.)"""
+        low = NEVER
+        for part in [self.deferred, *self.held, *(m.bo for m in msgs.values())]:
+            if len(part):
+                low = min(low, int(part.seq.min()))
+        return low
 
     def outbox(self) -> dict[int, Msg]:
         """This superstep's message to every peer (built from what is queued)."""
@@ -458,9 +522,12 @@ class Shard:
             m.ho = Packets.concat(q["ho"])
             m.bo = Packets.concat(q["bo"])
             msgs[p] = m
-        active = any(not m.empty() for m in msgs.values())
+        active = (any(not m.empty() for m in msgs.values()) or len(self.deferred) > 0
+                  or len(self.held) > 0)
+        low = self._low(msgs)
         for m in msgs.values():
             m.active = active
+            m.low = low
         self._sent_active = active
         self._reset_out()
         return msgs
@@ -472,6 +539,8 @@ class Shard:
         (``final_ok``, the worker pool): those are dropped and counted ``abandoned``."""
         self.counts["supersteps"] += 1
         if not self._sent_active and not any(m.active for m in inbox):
+            if len(self.deferred) or self.held:
+                raise AssertionError(f"shard {self.k}: round ended with deferred packets")
             if self.parked and not final_ok:
                 raise AssertionError(f"shard {self.k}: round ended with pending conns "
                                      f"{sorted(self.parked)}")
@@ -501,14 +570,26 @@ class Shard:
                                    evaddr)
                 if pk is not None:
                     rerun.append(pk)
-        # 4. handoffs to us (we are the home), 5. bounces (we own their bucket)
+        # 4. handoffs to us (we are the home), merged with what we held for them
         for m in inbox:
             if len(m.ho):
                 self.counts["handoffs_in"] += len(m.ho)
                 rerun.append(m.ho)
-        for m in inbox:
-            if len(m.bo):
-                rerun.append(m.bo)
+        rerun += self.held
+        self.held = []
+        # 5. bounces (we own their bucket) and deferred misses: a miss may start a conn
+        # once no peer can still create one from a packet before the one it may answer
+        # (its dep); the rest hit what the reservations above linked, or wait again
+        dfr = Packets.concat([self.deferred] + [m.bo for m in inbox])
+        self.deferred = Packets.empty()
+        if len(dfr):
+            # low of each shard (ours: our own deferred run in order with this one)
+            low = np.array([NEVER if p == self.k else m.low
+                            for p, m in zip(range(self.n), self._with_self(inbox))], np.int64)
+            free = (dfr.dep < 0) | ((dfr.dep >> DEP_SHIFT) < low[dfr.dep & DEP_OWNER])
+            dfr.given[:] = np.where(free, K.G_COUNTED, K.G_COUNTED_DEFER)
+            self.counts["deferred_released"] += int(free.sum())
+            rerun.append(dfr)
         if rerun:
             pk = self._sort(Packets.concat(rerun))
             verdict, tid = self._kernel(pk)
@@ -516,6 +597,11 @@ class Shard:
             self._dispose(pk, verdict, tid)
         self._drain_dying()
         return True
+
+    def _with_self(self, inbox):
+        """inbox (the peers' messages in sender order) with None in our own place."""
+        it = iter(inbox)
+        return [None if p == self.k else next(it) for p in range(self.n)]
 
     def _senders(self, inbox):
         peers = [p for p in range(self.n) if p != self.k]
@@ -680,73 +766,107 @@ class Shard:
 
 @numba.njit(inline="always", cache=True)
 def _end_key(hi, lo, port, proto):
-    """16-bit key of one end point (address, port) of a tuple."""
+    """Key of one end point (address, port) of a tuple, DEP_BITS wide."""
     x = (hi * np.uint64(0x9E3779B97F4A7C15)) ^ (lo * np.uint64(0xC2B2AE3D27D4EB4F))
     x ^= np.uint64((port << 8) | proto) * np.uint64(0x165667B19E3779F9)
     x ^= x >> np.uint64(29)
-    return np.int64(x & np.uint64(0xFFFF))
+    return np.int64(x & np.uint64(DEP_MASK))
+
+
+DEP_BITS = 17
+DEP_MASK = (1 << DEP_BITS) - 1
+DEP_SHIFT = 6       # dep = seq << DEP_SHIFT | shard: at most 64 shards
+DEP_OWNER = (1 << DEP_SHIFT) - 1
+NAT_SRC, NAT_DST = 1, 2
+
+
+def nat_deps(rules, network) -> int:
+    """``answer_deps``'s nat argument for a pool with these rules and network."""
+    if rules is None and network is None:
+        return 0
+    sets = [getattr(rules, "v4", None), getattr(rules, "v6", None)] if hasattr(rules, "v4") \
+        else [rules]
+    dst = any(r.target in ("DNAT", "REDIRECT") for rs in sets if rs is not None
+              for r in rs.rules)
+    return NAT_SRC | (NAT_DST if dst else 0)
+
+
+@numba.njit(inline="always", cache=True)
+def _seen(tab, k, gen):
+    """Index of the latest packet of round ``gen`` recorded under key k, or -1."""
+    e = tab[k]
+    return e & 0xFFFFFFFF if e >> 32 == gen else np.int64(-1)
 
 
 @numba.njit(cache=True)
-def causal_cuts(meta, addr, owner, max_round, stamp, seen_src, seen_dst):
-    """Round boundaries for a parsed batch: a new round starts at packet i when i could
-    answer an earlier packet of the current round that went to another shard (its
-    destination end point is where that one came from, or its source end point is where
-    that one went: replies, NATed or not, and ICMP errors), or after ``max_round``
-    packets. Packets at the same shard need no cut: one shard runs them in order, and
-    its handoffs travel together, in order. So no conn's packets cross shards within a
-    round in both directions, and a conn's first packet is settled before its answer
-    is processed, as on a real network. Hash collisions only cut more often.
+def answer_deps(meta, addr, hashes, seed, nat, max_round, gen0, tuples, srcs, dsts, dep):
+    """For packet i of a parsed batch cut into rounds of ``max_round``: dep[i] = the index
+    of the latest earlier packet of its round that i may answer, else -1.
 
-    stamp: int64[65536], seen_*: uint64[65536] scratch (any content); owner: the shard
-    of each packet (< 64). Returns the start of each round."""
+    i may answer j when i's tuple is j's inverted (the reply of a conn j starts, ICMP
+    errors about j included: their tuple is the quoted packet's inverted). With NAT
+    rules (``nat``) also when i comes from where j went (the reply to j's conn after
+    SNAT: the reply tuple's source is j's destination) or i goes to where a packet
+    that may start a conn came from (after DNAT). Keys are DEP_BITS-bit hashes, so a
+    collision only gives a dep too many: the packet then waits a superstep more.
+
+    nat: 0 no NAT rules, NAT_SRC their replies may come from where a packet went
+    (SNAT, MASQUERADE), NAT_DST also go back to where a conn's first packet came from
+    (DNAT, REDIRECT). tuples/srcs/dsts: int64[1 << DEP_BITS] scratch kept across calls
+    (entries are gen << 32 | index; round r of this batch is gen0 + r). Returns the next
+    gen."""
     n = meta.shape[0]
-    out = np.empty(n + 1, dtype=np.int64)
-    r = 0
-    gen = np.int64(1)
-    stamp[:] = 0
+    gen = gen0
     start = 0
-    out[0] = 0
     for i in range(n):
-        if meta[i, wire.M_CLS] != wire.CLS_TRACK and meta[i, wire.M_CLS] != wire.CLS_RELATED:
+        if i - start >= max_round:
+            gen += 1
+            start = i
+        dep[i] = -1
+        cls = meta[i, wire.M_CLS]
+        if cls != wire.CLS_TRACK and cls != wire.CLS_RELATED:
             continue
         ports = meta[i, wire.M_PORTS]
         proto = meta[i, wire.M_PROTO]
-        ks = _end_key(addr[i, 0], addr[i, 1], ports >> 16, proto)
-        kd = _end_key(addr[i, 2], addr[i, 3], ports & 0xFFFF, proto)
-        me = np.uint64(1) << np.uint64(owner[i])
-        others = ~me
-        if (i - start >= max_round
-                or (stamp[kd] == gen and seen_src[kd] & others)
-                or (stamp[ks] == gen and seen_dst[ks] & others)):
-            r += 1
-            out[r] = i
-            start = i
-            gen += 1
-        for k in (ks, kd):
-            if stamp[k] != gen:
-                stamp[k] = gen
-                seen_src[k] = 0
-                seen_dst[k] = 0
-        seen_src[ks] |= me
-        seen_dst[kd] |= me
-    return out[:r + 1]
+        rports = ((ports & 0xFFFF) << 16) | (ports >> 16)
+        inv = hash_key(seed, addr[i, 2], addr[i, 3], addr[i, 0], addr[i, 1], rports, proto,
+                       meta[i, wire.M_IPVER])
+        d = _seen(tuples, inv & DEP_MASK, gen)
+        idx = (gen << 32) | (i - start)
+        tuples[hashes[i] & DEP_MASK] = idx
+        if nat:
+            ks = _end_key(addr[i, 0], addr[i, 1], ports >> 16, proto)
+            kd = _end_key(addr[i, 2], addr[i, 3], ports & 0xFFFF, proto)
+            d = max(d, _seen(dsts, ks, gen))
+            dsts[kd] = idx
+            if nat & NAT_DST:
+                d = max(d, _seen(srcs, kd, gen))
+                fl = meta[i, wire.M_TFLAGS]
+                icmp = proto == 1 or proto == 58
+                if cls == wire.CLS_TRACK and (
+                        (proto == 6 and (fl & 0x12) == 0x02)
+                        or (icmp and meta[i, wire.M_ECHO] == 1)
+                        or (proto != 6 and not icmp)):
+                    srcs[ks] = idx      # may start a conn: a SYN, an echo request, UDP...
+        dep[i] = d + start if d >= 0 else np.int64(-1)
+    return gen + 1
 
 
 class Dispatcher:
     """The dispatcher's work, pure: parse and hash each frame, number it, cut the batch
-    into rounds (``causal_cuts``; ``causal=False`` cuts by size only) and split each
-    round by owning shard."""
+    into rounds of at most ``max_round`` packets, mark what each packet may answer
+    (``answer_deps``) and split each round by owning shard. ``nat``: ``nat_deps`` of
+    the pool's rules (replies then need not be the inverted tuple)."""
 
-    def __init__(self, n: int, config: Config, seed: int, max_round: int = 256,
-                 causal: bool = True):
+    def __init__(self, n: int, config: Config, seed: int, max_round: int = 4096,
+                 nat: int = 0):
+        if n > 1 << DEP_SHIFT:
+            raise ValueError(f"{n} shards: the pool takes at most {1 << DEP_SHIFT}")
         self.n, self.config, self.seed = n, config, seed & 0xFFFFFFFF
-        self.max_round, self.causal = max_round, causal
+        self.max_round, self.nat = max_round, nat
         self.seq = 0
-        self._stamps = (np.zeros(65536, np.int64), np.zeros(65536, np.uint64),
-                        np.zeros(65536, np.uint64))
-        if causal and n > 64:
-            raise ValueError("causal rounds track at most 64 shards")
+        self._gen = 1
+        self._tabs = tuple(np.zeros(1 << DEP_BITS, np.int64) for _ in range(3))
 
     def rounds(self, batch: PacketBatch):
         """Yield (parts, seq range) per round: parts[k] is shard k's Packets."""
@@ -756,20 +876,20 @@ class Dispatcher:
         # routing needs the tuple only: checksums are the workers' job
         wire.parse_hash_batch(batch.buf, batch.off, batch.length, meta, addr, False, self.seed,
                               hashes)
+        dep = np.empty(m, dtype=np.int64)
+        self._gen = answer_deps(meta, addr, hashes, self.seed, self.nat, self.max_round,
+                                self._gen, *self._tabs, dep)
         own = owners(hashes, self.n, self.config.n_buckets)
-        if self.causal:
-            cuts = causal_cuts(meta, addr, own, self.max_round, *self._stamps)
-        else:
-            cuts = np.arange(0, max(m, 1), self.max_round, dtype=np.int64)
-        bounds = list(cuts) + [m]
         seq = np.arange(self.seq, self.seq + m, dtype=np.int64)
+        have = dep >= 0
+        dep = np.where(have, ((dep + self.seq) << DEP_SHIFT) | own[np.where(have, dep, 0)], -1)
+        given = np.where(dep >= 0, K.G_FRESH_DEFER, K.G_FRESH)
         self.seq += m
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            if e <= s:
-                continue
+        for s in range(0, m, self.max_round):
+            e = min(m, s + self.max_round)
             part = PacketBatch(batch.buf, batch.off[s:e], batch.length[s:e], batch.ifindex[s:e],
                                batch.ts[s:e])
-            parts = [Packets(pb, ph, seq[s + idx], np.full(len(idx), -1, dtype=np.int64))
+            parts = [Packets(pb, ph, seq[s + idx], given[s + idx], dep[s + idx])
                      for pb, ph, idx in scatter(part, hashes[s:e], self.n, self.config.n_buckets)]
             yield parts, (int(seq[s]), int(seq[e - 1]) + 1)
 
@@ -804,11 +924,12 @@ class LocalPool:
     """n shards in this process, driven round by round exactly as the worker pool drives
     them (tests, and the reference for the pool's results)."""
 
-    def __init__(self, n: int, config: Config | None = None, *, seed: int, max_round: int = 256,
-                 causal: bool = True, reap: bool = False, **shard_kw):
+    def __init__(self, n: int, config: Config | None = None, *, seed: int, max_round: int = 4096,
+                 reap: bool = False, **shard_kw):
         self.config = config or Config()
         self.shards = [Shard(k, n, self.config, seed=seed, **shard_kw) for k in range(n)]
-        self.dispatcher = Dispatcher(n, self.config, seed, max_round, causal)
+        nat = nat_deps(shard_kw.get("rules"), shard_kw.get("network"))
+        self.dispatcher = Dispatcher(n, self.config, seed, max_round, nat)
         self.rounds = 0
         self.supersteps = 0
         self.reap = reap        # run each shard's reaper between rounds (packet clock)

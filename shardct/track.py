@@ -38,8 +38,9 @@ from .wire import (CLS_INVALID, CLS_NOTIP, CLS_RELATED, CLS_TRACK, CLS_UNTRACKED
 
 # ---- configuration (cfg int64 array)
 (CF_BE_LIBERAL, CF_LOOSE, CF_MAX_CONNS, CF_EVENTS, CF_IGNORE_INVALID_RST, CF_NAT, CF_ROUTER,
- CF_SHARD_LO, CF_SHARD_HI, CF_MAX_RETRANS) = range(10)
-N_CFG = 10          # CF_SHARD_LO..HI: the routing buckets this table owns (all by default)
+ CF_SHARD_LO, CF_SHARD_HI, CF_MAX_RETRANS, CF_HOLD) = range(11)
+N_CFG = 11          # CF_SHARD_LO..HI: the routing buckets this table owns (all by default);
+                    # CF_HOLD: a shard's first pass of a round (see track_batch)
 
 # ---- timeouts (tmo int64 array, ns): TCP states 0..9, then these
 TMO_RETRANS, TMO_UNACK, TMO_UDP, TMO_UDP_STREAM, TMO_ICMP, TMO_GENERIC = 10, 11, 12, 13, 14, 15
@@ -50,11 +51,16 @@ N_TMO = 16
 # ---- verdicts
 V_ACCEPT, V_RELATED, V_UNTRACKED, V_INVALID, V_DROP, V_NOTIP = 0, 1, 2, 3, 4, 5
 # sharded pool only (shard.py; never leave a worker): wait for a cross-shard insertion,
-# go to the conn's home, go back to the owner of the packet's own bucket
-V_PARK, V_HANDOFF, V_BOUNCE = 6, 7, 8
+# go to the conn's home, go back to the owner of the packet's own bucket, wait for the
+# round's handoffs to its conn (home of a cross-shard conn), wait for the conns the
+# round's earlier packets create elsewhere (a miss that may answer one of them)
+V_PARK, V_HANDOFF, V_BOUNCE, V_HOLD, V_DEFER = 6, 7, 8, 9, 10
 V_PENDING = 255
 VERDICT_NAMES = ("accept", "related", "untracked", "invalid", "drop", "not_ip", "park",
-                 "handoff", "bounce")
+                 "handoff", "bounce", "hold", "defer")
+# given[i] for packets without a known conn: fresh from the dispatcher (count it, take
+# its router hop) or already counted by an earlier pass; either may be deferrable
+G_FRESH, G_COUNTED, G_FRESH_DEFER, G_COUNTED_DEFER = -1, -2, -3, -4
 
 # ---- statistics (stats int64 array). The first eight are conntrack -S's names.
 (ST_FOUND, ST_INVALID, ST_INSERT, ST_INSERT_FAILED, ST_DROP, ST_EARLY_DROP, ST_ERROR,
@@ -815,12 +821,16 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
     unprocessed (n when all are done); that packet has verdict V_PENDING and needs a
     Python decision (a new conn while NAT rules are loaded).
 
-    ``given[i]``: -1 for a fresh packet; -2 for one already counted (and TTL-decremented)
-    by a kernel run in another shard; a tuple id >= 0 for a packet whose conn a shard
-    already found (handoff, parked): it is checked, not looked up. Pool verdicts (a table
-    with a bucket slice): V_HANDOFF (hit a reply entry; pconn is the entry), V_PARK (its
-    conn is pending; pconn is the tuple), V_BOUNCE (would start a conn whose original
-    tuple is not in this slice).
+    ``given[i]``: G_FRESH (-1) for a fresh packet; G_COUNTED (-2) for one already counted
+    (and TTL-decremented) by an earlier kernel pass, here or in another shard; a tuple id
+    >= 0 for a packet whose conn a shard already found (handoff, parked): it is checked,
+    not looked up. G_FRESH_DEFER / G_COUNTED_DEFER: the same, but a miss is not a new conn
+    yet (V_DEFER): the packet may answer a conn an earlier packet is creating elsewhere.
+    Pool verdicts (a table with a bucket slice): V_HANDOFF (hit a reply entry; pconn is
+    the entry), V_PARK (its conn is pending; pconn is the tuple), V_BOUNCE (would start a
+    conn whose original tuple is not in this slice), V_HOLD (``cfg[CF_HOLD]`` set and a
+    fresh packet hit a cross-shard conn at its home: it waits for the round's handoffs,
+    so the conn sees both directions in sequence order), V_DEFER (above).
 
     Preconditions: meta/addr filled by wire.parse_batch; hashes[i] is the tuple hash of
     each CLS_TRACK / CLS_RELATED packet.
@@ -838,7 +848,8 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
         cls = meta[i, M_CLS]
         pconn[i] = -1
         g = given[i]
-        fresh = g == -1 and not (resumed and i == start)
+        fresh = (g == G_FRESH or g == G_FRESH_DEFER) and not (resumed and i == start)
+        defer = g == G_FRESH_DEFER or g == G_COUNTED_DEFER
         if cls == CLS_NOTIP:
             verdict[i] = V_NOTIP
             stats[ST_NOT_IP] += 1
@@ -879,7 +890,7 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
         proto = meta[i, M_PROTO]
         ipver = meta[i, M_IPVER]
         h = hashes[i]
-        if g >= 0:
+        if g >= 0 and not (resumed and i == start):
             t = g
             gc = g >> 1
             if not (cstatus[gc] & S_USED and cstatus[gc] & (S_REMOTE | S_DYING) == 0
@@ -894,6 +905,10 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
             # a reply entry: the conn lives in another shard; a pending conn: wait for
             # its insertion to commit
             verdict[i] = V_HANDOFF if cstatus[t >> 1] & S_REMOTE else V_PARK
+            pconn[i] = t
+            continue
+        if t >= 0 and cfg[CF_HOLD] != 0 and g < 0 and cstatus[t >> 1] & S_XSHARD:
+            verdict[i] = V_HOLD
             pconn[i] = t
             continue
         if t >= 0 and now > c64[t >> 1, EXPIRES]:
@@ -919,7 +934,9 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
                 if od_hi != tkey[t, 2] or od_lo != tkey[t, 3]:
                     t = -1
         if cls == CLS_RELATED:
-            if t < 0:
+            if t < 0 and defer:
+                verdict[i] = V_DEFER
+            elif t < 0:
                 verdict[i] = V_INVALID
                 stats[ST_ERROR] += 1
                 stats[ST_INVALID] += 1
@@ -937,6 +954,9 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
                 # ---- no conn: may this packet start one?
                 if h % nb < cfg[CF_SHARD_LO] or h % nb >= cfg[CF_SHARD_HI]:
                     verdict[i] = V_BOUNCE      # its original tuple belongs to another shard
+                    break
+                if defer:
+                    verdict[i] = V_DEFER
                     break
                 ok = True
                 if proto == 6:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
-from shardct.batch import PacketBatch
+from shardct.batch import PacketBatch, compact
 
 VERSION = 1
 # message types
@@ -83,6 +83,7 @@ def encode_batch(batch: PacketBatch, hashes: np.ndarray | None = None, t: str = 
                  **header) -> list:
     """Frames for send_multipart(copy=False): a header and the batch's arrays as raw
     buffers (no per-packet objects). Preconditions: arrays of the documented dtypes."""
+    batch = compact(batch)           # only its own frames' bytes travel
     n = len(batch)
     h = {"v": VERSION, "t": t, "n": n, "hashes": hashes is not None, **header}
     out = [msgpack.packb(h, use_bin_type=True), np.ascontiguousarray(batch.buf).data]

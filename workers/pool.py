@@ -54,7 +54,7 @@ import zmq
 
 from shardct import PacketBatch
 from shardct.config import Config
-from shardct.shard import Dispatcher, Msg, Packets, Shard, sum_counts
+from shardct.shard import NEVER, Dispatcher, Msg, Packets, Shard, nat_deps, sum_counts
 
 from . import messages as M
 from .supervisor import Supervisor
@@ -81,18 +81,19 @@ def pk_arrays(prefix: str, pk: Packets) -> dict:
     b = pk.batch
     return {f"{prefix}buf": b.buf, f"{prefix}off": b.off, f"{prefix}length": b.length,
             f"{prefix}ifindex": b.ifindex, f"{prefix}ts": b.ts, f"{prefix}hashes": pk.hashes,
-            f"{prefix}seq": pk.seq, f"{prefix}given": pk.given}
+            f"{prefix}seq": pk.seq, f"{prefix}given": pk.given, f"{prefix}dep": pk.dep}
 
 
 def pk_from(prefix: str, a: dict) -> Packets:
     """Packets from received arrays, validated (raises WireError)."""
     try:
         buf, off, length = a[prefix + "buf"], a[prefix + "off"], a[prefix + "length"]
-        rest = [a[prefix + f] for f in ("ifindex", "ts", "hashes", "seq", "given")]
+        rest = [a[prefix + f] for f in ("ifindex", "ts", "hashes", "seq", "given", "dep")]
     except KeyError as e:
         raise M.WireError(f"missing array {e}") from None
     n = off.shape[0]
-    want = (np.uint8, np.int64, np.int32, np.int16, np.int64, np.int64, np.int64, np.int64)
+    want = (np.uint8, np.int64, np.int32, np.int16, np.int64, np.int64, np.int64, np.int64,
+            np.int64)
     for arr, dt in zip([buf, off, length] + rest, want):
         if arr.dtype != dt or arr.ndim != 1:
             raise M.WireError(f"{prefix}: array of {arr.dtype}/{arr.ndim}d, want {np.dtype(dt)}")
@@ -102,7 +103,7 @@ def pk_from(prefix: str, a: dict) -> Packets:
               or int((off + length.astype(np.int64)).max()) > buf.shape[0]):
         raise M.WireError(f"{prefix}: a frame lies outside the buffer")
     batch = PacketBatch(buf.copy(), off, length, rest[0], rest[1])
-    return Packets(batch, rest[2], rest[3], rest[4].copy())
+    return Packets(batch, rest[2], rest[3], rest[4].copy(), rest[5])
 
 
 def msg_arrays(m: Msg) -> dict:
@@ -116,7 +117,7 @@ def msg_arrays(m: Msg) -> dict:
 
 def msg_from(h: dict, a: dict) -> Msg:
     from shardct.shard import N_ANS, N_REL, N_REQ
-    m = Msg(active=bool(h.get("active")))
+    m = Msg(active=bool(h.get("active")), low=int(h.get("low", NEVER)))
     for name, cols, dt in (("rel", N_REL, np.uint64), ("req", N_REQ, np.uint64),
                            ("ans", N_ANS, np.int64)):
         x = a.get(name)
@@ -262,7 +263,7 @@ class _WorkerState:
                     if r >= self.absent_until[p]:
                         ptx[p].send_multipart(M.encode_arrays(
                             M.STEP, msg_arrays(m), **{"from": self.k}, round=r, step=step,
-                            active=m.active, gen=self.gen), copy=False)
+                            active=m.active, low=m.low, gen=self.gen), copy=False)
                 t1 = time.perf_counter()
                 self.shard.counts["busy_us"] += int((t1 - t0) * 1e6)
                 inbox = yield from self._gather(r, step, prx, rx, poller, alive)
@@ -320,13 +321,13 @@ class _WorkerState:
 # ------------------------------------------------------------------ the dispatcher process
 
 def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_round: int,
-                    causal: bool, window: int):
+                    nat: bool, window: int):
     """The dispatcher as a process of its own (``Pool(dispatcher_process=True)``): takes
     batches on ``source``, sends each round to the workers and its size to the sink
     (ROUND), acknowledges each batch with the rounds it made (ACK), passes restarts on
     to the restarted worker (HELLO: the next round is its first), and ends with the
     table round on END."""
-    disp = Dispatcher(n, config, seed, max_round, causal)
+    disp = Dispatcher(n, config, seed, max_round, nat)
     from shardct.traffic import handshake_frames
     for _ in disp.rounds(handshake_frames(2)):      # compile before READY
         pass
@@ -413,22 +414,23 @@ class Pool:
     ``emit(packets, verdicts)`` once per round in order, return the totals."""
 
     def __init__(self, n, config: Config | None = None, *, seed: int, rules=None, network=None,
-                 router=False, max_round=1024, causal=True, window=8, eps: dict | None = None,
+                 router=False, max_round=4096, window=8, eps: dict | None = None,
                  ipc_dir=None, log=print, worker_netns: str | None = None,
                  dispatcher_process: bool = True):
         self.config = config or Config()
         self.n = n if n != "auto" else (os.cpu_count() or 1)
         kw = dict(config=self.config, seed=seed, rules=rules, network=network, router=router)
         self.dispatcher_process = dispatcher_process
+        nat = nat_deps(rules, network)
         extra = None
         if dispatcher_process:
             extra = ("workers.pool:dispatcher_body",
-                     dict(config=self.config, seed=seed, max_round=max_round, causal=causal,
+                     dict(config=self.config, seed=seed, max_round=max_round, nat=nat,
                           window=window))
         self.sup = Supervisor(self.n, "workers.pool:shard_worker", kw, ipc_dir, log,
                               endpoints=eps, pass_incarnation=True, netns=worker_netns,
                               extra=extra)
-        self.dispatcher = Dispatcher(self.n, self.config, seed, max_round, causal)
+        self.dispatcher = Dispatcher(self.n, self.config, seed, max_round, nat)
         self.window = window
         self.log = log
         self.totals = {"packets_in": 0, "packets_out": 0, "lost_packets": 0, "rounds": 0,

@@ -39,9 +39,9 @@ def add_parser(sub):
                         "engine in this process")
     p.add_argument("--dispatcher-inline", action="store_true",
                    help="pool: run the dispatcher in the supervisor's process, not its own")
-    p.add_argument("--round", type=int, default=1024,
-                   help="pool: packets per round at most (rounds are also cut so that a "
-                        "reply never shares a round with what it answers)")
+    p.add_argument("--round", type=int, default=4096,
+                   help="pool: packets per round at most (bigger: fewer superstep exchanges "
+                        "per packet, more latency)")
     p.set_defaults(func=cmd_replay)
 
 

@@ -93,14 +93,16 @@ def test_pool_messages_round_trip_and_reject_corruption():
     from workers.pool import msg_arrays, msg_from
     b = handshake_frames(3)
     pk = Packets(b, np.arange(len(b), dtype=np.int64), np.arange(len(b), dtype=np.int64) + 7,
-                 np.full(len(b), -1, dtype=np.int64))
-    m = Msg(active=True, ans=np.array([[1, 0, 2, 3]], dtype=np.int64), ho=pk)
-    frames = M.encode_arrays(M.STEP, msg_arrays(m), round=1, step=0, active=True)
+                 np.full(len(b), -1, dtype=np.int64), np.arange(len(b), dtype=np.int64) - 1)
+    m = Msg(active=True, low=5, ans=np.array([[1, 0, 2, 3]], dtype=np.int64), ho=pk)
+    frames = M.encode_arrays(M.STEP, msg_arrays(m), round=1, step=0, active=True, low=5)
     h, a = M.decode_arrays([bytes(f) for f in frames])
     got = msg_from(h, a)
     ans, n_bo = got.ans.tolist(), len(got.bo)
     assert got.active and ans == [[1, 0, 2, 3]] and n_bo == 0, \
         f"(active, ans, len(bo)) got {(got.active, ans, n_bo)}, want (True, [[1, 0, 2, 3]], 0)"
+    assert got.low == 5 and list(got.ho.dep) == list(pk.dep), \
+        f"(low, dep) got {(got.low, list(got.ho.dep))}, want {(5, list(pk.dep))}"
     ho_frames, ho_seq = got.ho.batch.frames(), list(got.ho.seq)
     assert ho_frames == b.frames() and ho_seq == list(pk.seq), \
         f"handoff (frames, seq) got {(ho_frames, ho_seq)}, want {(b.frames(), list(pk.seq))}"

@@ -94,7 +94,8 @@ def _packets(frames, seed, seqs, ts=10**9):
     meta, addr = wire.new_meta(len(b))
     h = np.empty(len(b), np.int64)
     wire.parse_hash_batch(b.buf, b.off, b.length, meta, addr, True, seed, h)
-    return Packets(b, h, np.asarray(seqs, np.int64), np.full(len(b), -1, np.int64))
+    return Packets(b, h, np.asarray(seqs, np.int64), np.full(len(b), -1, np.int64),
+                   np.full(len(b), -1, np.int64))
 
 
 def check_tables(shards, n):
