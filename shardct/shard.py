@@ -107,6 +107,7 @@ N_REQ = 14   # request rows: reply key0..3, rports, proto, ipver, orig key0..3, 
              # again (1: a committed conn reserving anew at a restarted owner)
 N_ANS = 4    # answer rows: conn, kind, join home, join tuple id
 NEVER = np.iinfo(np.int64).max
+PEND_NONE, PEND_REQ, PEND_AGAIN = 0, 1, 2     # Shard.pend: what a conn's request is
 
 
 @dataclass
@@ -284,6 +285,93 @@ def forget_peer(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, peer, n_worker
     return freed, m
 
 
+@numba.njit(cache=True)
+def request_rows(tkey, tport, c8, seed, conns, again, rows, rh):
+    """Request rows for pending conns ``conns`` (their reply tuple, original tuple and
+    id) and the hash of each reply tuple (where the row goes)."""
+    for j in range(conns.shape[0]):
+        c = conns[j]
+        for k in range(4):
+            rows[j, k] = tkey[2 * c + 1, k]
+            rows[j, 7 + k] = tkey[2 * c, k]
+        rows[j, 4] = tport[2 * c + 1]
+        rows[j, 5] = c8[c, PROTO]
+        rows[j, 6] = c8[c, IPVER]
+        rows[j, 11] = tport[2 * c]
+        rows[j, 12] = c
+        rows[j, 13] = again
+        rh[j] = hash_key(seed, rows[j, 0], rows[j, 1], rows[j, 2], rows[j, 3],
+                         np.int64(rows[j, 4]), np.int64(rows[j, 5]), np.int64(rows[j, 6]))
+
+
+@numba.njit(cache=True)
+def answer_rows(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
+                reqs, sender, me, now, ans):
+    """Answer shard ``sender``'s requests at once, in order (see the module docstring):
+    GRANT links a reply entry, JOIN names the visible conn whose other tuple is the
+    requester's original, FAIL otherwise. Returns (grants, joins, fails)."""
+    g = 0
+    jn = 0
+    f = 0
+    for j in range(reqs.shape[0]):
+        r = reqs[j]
+        ans[j, 0] = np.int64(r[12])
+        ans[j, 2] = 0
+        ans[j, 3] = 0
+        hit = find_visible(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg,
+                           ev, evaddr, r[0], r[1], r[2], r[3], np.int64(r[4]), np.int64(r[5]),
+                           np.int64(r[6]), -1, now)
+        if hit < 0:
+            if link_reply_entry(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, r,
+                                sender) < 0:
+                ans[j, 1] = FAIL            # no room for the reply entry
+                f += 1
+            else:
+                ans[j, 1] = GRANT
+                g += 1
+            continue
+        c = hit >> 1
+        other = hit ^ 1
+        if (tkey[other, 0] == r[7] and tkey[other, 1] == r[8] and tkey[other, 2] == r[9]
+                and tkey[other, 3] == r[10] and tport[other] == r[11]):
+            ans[j, 1] = JOIN
+            jn += 1
+            if cstatus[c] & S_REMOTE:
+                ans[j, 2] = c32[c, HOME]
+                ans[j, 3] = 2 * np.int64(c32[c, HCONN]) + (other & 1)
+            else:
+                ans[j, 2] = me
+                ans[j, 3] = other
+        else:
+            ans[j, 1] = FAIL
+            f += 1
+    return g, jn, f
+
+
+@numba.njit(cache=True)
+def commit_rows(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
+                ans, pend, now, done):
+    """Commit every pending conn whose answer is a plain GRANT (done[j] = 1): it holds
+    both buckets now. An S_INVIS conn takes its own (higher) bucket here, unless a
+    visible entry with its tuple appeared meanwhile. Every other answer (JOIN, FAIL,
+    stale, a re-reservation, a lost bucket) is left to Python (done[j] = 0)."""
+    for j in range(ans.shape[0]):
+        done[j] = 0
+        c = ans[j, 0]
+        if (ans[j, 1] != GRANT or c < 0 or c >= pend.shape[0] or pend[c] != PEND_REQ
+                or cstatus[c] & S_PENDING == 0):
+            continue
+        if cstatus[c] & S_INVIS:
+            if find_visible(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg,
+                            ev, evaddr, tkey[2 * c, 0], tkey[2 * c, 1], tkey[2 * c, 2],
+                            tkey[2 * c, 3], np.int64(tport[2 * c]), np.int64(c8[c, PROTO]),
+                            np.int64(c8[c, IPVER]), c, now) >= 0:
+                continue
+        cstatus[c] &= ~(S_PENDING | S_INVIS) & 0xFFFF
+        pend[c] = PEND_NONE
+        done[j] = 1
+
+
 def key_rows(pk: Packets, idx: np.ndarray, ncols: int) -> np.ndarray:
     """Rows for packets idx of pk with their tuple in columns 0..6 (key words, ports,
     proto, ipver), the rest zero: the start of a release or request row."""
@@ -316,9 +404,10 @@ class Shard:
                             rng=rng, shard=(k, n), owned=owner_slices(n, self.nb)[k])
         self._out: dict[int, dict[str, list]] = {}
         self._reset_out()
-        self.parked: dict[int, list[Packets]] = {}     # pending conn -> its packets
-        self.requested: set[int] = set()
-        self.again: set[int] = set()                   # committed conns reserving anew
+        # per conn slot: PEND_REQ pending and requested, PEND_AGAIN committed and
+        # reserving anew (a restarted owner); the pending conns' packets (given = tid)
+        self.pend = np.zeros(self.ct.table.capacity, dtype=np.uint8)
+        self.parked = Packets.empty()
         self.done: list[tuple[Packets, np.ndarray]] = []
         self.held: list[Packets] = []                  # V_HOLD: wait for step 0's handoffs
         self.deferred = Packets.empty()                # V_DEFER: wait for earlier creations
@@ -406,20 +495,35 @@ class Shard:
             part.given[:] = K.G_COUNTED_DEFER
             self.deferred = Packets.concat([self.deferred, part])
             self.counts["deferred"] += len(dfr)
-        for i in np.flatnonzero(verdict == K.V_PARK):
-            c = int(tid[i]) >> 1
-            one = pk.take([i])
-            one.given[:] = tid[i]
-            self.parked.setdefault(c, []).append(one)
-            if c not in self.requested:
-                self._request(c)
+        park = np.flatnonzero(verdict == K.V_PARK)
+        if len(park):
+            part = pk.take(park)
+            part.given[:] = tid[park]
+            self.parked = Packets.concat([self.parked, part])
+            conns = np.unique(tid[park] >> 1)
+            self._request(conns[self.pend[conns] == PEND_NONE])
+
+    def _unpark(self, conns) -> Packets:
+        """Take the parked packets of ``conns`` out."""
+        if not len(self.parked):
+            return Packets.empty()
+        mine = np.isin(self.parked.given >> 1, conns)
+        if not mine.any():
+            return Packets.empty()
+        out = self.parked.take(np.flatnonzero(mine))
+        self.parked = self.parked.take(np.flatnonzero(~mine))
+        return out
 
     def peer_lost(self, p: int):
         """Peer p died: conns waiting for its answer will not get one; drop them."""
-        for c in [c for c in self.requested if self._reply_owner(c) == p]:
+        for c in np.flatnonzero(self.pend != PEND_NONE):
+            if self._reply_owner(int(c)) != p:
+                continue
+            if self.pend[c] == PEND_AGAIN:
+                self.pend[c] = PEND_NONE
+                continue
             self.counts["peer_lost"] += 1
-            self._fail(self._abort(c))
-        self.again = {c for c in self.again if self._reply_owner(c) != p}
+            self._fail(self._abort(int(c)))
         self._drain_dying()
 
     def _reply_owner(self, c: int) -> int:
@@ -435,25 +539,22 @@ class Shard:
                                t.tbl, p, self.n, out)
         self.counts["peer_restarts"] += 1
         self.counts["entries_forgotten"] += int(freed)
-        for c in out[:m]:
-            self._request(int(c), again=True)
+        self._request(out[:m].copy(), again=True)
 
-    def _request(self, c: int, again: bool = False):
+    def _request(self, conns: np.ndarray, again: bool = False):
+        """Reserve the reply tuples of ``conns`` at their owners (rows go out next)."""
+        if not len(conns):
+            return
         t = self.ct.table
-        row = np.zeros(N_REQ, dtype=np.uint64)
-        row[0:4] = t.tkey[2 * c + 1]
-        row[4] = t.tport[2 * c + 1]
-        row[5] = t.c8[c, PROTO]
-        row[6] = t.c8[c, IPVER]
-        row[7:11] = t.tkey[2 * c]
-        row[11] = t.tport[2 * c]
-        row[12] = c
-        row[13] = int(again)
-        rh = hash_key(t.seed, row[0], row[1], row[2], row[3], int(row[4]), int(row[5]),
-                      int(row[6]))
-        self._out[self.owner(rh)]["req"].append(row)
-        (self.again if again else self.requested).add(c)
-        self.counts["reserve_requests"] += 1
+        conns = np.asarray(conns, dtype=np.int64)
+        rows = np.zeros((len(conns), N_REQ), dtype=np.uint64)
+        rh = np.empty(len(conns), dtype=np.int64)
+        request_rows(t.tkey, t.tport, t.c8, t.seed, conns, int(again), rows, rh)
+        own = owners(rh, self.n, self.nb)
+        for o in np.unique(own):
+            self._out[int(o)]["req"].append(rows[own == o])
+        self.pend[conns] = PEND_AGAIN if again else PEND_REQ
+        self.counts["reserve_requests"] += len(conns)
 
     def _drain_dying(self):
         t = self.ct.table
@@ -478,8 +579,8 @@ class Shard:
         st[K.ST_NEW] -= 1
         K.destroy_conn(*self._table_args(), st, self.ct.cfg, self.ct.ev, self.ct.evaddr, c,
                        self.now)
-        self.requested.discard(c)
-        return Packets.concat(self.parked.pop(c, []))
+        self.pend[c] = PEND_NONE
+        return self._unpark([c])
 
     # ------------------------------------------------------------ a round
     def local(self, pk: Packets):
@@ -505,7 +606,12 @@ class Shard:
         low = NEVER
         for part in [self.deferred, *self.held, *(m.bo for m in msgs.values())]:
             if len(part):
-                low = min(low, int(part.seq.min()))
+                # a deferred packet that cannot start a conn (a SYN/ACK, an echo reply,
+                # an ICMP error) only waits; bounces (dep -1) may
+                starts = (part.dep < 0) | (part.dep & DEP_STARTS != 0) \
+                    if part is self.deferred else slice(None)
+                if len(part.seq[starts]):
+                    low = min(low, int(part.seq[starts].min()))
         return low
 
     def outbox(self) -> dict[int, Msg]:
@@ -541,12 +647,13 @@ class Shard:
         if not self._sent_active and not any(m.active for m in inbox):
             if len(self.deferred) or self.held:
                 raise AssertionError(f"shard {self.k}: round ended with deferred packets")
-            if self.parked and not final_ok:
+            left = np.unique(self.parked.given >> 1)
+            if len(left) and not final_ok:
                 raise AssertionError(f"shard {self.k}: round ended with pending conns "
-                                     f"{sorted(self.parked)}")
-            for c in list(self.parked):
+                                     f"{left.tolist()}")
+            for c in left:
                 self.counts["abandoned"] += 1
-                self._fail(self._abort(c))
+                self._fail(self._abort(int(c)))
             self._drain_dying()
             return False
         ta = self._table_args()
@@ -560,12 +667,24 @@ class Shard:
                     self.counts["releases_applied"] += 1
         # 2. reservations: answer at once
         for sender, m in self._senders(inbox):
-            for r in m.req:
-                self._answer(sender, r, ta, st, cfg, ev, evaddr)
-        # 3. answers to our reservations
+            if len(m.req):
+                ans = np.zeros((len(m.req), N_ANS), dtype=np.int64)
+                g, j, f = answer_rows(*ta, st, cfg, ev, evaddr, m.req, sender, self.k,
+                                      self.now, ans)
+                self.counts["grants"] += g
+                self.counts["joins"] += j
+                self.counts["fails"] += f
+                self._out[sender]["ans"].append(ans)
+        # 3. answers to our reservations: plain grants commit in the kernel, the rest
+        # (joins, fails, stale answers, re-reservations) one by one
         rerun = []
         for sender, m in self._senders(inbox):
-            for a in m.ans:
+            if not len(m.ans):
+                continue
+            done = np.zeros(len(m.ans), dtype=np.uint8)
+            commit_rows(*ta, st, cfg, ev, evaddr, m.ans, self.pend, self.now, done)
+            rerun.append(self._unpark(m.ans[done == 1, 0]))
+            for a in m.ans[done == 0]:
                 pk = self._resolve(int(a[0]), int(a[1]), int(a[2]), int(a[3]), ta, st, cfg, ev,
                                    evaddr)
                 if pk is not None:
@@ -584,8 +703,10 @@ class Shard:
         self.deferred = Packets.empty()
         if len(dfr):
             # low of each shard (ours: our own deferred run in order with this one)
-            low = np.array([NEVER if p == self.k else m.low
-                            for p, m in zip(range(self.n), self._with_self(inbox))], np.int64)
+            low = np.full(DEP_ANY + 1, NEVER, np.int64)
+            for p, m in enumerate(self._with_self(inbox)):
+                low[p] = NEVER if m is None else m.low
+            low[DEP_ANY] = low[:self.n].min()
             free = (dfr.dep < 0) | ((dfr.dep >> DEP_SHIFT) < low[dfr.dep & DEP_OWNER])
             dfr.given[:] = np.where(free, K.G_COUNTED, K.G_COUNTED_DEFER)
             self.counts["deferred_released"] += int(free.sum())
@@ -607,43 +728,18 @@ class Shard:
         peers = [p for p in range(self.n) if p != self.k]
         return zip(peers, inbox)
 
-    def _answer(self, sender, r, ta, st, cfg, ev, evaddr):
-        t = self.ct.table
-        row = np.zeros(N_ANS, dtype=np.int64)
-        row[0] = int(r[12])
-        hit = find_visible(*ta, st, cfg, ev, evaddr, r[0], r[1], r[2], r[3], int(r[4]),
-                           int(r[5]), int(r[6]), -1, self.now)
-        if hit < 0:
-            if link_reply_entry(*ta, r, sender) < 0:
-                row[1] = FAIL                       # no room for the reply entry
-                self.counts["fails"] += 1
-            else:
-                row[1] = GRANT
-                self.counts["grants"] += 1
-        else:
-            c = hit >> 1
-            other = hit ^ 1
-            same = (np.array_equal(t.tkey[other], r[7:11]) and int(t.tport[other]) == int(r[11]))
-            if same and t.cstatus[c] & S_REMOTE:
-                row[1], row[2], row[3] = JOIN, int(t.c32[c, HOME]), 2 * int(t.c32[c, HCONN]) + (other & 1)
-            elif same:
-                row[1], row[2], row[3] = JOIN, self.k, other
-            else:
-                row[1] = FAIL
-            self.counts["joins" if same else "fails"] += 1
-        self._out[sender]["ans"].append(row)
-
     def _resolve(self, c, kind, jhome, jtid, ta, st, cfg, ev, evaddr):
         """Act on the answer for pending conn c. Returns packets to run here now, or None."""
         t = self.ct.table
-        if c in self.again:
-            self.again.discard(c)
+        if 0 <= c < len(self.pend) and self.pend[c] == PEND_AGAIN:
+            self.pend[c] = PEND_NONE
             if kind != GRANT and t.cstatus[c] & S_XSHARD and not t.cstatus[c] & S_DYING:
                 # its reply tuple went to another conn while the owner was down
                 self.counts["reply_lost"] += 1
                 K.destroy_conn(*ta, st, cfg, ev, evaddr, c, self.now)
             return None
-        if c not in self.requested or not t.cstatus[c] & S_PENDING:
+        if not (0 <= c < len(self.pend)) or self.pend[c] != PEND_REQ \
+                or not t.cstatus[c] & S_PENDING:
             self.counts["stale_answers"] += 1
             return None
         if kind == GRANT:
@@ -665,8 +761,8 @@ class Shard:
                         return self._join(pk, self.k, hit)
                     return self._fail(pk)
             t.cstatus[c] &= ~(S_PENDING | S_INVIS) & 0xFFFF
-            self.requested.discard(c)
-            return Packets.concat(self.parked.pop(c, []))
+            self.pend[c] = PEND_NONE
+            return self._unpark([c])
         pk = self._abort(c)
         if kind == JOIN:
             return self._join(pk, jhome, jtid)
@@ -775,8 +871,10 @@ def _end_key(hi, lo, port, proto):
 
 DEP_BITS = 17
 DEP_MASK = (1 << DEP_BITS) - 1
-DEP_SHIFT = 6       # dep = seq << DEP_SHIFT | shard: at most 64 shards
-DEP_OWNER = (1 << DEP_SHIFT) - 1
+DEP_SHIFT = 7       # dep = seq << DEP_SHIFT | DEP_STARTS? | shard: at most 63 shards
+DEP_OWNER = (1 << 6) - 1
+DEP_ANY = DEP_OWNER  # dep's "shard" when it waits for every shard (end point matches)
+DEP_STARTS = 1 << 6  # the packet itself may start a conn (a deferred one holds its low)
 NAT_SRC, NAT_DST = 1, 2
 
 
@@ -799,9 +897,14 @@ def _seen(tab, k, gen):
 
 
 @numba.njit(cache=True)
-def answer_deps(meta, addr, hashes, seed, nat, max_round, gen0, tuples, srcs, dsts, dep):
+def answer_deps(meta, addr, hashes, seed, nat, max_round, gen0, tuples, srcs, dsts, dep,
+                anyone, starts, loose):
     """For packet i of a parsed batch cut into rounds of ``max_round``: dep[i] = the index
-    of the latest earlier packet of its round that i may answer, else -1.
+    of the latest earlier packet of its round that i may answer, else -1; anyone[i]:
+    it may answer earlier packets of other tuples too (end point matches, which may be
+    in any shard), not only that one's (the same tuple: the same shard). starts[i]: i
+    may start a conn if it misses (track.tcp_may_create with ``loose``, an echo request,
+    UDP or another protocol; never an ICMP error).
 
     i may answer j when i's tuple is j's inverted (the reply of a conn j starts, ICMP
     errors about j included: their tuple is the quoted packet's inverted). With NAT
@@ -832,22 +935,25 @@ def answer_deps(meta, addr, hashes, seed, nat, max_round, gen0, tuples, srcs, ds
         inv = hash_key(seed, addr[i, 2], addr[i, 3], addr[i, 0], addr[i, 1], rports, proto,
                        meta[i, wire.M_IPVER])
         d = _seen(tuples, inv & DEP_MASK, gen)
+        anyone[i] = False
+        icmp = proto == 1 or proto == 58
+        starts[i] = cls == wire.CLS_TRACK and (
+            (proto == 6 and K.tcp_may_create(meta[i, wire.M_TFLAGS], loose))
+            or (icmp and meta[i, wire.M_ECHO] == 1) or (proto != 6 and not icmp))
         idx = (gen << 32) | (i - start)
         tuples[hashes[i] & DEP_MASK] = idx
         if nat:
             ks = _end_key(addr[i, 0], addr[i, 1], ports >> 16, proto)
             kd = _end_key(addr[i, 2], addr[i, 3], ports & 0xFFFF, proto)
-            d = max(d, _seen(dsts, ks, gen))
+            e = _seen(dsts, ks, gen)
             dsts[kd] = idx
             if nat & NAT_DST:
-                d = max(d, _seen(srcs, kd, gen))
-                fl = meta[i, wire.M_TFLAGS]
-                icmp = proto == 1 or proto == 58
-                if cls == wire.CLS_TRACK and (
-                        (proto == 6 and (fl & 0x12) == 0x02)
-                        or (icmp and meta[i, wire.M_ECHO] == 1)
-                        or (proto != 6 and not icmp)):
-                    srcs[ks] = idx      # may start a conn: a SYN, an echo request, UDP...
+                e = max(e, _seen(srcs, kd, gen))
+                if starts[i] and (proto != 6 or (meta[i, wire.M_TFLAGS] & 0x12) == 0x02):
+                    srcs[ks] = idx      # a conn's first packet: a SYN, an echo request, UDP
+            if e >= 0:
+                anyone[i] = True
+                d = max(d, e)
         dep[i] = d + start if d >= 0 else np.int64(-1)
     return gen + 1
 
@@ -860,8 +966,8 @@ class Dispatcher:
 
     def __init__(self, n: int, config: Config, seed: int, max_round: int = 4096,
                  nat: int = 0):
-        if n > 1 << DEP_SHIFT:
-            raise ValueError(f"{n} shards: the pool takes at most {1 << DEP_SHIFT}")
+        if n > DEP_ANY:
+            raise ValueError(f"{n} shards: the pool takes at most {DEP_ANY}")
         self.n, self.config, self.seed = n, config, seed & 0xFFFFFFFF
         self.max_round, self.nat = max_round, nat
         self.seq = 0
@@ -877,12 +983,17 @@ class Dispatcher:
         wire.parse_hash_batch(batch.buf, batch.off, batch.length, meta, addr, False, self.seed,
                               hashes)
         dep = np.empty(m, dtype=np.int64)
+        anyone = np.empty(m, dtype=np.bool_)
+        starts = np.empty(m, dtype=np.bool_)
         self._gen = answer_deps(meta, addr, hashes, self.seed, self.nat, self.max_round,
-                                self._gen, *self._tabs, dep)
+                                self._gen, *self._tabs, dep, anyone, starts,
+                                self.config.tcp_loose)
         own = owners(hashes, self.n, self.config.n_buckets)
         seq = np.arange(self.seq, self.seq + m, dtype=np.int64)
         have = dep >= 0
-        dep = np.where(have, ((dep + self.seq) << DEP_SHIFT) | own[np.where(have, dep, 0)], -1)
+        who = np.where(anyone, DEP_ANY, own[np.where(have, dep, 0)])
+        dep = np.where(have, ((dep + self.seq) << DEP_SHIFT) | who
+                       | np.where(starts, DEP_STARTS, 0), -1)
         given = np.where(dep >= 0, K.G_FRESH_DEFER, K.G_FRESH)
         self.seq += m
         for s in range(0, m, self.max_round):
