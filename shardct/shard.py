@@ -971,6 +971,7 @@ class Dispatcher:
         self.n, self.config, self.seed = n, config, seed & 0xFFFFFFFF
         self.max_round, self.nat = max_round, nat
         self.seq = 0
+        self.clock = 0      # the packet clock at the end of the last round yielded
         self._gen = 1
         self._tabs = tuple(np.zeros(1 << DEP_BITS, np.int64) for _ in range(3))
 
@@ -1002,6 +1003,7 @@ class Dispatcher:
                                batch.ts[s:e])
             parts = [Packets(pb, ph, seq[s + idx], given[s + idx], dep[s + idx])
                      for pb, ph, idx in scatter(part, hashes[s:e], self.n, self.config.n_buckets)]
+            self.clock = max(self.clock, int(part.ts.max()))
             yield parts, (int(seq[s]), int(seq[e - 1]) + 1)
 
 

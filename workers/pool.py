@@ -177,6 +177,7 @@ class _WorkerState:
         self.k, self.n, self.shard, self.gen = k, n, shard, gen
         self.steps: dict[tuple[int, int], dict[int, Msg]] = {}
         self.batches: dict[int, Packets] = {}
+        self.clocks: dict[int, int] = {}       # round -> the packet clock at its end
         self.absent_until = {p: 0 for p in range(n) if p != k}   # peer p absent before round
         self.moved_on = {p: -1 for p in range(n) if p != k}      # highest round seen from p
         self.restarted: dict[int, int] = {}                      # peer -> round it rejoins
@@ -222,6 +223,7 @@ class _WorkerState:
                 return
             h, a = M.decode_arrays(frames)
             self.batches[int(h["round"])] = pk_from("", a)
+            self.clocks[int(h["round"])] = int(h.get("clock", 0))
             if h.get("final"):
                 self.final.add(int(h["round"]))
         except (M.WireError, KeyError, TypeError, ValueError) as e:
@@ -242,6 +244,7 @@ class _WorkerState:
                     r = self.start_round
                     for old in [x for x in self.batches if x < r]:
                         del self.batches[old]
+                        self.clocks.pop(old, None)
                     hello = M.encode(M.HELLO, **{"from": self.k}, worker=self.k, gen=self.gen,
                                      first=r)
                     for s in ptx.values():
@@ -288,7 +291,8 @@ class _WorkerState:
                 M.RESULT, {**pk_arrays("", res), "verdict": verdict, **table}, worker=self.k,
                 round=r, gen=self.gen, entries=self.shard.ct.table.count, **extra), copy=False)
             self.shard.counts["busy_us"] += int((time.perf_counter() - t0) * 1e6)
-            self.shard.reap_until(self.shard.now)
+            # every worker reaps on the dispatcher's clock, not on what it happened to see
+            self.shard.reap_until(max(self.shard.now, self.clocks.pop(r, 0)))
             r += 1
             yield
 
@@ -353,7 +357,7 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
         r = st["r"]
         for j, part in enumerate(parts):
             tx[j].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", part), round=r,
-                                                 final=final), copy=False)
+                                                 final=final, clock=disp.clock), copy=False)
         sink.send(M.encode(M.ROUND, round=r, n=sum(len(x) for x in parts), final=final))
         st["r"] = r + 1
 
@@ -585,7 +589,8 @@ class Pool:
         self.pending[self.r] = {"n": sum(len(p) for p in parts), "got": {}}
         for k, p in enumerate(parts):
             self.tx[k].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", p), round=self.r,
-                                                      final=final), copy=False)
+                                                      final=final,
+                                                      clock=self.dispatcher.clock), copy=False)
         self.r += 1
 
     def _emit_ready(self, emit):
@@ -666,8 +671,16 @@ class Pool:
         return out
 
     def stats(self) -> dict[str, int]:
-        """Counters summed over workers (each incarnation's last report)."""
-        return sum_counts(self.worker_stats.values())
+        """Counters summed over workers (each incarnation's last report). ``entries``
+        counts only each worker's latest incarnation: a dead one's conns are gone (they
+        are ``lost_conns`` in the totals); what it counted while alive stays."""
+        latest = {}
+        for k, g in self.worker_stats:
+            latest[k] = max(latest.get(k, g), g)
+        out = sum_counts(self.worker_stats.values())
+        out["entries"] = sum(int(st.get("entries", 0)) for (k, g), st in self.worker_stats.items()
+                             if g == latest[k])
+        return out
 
     def counts(self) -> dict[str, int]:
         """Protocol counters (Shard.counts) summed over workers."""

@@ -100,6 +100,9 @@ def test_kill_9_under_load_is_restarted_and_counted(own_process):
     assert totals["packets_out"] > len(b) // 2, f"the pool kept working: {totals}"
     assert totals["lost_conns"] > 0, totals
     assert 1 in pool.tables, "the restarted worker finished the run"
+    entries, live = pool.stats()["entries"], len(pool.conns())
+    assert entries == live, f"entries got {entries}, want the {live} conns the workers hold " \
+        "(the dead incarnation's are lost, not live)"
     print("kill -9 run:", totals, pool.counts())
 
 
