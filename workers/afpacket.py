@@ -1,13 +1,16 @@
 # AF_PACKET source and sink with memory-mapped rings (the kernel's packet_mmap): frames
 # come out of a TPACKET_V3 RX ring and go into a TPACKET_V2 TX ring by numba kernels, a
-# batch at a time; Python only polls the socket and flushes the TX ring.
+# batch at a time; Python only polls the sockets and flushes the TX ring.
+# Rules from the kernel's Documentation/networking/packet_mmap.rst and net/packet/af_packet.c.
 """AF_PACKET rings.
 
 ``RxRing(ifname)`` maps a TPACKET_V3 receive ring (blocks of frames the kernel retires
-when full or after ``timeout_ms``); ``read(max_frames)`` copies every retired block into
+when full or after ``timeout_ms``); ``read(timeout_s)`` copies every retired block into
 one PacketBatch (timestamps from the kernel, ``ifindex`` as given) and hands the blocks
 back. Frames this host sends on the interface are ignored (PACKET_IGNORE_OUTGOING), so a
-router may receive and transmit on one interface.
+router may receive and transmit on one interface. ``poll_stats()`` adds the kernel's
+PACKET_STATISTICS (which reading resets) to ``packets``, ``drops`` and ``freezes``; a
+frame the kernel could not put in the ring is counted there and nowhere else.
 
 ``TxRing(ifname)`` maps a TPACKET_V2 transmit ring; ``send(batch, mask)`` writes the
 selected frames into free slots and asks the kernel to send them (one send(2) per call,
@@ -31,6 +34,7 @@ from shardct.batch import PacketBatch
 
 SOL_PACKET = 263
 PACKET_RX_RING, PACKET_VERSION, PACKET_TX_RING = 5, 10, 13
+PACKET_STATISTICS = 6
 PACKET_IGNORE_OUTGOING = 23
 TPACKET_V2, TPACKET_V3 = 1, 2
 ETH_P_ALL = 0x0003
@@ -136,8 +140,13 @@ def _mapped_ring(ifname: str, proto: int, options: list, size: int):
 
 
 class RxRing:
-    def __init__(self, ifname: str, ifindex: int = -1, *, block_size: int = 1 << 20,
-                 blocks: int = 16, frame_size: int = 2048, timeout_ms: int = 10):
+    # Ring geometry: a block goes back to the kernel only when read, and at low rates every
+    # block retires after timeout_ms with a few frames in it, so the number of blocks (not
+    # their size) is how long the reader may be away: 256 x 10 ms = 2.5 s (16 blocks, 160
+    # ms, lost frames to the pool's pauses of 150-300 ms here). 128 KiB holds a 64 KiB
+    # GRO frame whole; 256 x 128 KiB = 32 MiB of ring per interface.
+    def __init__(self, ifname: str, ifindex: int = -1, *, block_size: int = 1 << 17,
+                 blocks: int = 256, frame_size: int = 2048, timeout_ms: int = 10):
         self.ifname, self.ifindex = ifname, ifindex
         self.block_size, self.blocks = block_size, blocks
         req = struct.pack("7I", block_size, blocks, frame_size,
@@ -146,16 +155,45 @@ class RxRing:
             ifname, ETH_P_ALL, [(PACKET_VERSION, TPACKET_V3), (PACKET_IGNORE_OUTGOING, 1),
                                 (PACKET_RX_RING, req)], block_size * blocks)
         self.block = 0
-        self._out = np.empty(block_size * blocks, dtype=np.uint8)
-        self._off = np.empty(block_size * blocks // 64, dtype=np.int64)
-        self._len = np.empty(self._off.shape[0], dtype=np.int32)
-        self._ts = np.empty(self._off.shape[0], dtype=np.int64)
+        self.timeout_ms = timeout_ms
+        self.ring_bytes = block_size * blocks
+        self.max_frames = block_size * blocks // 64     # a V3 frame takes >= 64 ring bytes
+        self.block_frames = block_size // 64
+        self.packets = self.drops = self.freezes = 0     # PACKET_STATISTICS, accumulated
+        self._out = None                                 # read()'s scratch, made on first use
+
+    def poll_stats(self) -> int:
+        """Add the kernel's counters since the last call (struct tpacket_stats_v3: packets
+        including drops, drops, queue freezes; getsockopt resets them) to ``packets``,
+        ``drops`` and ``freezes``. Returns the drops just read."""
+        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
+        packets, drops, freezes = struct.unpack("3I", raw)
+        self.packets += packets
+        self.drops += drops
+        self.freezes += freezes
+        return drops
+
+    def drain_into(self, out, out_off, out_len, out_ts) -> int:
+        """Copy the retired blocks into ``out`` (offsets from 0) while whole blocks fit
+        (``ring_bytes`` bytes and ``max_frames`` frames of room take all of them); hand
+        them back to the kernel. Returns the number of frames. Does not wait."""
+        n, self.block = rx_drain(self.ring, self.block_size, self.blocks, self.block,
+                                 out, out_off, out_len, out_ts)
+        return n
+
+    def retired(self) -> bool:
+        """True when the next block is the reader's (drain_into would copy it)."""
+        return bool(self.ring[self.block * self.block_size + 8] & TP_STATUS_USER)
 
     def read(self, timeout_s: float = 0.05) -> PacketBatch:
         """Every frame of the blocks retired so far (waiting up to timeout_s for one)."""
+        if self._out is None:
+            self._out = np.empty(self.ring_bytes, dtype=np.uint8)
+            self._off = np.empty(self.max_frames, dtype=np.int64)
+            self._len = np.empty(self.max_frames, dtype=np.int32)
+            self._ts = np.empty(self.max_frames, dtype=np.int64)
         select.select([self.sock], [], [], timeout_s)
-        n, self.block = rx_drain(self.ring, self.block_size, self.blocks, self.block,
-                                 self._out, self._off, self._len, self._ts)
+        n = self.drain_into(self._out, self._off, self._len, self._ts)
         if n == 0:
             return PacketBatch.empty()
         end = int(self._off[n - 1] + self._len[n - 1])
@@ -163,6 +201,13 @@ class RxRing:
                            np.full(n, self.ifindex, dtype=np.int16), self._ts[:n].copy())
 
     def close(self):
+        """Read the kernel's counters one last time, unmap and close."""
+        if self.ring is None:
+            return
+        try:
+            self.poll_stats()
+        except OSError:
+            pass
         self.ring = None
         self.mm.close()
         self.sock.close()
