@@ -1,6 +1,6 @@
 # AF_PACKET source and sink with memory-mapped rings (the kernel's packet_mmap): frames
 # come out of a TPACKET_V3 RX ring and go into a TPACKET_V2 TX ring by numba kernels, a
-# batch at a time; Python only polls the sockets and flushes the TX ring.
+# batch at a time; Python only polls the sockets, orders batches and flushes the TX ring.
 # Rules from the kernel's Documentation/networking/packet_mmap.rst and net/packet/af_packet.c.
 """AF_PACKET rings.
 
@@ -11,6 +11,10 @@ back. Frames this host sends on the interface are ignored (PACKET_IGNORE_OUTGOIN
 router may receive and transmit on one interface. ``poll_stats()`` adds the kernel's
 PACKET_STATISTICS (which reading resets) to ``packets``, ``drops`` and ``freezes``; a
 frame the kernel could not put in the ring is counted there and nowhere else.
+
+``RingMerge(rings)`` reads several rings and returns their frames in kernel-timestamp
+order (see its docstring for why it holds frames back); ``ring_batches`` is the live
+source built on it.
 
 ``TxRing(ifname)`` maps a TPACKET_V2 transmit ring; ``send(batch, mask)`` writes the
 selected frames into free slots and asks the kernel to send them (one send(2) per call,
@@ -30,7 +34,7 @@ import time
 import numba
 import numpy as np
 
-from shardct.batch import PacketBatch
+from shardct.batch import PacketBatch, take
 
 SOL_PACKET = 263
 PACKET_RX_RING, PACKET_VERSION, PACKET_TX_RING = 5, 10, 13
@@ -252,12 +256,201 @@ class TxRing:
         self.sock.close()
 
 
-def ring_batches(rings: list[RxRing], stop, poll_s: float = 0.002):
-    """A live source for ``Pool.feed``: every poll_s, one batch of what all rings got
-    (maybe empty); ends when ``stop()`` is true."""
-    from shardct.batch import concat
+HOLD_SLACK_MS = 30      # added to a ring's retire timeout: the kernel's timer rounds up to
+                        # jiffies (up to 10 ms at HZ=100) and fires late under load
+
+
+@numba.njit(cache=True)
+def _running_max(ts, start, key):
+    """key[i] = max(start, ts[0..i]): a ring's frames keep their ring order under a sort
+    by key. Returns the last key (start when ts is empty)."""
+    m = start
+    for i in range(ts.shape[0]):
+        if ts[i] > m:
+            m = ts[i]
+        key[i] = m
+    return m
+
+
+def warm():
+    """Load the numba kernels a live source runs (from the cache, or compiled): the first
+    call takes ~0.4 s, which a ring must not spend filling up before its first read."""
+    ring = np.zeros(64, dtype=np.uint8)                     # one block, kernel-owned
+    rx_drain(ring, 64, 1, 0, np.empty(64, dtype=np.uint8), np.empty(1, dtype=np.int64),
+             np.empty(1, dtype=np.int32), np.empty(1, dtype=np.int64))
+    _running_max(np.zeros(1, dtype=np.int64), 0, np.empty(1, dtype=np.int64))
+    take(PacketBatch.from_frames([bytes(14)]), np.zeros(1, dtype=np.int64))
+
+
+class RingMerge:
+    """The frames of several RxRings, merged in kernel-timestamp order.
+
+    Each ``poll`` drains every ring straight into one staging buffer, then returns (as a
+    new batch) the frames that are safe to emit, ordered by a stable sort on their ring's
+    running-maximum timestamp: a ring's own frames keep the kernel's order, frames of
+    different rings interleave by time.
+
+    Why hold frames back: TPACKET_V3 hands a block to user space only when it is full or
+    ``timeout_ms`` after its first frame, so a frame stamped t on ring B may still be
+    invisible when ring A's frames stamped t + 5 ms are read. Emitting A's frames then
+    would put B's frame after them in the next batch (a SYN-ACK before its SYN, seen on two
+    interfaces of a router). A frame is emitted once its key is at most the cut
+
+        cut = max(min over rings of the latest key read,    (the watermark)
+                  now - hold)                               (the delay bound)
+
+    taking ``now`` (CLOCK_REALTIME, the clock of the kernel's software stamps) before the
+    rings are read. Below the watermark every ring has already shown a later frame, so
+    nothing older can follow (rings are read in order); below ``now - hold`` every block
+    holding such a frame has been retired, since hold exceeds the retire timeout. The
+    watermark keeps latency low while every ring has traffic; the delay bound lets an idle
+    ring's silence stop holding the others back after ``hold``. One ring is never held.
+    A frame that still arrives older than what was emitted (hold too short, or the clock
+    stepped) goes out in the next batch and is counted in ``late``.
+
+    Owner: the thread that polls. Memory: held frames plus one drain per ring; the buffer
+    is compacted when full (only frames not yet emitted move) and grows when it must.
+    """
+
+    MIN_BYTES, MIN_FRAMES = 4 << 20, 1 << 16     # the staging buffer's first size
+
+    def __init__(self, rings: list[RxRing], hold_ms: float | None = None, clock=time.time_ns):
+        self.rings = list(rings)
+        self.clock = clock       # ns on the kernel's stamp clock (tests pass their own)
+        if hold_ms is None:
+            hold_ms = max((r.timeout_ms for r in self.rings), default=0) + HOLD_SLACK_MS
+        self.hold_ns = int(hold_ms * 1_000_000)
+        self.latest = np.zeros(len(self.rings), dtype=np.int64)   # last key per ring
+        self.read = [0] * len(self.rings)                          # frames read per ring
+        self.emitted_key = 0     # largest key emitted so far
+        self.late = 0            # frames read after a later-stamped frame went out
+        warm()
+        self._alloc(max(self.MIN_BYTES, 4 * max((r.block_size for r in self.rings), default=0)),
+                    max(self.MIN_FRAMES, 4 * max((r.block_frames for r in self.rings), default=0)))
+        self.n = 0               # frames in the buffer: [head, n) may still be held
+        self.nbytes = 0
+        self.head = 0
+
+    def _alloc(self, nbytes, nframes):
+        self.buf = np.empty(nbytes, dtype=np.uint8)
+        self.off = np.empty(nframes, dtype=np.int64)
+        self.length = np.empty(nframes, dtype=np.int32)
+        self.ifindex = np.empty(nframes, dtype=np.int16)
+        self.ts = np.empty(nframes, dtype=np.int64)
+        self.key = np.empty(nframes, dtype=np.int64)
+        self.held = np.zeros(nframes, dtype=np.bool_)
+
+    def _room(self, nbytes, nframes):
+        """Make room for nbytes and nframes more: move the frames from head down to 0
+        (emitted frames between held ones move too) and grow if that is not enough."""
+        if self.nbytes + nbytes <= self.buf.shape[0] and self.n + nframes <= self.off.shape[0]:
+            return
+        h, n = self.head, self.n
+        base = int(self.off[h]) if h < n else self.nbytes
+        live_b, live_n = self.nbytes - base, n - h
+        old = (self.buf, self.off, self.length, self.ifindex, self.ts, self.key, self.held)
+        if live_b + nbytes > self.buf.shape[0] or live_n + nframes > self.off.shape[0]:
+            self._alloc(2 * (live_b + nbytes), 2 * (live_n + nframes))
+        self.buf[:live_b] = old[0][base:self.nbytes]
+        self.off[:live_n] = old[1][h:n] - base
+        for dst, src in zip((self.length, self.ifindex, self.ts, self.key, self.held), old[2:]):
+            dst[:live_n] = src[h:n]
+        self.head, self.n, self.nbytes = 0, live_n, live_b
+
+    def _drain(self):
+        for i, r in enumerate(self.rings):
+            for _ in range(r.blocks):           # bounded: one block at least per pass
+                if not r.retired():
+                    break
+                self._room(r.block_size, r.block_frames)
+                self._append(i, r)
+
+    def _append(self, i, r):
+        n0, b0 = self.n, self.nbytes
+        k = r.drain_into(self.buf[b0:], self.off[n0:], self.length[n0:], self.ts[n0:])
+        if k == 0:
+            return
+        self.read[i] += k
+        s = slice(n0, n0 + k)
+        self.off[s] += b0
+        self.ifindex[s] = r.ifindex
+        self.held[s] = True
+        self.latest[i] = _running_max(self.ts[s], int(self.latest[i]), self.key[s])
+        self.n = n0 + k
+        self.nbytes = int(self.off[n0 + k - 1] + self.length[n0 + k - 1])
+
+    def poll(self, timeout_s: float = 0.002) -> PacketBatch:
+        """Wait up to timeout_s for any ring, drain them all, return what may go out now
+        (maybe nothing)."""
+        select.select([r.sock for r in self.rings], [], [], timeout_s)
+        now = self.clock()
+        self._drain()
+        if len(self.rings) == 1:
+            cut = np.iinfo(np.int64).max
+        else:
+            cut = max(int(self.latest.min()), now - self.hold_ns)
+        return self._take(cut)
+
+    def flush(self, settle: bool = True) -> PacketBatch:
+        """Everything still held, in order (at the end of a run). ``settle``: first wait
+        for the blocks still open to retire (the retire timeout and slack), so every
+        frame the rings took before the call is read."""
+        if settle and self.rings:
+            end = time.monotonic() + self.hold_ns / 1e9
+            for _ in range(1000):               # bounded: select returns at the deadline
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                select.select([r.sock for r in self.rings], [], [], left)
+                self._drain()
+        self._drain()
+        return self._take(np.iinfo(np.int64).max)
+
+    def _take(self, cut: int) -> PacketBatch:
+        h, n = self.head, self.n
+        if h == n:
+            return PacketBatch.empty()
+        key = self.key[h:n]
+        sel = np.flatnonzero(self.held[h:n] & (key <= cut))
+        if sel.shape[0] == 0:
+            return PacketBatch.empty()
+        if len(self.rings) > 1:
+            sel = sel[np.argsort(key[sel], kind="stable")]
+        first = int(key[sel[0]])
+        if first < self.emitted_key:
+            self.late += int((key[sel] < self.emitted_key).sum())
+        self.emitted_key = max(self.emitted_key, int(key[sel[-1]]))
+        sel += h
+        self.held[sel] = False
+        rest = np.flatnonzero(self.held[h:n])
+        self.head = h + int(rest[0]) if rest.shape[0] else n
+        if self.head == n:          # nothing held: start the buffer over
+            self.head = self.n = self.nbytes = 0
+        view = PacketBatch(self.buf, self.off[:n], self.length[:n], self.ifindex[:n], self.ts[:n])
+        return take(view, sel)
+
+    def poll_stats(self) -> int:
+        """Read every ring's kernel counters (RxRing.poll_stats); returns the new drops."""
+        return sum(r.poll_stats() for r in self.rings)
+
+
+def ring_batches(rings: list[RxRing], stop, poll_s: float = 0.002, *, merge: RingMerge | None = None,
+                 stats_s: float = 1.0, log=None):
+    """A live source for ``Pool.feed``: every poll_s, one batch of what the rings got,
+    in timestamp order across rings (RingMerge; maybe empty); when ``stop()`` is true,
+    what was held back, then the end. Every stats_s the rings' kernel counters are read;
+    ``log(message)`` hears of new drops."""
+    merge = merge if merge is not None else RingMerge(rings)
+    next_stats = time.monotonic() + stats_s
     while not stop():
-        yield concat([r.read(poll_s / max(1, len(rings))) for r in rings])
+        yield merge.poll(poll_s)
+        if time.monotonic() >= next_stats:
+            next_stats = time.monotonic() + stats_s
+            if merge.poll_stats() and log is not None:
+                log("ring drops so far: " + " ".join(f"{r.ifname}={r.drops}" for r in rings))
+    last = merge.flush()
+    if len(last):
+        yield last
 
 
 class RingSink:
