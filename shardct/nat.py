@@ -116,6 +116,7 @@ class NatEngine:
         self.net = network
         self.rng = rng
         self.affine = affine
+        self.strict = False     # remap_home: only tuples whose reply hashes into affine
 
     # ---------------------------------------------------------------- helpers
     def _taken(self, now, cur) -> bool:
@@ -166,7 +167,8 @@ class NatEngine:
             a = _words_to_int(s, ver)
             in_addr = rng_.addr_min is None or (_addr_int(rng_.addr_min) <= a <= _addr_int(rng_.addr_max))
             in_port = not proto_spec or not ported or (rng_.port_min <= key <= rng_.port_max)
-            if in_addr and in_port and not self._taken(now, cur) and (not affine or self._home(cur)):
+            if (in_addr and in_port and not self._taken(now, cur)
+                    and (not affine or self._home(cur))):
                 return cur
         # step 2: address
         if rng_.addr_min is not None:
@@ -204,7 +206,8 @@ class NatEngine:
         if manip == MANIP_DST and not rng_.random and proto_spec:
             offsets[0] = 0
         t = self.ct.table
-        homes = [self.affine, (-1, -1)] if affine else [(-1, -1)]
+        homes = [self.affine] if affine and self.strict else \
+            [self.affine, (-1, -1)] if affine else [(-1, -1)]
         for lo, hi in homes:     # shard-affine first, then any free port
             newports, found = unique_port(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c8, t.tbl,
                                           self.ct.stats_arr, now, np.uint64(s[0]), np.uint64(s[1]),
@@ -281,6 +284,17 @@ class NatEngine:
         if cur is None:
             return None
         return orig, cur
+
+    def decide_home(self, now, meta_row, addr_row, in_if, home: tuple[int, int]):
+        """``decide`` with source NAT free to pick only tuples whose reply hashes into
+        ``home`` (a bucket slice): a pooled conn whose reply tuple another shard holds is
+        remapped to one its own shard can check. The result may still be taken."""
+        saved = self.affine, self.strict
+        self.affine, self.strict = home, True
+        try:
+            return self.decide(now, meta_row, addr_row, in_if)
+        finally:
+            self.affine, self.strict = saved
 
 
 def _words_to_int(w, ver) -> int:

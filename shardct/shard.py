@@ -73,8 +73,11 @@ Handoff, bounce, release
     the table's dying list until ``release`` rows for its reply entry are sent.
 
 Deviations (documented): NAT's port-in-use check only sees reply tuples in this shard's
-buckets, so a NATed conn whose reply tuple clashes in another shard is dropped as
-insert_failed (``shard_affine_nat`` avoids it). A handoff whose conn died on the way
+buckets. A source-NATed conn whose reply tuple another shard holds (FAIL) searches again
+among tuples whose reply hashes into its home's slice, which its home can check, and
+commits there (``nat_remapped``); one table would have searched among all ports, so
+contended ports differ from one process's. A DNATed conn has no port to move: its clash
+stays insert_failed. (``shard_affine_nat`` prefers home ports from the start.) A handoff whose conn died on the way
 (expired at home in the same round) starts its new conn a superstep late, so a later
 packet elsewhere may start a conn first that it would have answered (a JOIN then).
 A NATed reply that neither comes from where its conn's first packet went nor goes to
@@ -97,7 +100,7 @@ from .conntrack import REAP_FRACTION, REAP_MAX_INTERVAL, ConnTrack
 from .hashing import hash_key, owner_of_bucket, owner_slices, owners
 from .scatter import scatter
 from .table import (EXPIRES, HCONN, HOME, IPVER, PROTO, S_CONFIRMED, S_DYING, S_INVIS,
-                    S_LINK1, S_NEW_PENDING, S_PENDING, S_REMOTE, S_USED, S_XSHARD, T_COUNT,
+                    S_LINK1, S_NEW_PENDING, S_PENDING, S_REMOTE, S_SRC_NAT, S_USED, S_XSHARD, T_COUNT,
                     T_DYING, T_FREE, T_SEED)
 
 # answers
@@ -372,6 +375,37 @@ def commit_rows(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
         done[j] = 1
 
 
+@numba.njit(cache=True)
+def relink_reply(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
+                 c, r0, r1, r2, r3, rports, now):
+    """Give pending conn c the reply tuple (r*, rports), which hashes into this table's
+    slice, and commit it here: linked, no longer cross-shard or pending. False (nothing
+    changed) when the tuple is not ours or is held, or c's own tuple was taken meanwhile."""
+    proto = np.int64(c8[c, PROTO])
+    ipver = np.int64(c8[c, IPVER])
+    rh = hash_key(tbl[T_SEED], r0, r1, r2, r3, rports, proto, ipver)
+    rb = rh % tbl[K.T_NBUCKETS]
+    if rb < cfg[K.CF_SHARD_LO] or rb >= cfg[K.CF_SHARD_HI]:
+        return False
+    if find_visible(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
+                    r0, r1, r2, r3, rports, proto, ipver, -1, now) >= 0:
+        return False
+    if cstatus[c] & S_INVIS and find_visible(
+            heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
+            tkey[2 * c, 0], tkey[2 * c, 1], tkey[2 * c, 2], tkey[2 * c, 3],
+            np.int64(tport[2 * c]), proto, ipver, c, now) >= 0:
+        return False
+    t1 = 2 * c + 1
+    tkey[t1, 0] = r0
+    tkey[t1, 1] = r1
+    tkey[t1, 2] = r2
+    tkey[t1, 3] = r3
+    tport[t1] = rports
+    K.link_tuple(heads, tnext, tbl, t1, rh)
+    cstatus[c] = (cstatus[c] & ~(S_XSHARD | S_PENDING | S_INVIS) & 0xFFFF) | S_LINK1
+    return True
+
+
 def key_rows(pk: Packets, idx: np.ndarray, ncols: int) -> np.ndarray:
     """Rows for packets idx of pk with their tuple in columns 0..6 (key words, ports,
     proto, ipver), the rest zero: the start of a release or request row."""
@@ -417,7 +451,7 @@ class Shard:
                        "releases_applied": 0, "stale_answers": 0, "supersteps": 0,
                        "peer_restarts": 0, "entries_forgotten": 0, "reply_lost": 0,
                        "abandoned": 0, "peer_lost": 0, "held": 0, "deferred": 0,
-                       "deferred_released": 0,
+                       "deferred_released": 0, "nat_remapped": 0,
                        "busy_us": 0, "step_wait_us": 0}     # the worker pool's timers
         self._dying = np.zeros((1024, N_REL), dtype=np.uint64)
         self.now = 0
@@ -763,10 +797,42 @@ class Shard:
             t.cstatus[c] &= ~(S_PENDING | S_INVIS) & 0xFFFF
             self.pend[c] = PEND_NONE
             return self._unpark([c])
+        if kind == FAIL and self._remap_home(c):
+            self.counts["nat_remapped"] += 1
+            self.pend[c] = PEND_NONE
+            return self._unpark([c])
         pk = self._abort(c)
         if kind == JOIN:
             return self._join(pk, jhome, jtid)
         return self._fail(pk)
+
+    def _remap_home(self, c: int) -> bool:
+        """A source-NATed pending conn whose reply tuple another shard holds: search
+        again among tuples whose reply hashes into our own slice (Linux would have seen
+        the clash in its one table and searched on), and commit it here. False when
+        there is no such tuple (or no source NAT): the caller fails the conn."""
+        t, ct = self.ct.table, self.ct
+        if ct.nat is None or not t.cstatus[c] & S_SRC_NAT or not len(self.parked):
+            return False
+        mine = np.flatnonzero(self.parked.given >> 1 == c)
+        if not len(mine):
+            return False
+        first = self.parked.take(mine[[np.argmin(self.parked.seq[mine])]])
+        b = first.batch
+        meta, addr = wire.new_meta(1)
+        wire.parse_batch(b.buf, b.off, b.length, meta, addr, False)
+        ifx = int(b.ifindex[0])
+        in_if = ct.network.name(ifx) if ct.network is not None and ifx >= 0 else None
+        lo, hi = int(ct.cfg[K.CF_SHARD_LO]), int(ct.cfg[K.CF_SHARD_HI])
+        dec = ct.nat.decide_home(self.now, meta[0], addr[0], in_if, (lo, hi))
+        if dec is None:
+            return False
+        (s, d, ports, _, _), (ns, nd, nports, proto, ver) = dec
+        u = np.uint64
+        r = (u(nd[0]), u(nd[1]), u(ns[0]), u(ns[1]))
+        rports = ((nports & 0xFFFF) << 16) | (nports >> 16)
+        return bool(relink_reply(*self._table_args(), self.ct.stats_arr, self.ct.cfg,
+                                 self.ct.ev, self.ct.evaddr, c, *r, rports, self.now))
 
     def _join(self, pk: Packets, home: int, tid: int):
         """The packets belong to conn ``tid`` at ``home`` (they lost a race to it)."""

@@ -94,9 +94,10 @@ def encode_batch(batch: PacketBatch, hashes: np.ndarray | None = None, t: str = 
     return out
 
 
-def decode_batch(frames) -> tuple[dict, PacketBatch, np.ndarray | None]:
+def decode_batch(frames, writable: bool = True) -> tuple[dict, PacketBatch, np.ndarray | None]:
     """Validate and view a batch message (arrays are views of the frames' buffers;
-    buf is copied once so the engine may rewrite frames in place)."""
+    buf is copied once so the engine may rewrite frames in place, unless ``writable``
+    is False: a reader that only copies frames out, such as the dispatcher)."""
     if len(frames) < 6:
         raise WireError(f"batch of {len(frames)} frames, want 6 or 7")
     h = _unpack_header(frames[0])
@@ -109,7 +110,9 @@ def decode_batch(frames) -> tuple[dict, PacketBatch, np.ndarray | None]:
     raw = memoryview(frames[1])
     if raw.nbytes > MAX_BUF:
         raise WireError(f"frame buffer of {raw.nbytes} bytes exceeds {MAX_BUF}")
-    buf = np.frombuffer(raw, dtype=np.uint8).copy()
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    if writable:
+        buf = buf.copy()
     arrs = {}
     for k, (name, dt) in enumerate(_ARRAYS):
         mv = memoryview(frames[2 + k])

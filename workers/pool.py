@@ -106,6 +106,22 @@ def pk_from(prefix: str, a: dict) -> Packets:
     return Packets(batch, rest[2], rest[3], rest[4].copy(), rest[5])
 
 
+def _no_frames(a: dict) -> Packets:
+    """A result without frames (``Pool(frames=False)``): empty frames that keep their
+    sequence number, time and interface."""
+    try:
+        seq, ts, ifx = a["seq"], a["ts"], a["ifindex"]
+    except KeyError as e:
+        raise M.WireError(f"missing array {e}") from None
+    n = seq.shape[0]
+    if (seq.dtype != np.int64 or ts.dtype != np.int64 or ifx.dtype != np.int16
+            or ts.shape != (n,) or ifx.shape != (n,)):
+        raise M.WireError("result arrays of the wrong type or length")
+    z = np.zeros(n, dtype=np.int64)
+    return Packets(PacketBatch(np.zeros(0, np.uint8), z, z.astype(np.int32), ifx, ts),
+                   z, seq, z, z)
+
+
 def msg_arrays(m: Msg) -> dict:
     """Only the sections with something in them travel."""
     out = {name: x for name, x in (("rel", m.rel), ("req", m.req), ("ans", m.ans)) if len(x)}
@@ -135,8 +151,9 @@ def msg_from(h: dict, a: dict) -> Msg:
 # ------------------------------------------------------------------ the worker
 
 def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None, network=None,
-                 router: bool = False, incarnation: int = 0):
-    """Worker body (supervisor.worker_main): shard k of n."""
+                 router: bool = False, incarnation: int = 0, frames: bool = True):
+    """Worker body (supervisor.worker_main): shard k of n. ``frames``: results carry the
+    frames (as rewritten); without, only sequence numbers, times, interfaces, verdicts."""
     Shard.warm()
     shard = Shard(k, n, config, seed=seed, rules=rules, network=network, router=router,
                   rng=np.random.default_rng([seed, k]))
@@ -161,7 +178,7 @@ def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None
     poller = zmq.Poller()
     poller.register(rx, zmq.POLLIN)
     poller.register(prx, zmq.POLLIN)
-    W = _WorkerState(k, n, shard, incarnation)
+    W = _WorkerState(k, n, shard, incarnation, frames)
 
     def loop():
         try:
@@ -173,8 +190,8 @@ def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None
 
 
 class _WorkerState:
-    def __init__(self, k, n, shard, gen):
-        self.k, self.n, self.shard, self.gen = k, n, shard, gen
+    def __init__(self, k, n, shard, gen, frames=True):
+        self.k, self.n, self.shard, self.gen, self.frames = k, n, shard, gen, frames
         self.steps: dict[tuple[int, int], dict[int, Msg]] = {}
         self.batches: dict[int, Packets] = {}
         self.clocks: dict[int, int] = {}       # round -> the packet clock at its end
@@ -287,8 +304,13 @@ class _WorkerState:
             extra = {}
             if table or r % STATS_EVERY == 0:
                 extra = {"counts": self.shard.counts, "stats": self.shard.ct.stats()}
+            if self.frames:
+                out = pk_arrays("", res)
+            else:
+                b = res.batch
+                out = {"seq": res.seq, "ts": b.ts, "ifindex": b.ifindex}
             sink.send_multipart(M.encode_arrays(
-                M.RESULT, {**pk_arrays("", res), "verdict": verdict, **table}, worker=self.k,
+                M.RESULT, {**out, "verdict": verdict, **table}, worker=self.k,
                 round=r, gen=self.gen, entries=self.shard.ct.table.count, **extra), copy=False)
             self.shard.counts["busy_us"] += int((time.perf_counter() - t0) * 1e6)
             # every worker reaps on the dispatcher's clock, not on what it happened to see
@@ -373,7 +395,7 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
                 elif h["t"] == M.END:
                     st["end"] = True
                 return
-            h, batch, _ = M.decode_batch(frames)
+            h, batch, _ = M.decode_batch(frames, writable=False)    # scatter copies
             queue.append((int(h.get("seq", 0)), batch))
         except (M.WireError, KeyError, TypeError, ValueError) as e:
             print(f"dispatcher: dropped a bad message: {e}", flush=True)
@@ -415,15 +437,19 @@ class Pool:
     """Supervisor, dispatcher and sink in this process; n shard workers.
 
     ``run(batches, emit)``: dispatch every batch (an iterable of PacketBatch), call
-    ``emit(packets, verdicts)`` once per round in order, return the totals."""
+    ``emit(packets, verdicts)`` once per round in order, return the totals. With
+    ``frames=False`` the packets emitted are empty frames (sequence number, time and
+    interface kept): for a caller that only counts or watches, the frames never travel
+    back from the workers."""
 
     def __init__(self, n, config: Config | None = None, *, seed: int, rules=None, network=None,
                  router=False, max_round=4096, window=8, eps: dict | None = None,
                  ipc_dir=None, log=print, worker_netns: str | None = None,
-                 dispatcher_process: bool = True):
+                 dispatcher_process: bool = True, frames: bool = True):
         self.config = config or Config()
         self.n = n if n != "auto" else (os.cpu_count() or 1)
-        kw = dict(config=self.config, seed=seed, rules=rules, network=network, router=router)
+        kw = dict(config=self.config, seed=seed, rules=rules, network=network, router=router,
+                  frames=frames)
         self.dispatcher_process = dispatcher_process
         nat = nat_deps(rules, network)
         extra = None
@@ -644,7 +670,7 @@ class Pool:
             if h["t"] != M.RESULT:
                 raise M.WireError(f"unexpected {h['t']}")
             k, rr = int(h["worker"]), int(h["round"])
-            pk = pk_from("", a)
+            pk = pk_from("", a) if "buf" in a else _no_frames(a)
             v = a["verdict"]
             if v.dtype != np.uint8 or v.shape != (len(pk),):
                 raise M.WireError("verdicts do not match the packets")

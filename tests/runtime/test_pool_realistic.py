@@ -95,9 +95,9 @@ def test_masqueraded_trace_same_as_one_table(masq, n):
 
 def test_port_contention_keeps_reply_tuples_unique():
     """Many clients share a source port towards one server behind MASQUERADE: the pool
-    may pick other ports than one table (its port search sees only its own buckets),
-    but no reply tuple is held twice and every packet has a verdict, every drop a
-    counter. (The trace's replies are addressed to the ports one table chose; the pool's
+    may pick other ports than one table (a clash at another shard is searched again
+    among ports whose reply hashes home), but no reply tuple is held twice and every
+    packet has a verdict, every drop a counter. (The trace's replies are addressed to the ports one table chose; the pool's
     differ, so many replies start conns of their own: deferred misses that wait for every
     shard, so rounds are kept short here.)"""
     rules, net = demo_nat()
@@ -112,3 +112,9 @@ def test_port_contention_keeps_reply_tuples_unique():
     st = lp.stats()
     drops = int((v == 4).sum())
     assert drops == st["drop"], f"drop verdicts {drops}, drop counter {st['drop']}"
+    # a source port another shard holds is searched again among ports whose reply hashes
+    # home (one table would have seen the clash and searched on), not dropped
+    c = sum_counts(s.counts for s in lp.shards)
+    assert c["nat_remapped"] > 0, c
+    assert st["insert_failed"] * 50 < c["nat_remapped"], \
+        f"insert_failed {st['insert_failed']}, remapped {c['nat_remapped']}"
