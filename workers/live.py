@@ -4,8 +4,11 @@
 
 ``shardct live -i eth0 [-i eth1] [--workers N] [--duration S] [-c CONFIG]`` tracks every
 frame the interfaces receive (kernel timestamps are the clock) until SIGINT/SIGTERM or
-the duration, then prints the counters and the table. Inline forwarding (routing, next
-hop MACs) is not part of it yet.
+the duration, then prints the counters and the table. Several interfaces are merged in
+timestamp order (afpacket.RingMerge); the frames the kernel dropped because a ring was
+full are read from each ring and printed per interface (``ring drops: eth0=0``), on
+stderr as they happen and in the summary line. Inline forwarding (routing, next hop MACs)
+is not part of it yet.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ def add_parser(sub):
     p.add_argument("-c", "--config", help="engine config (TOML); see configs/")
     p.add_argument("--workers", default="1", help="shard worker processes (N or 'auto')")
     p.add_argument("--duration", type=float, default=0.0,
-                   help="stop after this many seconds (0: at SIGINT/SIGTERM)")
+                   help="stop after this many seconds of reading, counted from when the "
+                        "workers are ready (0: at SIGINT/SIGTERM)")
     p.add_argument("--seed", type=lambda s: int(s, 0), default=0x5eed, help="hash seed")
     p.add_argument("--list", type=int, default=10, metavar="N",
                    help="print N conntrack -L lines at the end (0: none, -1: all)")
@@ -36,7 +40,7 @@ def add_parser(sub):
 def cmd_live(args) -> int:
     from shardct.config import Config
     from shardct.errors import ConfigError
-    from .afpacket import RxRing, ring_batches
+    from .afpacket import RingMerge, RxRing, ring_batches
     from .pool import Pool
     from .replay import _summary
     rules = network = None
@@ -67,7 +71,7 @@ def cmd_live(args) -> int:
     verdicts = Counter()
     old = {s: signal.signal(s, lambda *_: state.update(stop=True))
            for s in (signal.SIGINT, signal.SIGTERM)}
-    end = time.monotonic() + args.duration if args.duration > 0 else None
+    end = None
 
     def stop():
         return state["stop"] or (end is not None and time.monotonic() >= end)
@@ -78,15 +82,33 @@ def cmd_live(args) -> int:
         if len(pk):
             state["last_ts"] = max(state["last_ts"], int(pk.batch.ts.max()))
 
+    def log(m):
+        print(f"shardct live: {m}", file=sys.stderr, flush=True)
+
+    def per_ring(values):
+        return " ".join(f"{r.ifname}={v}" for r, v in zip(rings, values))
+
+    merge = RingMerge(rings)
+    pool.start()
     try:
-        totals = pool.run(ring_batches(rings, stop), emit=emit,
-                          timeout_s=(args.duration + 120) if end else 10**9)
+        pool.wait_ready(600.0)      # a cold numba cache compiles for minutes
+        log(f"workers ready, reading {' '.join(args.interface)}")
+        if args.duration > 0:           # the duration counts from here
+            end = time.monotonic() + args.duration
+        totals = pool.feed(ring_batches(rings, stop, merge=merge, log=log), emit=emit,
+                           timeout_s=(args.duration + 120) if end else 10**9, final=True)
     finally:
+        pool.stop()
         for s, h in old.items():
             signal.signal(s, h)
         for r in rings:
-            r.close()
+            r.close()                   # reads the kernel's counters a last time
+        log(f"ring drops: {per_ring(r.drops for r in rings)} (the kernel's packets: "
+            f"{per_ring(r.packets for r in rings)}; read: {per_ring(merge.read)})")
+    late = f", late frames: {merge.late}" if merge.late else ""
     print(f"tracked {totals['packets_in']} packets on {','.join(args.interface)} with "
-          f"{pool.n} workers: " + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items())))
+          f"{pool.n} workers: " + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items()))
+          + f"; ring drops: {per_ring(r.drops for r in rings)}"
+          + f"; lost_packets={totals['lost_packets']}{late}")
     _summary(args, pool.stats(), pool.conns(now=state["last_ts"]), state["last_ts"])
     return 0
