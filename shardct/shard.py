@@ -962,6 +962,20 @@ def _seen(tab, k, gen):
     return e & 0xFFFFFFFF if e >> 32 == gen else np.int64(-1)
 
 
+@numba.njit(inline="always", cache=True)
+def _slot(tab, hashes, start, key, gen):
+    """Linear probing in tab (a power of two, at least twice a round): the slot of the
+    latest packet of round ``gen`` (starting at batch index ``start``) whose tuple hash
+    is ``key``, or the free slot where it goes."""
+    mask = tab.shape[0] - 1
+    j = key & mask
+    while True:
+        e = tab[j]
+        if e >> 32 != gen or hashes[start + (e & 0xFFFFFFFF)] == key:
+            return j
+        j = (j + 1) & mask
+
+
 @numba.njit(cache=True)
 def answer_deps(meta, addr, hashes, seed, nat, max_round, gen0, tuples, srcs, dsts, dep,
                 anyone, starts, loose):
@@ -976,14 +990,16 @@ def answer_deps(meta, addr, hashes, seed, nat, max_round, gen0, tuples, srcs, ds
     errors about j included: their tuple is the quoted packet's inverted). With NAT
     rules (``nat``) also when i comes from where j went (the reply to j's conn after
     SNAT: the reply tuple's source is j's destination) or i goes to where a packet
-    that may start a conn came from (after DNAT). Keys are DEP_BITS-bit hashes, so a
-    collision only gives a dep too many: the packet then waits a superstep more.
+    that may start a conn came from (after DNAT). Tuples are matched by their full
+    hash (``tuples`` is an open-addressing table); end points by DEP_BITS-bit keys, where
+    a collision only names a later packet, which any shard then must pass: a packet
+    waits a superstep more, never less.
 
     nat: 0 no NAT rules, NAT_SRC their replies may come from where a packet went
     (SNAT, MASQUERADE), NAT_DST also go back to where a conn's first packet came from
-    (DNAT, REDIRECT). tuples/srcs/dsts: int64[1 << DEP_BITS] scratch kept across calls
-    (entries are gen << 32 | index; round r of this batch is gen0 + r). Returns the next
-    gen."""
+    (DNAT, REDIRECT). srcs/dsts: int64[1 << DEP_BITS], tuples: int64[a power of two >=
+    2 * max_round], scratch kept across calls (entries are gen << 32 | index in the
+    round; round r of this batch is gen0 + r). Returns the next gen."""
     n = meta.shape[0]
     gen = gen0
     start = 0
@@ -1000,14 +1016,15 @@ def answer_deps(meta, addr, hashes, seed, nat, max_round, gen0, tuples, srcs, ds
         rports = ((ports & 0xFFFF) << 16) | (ports >> 16)
         inv = hash_key(seed, addr[i, 2], addr[i, 3], addr[i, 0], addr[i, 1], rports, proto,
                        meta[i, wire.M_IPVER])
-        d = _seen(tuples, inv & DEP_MASK, gen)
+        j = _slot(tuples, hashes, start, inv, gen)
+        d = tuples[j] & 0xFFFFFFFF if tuples[j] >> 32 == gen else np.int64(-1)
         anyone[i] = False
         icmp = proto == 1 or proto == 58
         starts[i] = cls == wire.CLS_TRACK and (
             (proto == 6 and K.tcp_may_create(meta[i, wire.M_TFLAGS], loose))
             or (icmp and meta[i, wire.M_ECHO] == 1) or (proto != 6 and not icmp))
         idx = (gen << 32) | (i - start)
-        tuples[hashes[i] & DEP_MASK] = idx
+        tuples[_slot(tuples, hashes, start, hashes[i], gen)] = idx
         if nat:
             ks = _end_key(addr[i, 0], addr[i, 1], ports >> 16, proto)
             kd = _end_key(addr[i, 2], addr[i, 3], ports & 0xFFFF, proto)
@@ -1039,7 +1056,9 @@ class Dispatcher:
         self.seq = 0
         self.clock = 0      # the packet clock at the end of the last round yielded
         self._gen = 1
-        self._tabs = tuple(np.zeros(1 << DEP_BITS, np.int64) for _ in range(3))
+        size = 1 << max(12, int(2 * max_round - 1).bit_length())
+        self._tabs = (np.zeros(size, np.int64),) + tuple(
+            np.zeros(1 << DEP_BITS, np.int64) for _ in range(2))
 
     def rounds(self, batch: PacketBatch):
         """Yield (parts, seq range) per round: parts[k] is shard k's Packets."""
