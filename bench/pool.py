@@ -100,7 +100,8 @@ def single_realistic(tr, kw, cfg, batch):
 
 
 def pool_realistic(n, tr, kw, cfg, args):
-    pool = Pool(n, cfg, seed=SEED, log=quiet, dispatcher_process=not args.dispatcher_inline, **kw)
+    pool = Pool(n, cfg, seed=SEED, log=quiet, dispatcher_process=not args.dispatcher_inline,
+                frames=False, **kw)      # verdicts are what is compared
     got = []
 
     def emit(pk, v):

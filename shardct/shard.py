@@ -149,6 +149,14 @@ class Packets:
         z = np.zeros(0, dtype=np.int64)
         return Packets(PacketBatch.empty(), z, z.copy(), z.copy(), z.copy())
 
+    @staticmethod
+    def framesless(seq, ts, ifindex) -> "Packets":
+        """Packets of empty frames that keep only their sequence number, time and
+        interface (a result for a caller that does not want the frames)."""
+        z = np.zeros(len(seq), dtype=np.int64)
+        return Packets(PacketBatch(np.zeros(0, np.uint8), z, z.astype(np.int32), ifindex, ts),
+                       z, seq, z, z)
+
 
 @dataclass
 class Msg:
@@ -442,7 +450,9 @@ class Shard:
         # reserving anew (a restarted owner); the pending conns' packets (given = tid)
         self.pend = np.zeros(self.ct.table.capacity, dtype=np.uint8)
         self.parked = Packets.empty()
-        self.done: list[tuple[Packets, np.ndarray]] = []
+        # finished packets: (Packets, which of them or None for all, their verdicts);
+        # frames are only gathered when results() is asked for them
+        self.done: list[tuple[Packets, np.ndarray | None, np.ndarray]] = []
         self.held: list[Packets] = []                  # V_HOLD: wait for step 0's handoffs
         self.deferred = Packets.empty()                # V_DEFER: wait for earlier creations
         self.reran = 0
@@ -493,11 +503,11 @@ class Shard:
         t = self.ct.table
         final = verdict <= K.V_NOTIP
         if final.all():
-            self.done.append((pk, verdict))
+            self.done.append((pk, None, verdict))
             return
         idx = np.flatnonzero(final)
         if len(idx):
-            self.done.append((pk.take(idx), verdict[idx]))
+            self.done.append((pk, idx, verdict[idx]))
         ho = np.flatnonzero(verdict == K.V_HANDOFF)
         if len(ho):
             e = tid[ho] >> 1
@@ -860,7 +870,7 @@ class Shard:
         st = self.ct.stats_arr
         st[K.ST_INSERT_FAILED] += len(pk)
         st[K.ST_DROP] += len(pk)
-        self.done.append((pk, np.full(len(pk), K.V_DROP, dtype=np.uint8)))
+        self.done.append((pk, None, np.full(len(pk), K.V_DROP, dtype=np.uint8)))
         return None
 
     def _bounce_stale(self, pk: Packets, verdict):
@@ -876,14 +886,23 @@ class Shard:
             self._out[int(o)]["rel"].append(rows[own == o])
 
     # ------------------------------------------------------------ between rounds
-    def results(self) -> tuple[Packets, np.ndarray]:
-        """The round's finished packets (any order) and their verdicts; clears them."""
-        if not self.done:
+    def results(self, frames: bool = True) -> tuple[Packets, np.ndarray]:
+        """The round's finished packets (any order) and their verdicts; clears them.
+        ``frames=False``: empty frames that keep their sequence number, time and
+        interface (nothing is copied but those)."""
+        done, self.done = self.done, []
+        if not done:
             return Packets.empty(), np.zeros(0, dtype=np.uint8)
-        pk = Packets.concat([p for p, _ in self.done])
-        v = np.concatenate([v for _, v in self.done])
-        self.done = []
-        return pk, v
+        v = np.concatenate([v for _, _, v in done])
+        if frames:
+            return Packets.concat([p if i is None else p.take(i) for p, i, _ in done]), v
+
+        def pick(p, i, name):
+            a = getattr(p.batch, name) if name in ("ts", "ifindex") else getattr(p, name)
+            return a if i is None else a[i]
+        seq, ts, ifx = (np.concatenate([pick(p, i, f) for p, i, _ in done])
+                        for f in ("seq", "ts", "ifindex"))
+        return Packets.framesless(seq, ts, ifx), v
 
     @staticmethod
     def warm():

@@ -65,8 +65,8 @@ def cmd_live(args) -> int:
     except OSError as e:
         print(f"shardct live: {args.interface}: {e}", file=sys.stderr)
         return 2
-    pool = Pool(workers, cfg, seed=args.seed, rules=rules, network=network,
-                log=lambda m: print(m, file=sys.stderr))
+    pool = Pool(workers, cfg, seed=args.seed, rules=rules, network=network, frames=False,
+                log=lambda m: print(m, file=sys.stderr))     # passive: frames never leave
     state = {"stop": False, "last_ts": 0}
     verdicts = Counter()
     old = {s: signal.signal(s, lambda *_: state.update(stop=True))

@@ -117,9 +117,7 @@ def _no_frames(a: dict) -> Packets:
     if (seq.dtype != np.int64 or ts.dtype != np.int64 or ifx.dtype != np.int16
             or ts.shape != (n,) or ifx.shape != (n,)):
         raise M.WireError("result arrays of the wrong type or length")
-    z = np.zeros(n, dtype=np.int64)
-    return Packets(PacketBatch(np.zeros(0, np.uint8), z, z.astype(np.int32), ifx, ts),
-                   z, seq, z, z)
+    return Packets.framesless(seq, ts, ifx)
 
 
 def msg_arrays(m: Msg) -> dict:
@@ -297,7 +295,7 @@ class _WorkerState:
                     break
             for key in [key for key in self.steps if key[0] <= r]:
                 self.late += len(self.steps.pop(key))
-            res, verdict = self.shard.results()
+            res, verdict = self.shard.results(self.frames)
             table = {}
             if r in self.final:
                 table = {f"conn.{name}": a for name, a in self.shard.ct.conn_rows().items()}

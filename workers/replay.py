@@ -153,6 +153,7 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
     names = network.names if network is not None else []
     pool = Pool(workers, cfg, seed=args.seed, rules=rules, network=network, router=args.router,
                 max_round=args.round, dispatcher_process=not args.dispatcher_inline,
+                frames=bool(args.write),       # only a capture being written needs them
                 log=lambda m: print(m, file=sys.stderr))
     verdicts = Counter()
     state = {"writer": None, "last_ts": 0}
