@@ -106,6 +106,27 @@ def pk_from(prefix: str, a: dict) -> Packets:
     return Packets(batch, rest[2], rest[3], rest[4].copy(), rest[5])
 
 
+def _within_limits(batches):
+    """Batches cut to what one message may carry (messages.MAX_PACKETS frames,
+    MAX_BUF bytes): a larger one would be refused on arrival."""
+    from shardct.batch import take
+    for b in batches:
+        n = len(b)
+        if n <= M.MAX_PACKETS and b.buf.shape[0] <= M.MAX_BUF // 2:
+            yield b
+            continue
+        ln = b.length.astype(np.int64)
+        s = 0
+        while s < n:
+            # at most MAX_PACKETS frames and half MAX_BUF bytes (at least one frame)
+            e = min(n, s + M.MAX_PACKETS)
+            over = np.flatnonzero(np.cumsum(ln[s:e]) > M.MAX_BUF // 2)
+            if len(over):
+                e = s + max(1, int(over[0]))
+            yield take(b, np.arange(s, e))
+            s = e
+
+
 def _no_frames(a: dict) -> Packets:
     """A result without frames (``Pool(frames=False)``): empty frames that keep their
     sequence number, time and interface."""
@@ -441,7 +462,7 @@ class Pool:
     back from the workers."""
 
     def __init__(self, n, config: Config | None = None, *, seed: int, rules=None, network=None,
-                 router=False, max_round=4096, window=8, eps: dict | None = None,
+                 router=False, max_round=16384, window=8, eps: dict | None = None,
                  ipc_dir=None, log=print, worker_netns: str | None = None,
                  dispatcher_process: bool = True, frames: bool = True):
         self.config = config or Config()
@@ -530,6 +551,7 @@ class Pool:
         """Dispatch every batch and wait until every round is out. ``emit(packets,
         verdicts)`` gets each round in sequence order (None: only count). ``final``: end
         with an empty round that brings every worker's table back (``conns()``)."""
+        batches = _within_limits(batches)
         if self.dispatcher_process:
             return self._feed_remote(batches, emit, timeout_s, final)
         it = iter(batches)

@@ -39,7 +39,7 @@ def add_parser(sub):
                         "engine in this process")
     p.add_argument("--dispatcher-inline", action="store_true",
                    help="pool: run the dispatcher in the supervisor's process, not its own")
-    p.add_argument("--round", type=int, default=4096,
+    p.add_argument("--round", type=int, default=16384,
                    help="pool: packets per round at most (bigger: fewer superstep exchanges "
                         "per packet, more latency)")
     p.set_defaults(func=cmd_replay)
@@ -59,13 +59,14 @@ def _engine(args):
     return cfg, rules, network
 
 
-def _batches(args, names):
+def _batches(args, names, size=None):
+    size = size or args.batch
     if args.capture is None:
         from .demo import demo_batches
-        yield from demo_batches(args.batch, names)
+        yield from demo_batches(size, names)
         return
     from .pcapio import read_capture
-    yield from read_capture(args.capture, batch_size=args.batch, interface=args.interface,
+    yield from read_capture(args.capture, batch_size=size, interface=args.interface,
                             names=names)
 
 
@@ -171,7 +172,9 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
 
     t0 = time.perf_counter()
     try:
-        totals = pool.run(_batches(args, names), emit=emit)
+        # the dispatcher cuts rounds inside a batch: read whole rounds at a time
+        totals = pool.run(_batches(args, names, max(args.batch, min(65536, 16 * args.round))),
+                          emit=emit)
     finally:
         if state["writer"] is not None:
             state["writer"].close()

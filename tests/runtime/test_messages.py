@@ -118,3 +118,21 @@ def test_pool_messages_round_trip_and_reject_corruption():
     a3["ans"] = a["ans"].astype(np.uint64)                 # wrong dtype
     with pytest.raises(M.WireError):
         msg_from(h, a3)
+
+
+def test_batches_over_a_message_limit_are_cut_not_refused():
+    """A batch of more frames than one message carries (a capture read in big batches)
+    reaches the pool in pieces, every frame once and in order (it used to be refused by
+    the dispatcher, and the pool waited for it until its timeout)."""
+    import numpy as np
+    from shardct.traffic import syn_frames
+    from workers.pool import _within_limits
+    b = syn_frames(M.MAX_PACKETS + 4500)
+    parts = list(_within_limits([b]))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) <= M.MAX_PACKETS and sum(sizes) == len(b), f"sizes {sizes}, want <= " \
+        f"{M.MAX_PACKETS} each and {len(b)} in all"
+    got = b"".join(f for p in parts for f in p.frames())
+    assert got == b"".join(b.frames()), "frames changed or reordered"
+    ts = np.concatenate([p.ts for p in parts])
+    assert np.array_equal(ts, b.ts), "timestamps changed"
