@@ -146,8 +146,8 @@ class Packets:
 
     @staticmethod
     def empty() -> "Packets":
-        z = np.zeros(0, dtype=np.int64)
-        return Packets(PacketBatch.empty(), z, z.copy(), z.copy(), z.copy())
+        """No packets: one shared value (nothing can be written into empty arrays)."""
+        return _EMPTY
 
     @staticmethod
     def framesless(seq, ts, ifindex) -> "Packets":
@@ -156,6 +156,10 @@ class Packets:
         z = np.zeros(len(seq), dtype=np.int64)
         return Packets(PacketBatch(np.zeros(0, np.uint8), z, z.astype(np.int32), ifindex, ts),
                        z, seq, z, z)
+
+
+_z = np.zeros(0, dtype=np.int64)
+_EMPTY = Packets(PacketBatch.empty(), _z, _z, _z, _z)
 
 
 @dataclass
@@ -1066,7 +1070,7 @@ class Dispatcher:
     (``answer_deps``) and split each round by owning shard. ``nat``: ``nat_deps`` of
     the pool's rules (replies then need not be the inverted tuple)."""
 
-    def __init__(self, n: int, config: Config, seed: int, max_round: int = 4096,
+    def __init__(self, n: int, config: Config, seed: int, max_round: int = 16384,
                  nat: int = 0):
         if n > DEP_ANY:
             raise ValueError(f"{n} shards: the pool takes at most {DEP_ANY}")
@@ -1141,7 +1145,7 @@ class LocalPool:
     """n shards in this process, driven round by round exactly as the worker pool drives
     them (tests, and the reference for the pool's results)."""
 
-    def __init__(self, n: int, config: Config | None = None, *, seed: int, max_round: int = 4096,
+    def __init__(self, n: int, config: Config | None = None, *, seed: int, max_round: int = 16384,
                  reap: bool = False, **shard_kw):
         self.config = config or Config()
         self.shards = [Shard(k, n, self.config, seed=seed, **shard_kw) for k in range(n)]
