@@ -928,6 +928,11 @@ class Shard:
         self._drain_dying()
         return r
 
+    def reap_all(self, now: int):
+        """Every bucket at once (the end of the input); releases go out this round."""
+        self.ct.reap_all(now)
+        self._drain_dying()
+
     def reap_until(self, now: int):
         """Run the reaper on its own schedule (gVisor's adaptive interval) up to ``now``
         on the packet clock. A clock that jumps more than a full sweep ahead gets one
@@ -938,8 +943,7 @@ class Shard:
             self._reap_at = now + self.ct.reap_interval
             return
         if now - self._reap_at > REAP_FRACTION * REAP_MAX_INTERVAL:
-            self.ct.reap_all(now)
-            self._drain_dying()
+            self.reap_all(now)
             self._reap_at = now + self.ct.reap_interval
             return
         while now >= self._reap_at:

@@ -289,6 +289,10 @@ class _WorkerState:
                 yield
                 continue
             pk = self.batches.pop(r)
+            if r in self.final and self.clocks.get(r, 0) > 0:
+                # the input is over: every conn expired by then goes (entries and
+                # expired then do not depend on when each worker's reaper ran)
+                self.shard.reap_all(self.clocks[r])
             for p, f in list(self.restarted.items()):
                 if f <= r:
                     self.shard.peer_restarted(p)

@@ -123,6 +123,15 @@ def cmd_replay(args) -> int:
     finally:
         if writer is not None:
             writer.close()
+    # the capture is over: every conn expired by its last packet goes now, so entries and
+    # expired do not depend on when the reaper last ran (the pool does the same)
+    if last_ts:
+        ct.reap_all(last_ts)
+        events = ct.events()
+        if args.events:
+            from shardct.show import format_event
+            for e in events:
+                print(format_event(e))
     dt = time.perf_counter() - t0
     print(f"replayed {n_pkts} packets in {dt:.3f} s (wall clock, cold start included): "
           + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items())))

@@ -16,7 +16,7 @@ import pooltrace as PT
 
 SEED = 0x5EED
 SAME_STATS = ("packets", "invalid", "insert", "insert_failed", "drop", "new", "related",
-              "nat_rewrites")
+              "nat_rewrites", "expired", "destroy", "entries")
 
 
 def nat_kw():
@@ -44,6 +44,7 @@ def nat_trace():
     ref = ConnTrack(Config(), seed=SEED, rng=np.random.default_rng(SEED), **nat_kw())
     rb = take(b, np.arange(len(b)))
     r = ref.process(rb)
+    ref.reap_all(int(b.ts.max()))      # the end of the input, as replay and the pool do
     return b, rb.frames(), r.verdict.copy(), snapshot(ref.conns(now=int(b.ts.max()))), ref.stats()
 
 
