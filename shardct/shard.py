@@ -971,15 +971,33 @@ DEP_STARTS = 1 << 6  # the packet itself may start a conn (a deferred one holds 
 NAT_SRC, NAT_DST = 1, 2
 
 
-def nat_deps(rules, network) -> int:
-    """``answer_deps``'s nat argument for a pool with these rules and network."""
+def nat_deps(rules, network) -> tuple[int, np.ndarray]:
+    """``answer_deps``'s nat and dnat arguments for a pool with these rules and network:
+    the flags, and which (protocol row, destination port) a DNAT or REDIRECT rule may
+    match (rows: TCP, UDP, anything else; a rule's own match is necessary for it to
+    apply, so this is a superset of what gets DNATed)."""
+    ports = np.zeros((3, 65536), dtype=np.bool_)
     if rules is None and network is None:
-        return 0
+        return 0, ports
     sets = [getattr(rules, "v4", None), getattr(rules, "v6", None)] if hasattr(rules, "v4") \
         else [rules]
-    dst = any(r.target in ("DNAT", "REDIRECT") for rs in sets if rs is not None
-              for r in rs.rules)
-    return NAT_SRC | (NAT_DST if dst else 0)
+    dst = False
+    for rs in sets:
+        for r in (rs.rules if rs is not None else ()):
+            if r.target not in ("DNAT", "REDIRECT"):
+                continue
+            dst = True
+            m = r.match
+            p = m.proto
+            rows = [0, 1, 2] if p is None or p[0] == 0 or p[1] else \
+                [0] if p[0] == 6 else [1] if p[0] == 17 else [2]
+            d = m.dport
+            for row in rows:
+                if d is None or d[2] or row == 2:
+                    ports[row, :] = True
+                else:
+                    ports[row, d[0]:d[1] + 1] = True
+    return NAT_SRC | (NAT_DST if dst else 0), ports
 
 
 @numba.njit(inline="always", cache=True)
@@ -1004,7 +1022,7 @@ def _slot(tab, hashes, start, key, gen):
 
 
 @numba.njit(cache=True)
-def answer_deps(meta, addr, hashes, seed, nat, max_round, gen0, tuples, srcs, dsts, dep,
+def answer_deps(meta, addr, hashes, seed, nat, dnat, max_round, gen0, tuples, srcs, dsts, dep,
                 anyone, starts, loose):
     """For packet i of a parsed batch cut into rounds of ``max_round``: dep[i] = the index
     of the latest earlier packet of its round that i may answer, else -1; anyone[i]:
@@ -1024,7 +1042,8 @@ def answer_deps(meta, addr, hashes, seed, nat, max_round, gen0, tuples, srcs, ds
 
     nat: 0 no NAT rules, NAT_SRC their replies may come from where a packet went
     (SNAT, MASQUERADE), NAT_DST also go back to where a conn's first packet came from
-    (DNAT, REDIRECT). srcs/dsts: int64[1 << DEP_BITS], tuples: int64[a power of two >=
+    (DNAT, REDIRECT), for packets that a DNAT rule may match (``dnat``, ``nat_deps``).
+    srcs/dsts: int64[1 << DEP_BITS], tuples: int64[a power of two >=
     2 * max_round], scratch kept across calls (entries are gen << 32 | index in the
     round; round r of this batch is gen0 + r). Returns the next gen."""
     n = meta.shape[0]
@@ -1059,8 +1078,10 @@ def answer_deps(meta, addr, hashes, seed, nat, max_round, gen0, tuples, srcs, ds
             dsts[kd] = idx
             if nat & NAT_DST:
                 e = max(e, _seen(srcs, kd, gen))
-                if starts[i] and (proto != 6 or (meta[i, wire.M_TFLAGS] & 0x12) == 0x02):
-                    srcs[ks] = idx      # a conn's first packet: a SYN, an echo request, UDP
+                row = 0 if proto == 6 else 1 if proto == 17 else 2
+                if (starts[i] and (proto != 6 or (meta[i, wire.M_TFLAGS] & 0x12) == 0x02)
+                        and dnat[row, ports & 0xFFFF]):
+                    srcs[ks] = idx      # a first packet a DNAT rule may match
             if e >= 0:
                 anyone[i] = True
                 d = max(d, e)
@@ -1075,11 +1096,12 @@ class Dispatcher:
     the pool's rules (replies then need not be the inverted tuple)."""
 
     def __init__(self, n: int, config: Config, seed: int, max_round: int = 16384,
-                 nat: int = 0):
+                 nat: tuple[int, np.ndarray] | None = None):
         if n > DEP_ANY:
             raise ValueError(f"{n} shards: the pool takes at most {DEP_ANY}")
         self.n, self.config, self.seed = n, config, seed & 0xFFFFFFFF
-        self.max_round, self.nat = max_round, nat
+        self.max_round = max_round
+        self.nat, self.dnat = nat if nat is not None else nat_deps(None, None)
         self.seq = 0
         self.clock = 0      # the packet clock at the end of the last round yielded
         self._gen = 1
@@ -1098,8 +1120,8 @@ class Dispatcher:
         dep = np.empty(m, dtype=np.int64)
         anyone = np.empty(m, dtype=np.bool_)
         starts = np.empty(m, dtype=np.bool_)
-        self._gen = answer_deps(meta, addr, hashes, self.seed, self.nat, self.max_round,
-                                self._gen, *self._tabs, dep, anyone, starts,
+        self._gen = answer_deps(meta, addr, hashes, self.seed, self.nat, self.dnat,
+                                self.max_round, self._gen, *self._tabs, dep, anyone, starts,
                                 self.config.tcp_loose)
         own = owners(hashes, self.n, self.config.n_buckets)
         seq = np.arange(self.seq, self.seq + m, dtype=np.int64)

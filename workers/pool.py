@@ -370,7 +370,7 @@ class _WorkerState:
 # ------------------------------------------------------------------ the dispatcher process
 
 def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_round: int,
-                    nat: bool, window: int):
+                    nat: tuple, window: int):
     """The dispatcher as a process of its own (``Pool(dispatcher_process=True)``): takes
     batches on ``source``, sends each round to the workers and its size to the sink
     (ROUND), acknowledges each batch with the rounds it made (ACK), passes restarts on
