@@ -87,3 +87,30 @@ def trace(n_flows: int, seed: int, nat: bool = False, gap_s: float = 0.0):
     frames = [raw(E / p) for _, _, _, p in events]
     return PacketBatch.from_frames(frames, ts=[t + 10 * S for t, _, _, _ in events],
                                    ifindex=[ifx for _, _, ifx, _ in events])
+
+
+def snapshot(conns):
+    """What is compared of a table: each conn's tuples, state, status, counters, expiry."""
+    return sorted((c.original, c.reply, c.state, c.status, c.packets, c.bytes, c.expires)
+                  for c in conns)
+
+
+def assert_same(label, want, pk, v, conns, stats, names):
+    """The pool's output (Packets in sequence order, verdicts, table snapshot, counters)
+    equals one table's ``want`` = (frames, verdicts, table snapshot, counters)."""
+    import numpy as np
+    frames, verdict, want_conns, want_stats = want
+    seq = pk.seq.tolist()
+    assert seq == list(range(len(frames))), \
+        f"{label}: seq got {seq[:8]}..., want 0..{len(frames) - 1}"
+    bad = np.flatnonzero(v != verdict)
+    assert not len(bad), \
+        f"{label}: verdicts differ at {bad[:5]}: got {v[bad[:5]]}, want {verdict[bad[:5]]}"
+    got = pk.batch.frames()
+    diff = [i for i in range(len(frames)) if got[i] != frames[i]]
+    assert not diff, f"{label}: frames differ at {diff[:5]}"
+    assert conns == want_conns, f"{label}: table differs: extra {set(conns) - set(want_conns)}, " \
+        f"missing {set(want_conns) - set(conns)}"
+    for name in names:
+        assert stats[name] == want_stats[name], \
+            f"{label}: {name}: got {stats[name]}, want {want_stats[name]}"

@@ -13,6 +13,7 @@ from shardct.shard import Packets
 from workers.pool import Pool
 
 import pooltrace as PT
+from pooltrace import snapshot
 
 SEED = 0x5EED
 SAME_STATS = ("packets", "invalid", "insert", "insert_failed", "drop", "new", "related",
@@ -22,11 +23,6 @@ SAME_STATS = ("packets", "invalid", "insert", "insert_failed", "drop", "new", "r
 def nat_kw():
     return dict(rules=parse_iptables_save(PT.MASQ, "masq.rules", 4),
                 network=Network.from_dict(PT.NET), router=True)
-
-
-def snapshot(conns):
-    return sorted((c.original, c.reply, c.state, c.status, c.packets, c.bytes, c.expires)
-                  for c in conns)
 
 
 def run_pool(n, b, **kw):
@@ -58,20 +54,8 @@ def test_pool_equals_single_table(nat_trace, n, own_process):
     b, frames, verdict, conns, stats = nat_trace
     pool, totals, pk, v = run_pool(n, b, dispatcher_process=own_process, **nat_kw())
     assert totals["packets_out"] == len(b) and totals["lost_packets"] == 0, totals
-    got = list(pk.seq)
-    assert got == list(range(len(b))), \
-        f"seq got {len(got)} packets starting {got[:10]}, want 0..{len(b) - 1} in order"
-    bad = np.flatnonzero(v != verdict)
-    assert not len(bad), f"verdicts differ at {bad[:5]}"
-    got = pk.batch.frames()
-    diff = [i for i in range(len(b)) if got[i] != frames[i]]
-    assert not diff, f"frames differ at {diff[:5]}"
-    got = snapshot(pool.conns(now=int(b.ts.max())))
-    assert got == conns, f"conns got {len(got)}, want {len(conns)}: " \
-        f"extra {set(got) - set(conns)}, missing {set(conns) - set(got)}"
-    st = pool.stats()
-    for name in SAME_STATS:
-        assert st[name] == stats[name], f"{name}: got {st[name]}, want {stats[name]}"
+    PT.assert_same(f"{n} workers", (frames, verdict, conns, stats), pk, v,
+                   snapshot(pool.conns(now=int(b.ts.max()))), pool.stats(), SAME_STATS)
     if n > 1:
         c = pool.counts()
         assert c["handoffs_out"] > 0 and c["grants"] > 0, c

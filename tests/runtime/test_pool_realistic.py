@@ -14,6 +14,9 @@ from shardct import profiles as P
 from shardct.shard import LocalPool, sum_counts
 from workers.configfile import load
 
+import pooltrace as PT
+from pooltrace import snapshot
+
 SEED = 0x5EED
 SAME_STATS = ("packets", "invalid", "insert", "insert_failed", "drop", "new", "related",
               "nat_rewrites", "destroy")
@@ -22,11 +25,6 @@ SAME_STATS = ("packets", "invalid", "insert", "insert_failed", "drop", "new", "r
 def demo_nat():
     ec = load("configs/demo.toml")
     return ec.rules, ec.network
-
-
-def snapshot(conns):
-    return sorted((c.original, c.reply, c.state, c.status, c.packets, c.bytes, c.expires)
-                  for c in conns)
 
 
 def single(trace, **kw):
@@ -60,20 +58,10 @@ def masq():
 
 
 def check_same(trace, n, max_round, **kw):
-    frames, verdict, conns, stats = single(trace, **kw)
+    want = single(trace, **kw)
     lp, pk, v, now = pooled(trace, n, max_round, **kw)
-    seq = pk.seq.tolist()
-    assert seq == list(range(len(frames))), f"seq got {seq[:8]}..., want 0..{len(frames) - 1}"
-    bad = np.flatnonzero(v != verdict)
-    assert not len(bad), f"verdicts differ at {bad[:5]}: got {v[bad[:5]]}, want {verdict[bad[:5]]}"
-    got = pk.batch.frames()
-    diff = [i for i in range(len(frames)) if got[i] != frames[i]]
-    assert not diff, f"frames differ at {diff[:5]}"
-    got = snapshot(lp.conns(now=now))
-    assert got == conns, f"conns got {len(got)}, want {len(conns)}"
-    st = lp.stats()
-    for name in SAME_STATS:
-        assert st[name] == stats[name], f"{name}: got {st[name]}, want {stats[name]}"
+    PT.assert_same(f"n={n} round={max_round}", want, pk, v, snapshot(lp.conns(now=now)),
+                   lp.stats(), SAME_STATS)
     return sum_counts(s.counts for s in lp.shards)
 
 

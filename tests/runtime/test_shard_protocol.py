@@ -20,6 +20,7 @@ from shardct.table import (HCONN, HOME, S_DYING, S_LINK0, S_LINK1, S_PENDING, S_
                            S_XSHARD)
 
 import pooltrace as PT
+from pooltrace import snapshot
 
 SEED = 0x5EED
 SAME_STATS = ("packets", "invalid", "insert", "insert_failed", "drop", "new", "related",
@@ -28,11 +29,6 @@ SAME_STATS = ("packets", "invalid", "insert", "insert_failed", "drop", "new", "r
 
 def fresh(b: PacketBatch) -> PacketBatch:
     return take(b, np.arange(len(b)))
-
-
-def snapshot(conns):
-    return sorted((c.original, c.reply, c.state, c.status, c.packets, c.bytes, c.expires)
-                  for c in conns)
 
 
 def nat_kw(nat):
@@ -59,17 +55,8 @@ def test_shard_count_invariance(nat):
     for n in (1, 2, 3, 4):
         pool = LocalPool(n, Config(), seed=SEED, reap=True, **nat_kw(nat))
         pk, v = pool.process(fresh(b))
-        assert list(pk.seq) == list(range(len(b))), "every frame comes out exactly once"
-        bad = np.flatnonzero(v != r.verdict)
-        assert not len(bad), f"n={n}: verdicts differ at {bad[:5]}: got {v[bad[:5]]}, want {r.verdict[bad[:5]]}"
-        got_frames = pk.batch.frames()
-        diff = [i for i, f in enumerate(rb.frames()) if got_frames[i] != f]
-        assert not diff, f"n={n}: frames differ at {diff[:5]}"
-        got = snapshot(pool.conns(now=end))
-        assert got == want_conns, f"n={n}: table differs: extra {set(got) - set(want_conns)}, missing {set(want_conns) - set(got)}"
-        st = pool.stats()
-        for name in SAME_STATS:
-            assert st[name] == want_stats[name], f"n={n}: {name}: got {st[name]}, want {want_stats[name]}"
+        PT.assert_same(f"n={n}", (rb.frames(), r.verdict, want_conns, want_stats), pk, v,
+                       snapshot(pool.conns(now=end)), pool.stats(), SAME_STATS)
         if n > 1:
             handoffs = sum(s.counts["handoffs_out"] for s in pool.shards)
             grants = sum(s.counts["grants"] for s in pool.shards)
