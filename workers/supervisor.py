@@ -27,6 +27,7 @@ import shutil
 import signal
 import tempfile
 import time
+import weakref
 
 import multiprocess as mp
 import zmq
@@ -120,6 +121,10 @@ class Supervisor:
         self.kwargs = kwargs or {}
         self.own_dir = ipc_dir is None
         self.dir = ipc_dir or tempfile.mkdtemp(prefix="shardct-")
+        if self.own_dir:
+            # a caller that never reaches stop() (an exception before it) still leaves
+            # no ipc directory behind when this process exits
+            weakref.finalize(self, shutil.rmtree, self.dir, True)
         self.endpoints = {"control": f"ipc://{self.dir}/control",
                           "command": f"ipc://{self.dir}/command",
                           **{f"shard-{k}": f"ipc://{self.dir}/shard-{k}" for k in range(self.n)},
