@@ -468,6 +468,7 @@ class Shard:
                        "deferred_released": 0, "nat_remapped": 0,
                        "busy_us": 0, "step_wait_us": 0}     # the worker pool's timers
         self._dying = np.zeros((1024, N_REL), dtype=np.uint64)
+        self._scratch = wire.MetaScratch()
         self.now = 0
         self._reap_at = None
         self._reap_start = 0
@@ -484,7 +485,7 @@ class Shard:
     def _kernel(self, pk: Packets):
         """Run the tracking kernel over pk in order; returns (verdict, tid)."""
         n = len(pk)
-        meta, addr = wire.new_meta(n)
+        meta, addr = self._scratch(n)
         # packets another kernel run already saw (held, deferred, handoffs, bounces,
         # parked) had their checksums checked there
         validate = self.ct.config.checksum and bool(
@@ -1105,6 +1106,7 @@ class Dispatcher:
         self.seq = 0
         self.clock = 0      # the packet clock at the end of the last round yielded
         self._gen = 1
+        self._scratch = wire.MetaScratch()
         size = 1 << max(12, int(2 * max_round - 1).bit_length())
         self._tabs = (np.zeros(size, np.int64),) + tuple(
             np.zeros(1 << DEP_BITS, np.int64) for _ in range(2))
@@ -1112,7 +1114,7 @@ class Dispatcher:
     def rounds(self, batch: PacketBatch):
         """Yield (parts, seq range) per round: parts[k] is shard k's Packets."""
         m = len(batch)
-        meta, addr = wire.new_meta(m)
+        meta, addr = self._scratch(m)       # used before the first round is yielded
         hashes = np.empty(m, dtype=np.int64)
         # routing needs the tuple only: checksums are the workers' job
         wire.parse_hash_batch(batch.buf, batch.off, batch.length, meta, addr, False, self.seed,
