@@ -44,7 +44,7 @@ from shardct import track as K
 from shardct.batch import take
 from shardct.traffic import (F_ACK, F_DPORT, F_FLAGS, F_FRAMELEN, F_SEQ, F_SPORT, F_WIN, N_F,
                              _defaults, build_frames, handshake_frames, tcp_frames)
-from workers.pool import Pool
+from workers.pool import DEFAULT_RING, Pool
 
 SEED = 0x5EED
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,9 +99,14 @@ def single_realistic(tr, kw, cfg, batch):
     return len(tr) / dt / 1e6, np.concatenate(verdicts), ct.stats()
 
 
-def pool_realistic(n, tr, kw, cfg, args):
+def ring_bytes(transport):
+    """Pool(ring_bytes=) for a transport: frames in the shared ring, or in the messages."""
+    return {"ring": DEFAULT_RING, "zmq": 0}[transport]
+
+
+def pool_realistic(n, tr, kw, cfg, args, transport="ring"):
     pool = Pool(n, cfg, seed=SEED, log=quiet, dispatcher_process=not args.dispatcher_inline,
-                frames=False, **kw)      # verdicts are what is compared
+                frames=False, ring_bytes=ring_bytes(transport), **kw)   # verdicts are compared
     got = []
 
     def emit(pk, v):
@@ -139,10 +144,10 @@ def run_realistic(name, nat, n_packets, args):
     inv = int((want == K.V_INVALID).sum())
     print(f"  {'single process, batch ' + str(args.batch):<34} {base:6.2f} Mpps  1.00x"
           f"{'':16} invalid {inv} (stats {st['invalid']})")
-    for n in args.workers:
-        label = f"pool {n} worker{'s' if n > 1 else ''}"
+    for n, transport in [(n, t) for n in args.workers for t in args.transports]:
+        label = f"pool {n} worker{'s' if n > 1 else ''}, {transport}"
         try:
-            r = pool_realistic(n, tr, kw, cfg, args)
+            r = pool_realistic(n, tr, kw, cfg, args, transport)
         except Exception as e:      # the pool is being rebuilt: report, go on
             print(f"  {label:<34} failed: {type(e).__name__}: {e}")
             continue
@@ -200,9 +205,10 @@ def single_synthetic(hs, data, batch):
     return len(data) / (time.perf_counter() - t)
 
 
-def pool_synthetic(n, hs, data, args):
+def pool_synthetic(n, hs, data, args, transport="ring"):
     cfg = Config(max_conns=len(hs), events=False)
-    pool = Pool(n, cfg, seed=SEED, log=quiet, dispatcher_process=not args.dispatcher_inline)
+    pool = Pool(n, cfg, seed=SEED, log=quiet, dispatcher_process=not args.dispatcher_inline,
+                ring_bytes=ring_bytes(transport))
     pool.start()
     try:
         pool.wait_ready()
@@ -243,10 +249,10 @@ def run_synthetic(args):
           f"{args.reply_share:.0%} reply direction")
     base = single_synthetic(hs, data, args.batch) / 1e6
     print(f"  {'single process, batch ' + str(args.batch):<34} {base:6.2f} Mpps  1.00x")
-    for n in args.workers:
-        label = f"pool {n} worker{'s' if n > 1 else ''}"
+    for n, transport in [(n, t) for n in args.workers for t in args.transports]:
+        label = f"pool {n} worker{'s' if n > 1 else ''}, {transport}"
         try:
-            r = pool_synthetic(n, hs, data, args)
+            r = pool_synthetic(n, hs, data, args, transport)
         except Exception as e:
             print(f"  {label:<34} failed: {type(e).__name__}: {e}")
             continue
@@ -320,6 +326,9 @@ def main():
     ap.add_argument("--pool-batch", type=int, default=65536, help="pool: frames per batch fed")
     ap.add_argument("--dispatcher-inline", action="store_true",
                     help="pool: dispatcher in the feeding process, not its own")
+    ap.add_argument("--transports", default="ring",
+                    help="pool: frames in the shared ring (ring), in the ZeroMQ messages "
+                         "(zmq), or both side by side (ring,zmq)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per pool run / replay")
     ap.add_argument("--flows", type=int, help="synthetic: flows")
     ap.add_argument("--packets", type=int, help="synthetic: data frames")
@@ -334,6 +343,9 @@ def main():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.workers = [int(x) for x in args.workers.split(",")]
+    args.transports = [t for t in args.transports.split(",") if t]
+    if any(t not in ("ring", "zmq") for t in args.transports):
+        ap.error("--transports: ring, zmq or both")
     chosen = [p for p in args.profiles.split(",") if p]
     bad = [p for p in chosen if p not in ALL]
     if bad:

@@ -19,6 +19,11 @@ ts         int64    timestamp of frame i, nanoseconds (the replay clock)
 
 Owner: whoever built it; kernels read ``buf`` and may rewrite frames in
 place (NAT), never resize them.
+
+``shared``: ``buf`` is a region other batches use too (the pool's shared-memory frame
+ring): ``take`` and ``concat`` then give views on it instead of copies, and only the
+per-frame arrays travel between processes. Precondition: each frame is in one live
+batch at a time (whoever holds it may rewrite it).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ class PacketBatch:
     length: np.ndarray
     ifindex: np.ndarray
     ts: np.ndarray
+    shared: bool = False
 
     def __len__(self) -> int:
         return int(self.off.shape[0])
@@ -87,32 +93,57 @@ def _gather(buf, off, length, idx, out, out_off):
 
 
 def take(batch: PacketBatch, idx: np.ndarray) -> PacketBatch:
-    """A new batch of frames ``idx`` of ``batch`` (copied, in that order)."""
+    """A new batch of frames ``idx`` of ``batch`` in that order (copied; a view on the
+    same buffer when ``batch.shared``)."""
     idx = np.asarray(idx, dtype=np.int64)
     length = batch.length[idx]
+    if batch.shared:
+        return PacketBatch(batch.buf, batch.off[idx], length, batch.ifindex[idx], batch.ts[idx],
+                           True)
+    return _copy(batch, idx, length)
+
+
+def _copy(batch: PacketBatch, idx: np.ndarray, length: np.ndarray) -> PacketBatch:
     out = np.empty(int(length.astype(np.int64).sum()), dtype=np.uint8)
     out_off = np.empty(idx.shape[0], dtype=np.int64)
     _gather(batch.buf, batch.off, batch.length, idx, out, out_off)
     return PacketBatch(out, out_off, length, batch.ifindex[idx], batch.ts[idx])
 
 
+def place(batch: PacketBatch, buf: np.ndarray, at: int) -> PacketBatch:
+    """Copy ``batch``'s frames into ``buf`` from byte ``at`` on, back to back; the copy
+    as a ``shared`` batch on ``buf``. Precondition: they fit."""
+    n = len(batch)
+    out_off = np.empty(n, dtype=np.int64)
+    need = int(batch.length.astype(np.int64).sum())
+    _gather(batch.buf, batch.off, batch.length, np.arange(n, dtype=np.int64),
+            buf[at:at + need], out_off)
+    out_off += at
+    return PacketBatch(buf, out_off, batch.length.copy(), batch.ifindex.copy(), batch.ts.copy(),
+                       True)
+
+
 def compact(batch: PacketBatch) -> PacketBatch:
     """``batch`` itself when its buffer holds little but its frames, else a copy of just
     its frames (a batch read from a capture is a view on the whole file: sending it
-    as it is would carry the file)."""
+    as it is would carry the file). Never ``shared``: the copy is the caller's."""
     need = int(batch.length.astype(np.int64).sum())
-    if batch.buf.shape[0] <= 2 * need + 4096:
+    if batch.buf.shape[0] <= 2 * need + 4096 and not batch.shared:
         return batch
-    return take(batch, np.arange(len(batch)))
+    return _copy(batch, np.arange(len(batch), dtype=np.int64), batch.length)
 
 
 def concat(batches: list[PacketBatch]) -> PacketBatch:
-    """One batch holding every frame of ``batches`` in order (buffers copied)."""
+    """One batch holding every frame of ``batches`` in order (buffers copied, unless
+    every batch is ``shared`` on one buffer: then a view on it)."""
     batches = [b for b in batches if len(b)]
     if not batches:
         return PacketBatch.empty()
     if len(batches) == 1:
         return batches[0]
+    if all(b.shared and b.buf is batches[0].buf for b in batches):
+        return PacketBatch(batches[0].buf, *(np.concatenate([getattr(b, f) for b in batches])
+                                             for f in ("off", "length", "ifindex", "ts")), True)
     bufs, offs, base = [], [], 0
     for b in batches:
         bufs.append(b.buf)

@@ -9,14 +9,15 @@ no tuple (hash -1: not IP, broken headers, non-first fragments) go to worker 0, 
 gives them their verdict and counter like any other worker would.
 
 ``scatter(batch, hashes, n_workers, n_buckets)`` returns one (PacketBatch, hashes,
-index) per worker; ``index`` maps each packet back to its place in the input.
+index) per worker; ``index`` maps each packet back to its place in the input. A
+``shared`` batch (frames in the pool's shared ring) is split into views: no frame moves.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
 
-from .batch import PacketBatch
+from .batch import PacketBatch, take
 from .hashing import owners
 
 
@@ -52,6 +53,12 @@ def _copy(buf, off, length, owner, pk_start, by_start, out_buf, out_off, out_idx
 
 def scatter(batch: PacketBatch, hashes: np.ndarray, n_workers: int, n_buckets: int):
     owner = owners(hashes, n_workers, n_buckets)
+    if batch.shared:
+        order = np.argsort(owner, kind="stable")
+        ends = np.searchsorted(owner[order], np.arange(1, n_workers + 1))
+        starts = np.concatenate(([0], ends[:-1]))
+        return [(take(batch, order[s:e]), hashes[order[s:e]], order[s:e])
+                for s, e in zip(starts, ends)]
     npk, nby = _plan(owner, batch.length, n_workers)
     pk_start = np.concatenate(([0], np.cumsum(npk)[:-1])).astype(np.int64)
     by_start = np.concatenate(([0], np.cumsum(nby)[:-1])).astype(np.int64)

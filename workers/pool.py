@@ -48,18 +48,23 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
+from collections import deque
 
 import numpy as np
 import zmq
 
 from shardct import PacketBatch
+from shardct.batch import compact
 from shardct.config import Config
 from shardct.shard import NEVER, Dispatcher, Msg, Packets, Shard, nat_deps, sum_counts
 
 from . import messages as M
+from .ring import FrameRing
 from .supervisor import Supervisor
 
 STATS_EVERY = 64     # rounds between counter reports (and with the final table)
+DEFAULT_RING = 256 << 20
 
 
 def tcp_endpoints(n: int, host: str, worker_host: str, port: int) -> dict:
@@ -78,16 +83,19 @@ def tcp_endpoints(n: int, host: str, worker_host: str, port: int) -> dict:
 # ------------------------------------------------------------------ wire forms
 
 def pk_arrays(prefix: str, pk: Packets) -> dict:
+    """A ``shared`` batch's frames stay in the frame ring: only its arrays travel."""
     b = pk.batch
-    return {f"{prefix}buf": b.buf, f"{prefix}off": b.off, f"{prefix}length": b.length,
-            f"{prefix}ifindex": b.ifindex, f"{prefix}ts": b.ts, f"{prefix}hashes": pk.hashes,
+    return {**({} if b.shared else {f"{prefix}buf": b.buf}), f"{prefix}off": b.off,
+            f"{prefix}length": b.length, f"{prefix}ifindex": b.ifindex, f"{prefix}ts": b.ts, f"{prefix}hashes": pk.hashes,
             f"{prefix}seq": pk.seq, f"{prefix}given": pk.given, f"{prefix}dep": pk.dep}
 
 
-def pk_from(prefix: str, a: dict) -> Packets:
-    """Packets from received arrays, validated (raises WireError)."""
+def pk_from(prefix: str, a: dict, ring: FrameRing | None = None) -> Packets:
+    """Packets from received arrays, validated (raises WireError). Without a ``buf``
+    array the frames are in ``ring``."""
     try:
-        buf, off, length = a[prefix + "buf"], a[prefix + "off"], a[prefix + "length"]
+        off, length = a[prefix + "off"], a[prefix + "length"]
+        buf = a[prefix + "buf"] if ring is None else a.get(prefix + "buf", ring.buf)
         rest = [a[prefix + f] for f in ("ifindex", "ts", "hashes", "seq", "given", "dep")]
     except KeyError as e:
         raise M.WireError(f"missing array {e}") from None
@@ -102,17 +110,21 @@ def pk_from(prefix: str, a: dict) -> Packets:
     if n and (off.min() < 0 or length.min() < 0
               or int((off + length.astype(np.int64)).max()) > buf.shape[0]):
         raise M.WireError(f"{prefix}: a frame lies outside the buffer")
-    batch = PacketBatch(buf.copy(), off, length, rest[0], rest[1])
+    if ring is not None and buf is ring.buf:
+        batch = PacketBatch(buf, off, length, rest[0], rest[1], True)
+    else:
+        batch = PacketBatch(buf.copy(), off, length, rest[0], rest[1])
     return Packets(batch, rest[2], rest[3], rest[4].copy(), rest[5])
 
 
-def _within_limits(batches):
+def _within_limits(batches, max_bytes: int = M.MAX_BUF // 2):
     """Batches cut to what one message may carry (messages.MAX_PACKETS frames,
-    MAX_BUF bytes): a larger one would be refused on arrival."""
+    MAX_BUF bytes; a larger one would be refused on arrival) and to ``max_bytes`` of
+    frames."""
     from shardct.batch import take
     for b in batches:
         n = len(b)
-        if n <= M.MAX_PACKETS and b.buf.shape[0] <= M.MAX_BUF // 2:
+        if n <= M.MAX_PACKETS and b.buf.shape[0] <= max_bytes:
             yield b
             continue
         ln = b.length.astype(np.int64)
@@ -120,7 +132,7 @@ def _within_limits(batches):
         while s < n:
             # at most MAX_PACKETS frames and half MAX_BUF bytes (at least one frame)
             e = min(n, s + M.MAX_PACKETS)
-            over = np.flatnonzero(np.cumsum(ln[s:e]) > M.MAX_BUF // 2)
+            over = np.flatnonzero(np.cumsum(ln[s:e]) > max_bytes)
             if len(over):
                 e = s + max(1, int(over[0]))
             yield take(b, np.arange(s, e))
@@ -150,7 +162,7 @@ def msg_arrays(m: Msg) -> dict:
     return out
 
 
-def msg_from(h: dict, a: dict) -> Msg:
+def msg_from(h: dict, a: dict, ring: FrameRing | None = None) -> Msg:
     from shardct.shard import N_ANS, N_REL, N_REQ
     m = Msg(active=bool(h.get("active")), low=int(h.get("low", NEVER)))
     for name, cols, dt in (("rel", N_REL, np.uint64), ("req", N_REQ, np.uint64),
@@ -162,17 +174,19 @@ def msg_from(h: dict, a: dict) -> Msg:
             raise M.WireError(f"{name}: want ({cols} columns) of {np.dtype(dt)}")
         setattr(m, name, x)
     for prefix in ("ho.", "bo."):
-        if prefix + "buf" in a:
-            setattr(m, prefix[:2], pk_from(prefix, a))
+        if prefix + "off" in a:
+            setattr(m, prefix[:2], pk_from(prefix, a, ring))
     return m
 
 
 # ------------------------------------------------------------------ the worker
 
 def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None, network=None,
-                 router: bool = False, incarnation: int = 0, frames: bool = True):
+                 router: bool = False, incarnation: int = 0, frames: bool = True,
+                 ring: str | None = None):
     """Worker body (supervisor.worker_main): shard k of n. ``frames``: results carry the
-    frames (as rewritten); without, only sequence numbers, times, interfaces, verdicts."""
+    frames (as rewritten); without, only sequence numbers, times, interfaces, verdicts.
+    ``ring``: the pool's frame ring (frames stay there; only arrays travel)."""
     Shard.warm()
     shard = Shard(k, n, config, seed=seed, rules=rules, network=network, router=router,
                   rng=np.random.default_rng([seed, k]))
@@ -197,7 +211,8 @@ def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None
     poller = zmq.Poller()
     poller.register(rx, zmq.POLLIN)
     poller.register(prx, zmq.POLLIN)
-    W = _WorkerState(k, n, shard, incarnation, frames)
+    W = _WorkerState(k, n, shard, incarnation, frames,
+                     FrameRing(ring) if ring is not None else None)
 
     def loop():
         try:
@@ -209,8 +224,9 @@ def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None
 
 
 class _WorkerState:
-    def __init__(self, k, n, shard, gen, frames=True):
+    def __init__(self, k, n, shard, gen, frames=True, ring: FrameRing | None = None):
         self.k, self.n, self.shard, self.gen, self.frames = k, n, shard, gen, frames
+        self.ring = ring
         self.steps: dict[tuple[int, int], dict[int, Msg]] = {}
         self.batches: dict[int, Packets] = {}
         self.clocks: dict[int, int] = {}       # round -> the packet clock at its end
@@ -244,7 +260,7 @@ class _WorkerState:
             if g < self.peer_gen[p]:
                 return                      # from a dead incarnation
             self.moved_on[p] = max(self.moved_on[p], r)
-            self.steps.setdefault((r, s), {})[p] = msg_from(h, a)
+            self.steps.setdefault((r, s), {})[p] = msg_from(h, a, self.ring)
         except (M.WireError, KeyError, TypeError, ValueError) as e:
             self.wire_errors += 1
             print(f"worker {self.k}: dropped a bad peer message: {e}", flush=True)
@@ -258,7 +274,7 @@ class _WorkerState:
                     self.start_round = int(h["first"])     # where a restarted worker joins
                 return
             h, a = M.decode_arrays(frames)
-            self.batches[int(h["round"])] = pk_from("", a)
+            self.batches[int(h["round"])] = pk_from("", a, self.ring)
             self.clocks[int(h["round"])] = int(h.get("clock", 0))
             if h.get("final"):
                 self.final.add(int(h["round"]))
@@ -370,13 +386,14 @@ class _WorkerState:
 # ------------------------------------------------------------------ the dispatcher process
 
 def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_round: int,
-                    nat: tuple, window: int):
+                    nat: tuple, window: int, ring: str | None = None):
     """The dispatcher as a process of its own (``Pool(dispatcher_process=True)``): takes
     batches on ``source``, sends each round to the workers and its size to the sink
     (ROUND), acknowledges each batch with the rounds it made (ACK), passes restarts on
     to the restarted worker (HELLO: the next round is its first), and ends with the
-    table round on END."""
+    table round on END. With ``ring``, batches come as arrays on the frame ring."""
     disp = Dispatcher(n, config, seed, max_round, nat)
+    fr = FrameRing(ring) if ring is not None else None
     from shardct.traffic import handshake_frames
     for _ in disp.rounds(handshake_frames(2)):      # compile before READY
         pass
@@ -418,7 +435,11 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
                 elif h["t"] == M.END:
                     st["end"] = True
                 return
-            h, batch, _ = M.decode_batch(frames, writable=False)    # scatter copies
+            if fr is not None:
+                h, a = M.decode_arrays(frames)
+                batch = fr.batch(a["off"], a["length"], a["ifindex"], a["ts"])
+            else:
+                h, batch, _ = M.decode_batch(frames, writable=False)    # scatter copies
             queue.append((int(h.get("seq", 0)), batch))
         except (M.WireError, KeyError, TypeError, ValueError) as e:
             print(f"dispatcher: dropped a bad message: {e}", flush=True)
@@ -463,23 +484,34 @@ class Pool:
     ``emit(packets, verdicts)`` once per round in order, return the totals. With
     ``frames=False`` the packets emitted are empty frames (sequence number, time and
     interface kept): for a caller that only counts or watches, the frames never travel
-    back from the workers."""
+    back from the workers.
+
+    ``ring_bytes``: size of the shared-memory frame ring (``workers.ring``); input frames
+    are copied into it once and stay there. 0 (and any ``tcp://`` endpoints) sends the
+    frames inside the messages instead."""
 
     def __init__(self, n, config: Config | None = None, *, seed: int, rules=None, network=None,
                  router=False, max_round=16384, window=8, eps: dict | None = None,
                  ipc_dir=None, log=print, worker_netns: str | None = None,
-                 dispatcher_process: bool = True, frames: bool = True):
+                 dispatcher_process: bool = True, frames: bool = True,
+                 ring_bytes: int = DEFAULT_RING):
         self.config = config or Config()
         self.n = n if n != "auto" else (os.cpu_count() or 1)
+        self.ring = None
+        if ring_bytes and not any(e.startswith("tcp://") for e in (eps or {}).values()):
+            self.ring = FrameRing.create(ring_bytes)
+            # gone at exit even if stop() is never reached
+            weakref.finalize(self, self.ring.unlink)
+        path = self.ring.path if self.ring else None
         kw = dict(config=self.config, seed=seed, rules=rules, network=network, router=router,
-                  frames=frames)
+                  frames=frames, ring=path)
         self.dispatcher_process = dispatcher_process
         nat = nat_deps(rules, network)
         extra = None
         if dispatcher_process:
             extra = ("workers.pool:dispatcher_body",
                      dict(config=self.config, seed=seed, max_round=max_round, nat=nat,
-                          window=window))
+                          window=window, ring=path))
         self.sup = Supervisor(self.n, "workers.pool:shard_worker", kw, ipc_dir, log,
                               endpoints=eps, pass_incarnation=True, netns=worker_netns,
                               extra=extra)
@@ -529,6 +561,8 @@ class Pool:
         self.batches_sent = 0
         self.batches_acked = 0
         self.final_round = None
+        self._held = None                    # an input batch waiting for room in the ring
+        self._tickets = deque()              # [ticket, batch seq, round after its last]
 
     def wait_ready(self, timeout_s: float = 120.0):
         """Block until every worker has booted (kernels loaded), e.g. before timing."""
@@ -542,6 +576,8 @@ class Pool:
     def stop(self):
         self._close()
         self.sup.stop()
+        if self.ring is not None:
+            self.ring.unlink()
 
     def run(self, batches, emit=None, timeout_s: float = 600.0) -> dict:
         """start, feed every batch and the final (table) round, stop."""
@@ -555,7 +591,8 @@ class Pool:
         """Dispatch every batch and wait until every round is out. ``emit(packets,
         verdicts)`` gets each round in sequence order (None: only count). ``final``: end
         with an empty round that brings every worker's table back (``conns()``)."""
-        batches = _within_limits(batches)
+        batches = _within_limits(batches, M.MAX_BUF // 2 if self.ring is None
+                                 else min(M.MAX_BUF // 2, self.ring.size // 4))
         if self.dispatcher_process:
             return self._feed_remote(batches, emit, timeout_s, final)
         it = iter(batches)
@@ -572,10 +609,14 @@ class Pool:
             while not done_src and self.r - self.next_emit < self.window:
                 nxt = next(rounds_iter, None)
                 if nxt is None:
-                    b = next(it, None)
+                    self._rounds_made(None, self.r)
+                    b = self._input(it, self.batches_sent)
+                    if b is False:
+                        break                   # the ring is full: emit first
                     if b is None:
                         done_src = True
                         break
+                    self.batches_sent += 1
                     self.totals["packets_in"] += len(b)
                     rounds_iter = self.dispatcher.rounds(b)
                     if not len(b):
@@ -610,12 +651,20 @@ class Pool:
             idle = False
             while (not done_src and self.batches_sent - self.batches_acked < 2
                    and self.r - self.next_emit < self.window):
-                b = next(it, None)
+                b = self._input(it, self.batches_sent)
+                if b is False:
+                    break                       # the ring is full: emit first
                 if b is None:
                     done_src = True
                     break
                 self.totals["packets_in"] += len(b)
-                self.src.send_multipart(M.encode_batch(b, seq=self.batches_sent), copy=False)
+                if self.ring is not None:
+                    self.src.send_multipart(M.encode_arrays(
+                        M.BATCH, {f: getattr(b, f) for f in ("off", "length", "ifindex", "ts")},
+                        seq=self.batches_sent), copy=False)
+                else:
+                    self.src.send_multipart(M.encode_batch(b, seq=self.batches_sent),
+                                            copy=False)
                 self.batches_sent += 1
                 if not len(b):
                     idle = True
@@ -634,6 +683,34 @@ class Pool:
             self._emit_ready(emit)
             if self.next_emit != before:
                 self.src.send(M.encode(M.ACK, emitted=self.next_emit))
+
+    def _input(self, it, seq):
+        """The next input batch, copied into the ring when there is one; None at the end
+        of the input; False when the ring has no room for it yet."""
+        b = self._held if self._held is not None else next(it, None)
+        self._held = None
+        if b is None or self.ring is None or not len(b):
+            return b
+        got = self.ring.put(b)
+        if got is None:
+            self._held = b
+            return False
+        b, ticket = got
+        self._tickets.append([ticket, seq, None])
+        return b
+
+    def _rounds_made(self, seq, end):
+        """Batch ``seq`` (None: the latest) went out as rounds before ``end``."""
+        for t in self._tickets:
+            if t[2] is None and (seq is None or t[1] == seq):
+                t[2] = end
+                return
+
+    def _release(self):
+        """Ring space of batches whose rounds are all emitted comes back."""
+        while self._tickets and self._tickets[0][2] is not None \
+                and self._tickets[0][2] <= self.next_emit:
+            self.ring.release(self._tickets.popleft()[0])
 
     def _send_round(self, parts, final):
         self.pending[self.r] = {"n": sum(len(p) for p in parts), "got": {}}
@@ -658,8 +735,13 @@ class Pool:
                 pk = Packets.concat([p for p, _ in parts])
                 v = np.concatenate([v for _, v in parts]) if parts else np.zeros(0, np.uint8)
                 order = np.argsort(pk.seq, kind="stable")
-                emit(pk.take(order), v[order])
+                pk = pk.take(order)
+                if pk.batch.shared:     # the ring space is reused once this round is out
+                    pk = Packets(compact(pk.batch), pk.hashes, pk.seq, pk.given, pk.dep)
+                emit(pk, v[order])
             self.next_emit += 1
+        if self.ring is not None:
+            self._release()
 
     def _note_restarts(self, gen, next_round):
         for k in range(self.n):
@@ -689,12 +771,13 @@ class Pool:
                         self.final_round = rr
                 elif h["t"] == M.ACK:
                     self.batches_acked += 1
+                    self._rounds_made(int(h.get("batch", -1)), int(h.get("rounds", 0)))
                 return
             h, a = M.decode_arrays(frames)
             if h["t"] != M.RESULT:
                 raise M.WireError(f"unexpected {h['t']}")
             k, rr = int(h["worker"]), int(h["round"])
-            pk = pk_from("", a) if "buf" in a else _no_frames(a)
+            pk = pk_from("", a, self.ring) if "off" in a else _no_frames(a)
             v = a["verdict"]
             if v.dtype != np.uint8 or v.shape != (len(pk),):
                 raise M.WireError("verdicts do not match the packets")

@@ -2,6 +2,8 @@
 single-table core with 1, 2, 3 and 4 workers, and a worker killed under load."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -44,15 +46,26 @@ def nat_trace():
     return b, rb.frames(), r.verdict.copy(), snapshot(ref.conns(now=int(b.ts.max()))), ref.stats()
 
 
-@pytest.mark.parametrize("n,own_process", [(1, False), (2, False), (3, False), (4, False),
-                                           (2, True)])
-def test_pool_equals_single_table(nat_trace, n, own_process):
+TINY_RING = 64 << 10     # far smaller than the trace: the ring wraps, batches wait for room
+
+
+@pytest.mark.parametrize("n,own_process,ring", [
+    (1, False, None), (2, False, None), (3, False, None), (4, False, None), (2, True, None),
+    (2, True, 0), (2, False, 0), (3, True, TINY_RING), (2, False, TINY_RING)])
+def test_pool_equals_single_table(nat_trace, n, own_process, ring):
     """TCP/UDP/ICMP lifecycles through MASQUERADE with an idle gap (expiry): every frame
     leaves once, in input order, with the bytes and verdict the single table gives; the
     final tables and the counters agree too. own_process: the dispatcher runs in a
-    process of its own."""
+    process of its own. ring: the frame ring's size (None: the default; 0: frames in
+    the messages)."""
     b, frames, verdict, conns, stats = nat_trace
-    pool, totals, pk, v = run_pool(n, b, dispatcher_process=own_process, **nat_kw())
+    kw = {} if ring is None else {"ring_bytes": ring}
+    pool, totals, pk, v = run_pool(n, b, dispatcher_process=own_process, **kw, **nat_kw())
+    assert (pool.ring is None) == (ring == 0)
+    if ring == TINY_RING:
+        assert pool.ring.next_ticket > 4 * len(b.buf) // TINY_RING, "the ring did not wrap"
+    if pool.ring is not None:
+        assert not os.path.exists(pool.ring.path), "the ring file outlived the pool"
     assert totals["packets_out"] == len(b) and totals["lost_packets"] == 0, totals
     PT.assert_same(f"{n} workers", (frames, verdict, conns, stats), pk, v,
                    snapshot(pool.conns(now=int(b.ts.max()))), pool.stats(), SAME_STATS)
