@@ -1136,7 +1136,7 @@ class Dispatcher:
         for s in range(0, m, self.max_round):
             e = min(m, s + self.max_round)
             part = PacketBatch(batch.buf, batch.off[s:e], batch.length[s:e], batch.ifindex[s:e],
-                               batch.ts[s:e])
+                               batch.ts[s:e], batch.shared)
             parts = [Packets(pb, ph, seq[s + idx], given[s + idx], dep[s + idx])
                      for pb, ph, idx in scatter(part, hashes[s:e], self.n, self.config.n_buckets)]
             self.clock = max(self.clock, int(part.ts.max()))
@@ -1184,8 +1184,11 @@ class LocalPool:
         self.reap = reap        # run each shard's reaper between rounds (packet clock)
 
     def process(self, batch: PacketBatch) -> tuple[Packets, np.ndarray]:
-        """Every frame's outcome, in sequence order: (Packets as they leave, verdicts)."""
+        """Every frame's outcome, in sequence order: (Packets as they leave, verdicts).
+        Frames are rewritten where they lie in ``batch`` (as ConnTrack.process does) and
+        the Packets returned are views on its buffer, as in the pool's frame ring."""
         out = []
+        batch = PacketBatch(batch.buf, batch.off, batch.length, batch.ifindex, batch.ts, True)
         for parts, (s, e) in self.dispatcher.rounds(batch):
             self.supersteps += run_round(self.shards, parts)
             self.rounds += 1
