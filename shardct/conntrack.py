@@ -390,6 +390,13 @@ class ConnTrack:
         t.tbl[T_EVN] = 0
         return out
 
+    def clear_events(self) -> int:
+        """Drop the events gathered since the last call unread (a caller that does not
+        watch them); how many there were."""
+        n = int(self.table.tbl[T_EVN])
+        self.table.tbl[T_EVN] = 0
+        return n
+
     def stats(self) -> dict[str, int]:
         """Counters by name: conntrack -S's names first, then shardct's own, then
         ``invalid.<reason>`` breakdowns; ``entries`` is the live table count."""
