@@ -94,6 +94,7 @@ def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
         for _ in boot:            # the body is a generator: booted once it yields
             if not alive():
                 break
+        boot.close()              # its finally closes its sockets: ctx.term() waits for them
     except Exception as e:      # a failing body: report it, exit non-zero
         ctl.send(M.encode(M.STOP, worker=k, error=f"{type(e).__name__}: {e}"))
         ctl.close()
