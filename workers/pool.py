@@ -181,6 +181,17 @@ def msg_from(h: dict, a: dict, ring: FrameRing | None = None) -> Msg:
 
 # ------------------------------------------------------------------ the worker
 
+def warm_kernels(dispatcher: bool = True):
+    """Load (or compile) the kernels of a shard, and of the dispatcher, in this process.
+    Run in the supervisor before it forks, the workers get them for nothing."""
+    Shard.warm()
+    if dispatcher:
+        from shardct.traffic import handshake_frames
+        d = Dispatcher(2, Config(max_conns=64), 1, 64, nat_deps(None, None))
+        for _ in d.rounds(handshake_frames(2)):
+            pass
+
+
 def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None, network=None,
                  router: bool = False, incarnation: int = 0, frames: bool = True,
                  ring: str | None = None):
@@ -392,12 +403,9 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
     (ROUND), acknowledges each batch with the rounds it made (ACK), passes restarts on
     to the restarted worker (HELLO: the next round is its first), and ends with the
     table round on END. With ``ring``, batches come as arrays on the frame ring."""
+    warm_kernels(dispatcher=True)                    # before READY (free when forked)
     disp = Dispatcher(n, config, seed, max_round, nat)
     fr = FrameRing(ring) if ring is not None else None
-    from shardct.traffic import handshake_frames
-    for _ in disp.rounds(handshake_frames(2)):      # compile before READY
-        pass
-    disp.seq = 0
     src = ctx.socket(zmq.PULL)
     src.setsockopt(zmq.LINGER, 0)
     src.bind(eps["source"])
@@ -552,6 +560,8 @@ class Pool:
         """Open the sockets and start the workers (they warm up their kernels, then take
         rounds)."""
         self._open()
+        if self.sup.start_method == "fork":
+            warm_kernels(self.dispatcher_process)
         self.sup.start()
         self.pending: dict[int, dict] = {}   # round -> {"n": packets, "got": {worker: ...}}
         self.first = [0] * self.n            # worker k answers rounds >= first[k] (restarts)

@@ -1,4 +1,4 @@
-# The pool's arbiter (gunicorn-style): starts N worker processes (multiprocess, spawn),
+# The pool's arbiter (gunicorn-style): starts N worker processes (multiprocess, fork),
 # watches their heartbeats, restarts the dead and counts them, stops the pool on a boot
 # failure instead of restarting forever, and drains on SIGINT/SIGTERM. No orphans.
 """Supervisor.
@@ -9,6 +9,12 @@ control PULL, says READY once its body has booted, then heartbeats every
 ``HEARTBEAT_S`` while its body runs. The body is pluggable: ``"module:function"``
 called as ``body(ctx, k, n, endpoints, stop_event_check, **kwargs)``; it returns when
 asked to stop.
+
+Workers are forked by default: a caller that loaded its kernels first (``Pool.start``)
+hands them over at no cost, where a spawned worker imports numpy, numba and shardct and
+loads every kernel again (0.7 s of CPU each, and the pool's start-up is most of a short
+replay). ``start_method="spawn"`` is there for a caller whose process cannot fork
+(threads it cannot vouch for).
 
 Rules:
 1. A worker that exits (or misses heartbeats for ``DEAD_AFTER_S``) after READY is
@@ -86,6 +92,7 @@ def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
         return not state["stop"]
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the supervisor decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)     # a forked child has its parent's
     faulthandler.register(signal.SIGUSR1)              # kill -USR1 <pid>: print the stack
     try:
         body = resolve(body_spec)
@@ -110,12 +117,13 @@ def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
 class Supervisor:
     def __init__(self, n: int, body: str, kwargs: dict | None = None, ipc_dir: str | None = None,
                  log=print, *, endpoints: dict | None = None, pass_incarnation: bool = False,
-                 netns: str | None = None, extra: tuple[str, dict] | None = None):
+                 netns: str | None = None, extra: tuple[str, dict] | None = None,
+                 start_method: str = "fork"):
         """endpoints: overrides of the ipc defaults (tcp:// across hosts); every worker
         gets ``incarnation=`` (its restart count) when pass_incarnation; netns: the
         network namespace the workers run in; extra: (body, kwargs) of one more process
         (index n: the dispatcher), started first and not restarted: its death stops the
-        pool (its place in the input is gone with it)."""
+        pool (its place in the input is gone with it); start_method: "fork" or "spawn"."""
         self.n = n if n != "auto" else (os.cpu_count() or 1)
         self.extra = extra
         self.body = body
@@ -143,7 +151,8 @@ class Supervisor:
         self.stopping = False
         self.exit_code = EXIT_OK
         self.error = None
-        self._mp = mp.get_context("spawn")
+        self.start_method = start_method
+        self._mp = mp.get_context(start_method)
         self.ctx = zmq.Context()
         self.ctl = self.ctx.socket(zmq.PULL)
         self.ctl.bind(self.endpoints["control"])
