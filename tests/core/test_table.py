@@ -894,6 +894,13 @@ def test_config_from_dict_accepts_known_settings():
     {"timeouts": ["udp"]},
     {"timeouts": {"udp": float("nan")}},
     {"timeouts": {"udp": float("inf")}},
+    {"max_conns": 2**31},
+    {"max_conns": 2**26 + 1},
+    {"max_conns": 10**11},
+    {"n_buckets": 2**40},
+    {"n_buckets": 2**25},
+    {"event_buffer": 2**63 - 1},
+    {"event_buffer": 2**22 + 1},
 ], ids=lambda d: repr(d))
 def test_config_from_dict_rejects_with_file_name(d):
     try:
@@ -905,6 +912,15 @@ def test_config_from_dict_rejects_with_file_name(d):
     except Exception as e:      # noqa: BLE001 - the point is which exception
         raise AssertionError(f"{d!r}: got {type(e).__name__}: {e}, want ConfigError naming conf/ct.toml") from e
     raise AssertionError(f"{d!r}: got a Config, want ConfigError naming conf/ct.toml")
+
+
+def test_config_bounds_are_inclusive_and_checked_on_direct_construction():
+    cfg = Config.from_dict({"max_conns": 2**26, "n_buckets": 2**24, "event_buffer": 2**22})
+    got = (cfg.max_conns, cfg.n_buckets, cfg.event_buffer)
+    assert got == (2**26, 2**24, 2**22), f"got {got}, want the limits themselves accepted"
+    for kw in ({"max_conns": 2**31}, {"n_buckets": 3}, {"event_buffer": 0}):
+        with pytest.raises(ConfigError, match=next(iter(kw))):
+            Config(**kw)
 
 
 def test_config_error_names_the_key():
