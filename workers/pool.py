@@ -514,7 +514,7 @@ class Pool:
                           window=window, ring=path))
         self.sup = Supervisor(self.n, "workers.pool:shard_worker", kw, ipc_dir, log,
                               endpoints=eps, pass_incarnation=True, netns=worker_netns,
-                              extra=extra)
+                              extra=extra, leftovers=[path] if path else None)
         self.dispatcher = Dispatcher(self.n, self.config, seed, max_round, nat)
         self.window = window
         self.log = log
