@@ -42,6 +42,16 @@ def add_parser(sub):
 
 
 def cmd_live(args) -> int:
+    """Exit status as replay's: 2 unusable config or interface, 3 the pool stopped."""
+    from .errors import PoolStopped
+    try:
+        return _cmd_live(args)
+    except PoolStopped as e:
+        print(f"shardct live: {e}", file=sys.stderr)
+        return 3
+
+
+def _cmd_live(args) -> int:
     from shardct.config import Config
     from shardct.errors import ConfigError
     from .afpacket import RingMerge, RxRing, ring_batches

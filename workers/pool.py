@@ -60,6 +60,7 @@ from shardct.config import Config
 from shardct.shard import NEVER, Dispatcher, Msg, Packets, Shard, nat_deps, sum_counts
 
 from . import messages as M
+from .errors import PoolStopped
 from .ring import FrameRing
 from .supervisor import Supervisor
 
@@ -569,9 +570,17 @@ class Pool:
         deadline = time.monotonic() + timeout_s
         while not all(self.sup.ready):
             if not self.sup.poll(0.05):
-                raise RuntimeError(self.sup.error or "pool stopped")
+                raise self._stopped()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"workers not ready after {timeout_s} s")
+
+    def _stopped(self) -> PoolStopped:
+        """Why the pool stopped under its caller, and what was lost with it."""
+        t = self.totals
+        lost = t["packets_in"] - t["packets_out"] - t["lost_packets"]
+        return PoolStopped(f"pool stopped: {self.sup.error or 'stop requested'}; lost "
+                           f"{lost + t['lost_packets']} of the {t['packets_in']} packets "
+                           f"handed to it ({lost} in flight), {t['packets_out']} came out")
 
     def stop(self):
         self._close()
@@ -602,7 +611,7 @@ class Pool:
         deadline = time.monotonic() + timeout_s
         while True:
             if not self.sup.poll(0):
-                raise RuntimeError(self.sup.error or "pool stopped")
+                raise self._stopped()
             self._note_restarts(self.gen, self.r)
             # ---- dispatch while the window allows
             idle = False
@@ -646,7 +655,7 @@ class Pool:
         deadline = time.monotonic() + timeout_s
         while True:
             if not self.sup.poll(0):
-                raise RuntimeError(self.sup.error or "pool stopped")
+                raise self._stopped()
             self._note_restarts(self.gen, None)
             idle = False
             while (not done_src and self.batches_sent - self.batches_acked < 2

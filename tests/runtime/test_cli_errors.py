@@ -200,3 +200,44 @@ def test_replay_draws_and_prints_a_seed(capsys, good):
     assert seeds[0] != seeds[1], f"two runs drew the same seed {seeds[0]:#x}"
     main(["replay", str(good), "--list", "0", "--seed", "0x5eed"])
     assert "seed 0x" not in capsys.readouterr().err, "a given seed is not drawn again"
+
+
+def test_dispatcher_death_is_one_line_with_what_was_lost(capsys, monkeypatch):
+    """`shardct replay --workers 2` whose dispatcher is killed: exit 3, one line saying
+    why and how many packets were lost, no traceback."""
+    import os
+    import signal
+
+    from workers import replay as R
+    from workers.pool import Pool
+    pools = []
+    start = Pool.start
+
+    def recording_start(self):
+        start(self)
+        pools.append(self)
+
+    batches = R._batches
+
+    def killing_batches(args, names, size=None, stats=None):
+        it = batches(args, names, 1024, stats)      # the demo in small batches
+
+        def gen():
+            yield next(it)
+            pool = pools[0]
+            pool.wait_ready(600)
+            d = pool.sup.procs[pool.n]
+            os.kill(d.pid, signal.SIGKILL)
+            d.join(10)
+            yield from it
+        return gen()
+
+    monkeypatch.setattr(Pool, "start", recording_start)
+    monkeypatch.setattr(R, "_batches", killing_batches)
+    rc = main(["replay", "--workers", "2", "--seed", "1", "--list", "0"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("shardct replay:")]
+    assert rc == 3, f"exit code got {rc}, want 3; stderr {err!r}"
+    assert len(lines) == 1 and "the dispatcher died" in lines[0] and " packets handed to it" in lines[0], \
+        f"stderr got {err!r}, want one line naming the dispatcher's death and the loss"
