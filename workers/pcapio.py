@@ -181,19 +181,21 @@ def read_pcapng(path, *, batch_size=4096, names=None, stats=None):
     p = 0
     endian = "<"
     ifaces: list[tuple[str | None, int, int]] = []     # (name, ns per tick, link type)
-    off, length, ts, ifx, lt = [], [], [], [], []
+    off, length, ts, ifx = [], [], [], []
+    cooked = []                 # (index in off, link type) of the non-Ethernet records
 
     def flush():
         if not off:
             return None
         o, ln = np.array(off, np.int64), np.array(length, np.int32)
-        lts = np.array(lt, np.int32)
-        for cooked in COOKED_HDR:
-            m = lts == cooked
-            if m.any():
-                o[m], ln[m] = cooked_to_ethernet(data, o[m], ln[m], cooked)
+        if cooked:
+            at, lts = np.array(cooked, np.int64).T
+            for linktype in COOKED_HDR:
+                m = at[lts == linktype]
+                if len(m):
+                    o[m], ln[m] = cooked_to_ethernet(data, o[m], ln[m], linktype)
         b = PacketBatch(data, o, ln, np.array(ifx, np.int16), np.array(ts, np.int64))
-        for x in (off, length, ts, ifx, lt):
+        for x in (off, length, ts, ifx, cooked):
             x.clear()
         return b
 
@@ -203,7 +205,8 @@ def read_pcapng(path, *, batch_size=4096, names=None, stats=None):
         length.append(cap)
         ts.append(tstamp * tick)
         ifx.append(_iface_id(name, names))
-        lt.append(linktype)
+        if linktype != LINKTYPE_ETHERNET:
+            cooked.append((len(off) - 1, linktype))
 
     while p < len(raw):
         if p + 12 > len(raw):
@@ -261,8 +264,14 @@ def read_pcapng(path, *, batch_size=4096, names=None, stats=None):
                 elif body + 20 + cap > p + blen - 4:
                     _warn(stats, f"offset {p}: packet block claims {cap} bytes in a "
                                  f"{blen}-byte block (skipped)")
-                else:
-                    packet(body + 20, cap, (hi << 32) | lo, iid)
+                else:               # the common block: no call per packet
+                    name, tick, linktype = ifaces[iid]
+                    off.append(body + 20)
+                    length.append(cap)
+                    ts.append(((hi << 32) | lo) * tick)
+                    ifx.append(_iface_id(name, names))
+                    if linktype != LINKTYPE_ETHERNET:
+                        cooked.append((len(off) - 1, linktype))
         elif btype == 3:        # simple packet
             if blen < 16 or not ifaces:
                 _warn(stats, f"offset {p}: simple packet block "
