@@ -55,6 +55,11 @@ class Timeouts:
         return arr
 
 
+# upper bounds of the sizes (each is an array allocated up front): 2^26 conns is about
+# 10 GiB of table, 2^24 routing buckets and 2^22 buffered events are far past any use
+LIMITS = {"max_conns": 1 << 26, "n_buckets": 1 << 24, "event_buffer": 1 << 22}
+
+
 @dataclass
 class Config:
     max_conns: int = 262144          # nf_conntrack_max
@@ -71,6 +76,12 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
 
     def __post_init__(self):
+        for k, top in LIMITS.items():
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= top:
+                raise ConfigError(k, f"{k} = {v!r}: want 1..{top} (2^{top.bit_length() - 1})")
+        if self.n_buckets & (self.n_buckets - 1):
+            raise ConfigError("n_buckets", f"n_buckets = {self.n_buckets}: want a power of two")
         if not 1 <= self.tcp_max_retrans <= LAST_RETRANS_MAX:
             raise ConfigError("tcp_max_retrans",
                               f"tcp_max_retrans = {self.tcp_max_retrans}: want 1.."
@@ -87,25 +98,29 @@ class Config:
         kw = {}
         for k, v in d.items():
             if k not in known:
-                raise ConfigError(where, f"unknown setting {k!r} (known: {', '.join(sorted(known))})")
+                raise _keyed(where, k, f"unknown setting {k!r} (known: {', '.join(sorted(known))})")
             want = type(getattr(cls(), k))
             if want is bool and not isinstance(v, bool):
-                raise ConfigError(where, f"{k} = {v!r}: want true or false")
+                raise _keyed(where, k, f"{k} = {v!r}: want true or false")
             if want is int and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(where, f"{k} = {v!r}: want a positive integer")
+                raise _keyed(where, k, f"{k} = {v!r}: want a positive integer")
             kw[k] = v
         tkw = {}
         tknown = {f.name for f in fields(Timeouts)}
         for k, v in tmo.items():
             if k not in tknown:
-                raise ConfigError(where, f"unknown timeout {k!r} (known: {', '.join(sorted(tknown))})")
+                raise _keyed(where, f"timeouts.{k}",
+                             f"unknown timeout {k!r} (known: {', '.join(sorted(tknown))})")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e9:
-                raise ConfigError(where, f"timeouts.{k} = {v!r}: want seconds > 0")
+                raise _keyed(where, f"timeouts.{k}", f"timeouts.{k} = {v!r}: want seconds > 0")
             tkw[k] = v
         try:
-            cfg = cls(**kw, timeouts=Timeouts(**tkw))
-        except ConfigError as e:
-            raise ConfigError(where, e.reason) from None
-        if cfg.n_buckets & (cfg.n_buckets - 1):
-            raise ConfigError(where, f"n_buckets = {cfg.n_buckets}: want a power of two")
-        return cfg
+            return cls(**kw, timeouts=Timeouts(**tkw))
+        except ConfigError as e:        # __post_init__ names the setting in e.where
+            raise _keyed(where, e.where, e.reason) from None
+
+
+def _keyed(where: str, key: str, reason: str) -> ConfigError:
+    e = ConfigError(where, reason)
+    e.key = key
+    return e

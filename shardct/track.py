@@ -254,28 +254,40 @@ def alloc_conn(tnext, c64, c32, c8, cstatus, tbl):
 @kernel
 def early_drop(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
                h, now):
-    """Free one slot by evicting an expired or non-ASSURED conn from the 8 chains
-    starting at chain ``h`` (NF_CT_EVICTION_RANGE). True when one was freed."""
+    """Free slots in the 8 chains starting at chain ``h`` (NF_CT_EVICTION_RANGE): first
+    reap every expired conn there (counted as expired, as Linux's early_drop_list does
+    with nf_ct_gc_expired), and only when none had expired evict the first non-ASSURED
+    conn (early_drop). True when a slot was freed."""
     mask = chain_mask(tbl)
+    freed = False
+    for k in range(8):
+        chain = (h + k) & mask
+        t = np.int64(heads[chain])
+        while t >= 0:
+            c = t >> 1
+            if cstatus[c] & (S_REMOTE | S_PENDING) == 0 and now > c64[c, EXPIRES]:
+                stats[ST_EXPIRED] += 1
+                destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats,
+                             cfg, ev, evaddr, c, now)
+                freed = True
+                # both of its tuples may have been in this chain: walk it again from
+                # its head (each restart follows a removal, so this ends)
+                t = np.int64(heads[chain])
+                continue
+            t = np.int64(tnext[t])
+    if freed:
+        return True
     for k in range(8):
         t = np.int64(heads[(h + k) & mask])
         while t >= 0:
             c = t >> 1
-            nx = np.int64(tnext[t])
-            if cstatus[c] & (S_REMOTE | S_PENDING):
-                t = nx         # reply entries and pending insertions are not ours to evict
-                continue
-            if now > c64[c, EXPIRES]:
-                stats[ST_EXPIRED] += 1
-                destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats,
-                             cfg, ev, evaddr, c, now)
-                return True
-            if cstatus[c] & S_ASSURED == 0:
+            # reply entries and pending insertions are not ours to evict
+            if cstatus[c] & (S_REMOTE | S_PENDING | S_ASSURED) == 0:
                 stats[ST_EARLY_DROP] += 1
                 destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats,
                              cfg, ev, evaddr, c, now)
                 return True
-            t = nx
+            t = np.int64(tnext[t])
     return False
 
 

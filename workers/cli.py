@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 
 from shardct.hashing import N_BUCKETS, bucket_of, owner_of, tuple_hash
 
+from . import argtypes as A
+
 PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the subcommands' parsers are of this class too)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _endpoint(s: str):
@@ -56,12 +66,13 @@ def cmd_hash(a) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="shardct", description="Sharded conntrack + NAT engine")
+    ap = Parser(prog="shardct", description="Sharded conntrack + NAT engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
     h = sub.add_parser("hash", help="bucket and owning worker of a flow and of its reply")
-    h.add_argument("--seed", type=lambda s: int(s, 0), default=0, help="hash seed (default 0)")
-    h.add_argument("--workers", type=int, default=1)
-    h.add_argument("--buckets", type=int, default=N_BUCKETS)
+    h.add_argument("--seed", type=A.seed, required=True,
+                   help="the pool's hash seed (a running pool draws its own: it printed it)")
+    h.add_argument("--workers", type=A.workers, default=1)
+    h.add_argument("--buckets", type=A.positive_int, default=N_BUCKETS)
     h.add_argument("proto", help="tcp, udp, icmp, icmpv6 or a protocol number")
     h.add_argument("src", help="ADDR:PORT (IPv6: [ADDR]:PORT; ICMP: ADDR:IDENT)")
     h.add_argument("dst", help="ADDR:PORT")
@@ -72,8 +83,8 @@ def main(argv=None) -> int:
     live.add_parser(sub)
 
     a = ap.parse_args(argv)
-    if getattr(a, "workers", 1) is not None and a.cmd == "hash" and a.workers < 1:
-        raise SystemExit("shardct hash: --workers must be >= 1")
+    if a.cmd == "hash" and a.workers == "auto":
+        a.workers = os.cpu_count() or 1
     return a.func(a)
 
 

@@ -34,32 +34,73 @@ class EngineConfig:
     path: str
 
 
+def read_text(p: Path, what: str = "") -> str:
+    """A config or rule file's text; ConfigError ``file: cannot read...`` or
+    ``file:line: not UTF-8 ...`` instead of OSError/UnicodeDecodeError."""
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(str(p), f"cannot read{what}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{p}:{line}", f"not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                         f"{col})") from None
+
+
+def key_line(text: str, key: str, section: str = "conntrack") -> int | None:
+    """The line of ``key`` (``name`` or ``timeouts.name``) in ``[section]`` of a TOML
+    text (``[section.timeouts]`` or a dotted key for a timeout); None when not found."""
+    sub, _, name = key.rpartition(".")
+    want = {(section, key), (f"{section}.{sub}" if sub else section, name)}
+    current = None
+    for n, line in enumerate(text.splitlines(), 1):
+        t = line.strip()
+        if t.startswith("[") and not t.startswith("[["):
+            current = t.strip("[]").strip().replace(" ", "")
+            continue
+        k = t.split("=", 1)[0].strip().replace(" ", "") if "=" in t else None
+        if k is not None and (current, k) in want:
+            return n
+    return None
+
+
 def load_rules(path: str | Path, family: int = 4):
     from shardct.rules import parse_iptables_save
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(str(p), f"cannot read rules: {e.strerror}") from None
-    return parse_iptables_save(text, str(p), family)
+    return parse_iptables_save(read_text(p, " rules"), str(p), family)
 
 
 def load(path: str | Path) -> EngineConfig:
     p = Path(path)
+    text = read_text(p)
     try:
-        data = tomllib.loads(p.read_text())
-    except OSError as e:
-        raise ConfigError(str(p), f"cannot read: {e.strerror}") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), f"not valid TOML: {e}") from None
     known = {"conntrack", "nat", "interfaces", "routes", "pool"}
     for k in data:
         if k not in known:
             raise ConfigError(str(p), f"unknown section [{k}] (known: {', '.join(sorted(known))})")
-    cfg = Config.from_dict(data.get("conntrack", {}), str(p))
+    for k in ("conntrack", "nat"):
+        if not isinstance(data.get(k, {}), dict):
+            raise ConfigError(f"{p}:{key_line(text, k, '') or 1}", f"{k} must be a table: [{k}]")
+    try:
+        cfg = Config.from_dict(data.get("conntrack", {}), str(p))
+    except ConfigError as e:
+        line = key_line(text, getattr(e, "key", ""))
+        if line is None:
+            raise
+        raise ConfigError(f"{p}:{line}", e.reason) from None
     net = Network.from_dict(data, str(p)) if ("interfaces" in data or "routes" in data) else None
     rules = None
     nat = data.get("nat", {})
+    for k in ("rules", "rules6"):
+        if k in nat and not isinstance(nat[k], str):
+            raise ConfigError(f"{p}:{key_line(text, k, 'nat') or 1}",
+                              f"nat.{k} = {nat[k]!r}: want a file name")
     r4 = load_rules(p.parent / nat["rules"], 4) if "rules" in nat else None
     r6 = load_rules(p.parent / nat["rules6"], 6) if "rules6" in nat else None
     if r4 is not None or r6 is not None:

@@ -21,23 +21,37 @@ import numpy as np
 
 from shardct import track as K
 
+from . import argtypes as A
+
 
 def add_parser(sub):
     p = sub.add_parser("live", help="track live interfaces (AF_PACKET rings), passive")
     p.add_argument("-i", "--interface", action="append", required=True,
                    help="interface to read (repeat for several)")
     p.add_argument("-c", "--config", help="engine config (TOML); see configs/")
-    p.add_argument("--workers", default="1", help="shard worker processes (N or 'auto')")
+    p.add_argument("--workers", type=A.workers, default=1,
+                   help="shard worker processes (1..256 or 'auto')")
     p.add_argument("--duration", type=float, default=0.0,
                    help="stop after this many seconds of reading, counted from when the "
                         "workers are ready (0: at SIGINT/SIGTERM)")
-    p.add_argument("--seed", type=lambda s: int(s, 0), default=0x5eed, help="hash seed")
+    p.add_argument("--seed", type=A.seed, default=None,
+                   help="hash seed, 0..2^32-1 (default: drawn at random and printed on stderr)")
     p.add_argument("--list", type=int, default=10, metavar="N",
                    help="print N conntrack -L lines at the end (0: none, -1: all)")
     p.set_defaults(func=cmd_live)
 
 
 def cmd_live(args) -> int:
+    """Exit status as replay's: 2 unusable config or interface, 3 the pool stopped."""
+    from .errors import PoolStopped
+    try:
+        return _cmd_live(args)
+    except PoolStopped as e:
+        print(f"shardct live: {e}", file=sys.stderr)
+        return 3
+
+
+def _cmd_live(args) -> int:
     from shardct.config import Config
     from shardct.errors import ConfigError
     from .afpacket import RingMerge, RxRing, ring_batches
@@ -53,11 +67,8 @@ def cmd_live(args) -> int:
             print(f"shardct live: {e}", file=sys.stderr)
             return 2
         cfg, rules, network = ec.config, ec.rules, ec.network
-    try:
-        workers = args.workers if args.workers == "auto" else int(args.workers)
-    except ValueError:
-        print(f"shardct live: --workers {args.workers!r}: want a number or 'auto'", file=sys.stderr)
-        return 2
+    workers = args.workers
+    A.draw_seed(args, "shardct live")
     names = network.names if network is not None else list(args.interface)
     try:
         rings = [RxRing(name, names.index(name) if name in names else -1)

@@ -60,6 +60,7 @@ from shardct.config import Config
 from shardct.shard import NEVER, Dispatcher, Msg, Packets, Shard, nat_deps, sum_counts
 
 from . import messages as M
+from .errors import PoolStopped
 from .ring import FrameRing
 from .supervisor import Supervisor
 
@@ -522,7 +523,7 @@ class Pool:
                           window=window, ring=path))
         self.sup = Supervisor(self.n, "workers.pool:shard_worker", kw, ipc_dir, log,
                               endpoints=eps, pass_incarnation=True, netns=worker_netns,
-                              extra=extra)
+                              extra=extra, leftovers=[path] if path else None)
         self.dispatcher = Dispatcher(self.n, self.config, seed, max_round, nat)
         self.window = window
         self.log = log
@@ -579,9 +580,17 @@ class Pool:
         deadline = time.monotonic() + timeout_s
         while not all(self.sup.ready):
             if not self.sup.poll(0.05):
-                raise RuntimeError(self.sup.error or "pool stopped")
+                raise self._stopped()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"workers not ready after {timeout_s} s")
+
+    def _stopped(self) -> PoolStopped:
+        """Why the pool stopped under its caller, and what was lost with it."""
+        t = self.totals
+        lost = t["packets_in"] - t["packets_out"] - t["lost_packets"]
+        return PoolStopped(f"pool stopped: {self.sup.error or 'stop requested'}; lost "
+                           f"{lost + t['lost_packets']} of the {t['packets_in']} packets "
+                           f"handed to it ({lost} in flight), {t['packets_out']} came out")
 
     def stop(self):
         self._close()
@@ -612,7 +621,7 @@ class Pool:
         deadline = time.monotonic() + timeout_s
         while True:
             if not self.sup.poll(0):
-                raise RuntimeError(self.sup.error or "pool stopped")
+                raise self._stopped()
             self._note_restarts(self.gen, self.r)
             # ---- dispatch while the window allows
             idle = False
@@ -656,7 +665,7 @@ class Pool:
         deadline = time.monotonic() + timeout_s
         while True:
             if not self.sup.poll(0):
-                raise RuntimeError(self.sup.error or "pool stopped")
+                raise self._stopped()
             self._note_restarts(self.gen, None)
             idle = False
             while (not done_src and self.batches_sent - self.batches_acked < 2

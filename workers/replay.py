@@ -7,6 +7,7 @@ The reaper runs between batches on that clock (gVisor's adaptive interval).
 """
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections import Counter
@@ -18,6 +19,8 @@ from shardct import track as K
 from shardct.config import Config
 from shardct.show import format_conn, format_stats
 
+from . import argtypes as A
+
 DEFAULT_BATCH = 1024
 
 
@@ -28,18 +31,19 @@ def add_parser(sub):
     p.add_argument("-w", "--write", help="write forwarded frames to this pcap/pcapng file")
     p.add_argument("-i", "--interface", default=None,
                    help="ingress interface name for plain pcap input (pcapng carries its own)")
-    p.add_argument("--seed", type=lambda s: int(s, 0), default=0x5eed, help="hash seed")
-    p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--seed", type=A.seed, default=None,
+                   help="hash seed, 0..2^32-1 (default: drawn at random and printed on stderr)")
+    p.add_argument("--batch", type=A.positive_int, default=DEFAULT_BATCH)
     p.add_argument("--list", type=int, default=10, metavar="N",
                    help="print N conntrack -L lines at the end (0: none, -1: all)")
     p.add_argument("--events", action="store_true", help="print conntrack -E lines as they happen")
     p.add_argument("--router", action="store_true", help="decrement TTL (router hop)")
-    p.add_argument("--workers", default="1",
+    p.add_argument("--workers", type=A.workers, default=1,
                    help="shard worker processes (N or 'auto' for every core); 1 runs the "
                         "engine in this process")
     p.add_argument("--dispatcher-inline", action="store_true",
                    help="pool: run the dispatcher in the supervisor's process, not its own")
-    p.add_argument("--round", type=int, default=16384,
+    p.add_argument("--round", type=A.positive_int, default=16384,
                    help="pool: packets per round at most (bigger: fewer superstep exchanges "
                         "per packet, more latency)")
     p.set_defaults(func=cmd_replay)
@@ -59,31 +63,53 @@ def _engine(args):
     return cfg, rules, network
 
 
-def _batches(args, names, size=None):
+def _batches(args, names, size=None, stats=None):
+    """The input's batches. The first is read before this returns, so a file that is not
+    a capture raises CaptureError here, before any worker starts."""
     size = size or args.batch
     if args.capture is None:
         from .demo import demo_batches
-        yield from demo_batches(size, names)
-        return
+        return demo_batches(size, names)
     from .pcapio import read_capture
-    yield from read_capture(args.capture, batch_size=size, interface=args.interface,
-                            names=names)
+    it = read_capture(args.capture, batch_size=size, interface=args.interface, names=names,
+                      stats=stats)
+    first = next(it, None)
+    return it if first is None else itertools.chain([first], it)
+
+
+def _warnings(args, stats) -> int:
+    """Damage after a valid header: one line (tcpdump-like), exit status 1."""
+    w = stats.get("warnings") or []
+    if not w:
+        return 0
+    more = f" (and {len(w) - 1} more)" if len(w) > 1 else ""
+    print(f"shardct replay: {args.capture}: warning: {w[0]}{more}; replayed what came before",
+          file=sys.stderr)
+    return 1
 
 
 def cmd_replay(args) -> int:
+    """Exit status: 0 done; 1 done, but the capture was damaged or packets were lost;
+    2 unusable input (config, capture, output file); 3 the pool stopped."""
     from shardct.errors import ConfigError
+    from .errors import PoolStopped
     try:
-        cfg, rules, network = _engine(args)
-    except ConfigError as e:
+        return _cmd_replay(args)
+    except ConfigError as e:        # CaptureError too: names the file
         print(f"shardct replay: {e}", file=sys.stderr)
         return 2
+    except PoolStopped as e:
+        print(f"shardct replay: {e}", file=sys.stderr)
+        return 3
+    except OSError as e:            # the -w file
+        print(f"shardct replay: {e.filename or args.write}: {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+def _cmd_replay(args) -> int:
+    cfg, rules, network = _engine(args)
+    A.draw_seed(args, "shardct replay")
     workers = args.workers
-    if workers != "auto":
-        try:
-            workers = int(workers)
-        except ValueError:
-            print(f"shardct replay: --workers {workers!r}: want a number or 'auto'", file=sys.stderr)
-            return 2
     if workers != 1:
         return _replay_pool(args, cfg, rules, network, workers)
     ct = ConnTrack(cfg, seed=args.seed, rules=rules, network=network, router=args.router,
@@ -95,8 +121,10 @@ def cmd_replay(args) -> int:
     t0 = time.perf_counter()
     next_reap, reap_start = None, 0
     last_ts = 0
+    stats = {}
+    batches = _batches(args, names, stats=stats)
     try:
-        for batch in _batches(args, names):
+        for batch in batches:
             if not len(batch):
                 continue
             r = ct.process(batch)
@@ -135,7 +163,7 @@ def cmd_replay(args) -> int:
     print(f"replayed {n_pkts} packets in {dt:.3f} s (wall clock, cold start included): "
           + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items())))
     _summary(args, ct.stats(), list(ct.conns(now=last_ts)), last_ts)
-    return 0
+    return _warnings(args, stats)
 
 
 def _summary(args, s, conns, last_ts):
@@ -160,6 +188,9 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
               file=sys.stderr)
         return 2
     names = network.names if network is not None else []
+    stats = {}
+    # the dispatcher cuts rounds inside a batch: read whole rounds at a time
+    batches = _batches(args, names, max(args.batch, min(65536, 16 * args.round)), stats)
     pool = Pool(workers, cfg, seed=args.seed, rules=rules, network=network, router=args.router,
                 max_round=args.round, dispatcher_process=not args.dispatcher_inline,
                 frames=bool(args.write),       # only a capture being written needs them
@@ -180,9 +211,7 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
 
     t0 = time.perf_counter()
     try:
-        # the dispatcher cuts rounds inside a batch: read whole rounds at a time
-        totals = pool.run(_batches(args, names, max(args.batch, min(65536, 16 * args.round))),
-                          emit=emit)
+        totals = pool.run(batches, emit=emit)
     finally:
         if state["writer"] is not None:
             state["writer"].close()
@@ -196,7 +225,7 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
           f"lost_packets={totals['lost_packets']} lost_conns={totals['lost_conns']} "
           f"restarts={sum(pool.sup.restarts)}")
     _summary(args, pool.stats(), pool.conns(now=state["last_ts"]), state["last_ts"])
-    return 0 if totals["lost_packets"] == 0 else 1
+    return max(_warnings(args, stats), 0 if totals["lost_packets"] == 0 else 1)
 
 
 def _open_writer(path, names):

@@ -23,6 +23,11 @@ Rules:
    ``EXIT_BOOT`` (3), with the worker's message.
 3. Signal handlers only set a flag; the loop sends STOP, waits ``DRAIN_S``, then
    terminates and finally kills what is left, and removes its ipc directory.
+4. A child outlives no supervisor: it asks the kernel for SIGUSR2 when its parent dies
+   (PR_SET_PDEATHSIG) and checks ``getppid()`` with each heartbeat; either way it stops
+   its body, removes the pool's leftovers (the ipc directory, the frame ring file: the
+   supervisor that would have removed them is gone) and exits 0, within
+   ``ORPHAN_EXIT_S`` even if its body hangs.
 """
 from __future__ import annotations
 
@@ -44,6 +49,8 @@ EXIT_OK, EXIT_BOOT = 0, 3
 HEARTBEAT_S = 0.2
 DEAD_AFTER_S = 10.0    # generous: a first numba compile inside a round can take seconds
 DRAIN_S = 3.0
+ORPHAN_EXIT_S = 5       # an orphan whose body does not return by then is ended by SIGALRM
+PR_SET_PDEATHSIG = 1
 
 
 def resolve(spec: str):
@@ -63,9 +70,51 @@ def enter_netns(name: str):
         os.close(fd)
 
 
+def remove_leftovers(paths):
+    """Remove the pool's files and directories (an orphan does it: its supervisor died)."""
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def orphan_guard(parent: int, leftovers, state: dict):
+    """In a child: notice the death of ``parent`` (SIGUSR2 by PR_SET_PDEATHSIG, or
+    ``check()`` seeing another getppid()), then remove ``leftovers``, set
+    ``state['stop']`` and arm SIGALRM so the process ends even if its body hangs.
+    Returns ``check``: call it now and then (every heartbeat)."""
+    def orphaned(*_):
+        if state.get("orphan"):
+            return
+        state["orphan"] = state["stop"] = True
+        remove_leftovers(leftovers)
+        signal.alarm(ORPHAN_EXIT_S)     # default action: the process ends
+
+    def check():
+        if os.getppid() != parent:
+            orphaned()
+
+    signal.signal(signal.SIGUSR2, orphaned)
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR2), 0, 0, 0)
+    except (OSError, AttributeError):    # not Linux: the getppid() check alone
+        pass
+    check()                             # the parent may have died before prctl
+    return check
+
+
 def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
-                netns: str | None = None):
-    """Entry point of worker process k (runs in the child)."""
+                netns: str | None = None, parent: int | None = None, leftovers=()):
+    """Entry point of worker process k (runs in the child). ``parent``: the supervisor's
+    pid; when it dies this child removes ``leftovers`` and exits (rule 4)."""
+    state = {"stop": False, "last": 0.0}
+    orphan_check = orphan_guard(parent, leftovers, state) if parent else (lambda: None)
     if netns:
         enter_netns(netns)
     ctx = zmq.Context()
@@ -76,12 +125,13 @@ def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
     cmd.setsockopt(zmq.LINGER, 0)
     cmd.setsockopt(zmq.SUBSCRIBE, b"")
     cmd.connect(endpoints["command"])
-    state = {"stop": False, "last": 0.0}
 
     def alive():
-        """Called by the body often: heartbeats, and True once STOP was broadcast."""
+        """Called by the body often: heartbeats, and False once STOP was broadcast or
+        the supervisor died."""
         now = time.monotonic()
         if now - state["last"] >= HEARTBEAT_S:
+            orphan_check()
             ctl.send(M.encode(M.HEARTBEAT, worker=k, pid=os.getpid()))
             state["last"] = now
             # a worker about to be declared silent prints where it is stuck first
@@ -102,7 +152,14 @@ def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
             if not alive():
                 break
         boot.close()              # its finally closes its sockets: ctx.term() waits for them
+        if state.get("orphan"):   # no one to tell: leave without lingering
+            ctl.close(0)
+            cmd.close(0)
+            ctx.term()
+            os._exit(0)
     except Exception as e:      # a failing body: report it, exit non-zero
+        if state.get("orphan"):
+            os._exit(0)
         ctl.send(M.encode(M.STOP, worker=k, error=f"{type(e).__name__}: {e}"))
         ctl.close()
         cmd.close()
@@ -118,12 +175,14 @@ class Supervisor:
     def __init__(self, n: int, body: str, kwargs: dict | None = None, ipc_dir: str | None = None,
                  log=print, *, endpoints: dict | None = None, pass_incarnation: bool = False,
                  netns: str | None = None, extra: tuple[str, dict] | None = None,
-                 start_method: str = "fork"):
+                 leftovers: list[str] | None = None, start_method: str = "fork"):
         """endpoints: overrides of the ipc defaults (tcp:// across hosts); every worker
         gets ``incarnation=`` (its restart count) when pass_incarnation; netns: the
         network namespace the workers run in; extra: (body, kwargs) of one more process
         (index n: the dispatcher), started first and not restarted: its death stops the
-        pool (its place in the input is gone with it); start_method: "fork" or "spawn"."""
+        pool (its place in the input is gone with it); leftovers: files (the frame
+        ring) that the children remove, with the ipc directory, if this process dies;
+        start_method: "fork" (default) or "spawn"."""
         self.n = n if n != "auto" else (os.cpu_count() or 1)
         self.extra = extra
         self.body = body
@@ -140,6 +199,7 @@ class Supervisor:
                           **{f"peer-{k}": f"ipc://{self.dir}/peer-{k}" for k in range(self.n)},
                           "sink": f"ipc://{self.dir}/sink", "source": f"ipc://{self.dir}/source",
                           **(endpoints or {})}
+        self.leftovers = ([self.dir] if self.own_dir else []) + list(leftovers or [])
         self.pass_incarnation = pass_incarnation
         self.netns = netns
         self.log = log
@@ -168,7 +228,9 @@ class Supervisor:
             body, netns = self.body, self.netns
             kw = dict(self.kwargs, incarnation=self.restarts[k]) if self.pass_incarnation else self.kwargs
         p = self._mp.Process(target=worker_main, name=f"shardct-worker-{k}",
-                             args=(k, self.n, self.endpoints, body, kw, netns), daemon=True)
+                             args=(k, self.n, self.endpoints, body, kw, netns),
+                             kwargs=dict(parent=os.getpid(), leftovers=self.leftovers),
+                             daemon=True)
         p.start()
         self.procs[k] = p
         self.ready[k] = False

@@ -641,8 +641,35 @@ def test_full_table_evicts_an_expired_assured_conn_first():
     v, _ = send1(ct, tcp(A, B, 50000, 80, "S", seq=1), T0 + 2 * MS + 60 * S + 1)
     d = stat_diff(before, ct.stats())
     got = (v, d.get("expired"), d.get("early_drop", 0), d.get("drop", 0), len(ct))
-    want = (K.V_ACCEPT, 1, 0, 0, 8)
+    # every expired conn in the eviction range (here the whole table) is reaped
+    want = (K.V_ACCEPT, 8, 0, 0, 1)
     assert got == want, f"got {got!r}, want {want!r}"
+
+
+def test_full_table_reaps_every_expired_entry_before_early_dropping_a_live_one():
+    """Churn: the table is full of conns half of which have expired. New conns take the
+    expired ones' slots (all of them reaped on the first early-drop scan, as Linux's
+    early_drop_list does); no live (unassured) conn is early-dropped."""
+    ct = mk(max_conns=8, n_buckets=8)       # 8 chains: the eviction range is the table
+    for k in range(4):
+        send1(ct, udp(A, B, 2000 + k, 53), T0)              # expire at T0 + 30 s
+    for k in range(4):
+        send1(ct, udp(A, B, 2100 + k, 53), T0 + 20 * S)     # live until T0 + 50 s
+    assert len(ct) == 8, f"table got {len(ct)} conns, want full (8)"
+    before = ct.stats()
+    got_v = [send1(ct, udp(A, B, 3000 + k, 53), T0 + 31 * S)[0] for k in range(4)]
+    d = stat_diff(before, ct.stats())
+    got = (got_v, d.get("expired", 0), d.get("early_drop", 0), d.get("drop", 0), len(ct))
+    want = ([K.V_ACCEPT] * 4, 4, 0, 0, 8)
+    assert got == want, f"(verdicts, expired, early_drop, drop, len) got {got!r}, want {want!r}"
+    live = [k for k in range(4) if ct.find(A, B, 2100 + k, 53, "udp") is not None]
+    assert live == [0, 1, 2, 3], f"live conns left got {live}, want all four"
+    # one more: nothing has expired now, so an unassured conn is early-dropped
+    before = ct.stats()
+    v, _ = send1(ct, udp(A, B, 4000, 53), T0 + 32 * S)
+    d = stat_diff(before, ct.stats())
+    got = (v, d.get("expired", 0), d.get("early_drop", 0), len(ct))
+    assert got == (K.V_ACCEPT, 0, 1, 8), f"got {got!r}, want an early drop now"
 
 
 # ---------------------------------------------------------------- events
@@ -894,6 +921,13 @@ def test_config_from_dict_accepts_known_settings():
     {"timeouts": ["udp"]},
     {"timeouts": {"udp": float("nan")}},
     {"timeouts": {"udp": float("inf")}},
+    {"max_conns": 2**31},
+    {"max_conns": 2**26 + 1},
+    {"max_conns": 10**11},
+    {"n_buckets": 2**40},
+    {"n_buckets": 2**25},
+    {"event_buffer": 2**63 - 1},
+    {"event_buffer": 2**22 + 1},
 ], ids=lambda d: repr(d))
 def test_config_from_dict_rejects_with_file_name(d):
     try:
@@ -905,6 +939,15 @@ def test_config_from_dict_rejects_with_file_name(d):
     except Exception as e:      # noqa: BLE001 - the point is which exception
         raise AssertionError(f"{d!r}: got {type(e).__name__}: {e}, want ConfigError naming conf/ct.toml") from e
     raise AssertionError(f"{d!r}: got a Config, want ConfigError naming conf/ct.toml")
+
+
+def test_config_bounds_are_inclusive_and_checked_on_direct_construction():
+    cfg = Config.from_dict({"max_conns": 2**26, "n_buckets": 2**24, "event_buffer": 2**22})
+    got = (cfg.max_conns, cfg.n_buckets, cfg.event_buffer)
+    assert got == (2**26, 2**24, 2**22), f"got {got}, want the limits themselves accepted"
+    for kw in ({"max_conns": 2**31}, {"n_buckets": 3}, {"event_buffer": 0}):
+        with pytest.raises(ConfigError, match=next(iter(kw))):
+            Config(**kw)
 
 
 def test_config_error_names_the_key():

@@ -12,6 +12,7 @@ from shardct.batch import concat, take
 from shardct.netconf import Network
 from shardct.rules import parse_iptables_save
 from shardct.shard import Packets
+from workers.errors import PoolStopped
 from workers.pool import Pool
 
 import pooltrace as PT
@@ -117,7 +118,11 @@ def test_dispatcher_process_death_stops_the_pool_with_a_reason():
         if state["rounds"] == 5:
             pool.sup.procs[2].kill()
 
-    with pytest.raises(RuntimeError, match="dispatcher died"):
+    with pytest.raises(PoolStopped, match="dispatcher died") as ei:
         pool.run([take(b, np.arange(len(b)))], emit=emit, timeout_s=120)
+    t = pool.totals
+    want = f"lost {t['packets_in'] - t['packets_out']} of the {t['packets_in']} packets"
+    assert want in str(ei.value) and t["packets_in"] > t["packets_out"], \
+        f"message got {str(ei.value)!r}, want what was lost: {want!r}"
     alive = [p.is_alive() for p in pool.sup.procs]
     assert not any(alive), f"processes alive got {alive}, want all False"

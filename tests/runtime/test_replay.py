@@ -98,7 +98,7 @@ def test_cli_hash_matches_gvisor_vectors():
 
 def test_cli_replay_demo_and_its_own_capture(tmp_path):
     out = tmp_path / "demo.pcapng"
-    r = run("replay", "-w", str(out), "--list", "3")
+    r = run("replay", "-w", str(out), "--list", "3", "--seed", "0x5eed")
     assert r.returncode == 0, r.stderr
     assert "accept=19050" in r.stdout and "insert=3250" in r.stdout, r.stdout
     assert "src=192.168.0.10 dst=192.168.0.1 sport=443 dport=20000" in r.stdout, \
@@ -106,7 +106,7 @@ def test_cli_replay_demo_and_its_own_capture(tmp_path):
     pk = list(PcapNgReader(str(out)))
     assert len(pk) == 19050, f"frames written got {len(pk)}, want 19050"
     assert pk[0][IP].src == "192.168.0.1" and pk[0].sniffed_on == "wan0", pk[0].summary()
-    r = run("replay", str(out), "-c", "configs/demo.toml", "--list", "0")
+    r = run("replay", str(out), "-c", "configs/demo.toml", "--list", "0", "--seed", "0x5eed")
     assert r.returncode == 0, r.stderr
 
 
@@ -125,6 +125,7 @@ def test_cli_replay_through_the_pool_writes_the_same_capture(tmp_path):
     one, two = tmp_path / "one.pcapng", tmp_path / "two.pcapng"
     for out, workers in ((one, "1"), (two, "2")):
         p = subprocess.run([sys.executable, "-m", "workers.cli", "replay", "--list", "0",
+                            "--seed", "0x5eed",
                             "--workers", workers, "-w", str(out)],
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-2000:]

@@ -1,0 +1,57 @@
+# argparse types of the CLI's numeric options: a bad value is refused by argparse with
+# one line (the parser's error), never reaches a process.
+"""Argument types."""
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+
+MAX_WORKERS = 256
+SEED_MAX = 2**32 - 1
+
+
+def _int(s: str) -> int:
+    try:
+        return int(s, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+
+
+def positive_int(s: str) -> int:
+    v = _int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s!r}: want a positive integer")
+    return v
+
+
+def workers(s: str):
+    """1..MAX_WORKERS or 'auto' (every core)."""
+    if s == "auto":
+        return s
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: want 1..{MAX_WORKERS} or 'auto'") from None
+    if not 1 <= v <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{s!r}: want 1..{MAX_WORKERS} or 'auto'")
+    return v
+
+
+def seed(s: str) -> int:
+    """The hash seed: 0..2^32-1, decimal or 0x hex."""
+    v = _int(s)
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{s!r}: want 0..0x{SEED_MAX:x}")
+    return v
+
+
+def draw_seed(args, prog: str) -> int:
+    """``args.seed``, drawn from the OS's randomness when none was given (a fixed default
+    lets anyone craft flows that share one chain: hash flooding), and printed on stderr
+    so the run can be repeated with ``--seed``."""
+    if args.seed is None:
+        args.seed = secrets.randbits(32)
+        print(f"{prog}: seed 0x{args.seed:08x} (drawn at random; repeat with --seed)",
+              file=sys.stderr)
+    return args.seed
