@@ -36,6 +36,7 @@ import importlib
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import weakref
@@ -135,7 +136,7 @@ def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
             ctl.send(M.encode(M.HEARTBEAT, worker=k, pid=os.getpid()))
             state["last"] = now
             # a worker about to be declared silent prints where it is stuck first
-            faulthandler.dump_traceback_later(DEAD_AFTER_S * 0.8)
+            faulthandler.dump_traceback_later(DEAD_AFTER_S * 0.8, file=sys.__stderr__)
         while cmd.poll(0):
             if M.decode(cmd.recv()).get("t") == M.STOP:
                 state["stop"] = True
@@ -143,7 +144,9 @@ def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the supervisor decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)     # a forked child has its parent's
-    faulthandler.register(signal.SIGUSR1)              # kill -USR1 <pid>: print the stack
+    # kill -USR1 <pid>: print the stack. To the real stderr: a forked child keeps its
+    # parent's sys.stderr, which may be no file at all (a test capturing output)
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__)
     try:
         body = resolve(body_spec)
         boot = body(ctx, k, n, endpoints, alive, **kwargs)
