@@ -60,18 +60,21 @@ def _engine(args):
 
 
 def _batches(args, names, size=None):
+    from .firstrun import frames_progress     # a bar on a terminal, for long replays
     size = size or args.batch
     if args.capture is None:
         from .demo import demo_batches
-        yield from demo_batches(size, names)
+        yield from frames_progress(demo_batches(size, names))
         return
     from .pcapio import read_capture
-    yield from read_capture(args.capture, batch_size=size, interface=args.interface,
-                            names=names)
+    yield from frames_progress(read_capture(args.capture, batch_size=size,
+                                            interface=args.interface, names=names))
 
 
 def cmd_replay(args) -> int:
     from shardct.errors import ConfigError
+    from .firstrun import ensure_warm
+    ensure_warm()       # a cold numba cache: say so and compile with a progress bar first
     try:
         cfg, rules, network = _engine(args)
     except ConfigError as e:
