@@ -190,7 +190,7 @@ def warm(stream=None, force: bool = False, bar: bool | None = None) -> dict:
     print(NOTICE, file=stream, flush=True)
     pbar = tqdm(total=max(1, len(cold)), unit="kernel", file=stream, disable=not tty,
                 ncols=_columns(), bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} kernels "
-                "[{elapsed}<{remaining}] {postfix}")
+                "[{elapsed}<{remaining}{postfix}]")
     compiled: list[str] = []
     want = set(cold)
     stage = [""]
