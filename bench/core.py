@@ -133,7 +133,7 @@ def bytes_per_conn(n=1 << 20):
     return t.nbytes() / n
 
 
-def run_nat(flows, packets, batch):
+def run_nat(flows, packets, batch, popularity="zipf"):
     """SNAT (MASQUERADE) on every flow: the same established workload, rewritten."""
     from shardct.netconf import Network
     from shardct.rules import parse_iptables_save
@@ -143,7 +143,7 @@ def run_nat(flows, packets, batch):
     net = Network.from_dict({"interfaces": {"lan0": {"address": ["10.64.0.1/10"]},
                                             "wan0": {"address": ["10.2.255.254/16"]}}})
     ct = engine(flows, rules=rules, network=net)
-    data, _ = tcp_frames(flows, packets, popularity="zipf", seed=1, frame_len=64,
+    data, _ = tcp_frames(flows, packets, popularity=popularity, seed=1, frame_len=64,
                          base_src="10.64.0.0")
     data.ifindex[:] = 0
     data.ts[:] = 1_000_000
@@ -193,6 +193,68 @@ def machine_memory():
     return out
 
 
+def batch_latency(flows, packets, batch, popularity="zipf"):
+    """Seconds per ``ConnTrack.process`` call over established flows, one entry per batch
+    of ``batch`` frames (the latency a frame sees in the core is at most its batch's)."""
+    ct = engine(flows)
+    established(ct, flows, seed=1)
+    data, _ = tcp_frames(flows, packets, popularity=popularity, seed=1, frame_len=64)
+    parts = list(slices(data, batch))
+    for b in parts[:8]:
+        ct.process(b, now=1_000_000)
+    out = np.empty(len(parts))
+    for i, b in enumerate(parts):
+        t = time.perf_counter()
+        ct.process(b, now=1_000_000)
+        out[i] = time.perf_counter() - t
+    return out
+
+
+def measure(flows=100_000, packets=2_000_000, batch=1024, machine=True, out=print):
+    """The core figures of one run as a dict (and the table printed through ``out``;
+    ``out=None`` prints nothing)."""
+    f = {"flows": flows, "packets": packets, "batch": batch}
+    rows = []
+    for pop in ("zipf", "uniform"):
+        ns, pps, ok = run_established(flows, packets, batch, pop)
+        f[f"established_{pop}_ns"] = ns
+        f[f"established_{pop}_accepted"] = ok
+        rows.append((f"established TCP, {pop}", f"{ns:7.1f} ns/pkt", f"{pps / 1e6:6.2f} Mpps",
+                     f"accepted {ok:.0%}"))
+    # the same through the API with a table that fits in cache: what is compute, not misses
+    ns, pps, ok = run_established(1000, packets // 2, batch, "uniform")
+    f["established_1k_uniform_ns"] = ns
+    rows.append(("established TCP, 1000 flows (in cache)", f"{ns:7.1f} ns/pkt",
+                 f"{pps / 1e6:6.2f} Mpps", f"accepted {ok:.0%}"))
+    f["kernel_ns"] = breakdown(flows, packets, batch)
+    for name, ns in f["kernel_ns"].items():
+        rows.append((f"  kernel only: {name}", f"{ns:7.1f} ns/pkt", "", "zipf"))
+    nat_ns, nat_new, rewrites = run_nat(flows, packets, batch)
+    f["established_zipf_masquerade_ns"] = nat_ns
+    f["new_conns_masquerade_per_s"] = nat_new
+    rows.append(("established TCP, zipf, MASQUERADE", f"{nat_ns:7.1f} ns/pkt",
+                 f"{1e3 / nat_ns:6.2f} Mpps", f"rewrites {rewrites}"))
+    cps, n = run_new_conns(flows, batch)
+    f["new_conns_per_s"] = cps
+    rows.append(("new conns (SYN, SYN/ACK, ACK)", f"{cps:,.0f} conns/s", "", f"{n} conns"))
+    rows.append(("new conns with MASQUERADE", f"{nat_new:,.0f} conns/s", "", "slow path"))
+    f["bytes_per_conn_1M"] = bytes_per_conn()
+    rows.append(("table bytes per conn at 1M", f"{f['bytes_per_conn_1M']:.1f} B", "",
+                 "both tuples"))
+    if machine:
+        f["dependent_load_ns"] = machine_memory()
+        for mib, ns in f["dependent_load_ns"].items():
+            rows.append((f"this machine: dependent random load, {mib} MiB of lines",
+                         f"{ns:7.1f} ns", "", "pointer chase, huge pages"))
+    if out is not None:
+        w = max(len(r[0]) for r in rows)
+        for r in rows:
+            out(f"  {r[0]:<{w}}  {r[1]:>18}  {r[2]:>10}  {r[3]}")
+        out("targets (issue 2): <= 100 ns/pkt established, >= 200,000 new conns/s, "
+            "<= 160 B/conn")
+    return f
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--flows", type=int, default=100_000)
@@ -201,31 +263,7 @@ def main():
     a = ap.parse_args()
     print(f"shardct core benchmark: {a.flows} flows, {a.packets} packets of 64 B, batch {a.batch}, "
           f"one process")
-    rows = []
-    for pop in ("zipf", "uniform"):
-        ns, pps, ok = run_established(a.flows, a.packets, a.batch, pop)
-        rows.append((f"established TCP, {pop}", f"{ns:7.1f} ns/pkt", f"{pps / 1e6:6.2f} Mpps",
-                     f"accepted {ok:.0%}"))
-    # the same through the API with a table that fits in cache: what is compute, not misses
-    ns, pps, ok = run_established(1000, a.packets // 2, a.batch, "uniform")
-    rows.append(("established TCP, 1000 flows (in cache)", f"{ns:7.1f} ns/pkt",
-                 f"{pps / 1e6:6.2f} Mpps", f"accepted {ok:.0%}"))
-    for name, ns in breakdown(a.flows, a.packets, a.batch).items():
-        rows.append((f"  kernel only: {name}", f"{ns:7.1f} ns/pkt", "", "zipf"))
-    nat_ns, nat_new, rewrites = run_nat(a.flows, a.packets, a.batch)
-    rows.append(("established TCP, zipf, MASQUERADE", f"{nat_ns:7.1f} ns/pkt",
-                 f"{1e3 / nat_ns:6.2f} Mpps", f"rewrites {rewrites}"))
-    cps, n = run_new_conns(a.flows, a.batch)
-    rows.append(("new conns (SYN, SYN/ACK, ACK)", f"{cps:,.0f} conns/s", "", f"{n} conns"))
-    rows.append(("new conns with MASQUERADE", f"{nat_new:,.0f} conns/s", "", "slow path"))
-    rows.append(("table bytes per conn at 1M", f"{bytes_per_conn():.1f} B", "", "both tuples"))
-    for mib, ns in machine_memory().items():
-        rows.append((f"this machine: dependent random load, {mib} MiB of lines", f"{ns:7.1f} ns",
-                     "", "pointer chase, huge pages"))
-    w = max(len(r[0]) for r in rows)
-    for r in rows:
-        print(f"  {r[0]:<{w}}  {r[1]:>18}  {r[2]:>10}  {r[3]}")
-    print("targets (issue 2): <= 100 ns/pkt established, >= 200,000 new conns/s, <= 160 B/conn")
+    return measure(a.flows, a.packets, a.batch)
 
 
 if __name__ == "__main__":

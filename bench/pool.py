@@ -142,6 +142,9 @@ def run_realistic(name, nat, n_packets, args):
           + f"; generated in {gen:.1f} s")
     base, want, st = single_realistic(tr, kw, cfg, args.batch)
     inv = int((want == K.V_INVALID).sum())
+    res = {"profile": name + ("-nat" if nat else ""), "frames": len(tr),
+           "flows_open": float(tr.concurrency()), "single_mpps": base, "single_invalid": inv,
+           "pool": []}
     print(f"  {'single process, batch ' + str(args.batch):<34} {base:6.2f} Mpps  1.00x"
           f"{'':16} invalid {inv} (stats {st['invalid']})")
     for n, transport in [(n, t) for n in args.workers for t in args.transports]:
@@ -150,6 +153,8 @@ def run_realistic(name, nat, n_packets, args):
             r = pool_realistic(n, tr, kw, cfg, args, transport)
         except Exception as e:      # the pool is being rebuilt: report, go on
             print(f"  {label:<34} failed: {type(e).__name__}: {e}")
+            res["pool"].append({"workers": n, "transport": transport,
+                                "error": f"{type(e).__name__}: {e}"})
             continue
         v = r["verdict"]
         if len(v) != len(want):
@@ -164,6 +169,11 @@ def run_realistic(name, nat, n_packets, args):
         print(f"  {label:<34} {r['mpps']:6.2f} Mpps {r['mpps'] / base:5.2f}x  handoff "
               f"{r['handoff']:5.1%}  invalid {int((v == K.V_INVALID).sum())} (stats "
               f"{r['invalid_stat']}), {same}")
+        res["pool"].append({"workers": n, "transport": transport, "mpps": r["mpps"],
+                            "ratio": r["mpps"] / base, "handoff": r["handoff"],
+                            "invalid": int((v == K.V_INVALID).sum()),
+                            "same_verdicts": same == "verdicts same", "verdicts": same})
+    return res
 
 
 # ------------------------------------------------------------------ synthetic profile
@@ -249,17 +259,24 @@ def run_synthetic(args):
           f"{args.reply_share:.0%} reply direction")
     base = single_synthetic(hs, data, args.batch) / 1e6
     print(f"  {'single process, batch ' + str(args.batch):<34} {base:6.2f} Mpps  1.00x")
+    res = {"profile": "synthetic", "frames": len(data), "flows_open": float(args.flows),
+           "single_mpps": base, "pool": []}
     for n, transport in [(n, t) for n in args.workers for t in args.transports]:
         label = f"pool {n} worker{'s' if n > 1 else ''}, {transport}"
         try:
             r = pool_synthetic(n, hs, data, args, transport)
         except Exception as e:
             print(f"  {label:<34} failed: {type(e).__name__}: {e}")
+            res["pool"].append({"workers": n, "transport": transport,
+                                "error": f"{type(e).__name__}: {e}"})
             continue
+        res["pool"].append({"workers": n, "transport": transport, "ratio": r["mpps"] / base,
+                            **r})
         print(f"  {label:<34} {r['mpps']:6.2f} Mpps {r['mpps'] / base:5.2f}x  handoff "
               f"{r['handoff']:5.1%}  invalid {r['invalid']}; SYN wave {r['conns_per_s']:,.0f} "
               f"new conns/s, cross-shard inserts {r['xinserts_per_s']:,.0f}/s; workers busy "
               f"{r['worker_busy']:.0%}, waiting on peers {r['worker_wait']:.0%}")
+    return res
 
 
 # ------------------------------------------------------------------ shardct replay
@@ -292,6 +309,7 @@ def run_replay(args):
         runs.append(("pcapng lan0/wan0, -c configs/demo.toml", ".pcapng", nat,
                      ["-c", str(DEMO)]))
     from workers.pcapio import PcapngWriter, PcapWriter
+    out = []
     for label, ext, t, extra in runs:
         fd, path = tempfile.mkstemp(suffix=ext, prefix="shardct-bench-")
         os.close(fd)
@@ -315,9 +333,39 @@ def run_replay(args):
         w1, w2 = res[1][0], res[2][0]
         if w1 and w2 and res[2][1] is not None:
             print(f"  --workers 2 / --workers 1 wall time: {w2 / w1:.2f}x")
+        out.append({"capture": label, "frames": len(t),
+                    "runs": [{"workers": n, "wall_s": wall, "own_s": own,
+                              "kpps": len(t) / own / 1e3 if own else None, "result": what}
+                             for n, (wall, own, what) in res.items()],
+                    "w2_over_w1_wall": (w2 / w1) if (w1 and w2 and res[2][1] is not None)
+                    else None})
+    return out
 
 
-def main():
+def dispatcher_rate(n_packets, workers=(1, 2, 3), reps=3, max_round=16384):
+    """ns/packet of the pool's dispatcher (parse + hash + answer dependencies + scatter,
+    ``shardct.shard.Dispatcher.rounds`` consumed fully) on the 2k realistic profile, in
+    this process; the best of ``reps`` runs."""
+    from shardct.shard import Dispatcher
+    tr = P.profile("2k", n_packets, seed=3)
+    cfg = Config(max_conns=max(65536, 2 * len(tr.proto)), events=False)
+    out = {}
+    for n in workers:
+        best = float("inf")
+        for _ in range(reps + 1):
+            b = take(tr.batch, np.arange(len(tr)))      # a fresh, unshared copy (scatter copies)
+            d = Dispatcher(n, cfg, SEED, max_round)
+            t = time.perf_counter()
+            for _parts in d.rounds(b):
+                pass
+            best = min(best, time.perf_counter() - t)
+        out[n] = {"ns": best / len(tr) * 1e9, "mpps": len(tr) / best / 1e6}
+    return out
+
+
+def parse_args(argv=None):
+    """bench/pool.py's options (argv=None: the command line), sizes filled in:
+    (args, chosen profiles)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (checks that it runs)")
     ap.add_argument("--profiles", default=",".join(ALL), help=f"some of {','.join(ALL)}")
@@ -338,7 +386,7 @@ def main():
     ap.add_argument("--replay-packets", type=int, help="frames of the replayed capture")
     ap.add_argument("--replay-nat", action="store_true",
                     help="replay: also a MASQUERADE capture through configs/demo.toml")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     for k, v in (QUICK if args.quick else FULL).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -350,16 +398,29 @@ def main():
     bad = [p for p in chosen if p not in ALL]
     if bad:
         ap.error(f"unknown profile(s) {','.join(bad)}: want some of {','.join(ALL)}")
+    return args, chosen
+
+
+def main(argv=None):
+    args, chosen = parse_args(argv)
     print(f"bench/pool.py{' --quick' if args.quick else ''}: {os.cpu_count()} CPUs, pool "
           f"dispatcher {'inline' if args.dispatcher_inline else 'in its own process'}")
+    return run(args, chosen)
+
+
+def run(args, chosen):
+    """Runs the chosen profiles; {profile: result dict} (printing as it goes)."""
+    results = {}
     for p in chosen:
         if p == "synthetic":
-            run_synthetic(args)
+            results[p] = run_synthetic(args)
         elif p == "replay":
-            run_replay(args)
+            results[p] = run_replay(args)
         else:
             name, nat = p.removesuffix("-nat"), p.endswith("-nat")
-            run_realistic(name, nat, args.packets_2k if name == "2k" else args.packets_20k, args)
+            results[p] = run_realistic(name, nat,
+                                       args.packets_2k if name == "2k" else args.packets_20k, args)
+    return results
 
 
 if __name__ == "__main__":

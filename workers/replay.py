@@ -66,15 +66,16 @@ def _engine(args):
 def _batches(args, names, size=None, stats=None):
     """The input's batches. The first is read before this returns, so a file that is not
     a capture raises CaptureError here, before any worker starts."""
+    from .firstrun import frames_progress     # a bar on a terminal, for long replays
     size = size or args.batch
     if args.capture is None:
         from .demo import demo_batches
-        return demo_batches(size, names)
+        return frames_progress(demo_batches(size, names))
     from .pcapio import read_capture
     it = read_capture(args.capture, batch_size=size, interface=args.interface, names=names,
                       stats=stats)
     first = next(it, None)
-    return it if first is None else itertools.chain([first], it)
+    return frames_progress(it if first is None else itertools.chain([first], it))
 
 
 def _warnings(args, stats) -> int:
@@ -108,6 +109,8 @@ def cmd_replay(args) -> int:
 
 def _cmd_replay(args) -> int:
     cfg, rules, network = _engine(args)
+    from .firstrun import ensure_warm
+    ensure_warm()       # a cold numba cache: say so and compile with a progress bar first
     A.draw_seed(args, "shardct replay")
     workers = args.workers
     if workers != 1:

@@ -1,0 +1,1 @@
+"""Benchmark harnesses (``python3 -m bench`` runs the standard set)."""
