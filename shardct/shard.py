@@ -383,6 +383,7 @@ def commit_rows(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
                             np.int64(c8[c, IPVER]), c, now) >= 0:
                 continue
         cstatus[c] &= ~(S_PENDING | S_INVIS) & 0xFFFF
+        c64[c, EXPIRES] = now        # committed: its first packet sets the timeout
         pend[c] = PEND_NONE
         done[j] = 1
 
@@ -415,6 +416,7 @@ def relink_reply(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, c
     tport[t1] = rports
     K.link_tuple(heads, tnext, tbl, t1, rh)
     cstatus[c] = (cstatus[c] & ~(S_XSHARD | S_PENDING | S_INVIS) & 0xFFFF) | S_LINK1
+    c64[c, EXPIRES] = now            # committed: its first packet sets the timeout
     return True
 
 
@@ -810,6 +812,7 @@ class Shard:
                         return self._join(pk, self.k, hit)
                     return self._fail(pk)
             t.cstatus[c] &= ~(S_PENDING | S_INVIS) & 0xFFFF
+            t.c64[c, EXPIRES] = self.now    # committed: its first packet sets the timeout
             self.pend[c] = PEND_NONE
             return self._unpark([c])
         if kind == FAIL and self._remap_home(c):

@@ -55,6 +55,7 @@ V_ACCEPT, V_RELATED, V_UNTRACKED, V_INVALID, V_DROP, V_NOTIP = 0, 1, 2, 3, 4, 5
 # round's handoffs to its conn (home of a cross-shard conn), wait for the conns the
 # round's earlier packets create elsewhere (a miss that may answer one of them)
 V_PARK, V_HANDOFF, V_BOUNCE, V_HOLD, V_DEFER = 6, 7, 8, 9, 10
+PENDING_EXPIRES = np.int64(2**63 - 1)   # a pending conn's expiry: never, until committed
 V_PENDING = 255
 VERDICT_NAMES = ("accept", "related", "untracked", "invalid", "drop", "not_ip", "park",
                  "handoff", "bounce", "hold", "defer")
@@ -668,6 +669,9 @@ def create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
         st |= S_XSHARD | S_PENDING
         if rb < h0 % nb:
             st |= S_INVIS
+        # its first packet is parked, so no timeout is set yet: until the commit it is
+        # live whatever the clock says (not "expired" to a NAT search or to a clash)
+        c64[c, EXPIRES] = PENDING_EXPIRES
     elif not same:
         link_tuple(heads, tnext, tbl, t0 + 1, rh)
         st |= S_LINK1

@@ -106,3 +106,20 @@ def test_port_contention_keeps_reply_tuples_unique():
     assert c["nat_remapped"] > 0, c
     assert st["insert_failed"] * 50 < c["nat_remapped"], \
         f"insert_failed {st['insert_failed']}, remapped {c['nat_remapped']}"
+
+
+@pytest.mark.parametrize("seed", [1, SEED])
+def test_a_pending_conn_is_live_to_nat_and_to_clashes(seed):
+    """A conn waiting for its reply entry (pending) has no timeout yet. Its tuples must
+    still count as live: a NAT search that treated it as expired picked its tuple, and
+    the new conn's confirm destroyed it "as expired" while its packets were parked, so
+    the round ended with a pending conn (contention(3000, 300, share=8, seed=9),
+    hash seed 1, found by the benchmark's author)."""
+    rules, net = demo_nat()
+    tr = P.through_nat(P.contention(3000, 300, share=8, seed=9), seed=1, rules=rules,
+                       network=net)
+    lp = LocalPool(2, seed=seed, max_round=256, rules=rules, network=net)
+    pk, v = lp.process(tr.fresh())
+    assert len(v) == len(tr.batch), f"verdicts got {len(v)}, want {len(tr.batch)}"
+    st = lp.stats()
+    assert int((v == 4).sum()) == st["drop"], st
