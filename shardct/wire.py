@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 from .checksum import csum_add, csum_fold, get16, get32, icmp_sum, l4_sum
-from .cpu import kernel
+from .cpu import kernel, prefetch
 from .hashing import hash_key, hash_v4
 
 # classes
@@ -419,11 +419,32 @@ def parse_one(buf, o, n, meta, addr, i, validate):
     meta[i, M_CLS] = CLS_TRACK
 
 
+PF_FRAMES = 16      # frames ahead whose headers parse_batch prefetches
+HASH_BLOCK = 1024    # parse_hash_batch: frames parsed before their hashes are taken
+
+
+@numba.njit(inline="always", cache=True)
+def prefetch_headers(buf, off, i):
+    """Ask for the first two cache lines of frame i (its Ethernet, IP and TCP headers):
+    frames read in order from a large buffer (a capture, the pool's ring) are rarely in
+    cache, and their variable sizes defeat the hardware's stride prefetcher (a cold parse
+    runs about 75 ns a frame here, a cached one 15)."""
+    if i < off.shape[0]:
+        o = off[i]
+        last = buf.shape[0] - 1
+        if o <= last:
+            prefetch(buf, o)
+            prefetch(buf, min(o + 64, last))
+
+
 @kernel
 def parse_batch(buf, off, length, meta, addr, validate):
     """Parse every frame of a batch. Preconditions: meta is (n, N_META) int64 and addr
     is (n, 4) uint64 with n == len(off)."""
+    for i in range(min(PF_FRAMES, off.shape[0])):
+        prefetch_headers(buf, off, i)
     for i in range(off.shape[0]):
+        prefetch_headers(buf, off, i + PF_FRAMES)
         parse_one(buf, off[i], length[i], meta, addr, i, validate)
 
 
@@ -432,17 +453,23 @@ def parse_hash_batch(buf, off, length, meta, addr, validate, seed, hashes):
     """Parse, then hash each trackable or related tuple (-1 otherwise): what the
     dispatcher needs to route. The one-at-a-time hash is a long serial chain per tuple,
     so it runs after parsing as a branch-free IPv4 loop the compiler vectorizes across
-    packets; a second pass fixes the rows that are not IPv4 tuples."""
+    packets; a third loop fixes the rows that are not IPv4 tuples. The three run block by
+    block, so the hash reads rows the parse has just written (still in cache)."""
     n = off.shape[0]
-    for i in range(n):
-        parse_one(buf, off[i], length[i], meta, addr, i, validate)
-    for i in range(n):
-        hashes[i] = np.int64(hash_v4(seed, addr[i, 1], addr[i, 3], meta[i, M_PORTS],
-                                     meta[i, M_PROTO]))
-    for i in range(n):
-        c = meta[i, M_CLS]
-        if c != CLS_TRACK and c != CLS_RELATED:
-            hashes[i] = -1
-        elif meta[i, M_IPVER] != 4:
-            hashes[i] = hash_key(seed, addr[i, 0], addr[i, 1], addr[i, 2], addr[i, 3],
-                                 meta[i, M_PORTS], meta[i, M_PROTO], meta[i, M_IPVER])
+    for i in range(min(PF_FRAMES, n)):
+        prefetch_headers(buf, off, i)
+    for s in range(0, n, HASH_BLOCK):
+        e = min(n, s + HASH_BLOCK)
+        for i in range(s, e):
+            prefetch_headers(buf, off, i + PF_FRAMES)
+            parse_one(buf, off[i], length[i], meta, addr, i, validate)
+        for i in range(s, e):
+            hashes[i] = np.int64(hash_v4(seed, addr[i, 1], addr[i, 3], meta[i, M_PORTS],
+                                         meta[i, M_PROTO]))
+        for i in range(s, e):
+            c = meta[i, M_CLS]
+            if c != CLS_TRACK and c != CLS_RELATED:
+                hashes[i] = -1
+            elif meta[i, M_IPVER] != 4:
+                hashes[i] = hash_key(seed, addr[i, 0], addr[i, 1], addr[i, 2], addr[i, 3],
+                                     meta[i, M_PORTS], meta[i, M_PROTO], meta[i, M_IPVER])
