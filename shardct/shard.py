@@ -87,6 +87,7 @@ Owner: the single thread of one worker. Time comes in with the packets.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numba
@@ -97,6 +98,7 @@ from . import wire
 from .batch import PacketBatch, concat, take
 from .config import Config
 from .conntrack import REAP_FRACTION, REAP_MAX_INTERVAL, ConnTrack
+from .errors import InvariantViolation
 from .hashing import hash_key, owner_of_bucket, owner_slices, owners
 from .scatter import scatter
 from .table import (EXPIRES, HCONN, HOME, IPVER, PROTO, S_CONFIRMED, S_DYING, S_INVIS,
@@ -110,6 +112,7 @@ N_REQ = 14   # request rows: reply key0..3, rports, proto, ipver, orig key0..3, 
              # again (1: a committed conn reserving anew at a restarted owner)
 N_ANS = 4    # answer rows: conn, kind, join home, join tuple id
 NEVER = np.iinfo(np.int64).max
+SNAPSHOT_VERSION = 1     # Shard.snapshot's layout; a restore refuses any other
 PEND_NONE, PEND_REQ, PEND_AGAIN = 0, 1, 2     # Shard.pend: what a conn's request is
 
 
@@ -277,10 +280,12 @@ def drain_dying(tkey, tport, tnext, c8, cstatus, tbl, home, out):
 
 
 @numba.njit(cache=True)
-def forget_peer(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, peer, n_workers, out):
-    """A restarted peer lost its table: free our reply entries pointing at it, and list
-    our cross-shard conns whose reply entry it held (to reserve again). Returns
-    (entries freed, conns listed in out)."""
+def forget_peer(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, peer, n_workers, out,
+                forget=True):
+    """A restarted peer lost its table: free our reply entries pointing at it (unless
+    ``forget`` is False: it restored its conns from a snapshot), and list our cross-shard
+    conns whose reply entry it held (to reserve again). Returns (entries freed, conns
+    listed in out)."""
     freed = 0
     m = 0
     nb = tbl[K.T_NBUCKETS]
@@ -289,6 +294,8 @@ def forget_peer(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, peer, n_worker
         if st & S_USED == 0 or st & S_DYING:
             continue
         if st & S_REMOTE and c32[c, HOME] == peer:
+            if not forget:
+                continue
             K.unlink_tuple(heads, tkey, tport, tnext, c8, tbl, 2 * c + 1)
             K.free_slot(tnext, cstatus, tbl, c)
             freed += 1
@@ -347,8 +354,15 @@ def answer_rows(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
             continue
         c = hit >> 1
         other = hit ^ 1
-        if (tkey[other, 0] == r[7] and tkey[other, 1] == r[8] and tkey[other, 2] == r[9]
-                and tkey[other, 3] == r[10] and tport[other] == r[11]):
+        same = (tkey[other, 0] == r[7] and tkey[other, 1] == r[8] and tkey[other, 2] == r[9]
+                and tkey[other, 3] == r[10] and tport[other] == r[11])
+        if same and r[13] != 0 and cstatus[c] & S_REMOTE and c32[c, HOME] == sender:
+            # a home reserving anew (its owner or itself restored a snapshot) finds its
+            # own entry: keep it, pointing at the conn it names now
+            c32[c, HCONN] = np.uint32(r[12])
+            ans[j, 1] = GRANT
+            g += 1
+        elif same:
             ans[j, 1] = JOIN
             jn += 1
             if cstatus[c] & S_REMOTE:
@@ -467,7 +481,7 @@ class Shard:
                        "releases_applied": 0, "stale_answers": 0, "supersteps": 0,
                        "peer_restarts": 0, "entries_forgotten": 0, "reply_lost": 0,
                        "abandoned": 0, "peer_lost": 0, "held": 0, "deferred": 0,
-                       "deferred_released": 0, "nat_remapped": 0,
+                       "deferred_released": 0, "nat_remapped": 0, "restored": 0,
                        "busy_us": 0, "step_wait_us": 0}     # the worker pool's timers
         self._dying = np.zeros((1024, N_REL), dtype=np.uint64)
         self._scratch = wire.MetaScratch()
@@ -591,6 +605,69 @@ class Shard:
         self.counts["peer_restarts"] += 1
         self.counts["entries_forgotten"] += int(freed)
         self._request(out[:m].copy(), again=True)
+
+    def peer_restored(self, p: int):
+        """Peer p came back with its table as of its last snapshot: our entries for its
+        conns stay (one whose conn it no longer has bounces and is released on first
+        use); our conns' reply tuples are reserved there again (granted where its
+        restored entry is still ours)."""
+        t = self.ct.table
+        out = np.empty(t.capacity, dtype=np.int64)
+        _, m = forget_peer(t.heads, t.tkey, t.tport, t.tnext, t.c8, t.cstatus, t.c32,
+                           t.tbl, p, self.n, out, False)
+        self.counts["peer_restarts"] += 1
+        self._request(out[:m].copy(), again=True)
+
+    def snapshot(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """This shard's state between two rounds, as (scalars, arrays): the table, the
+        reaper's place, the packet clock and the NAT search's random state. Counters are
+        not in it: what a dead incarnation counted is already reported. The arrays are
+        the live ones: write them out before the next round.
+        Precondition: no round in progress (nothing parked, held, deferred or pending)."""
+        if len(self.parked) or self.held or len(self.deferred) or self.pend.any():
+            raise InvariantViolation(f"shard {self.k}: snapshot inside a round")
+        t, ct = self.ct.table, self.ct
+        rng = ct.nat.rng.bit_generator.state if ct.nat is not None else None
+        scalars = {"version": SNAPSHOT_VERSION, "k": self.k, "n": self.n, "seed": t.seed,
+                   "capacity": t.capacity, "n_buckets": int(t.tbl[K.T_NBUCKETS]),
+                   "now": int(self.now), "reap_start": int(self._reap_start),
+                   "reap_at": -1 if self._reap_at is None else int(self._reap_at),
+                   "reap_interval": int(ct.reap_interval),
+                   "rng": json.dumps(rng) if rng is not None else ""}
+        arrays = {"heads": t.heads, "trec": t._trec, "crec": t._crec, "tbl": t.tbl}
+        return scalars, arrays
+
+    def restore(self, scalars: dict, arrays: dict[str, np.ndarray]) -> int:
+        """Load a ``snapshot()`` of this same shard (k of n, same seed, table shape and
+        version) into this fresh one, and reserve every cross-shard conn's reply tuple
+        again (its entry may have been released since). Returns the entries restored.
+        Raises ValueError naming what differs; then nothing was changed."""
+        t, ct = self.ct.table, self.ct
+        want = {"version": SNAPSHOT_VERSION, "k": self.k, "n": self.n, "seed": t.seed,
+                "capacity": t.capacity, "n_buckets": int(t.tbl[K.T_NBUCKETS])}
+        for key, v in want.items():
+            if scalars.get(key) != v:
+                raise ValueError(f"{key} is {scalars.get(key)!r}, this shard's is {v!r}")
+        mine = {"heads": t.heads, "trec": t._trec, "crec": t._crec, "tbl": t.tbl}
+        for key, a in mine.items():
+            b = arrays.get(key)
+            if b is None or b.dtype != a.dtype or b.shape != a.shape:
+                raise ValueError(f"array {key} is not {a.dtype} {a.shape}")
+        if t.count or self.pend.any():
+            raise ValueError("this shard is not fresh")
+        for key, a in mine.items():
+            a[...] = arrays[key]
+        self.now = int(scalars["now"])
+        self._reap_start = int(scalars["reap_start"])
+        self._reap_at = None if scalars["reap_at"] < 0 else int(scalars["reap_at"])
+        ct.reap_interval = int(scalars["reap_interval"])
+        if ct.nat is not None and scalars.get("rng"):
+            ct.nat.rng.bit_generator.state = json.loads(scalars["rng"])
+        st = t.cstatus
+        xs = np.flatnonzero((st & S_USED != 0) & (st & S_XSHARD != 0) & (st & S_DYING == 0))
+        self._request(xs, again=True)
+        self.counts["restored"] = t.count
+        return t.count
 
     def _request(self, conns: np.ndarray, again: bool = False):
         """Reserve the reply tuples of ``conns`` at their owners (rows go out next)."""
@@ -924,6 +1001,7 @@ class Shard:
             sh.reap(int(b.ts.max()) + 10**12, 0)
             sh.peer_lost(1 - sh.k)
             sh.peer_restarted(1 - sh.k)
+            sh.peer_restored(1 - sh.k)
         run_round(pool.shards, [Packets.empty(), Packets.empty()])
 
     def reap(self, now: int, start: int) -> tuple[int, int]:

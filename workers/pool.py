@@ -47,6 +47,8 @@ superstep's messages, which every worker sends before it reads.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 import weakref
 from collections import deque
@@ -60,6 +62,7 @@ from shardct.config import Config
 from shardct.shard import NEVER, Dispatcher, Msg, Packets, Shard, nat_deps, sum_counts
 
 from . import messages as M
+from . import snapshot
 from .errors import PoolStopped
 from .ring import FrameRing
 from .supervisor import Supervisor
@@ -195,13 +198,16 @@ def warm_kernels(dispatcher: bool = True):
 
 def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None, network=None,
                  router: bool = False, incarnation: int = 0, frames: bool = True,
-                 ring: str | None = None):
+                 ring: str | None = None, snapshots: tuple[str, float] | None = None):
     """Worker body (supervisor.worker_main): shard k of n. ``frames``: results carry the
     frames (as rewritten); without, only sequence numbers, times, interfaces, verdicts.
-    ``ring``: the pool's frame ring (frames stay there; only arrays travel)."""
+    ``ring``: the pool's frame ring (frames stay there; only arrays travel).
+    ``snapshots``: (directory, seconds): write this shard's snapshot there between
+    rounds at most that often; a restarted incarnation starts from it."""
     Shard.warm()
     shard = Shard(k, n, config, seed=seed, rules=rules, network=network, router=router,
                   rng=np.random.default_rng([seed, k]))
+    restored = _restore(shard, snapshots, incarnation)
     rx = ctx.socket(zmq.PULL)
     rx.setsockopt(zmq.LINGER, 0)
     rx.bind(eps[f"shard-{k}"])
@@ -224,7 +230,7 @@ def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None
     poller.register(rx, zmq.POLLIN)
     poller.register(prx, zmq.POLLIN)
     W = _WorkerState(k, n, shard, incarnation, frames,
-                     FrameRing(ring) if ring is not None else None)
+                     FrameRing(ring) if ring is not None else None, snapshots, restored)
 
     def loop():
         try:
@@ -235,10 +241,31 @@ def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None
     return loop()
 
 
+def _restore(shard: Shard, snapshots, incarnation: int) -> int:
+    """A restarted worker's table from its last snapshot: the entries restored (0 when
+    there is none, or it does not fit: said on stdout, the worker starts empty)."""
+    if not snapshots or incarnation == 0:
+        return 0
+    path = snapshot.path_of(snapshots[0], shard.k)
+    if not os.path.exists(path):
+        return 0
+    try:
+        return shard.restore(*snapshot.load(path))
+    except (snapshot.SnapshotError, ValueError) as e:
+        shard.counts["snapshot_errors"] = shard.counts.get("snapshot_errors", 0) + 1
+        print(f"worker {shard.k}: not restoring {path}: {e}", flush=True)
+        return 0
+
+
 class _WorkerState:
-    def __init__(self, k, n, shard, gen, frames=True, ring: FrameRing | None = None):
+    def __init__(self, k, n, shard, gen, frames=True, ring: FrameRing | None = None,
+                 snapshots: tuple[str, float] | None = None, restored: int = 0):
         self.k, self.n, self.shard, self.gen, self.frames = k, n, shard, gen, frames
         self.ring = ring
+        self.snapshots = snapshots
+        self.restored = restored          # entries this incarnation took from a snapshot
+        self.snap_at = time.monotonic()   # when the next snapshot is due
+        self.peer_restored: dict[int, bool] = {}   # peer -> it came back with its table
         self.steps: dict[tuple[int, int], dict[int, Msg]] = {}
         self.batches: dict[int, Packets] = {}
         self.clocks: dict[int, int] = {}       # round -> the packet clock at its end
@@ -264,6 +291,7 @@ class _WorkerState:
                     self.peer_gen[p] = g
                     self.absent_until[p] = f
                     self.restarted[p] = f
+                    self.peer_restored[p] = bool(h.get("restored", 0))
                     self.shard.peer_lost(p)
                 return
             if h["t"] != M.STEP:
@@ -310,7 +338,7 @@ class _WorkerState:
                         del self.batches[old]
                         self.clocks.pop(old, None)
                     hello = M.encode(M.HELLO, **{"from": self.k}, worker=self.k, gen=self.gen,
-                                     first=r)
+                                     first=r, restored=self.restored)
                     for s in ptx.values():
                         s.send(hello)
                     sink.send(hello)
@@ -323,7 +351,10 @@ class _WorkerState:
                 self.shard.reap_all(self.clocks[r])
             for p, f in list(self.restarted.items()):
                 if f <= r:
-                    self.shard.peer_restarted(p)
+                    if self.peer_restored.pop(p, False):
+                        self.shard.peer_restored(p)
+                    else:
+                        self.shard.peer_restarted(p)
                     del self.restarted[p]
             t0 = time.perf_counter()
             self.shard.local(pk)
@@ -364,10 +395,25 @@ class _WorkerState:
                 M.RESULT, {**out, "verdict": verdict, **table}, worker=self.k,
                 round=r, gen=self.gen, entries=self.shard.ct.table.count, **extra), copy=False)
             self.shard.counts["busy_us"] += int((time.perf_counter() - t0) * 1e6)
+            self._snapshot()
             # every worker reaps on the dispatcher's clock, not on what it happened to see
             self.shard.reap_until(max(self.shard.now, self.clocks.pop(r, 0)))
             r += 1
             yield
+
+    def _snapshot(self):
+        """Between rounds, when one is due: this shard's state to its snapshot file.
+        (Before the reaper runs: the releases it queues are not in a snapshot, a restore
+        reaps again.)"""
+        if not self.snapshots or time.monotonic() < self.snap_at:
+            return
+        directory, every = self.snapshots
+        t = time.perf_counter()
+        snapshot.save(snapshot.path_of(directory, self.k), *self.shard.snapshot())
+        c = self.shard.counts
+        c["snapshots"] = c.get("snapshots", 0) + 1
+        c["snapshot_us"] = c.get("snapshot_us", 0) + int((time.perf_counter() - t) * 1e6)
+        self.snap_at = time.monotonic() + every
 
     def _gather(self, r, step, prx, rx, poller, alive):
         """Wait (yielding) until every present peer's STEP (r, step) is in."""
@@ -497,13 +543,20 @@ class Pool:
 
     ``ring_bytes``: size of the shared-memory frame ring (``workers.ring``); input frames
     are copied into it once and stay there. 0 (and any ``tcp://`` endpoints) sends the
-    frames inside the messages instead."""
+    frames inside the messages instead.
+
+    ``snapshot_interval``: seconds between each worker's snapshots of its shard (taken
+    between rounds, written atomically to ``snapshot_dir``, by default a directory of
+    the pool's own that goes with it); a worker restarted after a crash starts from its
+    last one, so established flows go on and only what changed since is lost
+    (``lost_conns`` then counts the entries it had beyond those restored)."""
 
     def __init__(self, n, config: Config | None = None, *, seed: int, rules=None, network=None,
                  router=False, max_round=16384, window=8, eps: dict | None = None,
                  ipc_dir=None, log=print, worker_netns: str | None = None,
                  dispatcher_process: bool = True, frames: bool = True,
-                 ring_bytes: int = DEFAULT_RING):
+                 ring_bytes: int = DEFAULT_RING, snapshot_interval: float | None = None,
+                 snapshot_dir: str | None = None):
         self.config = config or Config()
         self.n = n if n != "auto" else (os.cpu_count() or 1)
         self.ring = None
@@ -514,6 +567,14 @@ class Pool:
         path = self.ring.path if self.ring else None
         kw = dict(config=self.config, seed=seed, rules=rules, network=network, router=router,
                   frames=frames, ring=path)
+        self.snapshot_dir = None
+        if snapshot_interval is not None:
+            if snapshot_dir is None:
+                snapshot_dir = tempfile.mkdtemp(prefix="shardct-snap-")
+                weakref.finalize(self, shutil.rmtree, snapshot_dir, True)
+            os.makedirs(snapshot_dir, mode=0o700, exist_ok=True)
+            self.snapshot_dir = snapshot_dir
+            kw["snapshots"] = (snapshot_dir, float(snapshot_interval))
         self.dispatcher_process = dispatcher_process
         nat = nat_deps(rules, network)
         extra = None
@@ -528,7 +589,8 @@ class Pool:
         self.window = window
         self.log = log
         self.totals = {"packets_in": 0, "packets_out": 0, "lost_packets": 0, "rounds": 0,
-                       "lost_conns": 0, "wire_errors": 0}
+                       "lost_conns": 0, "restored_conns": 0, "wire_errors": 0}
+        self._lost_by = [0] * self.n     # entries counted lost at each worker's last death
         self.worker_stats: dict[int, dict] = {}
         self.worker_counts: dict[int, dict] = {}
         self.entries = [0] * self.n
@@ -772,6 +834,7 @@ class Pool:
                 else:
                     self.tx[k].send(M.encode(M.HELLO, gen=gen[k], first=next_round))
                 self.totals["lost_conns"] += self.entries[k]
+                self._lost_by[k] = self.entries[k]
                 self.entries[k] = 0
 
     def _recv(self, pending, first):
@@ -782,6 +845,12 @@ class Pool:
                 if h["t"] == M.HELLO:
                     k = int(h["worker"])
                     first[k] = max(first[k], int(h["first"]))
+                    # a restored incarnation brought back this many of the entries that
+                    # were counted lost when it died
+                    back = min(int(h.get("restored", 0)), self._lost_by[k])
+                    self._lost_by[k] -= back
+                    self.totals["lost_conns"] -= back
+                    self.totals["restored_conns"] += back
                 elif h["t"] == M.ROUND:          # the dispatcher process made a round
                     rr = int(h["round"])
                     pending.setdefault(rr, {"n": None, "got": {}})["n"] = int(h["n"])
