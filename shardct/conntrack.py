@@ -59,8 +59,8 @@ class ManualClock:
 class Tuple(NamedTuple):
     src: ipaddress.IPv4Address | ipaddress.IPv6Address
     dst: ipaddress.IPv4Address | ipaddress.IPv6Address
-    sport: int      # echo: ident for a request, 0 for a reply
-    dport: int      # echo: 0 for a request, ident for a reply
+    sport: int      # ICMP query: ident for a request, key (wire.icmp_query) for a reply
+    dport: int      # ICMP query: key for a request, ident for a reply (echo's key is 0)
     proto: int
 
     def reply(self) -> "Tuple":

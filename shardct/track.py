@@ -34,7 +34,7 @@ from .tcpstate import TRANSITIONS, IG, IV
 from .rewrite import decrement_ttl, icmp_recompute, rewrite_header
 from .wire import (CLS_INVALID, CLS_NOTIP, CLS_RELATED, CLS_TRACK, CLS_UNTRACKED,
                    M_ACK, M_CLS, M_ECHO, M_INNER_L3, M_INNER_L4, M_IPVER, M_L3, M_L3LEN, M_L4, M_PAYLEN, M_PORTS, M_PROTO,
-                   M_REASON, M_SACKPERM, M_SEQ, M_TFLAGS, M_WIN, M_WSCALE, REASON_NAMES)
+                   M_REASON, M_SACKPERM, M_SEQ, M_TFLAGS, M_WIN, M_WSCALE, REASON_NAMES, icmp_query)
 
 # ---- configuration (cfg int64 array)
 (CF_BE_LIBERAL, CF_LOOSE, CF_MAX_CONNS, CF_EVENTS, CF_IGNORE_INVALID_RST, CF_NAT, CF_ROUTER,
@@ -717,11 +717,7 @@ def nat_packet(buf, o, meta, i, tkey, tport, c8, cstatus, stats, t, related):
     iproto = meta[i, M_PROTO]
     iecho = 0
     if (iproto == 1 or iproto == 58) and iavail >= 1:
-        ty = buf[il4]
-        if ty == 8 or ty == 128:
-            iecho = 1
-        elif ty == 0 or ty == 129:
-            iecho = 2
+        iecho, _ = icmp_query(ipver, np.int64(buf[il4]))
     rewrite_header(buf, il3, il4, iavail, ipver, iproto, iecho,
                    tkey[ot, 0], tkey[ot, 1], tkey[ot, 2], tkey[ot, 3], op, True, True)
     oproto = 1 if ipver == 4 else 58

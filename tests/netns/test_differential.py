@@ -108,7 +108,7 @@ def fields(frame: bytes) -> dict:
             break
     if ICMP in p:
         d.update(itype=p[ICMP].type, icode=p[ICMP].code)
-        if p[ICMP].type in (0, 8):
+        if p[ICMP].type in (0, 8, 13, 14, 15, 16, 17, 18):      # queries: ident, no quote
             d.update(ident=p[ICMP].id, payload=bytes(p[ICMP].payload))
         else:
             q = IP(bytes(p[ICMP].payload))
@@ -204,6 +204,18 @@ def test_masquerade_icmp_echo(can_run):
         req = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") / ICMP(id=4321, seq=1) / b"ping"),) * 2
         rep = lambda lk, ls: tuple(reply_to(k, SERVER, f, lambda p: IP(src=p.dst, dst=p.src) / ICMP(type=0, id=p[ICMP].id, seq=1) / b"ping") for f in (lk, ls))
         run_flow(k, s, [(CLIENT, req), (SERVER, rep)])
+
+
+@pytest.mark.parametrize("req", [13, 17], ids=["timestamp", "address-mask"])
+def test_masquerade_icmp_query_tracked_like_echo(can_run, req):
+    # Linux tracks timestamp (and address-mask) queries: both are NATed, even with the
+    # LAN address otherwise leaking (they were UNTRACKED)
+    body = b"\0" * (12 if req == 13 else 4)
+    k, s = worlds(MASQ4)
+    with k:
+        q = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") / ICMP(type=req, id=4322, seq=1) / body),) * 2
+        rep = lambda lk, ls: tuple(reply_to(k, SERVER, f, lambda p: IP(src=p.dst, dst=p.src) / ICMP(type=req + 1, id=p[ICMP].id, seq=1) / body) for f in (lk, ls))
+        run_flow(k, s, [(CLIENT, q), (SERVER, rep)])
 
 
 def test_masquerade_zero_udp_checksum(can_run):
