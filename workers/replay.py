@@ -137,7 +137,7 @@ def _cmd_replay(args) -> int:
             if args.write:
                 if writer is None:
                     writer = _open_writer(args.write, names)
-                writer.write_batch(batch, mask=r.forward_mask(cfg.drop_invalid),
+                writer.write_batch(batch, mask=r.forward,
                                    ifindex=_egress(ct.network, batch))
             last_ts = int(batch.ts[-1])
             if next_reap is None:

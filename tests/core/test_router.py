@@ -45,7 +45,7 @@ class Router:
         b = PacketBatch.from_frames([raw(E / pkt) if not isinstance(pkt, bytes) else pkt],
                                     ifindex=ifindex)
         r = self.ct.process(b)
-        return int(r.verdict[0]), Ether(b.frame(0)), bool(r.forward_mask(self.ct.config.drop_invalid)[0])
+        return int(r.verdict[0]), Ether(b.frame(0)), bool(r.forward[0])
 
 
 def icmp_ok(frame: Ether) -> bool:
@@ -103,3 +103,73 @@ def test_icmp_error_quoting_a_timestamp_request_is_related_and_unnated():
     q = back[IPerror]
     got = (v, fwd, back[IP].dst, q.src, q[ICMPerror].type, q[ICMPerror].id, icmp_ok(back))
     assert got == (K.V_RELATED, True, CLIENT, CLIENT, 13, 0x55, True), f"got {got}"
+
+
+# ---------------------------------------------------------------- trailers
+
+@pytest.mark.parametrize("router,want_cut", [(True, True), (False, False)])
+def test_trailer_past_the_ip_datagram_is_trimmed_in_router_mode(router, want_cut):
+    r = Router()
+    if not router:
+        r.ct = ConnTrack(Config(), seed=3, clock=r.clock)
+    pkt = raw(E / IP(src=CLIENT, dst=SERVER, ttl=64) / UDP(sport=1, dport=2) / b"data")
+    trailer = b"\xde\xad\xbe\xef" * 8
+    b = PacketBatch.from_frames([pkt + trailer, pkt], ifindex=LAN)
+    res = r.ct.process(b)
+    got = (b.length.tolist(), res.verdict.tolist(), res.forward.tolist())
+    cut = len(pkt) if want_cut else len(pkt) + len(trailer)
+    assert got == ([cut, len(pkt)], [K.V_ACCEPT] * 2, [True, True]), f"got {got}"
+    out = Ether(b.frame(0))
+    assert (out[IP].src, bytes(out[UDP].payload)[:4]) == ((R_WAN if router else CLIENT), b"data")
+
+
+def test_short_ethernet_padding_is_trimmed_and_invalid_frames_keep_their_verdict():
+    r = Router()
+    pad = raw(E / IP(src=CLIENT, dst=SERVER) / UDP(sport=3, dport=4))     # 42 bytes
+    bad = raw(E / IP(src=CLIENT, dst=SERVER) / UDP(sport=5, dport=6, chksum=0x1234) / b"x")
+    b = PacketBatch.from_frames([pad + b"\0" * 18, bad + b"\0" * 10], ifindex=LAN)
+    res = r.ct.process(b)
+    got = (b.length.tolist(), res.verdict.tolist())
+    assert got == ([len(pad), len(bad)], [K.V_ACCEPT, K.V_INVALID]), f"got {got}"
+
+
+# ---------------------------------------------------------------- drop_invalid, TTL
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_result_forward_honors_drop_invalid(drop):
+    r = Router(drop_invalid=drop)
+    bad = IP(src=CLIENT, dst=SERVER) / UDP(sport=1, dport=2, chksum=0x1234)
+    v, out, fwd = r.send(bad, LAN)
+    assert (v, fwd) == (K.V_INVALID, not drop), f"drop_invalid={drop}: got {(v, fwd)}"
+    assert out[IP].src == CLIENT, "INVALID packets are not NATed"
+    b = PacketBatch.from_frames([raw(E / bad)], ifindex=LAN)
+    res = r.ct.process(b)
+    got = (res.forward_mask().tolist(), res.forward_mask(True).tolist(),
+           res.forward_mask(False).tolist())
+    assert got == ([not drop], [False], [True]), f"forward_mask: got {got}"
+
+
+def test_ttl_taken_only_on_forwarded_packets():
+    r = Router()
+    b = PacketBatch.from_frames([raw(E / IP(src=CLIENT, dst=SERVER, ttl=64) / UDP(sport=7, dport=8)),
+                                 raw(E / IP(src=R_WAN, dst=SERVER, ttl=64) / UDP(sport=9, dport=8)),
+                                 raw(E / IP(src=R_WAN, dst=SERVER, ttl=1) / UDP(sport=10, dport=8)),
+                                 raw(E / IP(src=CLIENT, dst=SERVER, ttl=1) / UDP(sport=11, dport=8))])
+    b.ifindex[:] = [LAN, -1, -1, LAN]
+    res = r.ct.process(b)
+    got = ([Ether(b.frame(i))[IP].ttl for i in range(4)], res.verdict.tolist())
+    want = ([63, 64, 1, 1], [K.V_ACCEPT, K.V_ACCEPT, K.V_ACCEPT, K.V_DROP])
+    assert got == want, f"(TTLs, verdicts): got {got}, want {want} (locally generated: -1)"
+    assert r.ct.stats()["ttl_expired"] == 1
+
+
+def test_ttl_off_keeps_broken_header_drops_and_trimming():
+    r = Router(decrement_ttl=False)
+    ok = raw(E / IP(src=CLIENT, dst=SERVER, ttl=1) / UDP(sport=7, dport=8))
+    broken = bytearray(raw(E / IP(src=CLIENT, dst=SERVER) / UDP(sport=7, dport=8)))
+    broken[14 + 10] ^= 0xFF        # IPv4 header checksum
+    b = PacketBatch.from_frames([ok + b"\0" * 6, bytes(broken)], ifindex=LAN)
+    res = r.ct.process(b)
+    got = (res.verdict.tolist(), Ether(b.frame(0))[IP].ttl, int(b.length[0]))
+    assert got == ([K.V_ACCEPT, K.V_DROP], 1, len(ok)), f"got {got}"
+    assert r.ct.stats()["invalid.ip_checksum"] == 1

@@ -266,6 +266,17 @@ def test_bad_udp_checksum_forwarded_unnated(can_run):
         assert kd["src"] == "10.0.0.2", "INVALID packets leave un-NATed"
 
 
+def test_trailer_past_the_ip_datagram_is_trimmed(can_run):
+    k, s = worlds(MASQ4)
+    with k:
+        f = frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") / UDP(sport=40007, dport=53) / b"t") \
+            + b"\xee" * 20
+        ko, so = k.exchange(CLIENT, f), s.exchange(CLIENT, f)
+        compare(ko, so)
+        got = [len(x) for x in ko], [len(x) for x in so]
+        assert got[0] == got[1] == [len(f) - 20], f"frame lengths (kernel, shardct): {got}"
+
+
 def test_source_port_clash_remapped_in_class(can_run):
     k, s = worlds(MASQ4)
     with k:
