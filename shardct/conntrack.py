@@ -280,6 +280,15 @@ class ConnTrack:
         K.init_proto(t.c32, t.c8, c, meta, i, now)
         return i
 
+    def route(self, batch: PacketBatch, result: Result | None = None):
+        """Routing of each frame of a processed batch (netconf.Routes: egress interface,
+        next hop, local delivery), on the destinations NAT gave them. ``result``: the
+        last ``process`` result for this batch (its parse is reused). Precondition: the
+        engine has a network."""
+        if self.network is None:
+            raise ValueError("route: this engine has no network (interfaces and routes)")
+        return self.network.route_batch(batch, None if result is None else result.meta)
+
     def original_dst(self, src, dst, sport, dport, proto, now: int | None = None):
         """SO_ORIGINAL_DST: for a packet seen after DNAT/REDIRECT in the original
         direction (src -> dst), the destination (address, port) before NAT; None when no

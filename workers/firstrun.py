@@ -25,7 +25,7 @@ import time
 
 #: modules whose kernels the commands compile (imported in this order)
 KERNEL_MODULES = ("shardct.cpu", "shardct.checksum", "shardct.hashing", "shardct.wire",
-                  "shardct.batch", "shardct.traffic", "shardct.rewrite", "shardct.nat",
+                  "shardct.batch", "shardct.traffic", "shardct.rewrite", "shardct.netconf", "shardct.nat",
                   "shardct.track", "shardct.scatter", "shardct.shard", "workers.pcapio")
 
 #: kernels compiled by :func:`warm`'s stages, as recorded on a cold cache (the bar's total
@@ -37,7 +37,8 @@ WARM_KERNELS = (
     "shardct.track.link_tuple", "shardct.track.create_conn", "shardct.track.tcp_new",
     "shardct.track.init_proto", "shardct.track.track_batch", "shardct.nat.tuple_taken",
     "shardct.track.reap", "shardct.nat.unique_port", "shardct.track.collect_conns",
-    "workers.pcapio._walk_pcap", "shardct.wire.parse_batch", "shardct.shard.answer_deps",
+    "workers.pcapio._walk_pcap", "shardct.wire.parse_batch", "shardct.netconf.route_kernel",
+    "shardct.shard.answer_deps",
     "shardct.hashing.owner_of_bucket", "shardct.hashing.owners", "shardct.shard.request_rows",
     "shardct.shard.find_visible", "shardct.shard.link_reply_entry", "shardct.shard.answer_rows",
     "shardct.shard.commit_rows", "shardct.track.count_conns", "shardct.batch._gather",
@@ -142,7 +143,7 @@ def _stage_capture():
     import os
     import tempfile
     from .pcapio import PcapngWriter, PcapWriter, read_capture
-    from .replay import _egress
+    from shardct.netconf import egress
     ec, names, batches = _demo_batches()
     with tempfile.TemporaryDirectory(prefix="shardct-warm-") as d:
         for ext, w in ((".pcap", PcapWriter), (".pcapng", lambda p: PcapngWriter(p, names))):
@@ -150,7 +151,7 @@ def _stage_capture():
             with w(path) as wr:
                 wr.write_batch(batches[0])
             for b in read_capture(path, batch_size=64, names=names):
-                _egress(ec.network, b)
+                egress(ec.network, b)
 
 
 def _stage_pool():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scapy.all import ICMP, IP, UDP, Ether, Raw, raw
+from scapy.all import ICMP, IP, UDP, Ether, IPv6, Raw, raw
 from scapy.layers.inet import ICMPerror, IPerror
 
 from shardct import Config, ConnTrack, ManualClock, PacketBatch
@@ -173,3 +173,46 @@ def test_ttl_off_keeps_broken_header_drops_and_trimming():
     got = (res.verdict.tolist(), Ether(b.frame(0))[IP].ttl, int(b.length[0]))
     assert got == ([K.V_ACCEPT, K.V_DROP], 1, len(ok)), f"got {got}"
     assert r.ct.stats()["invalid.ip_checksum"] == 1
+
+
+# ---------------------------------------------------------------- routing a batch
+
+def test_route_gives_egress_next_hop_and_local_delivery_after_nat():
+    import ipaddress
+    r = Router("-A PREROUTING -i wan0 -p udp --dport 53 -j DNAT --to-destination 10.0.0.7\n" + MASQ)
+    frames = [raw(E / IP(src=CLIENT, dst="8.8.8.8") / UDP(sport=1, dport=2)),      # default route
+              raw(E / IP(src=CLIENT, dst=SERVER) / UDP(sport=3, dport=4)),         # connected
+              raw(E / IP(src=SERVER, dst=R_WAN) / UDP(sport=5, dport=53)),         # DNAT to the LAN
+              raw(E / IP(src=CLIENT, dst=R_LAN) / UDP(sport=6, dport=7)),          # the router itself
+              raw(E / IPv6(src="b::2", dst="c::9") / UDP(sport=8, dport=9)),         # no IPv6 default
+              bytes(Ether(src="02:00:00:00:00:02", dst="ff:ff:ff:ff:ff:ff", type=0x0806) / (b"\0" * 28))]
+    b = PacketBatch.from_frames(frames, ifindex=[LAN, LAN, WAN, LAN, LAN, LAN])
+    res = r.ct.process(b)
+    rt = r.ct.route(b, res)
+    got = (rt.egress.tolist(), rt.local.tolist(),
+           [None if a is None else str(a) for a in map(rt.nexthop_address, range(len(b)))])
+    want = ([WAN, WAN, LAN, LAN, -1, -1], [False, False, False, True, False, False],
+            ["192.168.0.254", SERVER, "10.0.0.7", R_LAN, None, None])
+    assert got == want, f"\ngot  {got}\nwant {want}"
+    # the same without the Result's parse, and the per-address route agrees
+    again = r.ct.network.route_batch(b)
+    assert again.egress.tolist() == want[0]
+    net = r.ct.network
+    for i, dst in enumerate(["8.8.8.8", SERVER, "10.0.0.7", R_LAN]):
+        assert net.index(net.route(ipaddress.ip_address(dst))) == want[0][i], dst
+
+
+def test_egress_labels_unrouted_frames_with_their_ingress():
+    from shardct.netconf import egress
+    net = Network.from_dict({"interfaces": {"lan0": {"address": ["10.0.0.3/24"]},
+                                            "wan0": {"address": ["192.168.0.1/24"]}}})
+    b = PacketBatch.from_frames([raw(E / IP(src=CLIENT, dst=SERVER) / UDP()),
+                                 raw(E / IP(src=SERVER, dst="8.8.8.8") / UDP())], ifindex=[LAN, WAN])
+    assert egress(net, b).tolist() == [WAN, WAN]
+    assert egress(None, b).tolist() == [LAN, WAN]
+
+
+def test_public_names_are_exported():
+    import shardct
+    for name in ("Network", "RuleSet", "Routes", "parse_iptables_save"):
+        assert name in shardct.__all__ and hasattr(shardct, name), name
