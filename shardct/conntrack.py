@@ -96,12 +96,15 @@ class Event:
 class Result:
     """Per-frame outcome of ``process``: ``verdict[i]`` (track.V_*), ``tuple_id[i]``
     (2*conn + direction, -1 when no conn) and ``forward[i]``: whether frame i leaves,
-    with the engine's ``Config.drop_invalid`` applied (``forward_mask``)."""
+    with the engine's ``Config.drop_invalid`` applied (``forward_mask``). ``generated``:
+    frames the engine originates for this batch (router mode: ICMP time-exceeded, see
+    icmp.py), each with the interface to leave by in ``ifindex``; None when none."""
     verdict: np.ndarray
     tuple_id: np.ndarray
     meta: np.ndarray
     addr: np.ndarray
     forward: np.ndarray | None = None
+    generated: PacketBatch | None = None
 
     def forward_mask(self, drop_invalid: bool | None = None) -> np.ndarray:
         """``forward``; or, given ``drop_invalid``, the mask under that setting."""
@@ -181,6 +184,10 @@ class ConnTrack:
                                  rng if rng is not None else np.random.default_rng(seed), affine)
             self.cfg[K.CF_NAT] = 1
         self.network = network
+        self._icmp = None
+        if router and network is not None and c.icmp_errors and c.decrement_ttl:
+            from .icmp import TimeExceeded
+            self._icmp = TimeExceeded(network, c.icmp_ratelimit, seed)
 
     # ------------------------------------------------------------ packets
     def _scratch(self, n):
@@ -230,7 +237,10 @@ class ConnTrack:
         wire.parse_hash_batch(buf, batch.off, batch.length, meta, addr,
                               self.config.checksum, self._seed, hashes)
         self.run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n])
-        return Result(verdict, tid, meta, addr, forward_mask(verdict, self.config.drop_invalid))
+        gen = None if self._icmp is None else self._icmp.generate(batch, meta, verdict, ts,
+                                                                   K.V_DROP)
+        return Result(verdict, tid, meta, addr, forward_mask(verdict, self.config.drop_invalid),
+                      gen)
 
     def run(self, batch, meta, addr, hashes, ts, verdict, tid, given):
         """Track a parsed batch in order (the kernel, stopping for the NAT slow path
@@ -426,6 +436,9 @@ class ConnTrack:
             s[name] = int(self.stats_arr[k])
         for k, name in enumerate(K.INVALID_NAMES):
             s[f"invalid.{name}"] = int(self.stats_arr[K.INV_BASE + k])
+        if self._icmp is not None:
+            from .icmp import STAT_NAMES
+            s.update((name, int(v)) for name, v in zip(STAT_NAMES, self._icmp.stats))
         return s
 
     # ------------------------------------------------------------ expiry

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-import numba
 import numpy as np
 
 from . import wire
@@ -200,21 +199,6 @@ def egress(network: Network | None, batch, meta=None) -> np.ndarray:
     return np.where(eg >= 0, eg, batch.ifindex).astype(np.int16)
 
 
-@numba.njit(inline="always", cache=True)
-def _dst_words(buf, l3, ipver):
-    """Destination address (hi, lo) of the IP header at buf[l3]."""
-    hi = np.uint64(0)
-    lo = np.uint64(0)
-    if ipver == 4:
-        for k in range(4):
-            lo = (lo << np.uint64(8)) | np.uint64(buf[l3 + 16 + k])
-        return hi, lo
-    for k in range(8):
-        hi = (hi << np.uint64(8)) | np.uint64(buf[l3 + 24 + k])
-        lo = (lo << np.uint64(8)) | np.uint64(buf[l3 + 32 + k])
-    return hi, lo
-
-
 @kernel
 def route_kernel(buf, off, length, meta, rows, loc, egress, nexthop, local, ipver_out):
     """Longest-prefix match of each frame's destination against ``rows`` (sorted
@@ -229,7 +213,7 @@ def route_kernel(buf, off, length, meta, rows, loc, egress, nexthop, local, ipve
         if l3 + (20 if ver == 4 else 40) > length[i]:
             continue
         ipver_out[i] = ver
-        hi, lo = _dst_words(buf, off[i] + l3, ver)
+        hi, lo = wire.load_addr(buf, off[i] + l3 + (16 if ver == 4 else 24), 4 if ver == 4 else 16)
         v = np.uint64(ver)
         for k in range(loc.shape[0]):
             if loc[k, 0] == v and loc[k, 1] == hi and loc[k, 2] == lo:

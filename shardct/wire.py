@@ -143,6 +143,9 @@ def _load_addr(buf, at, nbytes):
     return hi, lo
 
 
+load_addr = _load_addr     # for the other kernels that read an address from a frame
+
+
 @numba.njit(inline="always", cache=True)
 def _ip_header(buf, l3, end):
     """Walk an IP header at l3 (end = last valid byte + 1).

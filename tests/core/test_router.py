@@ -216,3 +216,88 @@ def test_public_names_are_exported():
     import shardct
     for name in ("Network", "RuleSet", "Routes", "parse_iptables_save"):
         assert name in shardct.__all__ and hasattr(shardct, name), name
+
+
+# ---------------------------------------------------------------- time exceeded
+
+def ttl1(src=CLIENT, dst=SERVER, sport=40004, payload=b"t", **ip):
+    return E / IP(src=src, dst=dst, ttl=1, **ip) / UDP(sport=sport, dport=5000) / payload
+
+
+def errors(r, frames, ifindex=LAN):
+    b = PacketBatch.from_frames([raw(f) for f in frames], ifindex=ifindex)
+    res = r.ct.process(b)
+    assert not res.forward.any(), "a TTL 1 packet is never forwarded"
+    g = res.generated
+    return [] if g is None else [(Ether(g.frame(i)), int(g.ifindex[i])) for i in range(len(g))]
+
+
+def test_ttl1_gets_time_exceeded_from_the_ingress_address_quoting_it_as_it_arrived():
+    # a DNATed flow: the quote keeps the destination the packet arrived with
+    r = Router("-A PREROUTING -i lan0 -p udp --dport 5000 -j DNAT --to-destination 192.168.0.9\n" + MASQ)
+    arrived = ttl1(dst="8.8.8.8", id=77)
+    ((e, ifx),) = errors(r, [arrived])
+    got = (ifx, e.src, e.dst, e[IP].src, e[IP].dst, e[IP].ttl, e[IP].tos, int(e[IP].flags),
+           e[ICMP].type, e[ICMP].code)
+    want = (LAN, E.dst, E.src, R_LAN, CLIENT, 64, 0xC0, 0, 11, 0)
+    assert got == want, f"\ngot  {got}\nwant {want}"
+    assert raw(e[IP])[28:] == raw(arrived[IP]), "the quote is the packet as it arrived"
+    assert icmp_ok(e), "IP and ICMP checksums"
+    assert r.ct.stats()["icmp_time_exceeded"] == 1
+
+
+def test_time_exceeded_quote_fits_576_bytes():
+    r = Router()
+    arrived = ttl1(payload=b"q" * 1000)
+    ((e, _),) = errors(r, [arrived])
+    quote = raw(e[IP])[28:]
+    got = (e[IP].len, len(quote))
+    assert got == (576, 548), f"(IP length, quote): got {got}, want (576, 548)"
+    assert quote == raw(arrived[IP])[:548] and icmp_ok(e)
+
+
+def test_time_exceeded_is_rate_limited_per_host_like_icmp_ratelimit():
+    r = Router()
+    got = len(errors(r, [ttl1(sport=40000 + k) for k in range(10)]))
+    assert got == 6, f"a burst of 10 from one host: got {got} errors, want 6 (the burst)"
+    got = len(errors(r, [ttl1(src="10.0.0.5")]))
+    assert got == 1, "another host has its own bucket"
+    r.clock.advance(0.5)
+    assert len(errors(r, [ttl1()])) == 0, "half an interval later: still limited"
+    r.clock.advance(0.5)
+    assert len(errors(r, [ttl1(), ttl1()])) == 1, "one interval later: one more"
+    assert r.ct.stats()["icmp_ratelimited"] == 6
+
+
+def test_no_time_exceeded_for_errors_fragments_local_or_bad_sources():
+    r = Router()
+    quote = raw(IP(src=SERVER, dst=CLIENT) / UDP(sport=1, dport=2))
+    frames = [E / IP(src=CLIENT, dst=SERVER, ttl=1) / ICMP(type=3, code=3) / Raw(quote),
+              E / IP(src=CLIENT, dst=SERVER, ttl=1, frag=10, proto=17) / Raw(b"x" * 16),
+              ttl1(src="0.0.0.0"), ttl1(src="224.0.0.9")]
+    assert errors(r, frames) == []
+    # locally generated (no ingress interface): no hop is taken, so nothing expires
+    b = PacketBatch.from_frames([raw(ttl1(src=R_WAN))], ifindex=-1)
+    res = r.ct.process(b)
+    assert (res.forward.tolist(), res.generated) == ([True], None)
+
+
+def test_hop_limit_1_gets_icmpv6_time_exceeded():
+    from scapy.layers.inet6 import ICMPv6TimeExceeded
+    r = Router()
+    arrived = E / IPv6(src="b::2", dst="a::2", hlim=1) / UDP(sport=1, dport=2) / b"six"
+    ((e, ifx),) = errors(r, [arrived])
+    t = e[ICMPv6TimeExceeded]
+    got = (ifx, e[IPv6].src, e[IPv6].dst, e[IPv6].hlim, t.type, t.code)
+    assert got == (LAN, "b::1", "b::2", 64, 3, 0), f"got {got}"
+    q = e.copy()
+    del q[ICMPv6TimeExceeded].cksum
+    assert raw(Ether(raw(q))) == raw(e), "ICMPv6 checksum"
+    assert raw(e[IPv6])[48:] == raw(arrived[IPv6])
+
+
+def test_icmp_errors_off_or_ttl_off_generates_nothing():
+    for cfg in ({"icmp_errors": False}, {"decrement_ttl": False}):
+        r = Router(**cfg)
+        b = PacketBatch.from_frames([raw(ttl1())], ifindex=LAN)
+        assert r.ct.process(b).generated is None, cfg

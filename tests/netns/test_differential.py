@@ -277,6 +277,26 @@ def test_trailer_past_the_ip_datagram_is_trimmed(can_run):
         assert got[0] == got[1] == [len(f) - 20], f"frame lengths (kernel, shardct): {got}"
 
 
+@pytest.mark.parametrize("size", [3, 1000], ids=["short", "quote-cut-at-576"])
+def test_ttl1_time_exceeded_from_the_ingress_address(can_run, size):
+    k, s = worlds(MASQ4)
+    with k:
+        f = frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2", ttl=1, id=5) / UDP(sport=40008, dport=53) / (b"t" * size))
+        got = k.exchange_all(CLIENT, f)
+        s.t += 1_000_000
+        b = PacketBatch.from_frames([f], ts=s.t, ifindex=IFX[CLIENT])
+        r = s.ct.process(b)
+        fwd = [b.frame(0)] if r.forward[0] else []
+        back = r.generated.frames() if r.generated is not None else []
+        assert (len(got[SERVER]), len(fwd)) == (0, 0), "nothing forwarded with TTL 1"
+        assert (len(got[CLIENT]), len(back)) == (1, 1), f"errors back: kernel {len(got[CLIENT])}, shardct {len(back)}"
+        kd, sd = fields(got[CLIENT][0]), fields(back[0])
+        kd.pop("id"), sd.pop("id")          # a fresh IP id
+        assert kd == sd, f"\nkernel  {kd}\nshardct {sd}"
+        kq, sq = raw(l3(got[CLIENT][0]))[28:], raw(l3(back[0]))[28:]
+        assert kq == sq, f"quotes differ: kernel {len(kq)} bytes, shardct {len(sq)}"
+
+
 def test_source_port_clash_remapped_in_class(can_run):
     k, s = worlds(MASQ4)
     with k:
