@@ -103,7 +103,7 @@ def breakdown(flows, packets, batch):
         for b in parts:
             n = len(b)
             wire.parse_hash_batch(b.buf, b.off, b.length, meta[:n], addr[:n], True, T.seed, h[:n])
-            K.track_batch(b.buf, b.off, meta[:n], addr[:n], h[:n], b.length, ts[:n], v[:n],
+            K.track_batch(b.buf, b.off, meta[:n], addr[:n], h[:n], b.length, b.ifindex, ts[:n], v[:n],
                           tid[:n], given[:n], T.heads, T.tkey, T.tport, T.tnext, T.c64, T.c32,
                           T.c8, T.cstatus, T.tbl, ct.stats_arr, ct.cfg, ct.tmo, ct.ev,
                           ct.evaddr, 0, False)

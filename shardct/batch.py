@@ -18,7 +18,8 @@ ts         int64    timestamp of frame i, nanoseconds (the replay clock)
 =========  =======  ====================================================
 
 Owner: whoever built it; kernels read ``buf`` and may rewrite frames in
-place (NAT), never resize them.
+place (NAT), never move them; router mode may shorten ``length[i]`` (a trailer past
+the IP datagram is cut off), never lengthen it.
 
 ``shared``: ``buf`` is a region other batches use too (the pool's shared-memory frame
 ring): ``take`` and ``concat`` then give views on it instead of copies, and only the

@@ -59,8 +59,8 @@ class ManualClock:
 class Tuple(NamedTuple):
     src: ipaddress.IPv4Address | ipaddress.IPv6Address
     dst: ipaddress.IPv4Address | ipaddress.IPv6Address
-    sport: int      # echo: ident for a request, 0 for a reply
-    dport: int      # echo: 0 for a request, ident for a reply
+    sport: int      # ICMP query: ident for a request, key (wire.icmp_query) for a reply
+    dport: int      # ICMP query: key for a request, ident for a reply (echo's key is 0)
     proto: int
 
     def reply(self) -> "Tuple":
@@ -94,15 +94,23 @@ class Event:
 
 @dataclass
 class Result:
-    """Per-frame outcome of ``process``: ``verdict[i]`` (track.V_*) and ``tuple_id[i]``
-    (2*conn + direction, -1 when no conn)."""
+    """Per-frame outcome of ``process``: ``verdict[i]`` (track.V_*), ``tuple_id[i]``
+    (2*conn + direction, -1 when no conn) and ``forward[i]``: whether frame i leaves,
+    with the engine's ``Config.drop_invalid`` applied (``forward_mask``). ``generated``:
+    frames the engine originates for this batch (router mode: ICMP time-exceeded, see
+    icmp.py), each with the interface to leave by in ``ifindex``; None when none."""
     verdict: np.ndarray
     tuple_id: np.ndarray
     meta: np.ndarray
     addr: np.ndarray
+    forward: np.ndarray | None = None
+    generated: PacketBatch | None = None
 
-    def forward_mask(self, drop_invalid: bool) -> np.ndarray:
-        return forward_mask(self.verdict, drop_invalid)
+    def forward_mask(self, drop_invalid: bool | None = None) -> np.ndarray:
+        """``forward``; or, given ``drop_invalid``, the mask under that setting."""
+        if drop_invalid is None and self.forward is not None:
+            return self.forward
+        return forward_mask(self.verdict, bool(drop_invalid))
 
 
 def forward_mask(verdict: np.ndarray, drop_invalid: bool) -> np.ndarray:
@@ -126,8 +134,11 @@ class ConnTrack:
                  shard: tuple[int, int] = (0, 1), owned: tuple[int, int] | None = None):
         """rules: a parsed nat RuleSet (rules.py) or None; network: a netconf.Network
         (interfaces, routes) for routing, MASQUERADE and REDIRECT; rng: randomness for NAT
-        port search (a numpy Generator; derived from ``seed`` when omitted); router: also
-        decrement TTL / hop limit of forwarded packets and drop broken IP headers.
+        port search (a numpy Generator; derived from ``seed`` when omitted); router: act as
+        a router receiving the frames: drop broken IP headers, trim bytes past the IP
+        datagram (``batch.length`` shrinks), and, with ``config.decrement_ttl``, take
+        the hop (TTL / hop limit; TTL <= 1 is dropped) of forwarded packets only: a
+        frame with no ingress interface (``ifindex`` -1) is locally generated.
         With rules or a network, every new conn goes through the NAT decision (null
         bindings included), as Linux does once the nat table exists.
         shard: (k, n) when this table is worker k of n (it owns bucket slice k); with
@@ -160,7 +171,7 @@ class ConnTrack:
         # track_batch's table and engine arguments, gathered once (they are never replaced)
         self._track_args = (t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
                             t.tbl, self.stats_arr, self.cfg, self.tmo, self.ev, self.evaddr)
-        self.cfg[K.CF_ROUTER] = int(router)
+        self.cfg[K.CF_ROUTER] = (K.RT_CHECK | (K.RT_TTL if c.decrement_ttl else 0)) if router else 0
         self.nat = None
         if rules is not None or network is not None:
             from .nat import NatEngine
@@ -173,6 +184,10 @@ class ConnTrack:
                                  rng if rng is not None else np.random.default_rng(seed), affine)
             self.cfg[K.CF_NAT] = 1
         self.network = network
+        self._icmp = None
+        if router and network is not None and c.icmp_errors and c.decrement_ttl:
+            from .icmp import TimeExceeded
+            self._icmp = TimeExceeded(network, c.icmp_ratelimit, seed)
 
     # ------------------------------------------------------------ packets
     def _scratch(self, n):
@@ -197,10 +212,11 @@ class ConnTrack:
 
     def process(self, batch: PacketBatch, now: int | None = None) -> Result:
         """Track every frame of ``batch`` in order. Frames of NATed conns (and, in router
-        mode, every forwarded IP frame's TTL) are rewritten in place in ``batch.buf``.
+        mode, every forwarded IP frame's TTL) are rewritten in place in ``batch.buf``;
+        in router mode a frame longer than its IP datagram is trimmed (``batch.length``).
 
-        The Result's ``verdict`` and ``tuple_id`` are fresh arrays; its ``meta`` and
-        ``addr`` are this engine's scratch space, valid until the next call."""
+        The Result's ``verdict``, ``tuple_id`` and ``forward`` are fresh arrays; its
+        ``meta`` and ``addr`` are this engine's scratch space, valid until the next call."""
         buf = batch.buf
         n = batch.off.shape[0]
         if not buf.flags.writeable:
@@ -221,22 +237,25 @@ class ConnTrack:
         wire.parse_hash_batch(buf, batch.off, batch.length, meta, addr,
                               self.config.checksum, self._seed, hashes)
         self.run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n])
-        return Result(verdict, tid, meta, addr)
+        gen = None if self._icmp is None else self._icmp.generate(batch, meta, verdict, ts,
+                                                                   K.V_DROP)
+        return Result(verdict, tid, meta, addr, forward_mask(verdict, self.config.drop_invalid),
+                      gen)
 
     def run(self, batch, meta, addr, hashes, ts, verdict, tid, given):
         """Track a parsed batch in order (the kernel, stopping for the NAT slow path
         where it must). ``given``: see track.track_batch. Writes verdict and tid."""
         n = batch.off.shape[0]
-        buf, off, length = batch.buf, batch.off, batch.length
+        buf, off, length, ifx = batch.buf, batch.off, batch.length, batch.ifindex
         self._batch = batch
         args = self._track_args
-        i = K.track_batch(buf, off, meta, addr, hashes, length, ts, verdict, tid, given, *args,
-                          0, False)
+        i = K.track_batch(buf, off, meta, addr, hashes, length, ifx, ts, verdict, tid, given,
+                          *args, 0, False)
         while i < n:
             j = self._slow_path(i, meta, addr, hashes, ts, verdict, tid)
             if j < n:
-                i = K.track_batch(buf, off, meta, addr, hashes, length, ts, verdict, tid, given,
-                                  *args, j, j == i)
+                i = K.track_batch(buf, off, meta, addr, hashes, length, ifx, ts, verdict, tid,
+                                  given, *args, j, j == i)
             else:
                 i = j
 
@@ -270,6 +289,15 @@ class ConnTrack:
             return i + 1
         K.init_proto(t.c32, t.c8, c, meta, i, now)
         return i
+
+    def route(self, batch: PacketBatch, result: Result | None = None):
+        """Routing of each frame of a processed batch (netconf.Routes: egress interface,
+        next hop, local delivery), on the destinations NAT gave them. ``result``: the
+        last ``process`` result for this batch (its parse is reused). Precondition: the
+        engine has a network."""
+        if self.network is None:
+            raise ValueError("route: this engine has no network (interfaces and routes)")
+        return self.network.route_batch(batch, None if result is None else result.meta)
 
     def original_dst(self, src, dst, sport, dport, proto, now: int | None = None):
         """SO_ORIGINAL_DST: for a packet seen after DNAT/REDIRECT in the original
@@ -408,6 +436,9 @@ class ConnTrack:
             s[name] = int(self.stats_arr[k])
         for k, name in enumerate(K.INVALID_NAMES):
             s[f"invalid.{name}"] = int(self.stats_arr[K.INV_BASE + k])
+        if self._icmp is not None:
+            from .icmp import STAT_NAMES
+            s.update((name, int(v)) for name, v in zip(STAT_NAMES, self._icmp.stats))
         return s
 
     # ------------------------------------------------------------ expiry

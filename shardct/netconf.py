@@ -1,6 +1,7 @@
 # The router's view of its network: interfaces (name, MAC, addresses), routes and
 # neighbours, from the engine config. Used once per new conn (routing, MASQUERADE and
-# REDIRECT addresses), never per packet. Pure: built from a dict.
+# REDIRECT addresses) and, compiled to arrays, by the batch routing kernel (route_batch).
+# Pure: built from a dict.
 """Interfaces and routes.
 
 Config form (TOML)::
@@ -16,13 +17,21 @@ Config form (TOML)::
 
 Connected subnets of interface addresses are routes too. ``route(addr)`` is the
 longest-prefix match; ``is_local(addr)`` is true for the router's own addresses.
+``route_batch(batch)`` routes every frame of a batch at once (``Routes``: egress
+interface, next hop, local delivery); ``egress(network, batch)`` is the interface id
+to label each frame with (replay's output, a TX sink).
 """
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from . import wire
+from .cpu import kernel
 from .errors import ConfigError
+from .hashing import addr_words
 
 
 @dataclass
@@ -62,16 +71,37 @@ class Network:
         self._by_name = {i.name: k for k, i in enumerate(self.interfaces)}
         if len(self._by_name) != len(self.interfaces):
             raise ConfigError("interfaces", "an interface name appears twice")
-        self._table = []
+        table = []      # (network, interface name, gateway or None)
         for ifc in self.interfaces:
             for a in ifc.addresses:
-                self._table.append((a.network, ifc.name))
+                table.append((a.network, ifc.name, None))
         for r in self.routes:
             if r.dev not in self._by_name:
                 raise ConfigError("routes", f"route to {r.dst} uses unknown interface {r.dev!r}")
-            self._table.append((r.dst, r.dev))
-        self._table.sort(key=lambda e: -e[0].prefixlen)
+            table.append((r.dst, r.dev, r.via))
+        table.sort(key=lambda e: -e[0].prefixlen)
+        self._table = [(net, dev) for net, dev, _ in table]
+        self._vias = [via for _, _, via in table]
         self._local = {a.ip for ifc in self.interfaces for a in ifc.addresses}
+        self._compile()
+
+    def _compile(self):
+        """The table as arrays for route_kernel: rows in longest-prefix-first order of
+        (ipver, net hi, net lo, mask hi, mask lo, interface id, gateway hi, gateway lo,
+        has gateway), and the local addresses as (ipver, hi, lo)."""
+        rows = np.zeros((len(self._table), 9), dtype=np.uint64)
+        for k, ((net, dev), gw) in enumerate(zip(self._table, self._vias)):
+            rows[k, 0] = net.version
+            rows[k, 1:3] = addr_words(net.network_address.packed)
+            rows[k, 3:5] = addr_words(net.netmask.packed)
+            rows[k, 5] = self._by_name[dev]
+            if gw is not None:
+                rows[k, 6:8] = addr_words(gw.packed)
+                rows[k, 8] = 1
+        self._rows = rows
+        loc = sorted(self._local, key=lambda a: (a.version, int(a)))
+        self._loc = np.array([(a.version, *addr_words(a.packed)) for a in loc],
+                             dtype=np.uint64).reshape(-1, 3)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "<config>") -> "Network":
@@ -118,3 +148,84 @@ class Network:
 
     def is_local(self, addr) -> bool:
         return addr in self._local
+
+    def route_batch(self, batch, meta=None) -> "Routes":
+        """Route every frame of ``batch`` on its destination address as the frame holds
+        it now (after NAT rewrote it). ``meta``: wire.parse_batch rows of this batch
+        (only the IP version and L3 offset are read, so a parse from before NAT will
+        do, e.g. ``Result.meta``); parsed here when None."""
+        n = len(batch)
+        if meta is None:
+            meta, addr = wire.new_meta(n)
+            wire.parse_batch(batch.buf, batch.off, batch.length, meta, addr, False)
+        out = Routes(np.full(n, -1, dtype=np.int16), np.zeros((n, 2), dtype=np.uint64),
+                     np.zeros(n, dtype=np.bool_), np.zeros(n, dtype=np.uint8))
+        route_kernel(batch.buf, batch.off, batch.length, meta, self._rows, self._loc,
+                     out.egress, out.nexthop, out.local, out.ipver)
+        return out
+
+
+@dataclass
+class Routes:
+    """Per-frame routing of a batch (``Network.route_batch``).
+
+    egress[i]   interface id of the route (for a local address: the interface holding
+                it); -1 when not IP or no route
+    nexthop[i]  (hi, lo) address words of the next hop: the route's gateway, else the
+                destination itself (on-link); zeros when there is no route
+    local[i]    addressed to one of the router's own addresses (local delivery)
+    ipver[i]    4 or 6; 0 for frames that are not IP or whose IP header is broken
+    """
+    egress: np.ndarray
+    nexthop: np.ndarray
+    local: np.ndarray
+    ipver: np.ndarray
+
+    def nexthop_address(self, i: int):
+        """The next hop of frame i as an ipaddress object, None when unrouted."""
+        if self.egress[i] < 0:
+            return None
+        from .hashing import words_addr
+        return ipaddress.ip_address(words_addr(int(self.nexthop[i, 0]), int(self.nexthop[i, 1]),
+                                               int(self.ipver[i])))
+
+
+def egress(network: Network | None, batch, meta=None) -> np.ndarray:
+    """Egress interface id (int16) of each frame: its route, or its ingress interface
+    when there is no network or no route (a capture writer labels every frame)."""
+    if network is None:
+        return batch.ifindex
+    eg = network.route_batch(batch, meta).egress
+    return np.where(eg >= 0, eg, batch.ifindex).astype(np.int16)
+
+
+@kernel
+def route_kernel(buf, off, length, meta, rows, loc, egress, nexthop, local, ipver_out):
+    """Longest-prefix match of each frame's destination against ``rows`` (sorted
+    longest prefix first, so the first match wins) and a scan of the local addresses.
+    Preconditions: meta rows from wire.parse_batch of these frames; output arrays of
+    len(off) rows, egress preset to -1, nexthop and local to zero."""
+    for i in range(off.shape[0]):
+        ver = meta[i, wire.M_IPVER]
+        l3 = meta[i, wire.M_L3]
+        if ver != 4 and ver != 6:
+            continue
+        if l3 + (20 if ver == 4 else 40) > length[i]:
+            continue
+        ipver_out[i] = ver
+        hi, lo = wire.load_addr(buf, off[i] + l3 + (16 if ver == 4 else 24), 4 if ver == 4 else 16)
+        v = np.uint64(ver)
+        for k in range(loc.shape[0]):
+            if loc[k, 0] == v and loc[k, 1] == hi and loc[k, 2] == lo:
+                local[i] = True
+                break
+        for k in range(rows.shape[0]):
+            if rows[k, 0] == v and (hi & rows[k, 3]) == rows[k, 1] and (lo & rows[k, 4]) == rows[k, 2]:
+                egress[i] = np.int16(rows[k, 5])
+                if rows[k, 8] != 0:
+                    nexthop[i, 0] = rows[k, 6]
+                    nexthop[i, 1] = rows[k, 7]
+                else:
+                    nexthop[i, 0] = hi
+                    nexthop[i, 1] = lo
+                break

@@ -9,15 +9,16 @@ L4_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 _ECHO = {4: (8, 0), 6: (128, 129)}
 
 
-def _tuple_fields(t: Tuple, ipver: int) -> str:
+def _tuple_fields(t: Tuple, ipver: int, reply: bool) -> str:
     s = f"src={t.src} dst={t.dst} "
     if t.proto in (6, 17):
         return s + f"sport={t.sport} dport={t.dport} "
     if t.proto in (1, 58):
-        req, rep = _ECHO[ipver]
-        if t.sport:       # request form: ident in the sport slot
-            return s + f"type={req} code=0 id={t.sport} "
-        return s + f"type={rep} code=0 id={t.dport} "
+        # query tuples (wire.py): request (ident, key), reply (key, ident); key 0 is echo,
+        # else the request's type (its reply is type + 1)
+        ident, key = (t.dport, t.sport) if reply else (t.sport, t.dport)
+        ty = _ECHO[ipver][reply] if key == 0 else key + reply
+        return s + f"type={ty} code=0 id={ident} "
     return s
 
 
@@ -31,12 +32,12 @@ def format_conn(c: Conn, now: int, *, extended: bool = False, counters: bool = T
     out += f"{name:<8} {c.proto} {c.timeout(now)} "
     if c.state is not None:
         out += f"{c.state} "
-    out += _tuple_fields(c.original, ipver)
+    out += _tuple_fields(c.original, ipver, False)
     if counters:
         out += f"packets={c.packets[0]} bytes={c.bytes[0]} "
     if "SEEN_REPLY" not in c.status:
         out += "[UNREPLIED] "
-    out += _tuple_fields(c.reply, ipver)
+    out += _tuple_fields(c.reply, ipver, True)
     if counters:
         out += f"packets={c.packets[1]} bytes={c.bytes[1]} "
     if "ASSURED" in c.status:

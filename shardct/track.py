@@ -34,13 +34,16 @@ from .tcpstate import TRANSITIONS, IG, IV
 from .rewrite import decrement_ttl, icmp_recompute, rewrite_header
 from .wire import (CLS_INVALID, CLS_NOTIP, CLS_RELATED, CLS_TRACK, CLS_UNTRACKED,
                    M_ACK, M_CLS, M_ECHO, M_INNER_L3, M_INNER_L4, M_IPVER, M_L3, M_L3LEN, M_L4, M_PAYLEN, M_PORTS, M_PROTO,
-                   M_REASON, M_SACKPERM, M_SEQ, M_TFLAGS, M_WIN, M_WSCALE, REASON_NAMES)
+                   M_REASON, M_SACKPERM, M_SEQ, M_TFLAGS, M_WIN, M_WSCALE, REASON_NAMES, icmp_query)
 
 # ---- configuration (cfg int64 array)
 (CF_BE_LIBERAL, CF_LOOSE, CF_MAX_CONNS, CF_EVENTS, CF_IGNORE_INVALID_RST, CF_NAT, CF_ROUTER,
  CF_SHARD_LO, CF_SHARD_HI, CF_MAX_RETRANS, CF_HOLD) = range(11)
 N_CFG = 11          # CF_SHARD_LO..HI: the routing buckets this table owns (all by default);
                     # CF_HOLD: a shard's first pass of a round (see track_batch)
+# cfg[CF_ROUTER] bits: drop broken IP headers and trim trailers (ip_rcv_core); take the
+# hop (TTL / hop limit) of forwarded packets (ip_forward)
+RT_CHECK, RT_TTL = 1, 2
 
 # ---- timeouts (tmo int64 array, ns): TCP states 0..9, then these
 TMO_RETRANS, TMO_UNACK, TMO_UDP, TMO_UDP_STREAM, TMO_ICMP, TMO_GENERIC = 10, 11, 12, 13, 14, 15
@@ -721,11 +724,7 @@ def nat_packet(buf, o, meta, i, tkey, tport, c8, cstatus, stats, t, related):
     iproto = meta[i, M_PROTO]
     iecho = 0
     if (iproto == 1 or iproto == 58) and iavail >= 1:
-        ty = buf[il4]
-        if ty == 8 or ty == 128:
-            iecho = 1
-        elif ty == 0 or ty == 129:
-            iecho = 2
+        iecho, _ = icmp_query(ipver, np.int64(buf[il4]))
     rewrite_header(buf, il3, il4, iavail, ipver, iproto, iecho,
                    tkey[ot, 0], tkey[ot, 1], tkey[ot, 2], tkey[ot, 3], op, True, True)
     oproto = 1 if ipver == 4 else 58
@@ -828,7 +827,7 @@ def prefetch_start(hashes, heads, tkey, tport, tnext, c64, c8, addr, meta, mask,
 
 
 @kernel(error_model="numpy")
-def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
+def track_batch(buf, off, meta, addr, hashes, length, ifindex, ts, verdict, pconn, given,
                 heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl,
                 stats, cfg, tmo, ev, evaddr, start, resumed):
     """Track packets start..n-1 in order. ``resumed``: packet ``start`` already went
@@ -870,7 +869,8 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
             verdict[i] = V_NOTIP
             stats[ST_NOT_IP] += 1
             continue
-        if cfg[CF_ROUTER] != 0:
+        rt = cfg[CF_ROUTER]
+        if rt & RT_CHECK:
             r = meta[i, M_REASON]
             if cls == CLS_INVALID and (r <= 4 or r == 14):
                 # a broken IP header is dropped before conntrack, as a router does
@@ -879,11 +879,18 @@ def track_batch(buf, off, meta, addr, hashes, length, ts, verdict, pconn, given,
                 stats[ST_INVALID] += 1
                 stats[INV_BASE + r] += 1
                 continue
-            if fresh and not decrement_ttl(buf, off[i] + meta[i, M_L3], meta[i, M_IPVER]):
-                verdict[i] = V_DROP
-                stats[ST_TTL_EXPIRED] += 1
-                stats[ST_DROP] += 1
-                continue
+            # bytes past the IP datagram (a trailer, Ethernet padding) are cut off
+            dend = meta[i, M_L3] + meta[i, M_L3LEN]
+            if meta[i, M_L3LEN] > 0 and dend < length[i]:
+                length[i] = dend
+        if (rt & RT_TTL and fresh and ifindex[i] >= 0
+                and not decrement_ttl(buf, off[i] + meta[i, M_L3], meta[i, M_IPVER])):
+            # only a forwarded packet takes the hop: a locally generated one (no ingress
+            # interface) leaves with its TTL
+            verdict[i] = V_DROP
+            stats[ST_TTL_EXPIRED] += 1
+            stats[ST_DROP] += 1
+            continue
         if cls == CLS_UNTRACKED:
             verdict[i] = V_UNTRACKED
             stats[ST_UNTRACKED] += 1

@@ -18,9 +18,12 @@ CLS_NOTIP        not IPv4/IPv6 (ARP, LLDP...): passed, never tracked
 ===============  =============================================================
 
 ``M_REASON`` says why for INVALID/UNTRACKED (``REASON_*``). Offsets are relative to the
-frame start. Echo tuples put the ident in the sport slot for requests and the dport
-slot for replies, 0 in the other (gVisor getTupleID), so a reply matches the request's
-inverted tuple.
+frame start. ICMP query tuples (echo, and for IPv4 timestamp, information and address
+mask, the types Linux tracks) put the ident in the sport slot for requests and the dport
+slot for replies (gVisor getTupleID), so a reply matches the request's inverted tuple.
+The other slot holds the query's key (``icmp_query``): 0 for echo, which keeps gVisor's
+echo tuple, else the request's type, so a timestamp and an echo with one ident are two
+conns as in Linux (whose tuple holds the type).
 """
 from __future__ import annotations
 
@@ -76,7 +79,7 @@ M_ICMPTYPE = 16
 M_INNER_L3 = 17  # ICMP error: quoted IP header offset
 M_INNER_L4 = 18  # ICMP error: quoted transport header offset
 M_FRAG = 19      # 1 for a first fragment (L4 checksum not checkable)
-M_ECHO = 20      # 1 echo request, 2 echo reply
+M_ECHO = 20      # ICMP query (icmp_query): 1 request, 2 reply
 M_INNER_PROTO = 21
 N_META = 22
 
@@ -89,6 +92,24 @@ _VALID_FLAGS = np.zeros(64, dtype=np.uint8)
 for _f in (TH_SYN, TH_SYN | TH_URG, TH_SYN | TH_ACK, TH_RST, TH_RST | TH_ACK,
            TH_FIN | TH_ACK, TH_FIN | TH_ACK | TH_URG, TH_ACK, TH_ACK | TH_URG):
     _VALID_FLAGS[_f] = 1
+
+
+# ICMP queries conntrack tracks (nf_conntrack_proto_icmp{,v6}.c invmap; only requests may
+# create a conn): rows (table, request type, reply type, key); table 0 is ICMP, 1 ICMPv6
+_QUERIES = ((0, 8, 0, 0), (0, 13, 14, 13), (0, 15, 16, 15), (0, 17, 18, 17), (1, 128, 129, 0))
+_Q_ROLE = np.zeros((2, 256), dtype=np.int64)     # 1 request, 2 reply, 0 not a query
+_Q_KEY = np.zeros((2, 256), dtype=np.int64)      # the tuple's other slot
+for _t, _req, _rep, _key in _QUERIES:
+    _Q_ROLE[_t, _req], _Q_KEY[_t, _req] = 1, _key
+    _Q_ROLE[_t, _rep], _Q_KEY[_t, _rep] = 2, _key
+
+
+@numba.njit(inline="always", cache=True)
+def icmp_query(ver, ty):
+    """(role, key) of ICMP (ver 4) / ICMPv6 (ver 6) type ``ty`` (0..255): role 1 request,
+    2 reply, 0 not a tracked query; key goes in the tuple slot the ident does not use."""
+    k = 0 if ver == 4 else 1
+    return _Q_ROLE[k, ty], _Q_KEY[k, ty]
 
 
 def new_meta(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,6 +141,9 @@ def _load_addr(buf, at, nbytes):
         hi = (hi << np.uint64(8)) | np.uint64(buf[at + k])
         lo = (lo << np.uint64(8)) | np.uint64(buf[at + 8 + k])
     return hi, lo
+
+
+load_addr = _load_addr     # for the other kernels that read an address from a frame
 
 
 @numba.njit(inline="always", cache=True)
@@ -339,23 +363,20 @@ def parse_one(buf, o, n, meta, addr, i, validate):
         ty = np.int64(buf[l4])
         meta[i, M_ICMPTYPE] = ty
         ident = get16(buf, l4 + 4)
+        role, key = icmp_query(ver, ty)
         if ver == 4:
-            is_req = ty == 8
-            is_rep = ty == 0
             is_err = ty == 3 or ty == 4 or ty == 5 or ty == 11 or ty == 12
             unknown = ty > 18
         else:
-            is_req = ty == 128
-            is_rep = ty == 129
             is_err = ty >= 1 and ty <= 4
             unknown = ty < 128 and not is_err
-        if is_req:
-            meta[i, M_PORTS] = ident << 16
+        if role == 1:
+            meta[i, M_PORTS] = (ident << 16) | key
             meta[i, M_ECHO] = 1
             meta[i, M_CLS] = CLS_TRACK
             return
-        if is_rep:
-            meta[i, M_PORTS] = ident
+        if role == 2:
+            meta[i, M_PORTS] = (key << 16) | ident
             meta[i, M_ECHO] = 2
             meta[i, M_CLS] = CLS_TRACK
             return
@@ -388,12 +409,12 @@ def parse_one(buf, o, n, meta, addr, i, validate):
                 meta[i, M_CLS] = CLS_INVALID
                 meta[i, M_REASON] = REASON_ICMP_INNER
                 return
-            ity = np.int64(buf[il4])
+            irole, ikey = icmp_query(ver, np.int64(buf[il4]))
             iid = get16(buf, il4 + 4)
-            if (ver == 4 and ity == 8) or (ver == 6 and ity == 128):
-                ports = iid          # quoted request -> inverted reply form
-            elif (ver == 4 and ity == 0) or (ver == 6 and ity == 129):
-                ports = iid << 16
+            if irole == 1:
+                ports = (ikey << 16) | iid      # quoted request -> inverted reply form
+            elif irole == 2:
+                ports = (iid << 16) | ikey
             else:
                 meta[i, M_CLS] = CLS_INVALID
                 meta[i, M_REASON] = REASON_ICMP_INNER

@@ -456,7 +456,7 @@ def ring_batches(rings: list[RxRing], stop, poll_s: float = 0.002, *, merge: Rin
 class RingSink:
     """A sink for ``Pool.feed``'s ``emit``: sends each forwarded frame out of its egress
     interface's TX ring. ``egress(batch)`` gives the interface id of each frame (for
-    example replay._egress with the engine's network); ``rings`` maps ids to TxRings.
+    example shardct.netconf.egress with the engine's network); ``rings`` maps ids to TxRings.
     Frames with no ring are counted in ``no_ring``."""
 
     def __init__(self, rings: dict[int, TxRing], egress, drop_invalid: bool = True):

@@ -25,7 +25,8 @@ import time
 
 #: modules whose kernels the commands compile (imported in this order)
 KERNEL_MODULES = ("shardct.cpu", "shardct.checksum", "shardct.hashing", "shardct.wire",
-                  "shardct.batch", "shardct.traffic", "shardct.rewrite", "shardct.nat",
+                  "shardct.batch", "shardct.traffic", "shardct.rewrite", "shardct.netconf", "shardct.icmp",
+                  "shardct.nat",
                   "shardct.track", "shardct.scatter", "shardct.shard", "workers.pcapio")
 
 #: kernels compiled by :func:`warm`'s stages, as recorded on a cold cache (the bar's total
@@ -35,9 +36,11 @@ WARM_KERNELS = (
     "shardct.track.unlink_tuple", "shardct.track.emit", "shardct.track.destroy_conn",
     "shardct.track.nat_packet", "shardct.track.early_drop", "shardct.track.alloc_conn",
     "shardct.track.link_tuple", "shardct.track.create_conn", "shardct.track.tcp_new",
-    "shardct.track.init_proto", "shardct.track.track_batch", "shardct.nat.tuple_taken",
+    "shardct.track.init_proto", "shardct.track.track_batch", "shardct.icmp.expired_rows",
+    "shardct.nat.tuple_taken", "shardct.icmp.build_errors",
     "shardct.track.reap", "shardct.nat.unique_port", "shardct.track.collect_conns",
-    "workers.pcapio._walk_pcap", "shardct.wire.parse_batch", "shardct.shard.answer_deps",
+    "workers.pcapio._walk_pcap", "shardct.wire.parse_batch", "shardct.netconf.route_kernel",
+    "shardct.shard.answer_deps",
     "shardct.hashing.owner_of_bucket", "shardct.hashing.owners", "shardct.shard.request_rows",
     "shardct.shard.find_visible", "shardct.shard.link_reply_entry", "shardct.shard.answer_rows",
     "shardct.shard.commit_rows", "shardct.track.count_conns", "shardct.batch._gather",
@@ -133,16 +136,29 @@ def _stage_nat():
         r = ct.process(b)
         r.forward_mask(ec.config.drop_invalid)
     ts = int(batches[-1].ts[-1])
+    ct.process(_ttl1_batch(ts, ec.network.index("lan0")))     # the time-exceeded kernels
     ct.reap(ts, 0)
     ct.reap_all(ts)
     list(ct.conns(now=ts))
+
+
+def _ttl1_batch(ts, ifindex):
+    """A LAN UDP frame arriving with TTL 1 (the router answers it with time-exceeded)."""
+    import struct
+    from shardct import PacketBatch
+    from shardct.checksum import checksum
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 1, 17, 0,
+                               bytes((10, 0, 0, 2)), bytes((192, 168, 0, 2))))
+    ip[10:12] = checksum(bytes(ip)).to_bytes(2, "big")
+    frame = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + bytes(ip) + struct.pack("!HHHH", 1, 2, 8, 0)
+    return PacketBatch.from_frames([frame], ts=ts, ifindex=ifindex)
 
 
 def _stage_capture():
     import os
     import tempfile
     from .pcapio import PcapngWriter, PcapWriter, read_capture
-    from .replay import _egress
+    from shardct.netconf import egress
     ec, names, batches = _demo_batches()
     with tempfile.TemporaryDirectory(prefix="shardct-warm-") as d:
         for ext, w in ((".pcap", PcapWriter), (".pcapng", lambda p: PcapngWriter(p, names))):
@@ -150,7 +166,7 @@ def _stage_capture():
             with w(path) as wr:
                 wr.write_batch(batches[0])
             for b in read_capture(path, batch_size=64, names=names):
-                _egress(ec.network, b)
+                egress(ec.network, b)
 
 
 def _stage_pool():

@@ -17,6 +17,7 @@ import numpy as np
 from shardct import ConnTrack
 from shardct import track as K
 from shardct.config import Config
+from shardct.netconf import egress
 from shardct.show import format_conn, format_stats
 
 from . import argtypes as A
@@ -137,8 +138,10 @@ def _cmd_replay(args) -> int:
             if args.write:
                 if writer is None:
                     writer = _open_writer(args.write, names)
-                writer.write_batch(batch, mask=r.forward_mask(cfg.drop_invalid),
-                                   ifindex=_egress(ct.network, batch))
+                writer.write_batch(batch, mask=r.forward,
+                                   ifindex=egress(ct.network, batch, r.meta))
+                if r.generated is not None:        # the router's own ICMP errors
+                    writer.write_batch(r.generated)
             last_ts = int(batch.ts[-1])
             if next_reap is None:
                 next_reap = last_ts
@@ -210,7 +213,7 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
             if state["writer"] is None:
                 state["writer"] = _open_writer(args.write, names)
             state["writer"].write_batch(pk.batch, mask=forward_mask(v, cfg.drop_invalid),
-                                        ifindex=_egress(network, pk.batch))
+                                        ifindex=egress(network, pk.batch))
 
     t0 = time.perf_counter()
     try:
@@ -236,27 +239,3 @@ def _open_writer(path, names):
     if path.endswith(".pcapng"):
         return PcapngWriter(path, names or ["eth0"])
     return PcapWriter(path)
-
-
-def _egress(network, batch):
-    """Egress interface id of each (rewritten) frame: the route to its destination;
-    the ingress interface when there is no network config or no route."""
-    if network is None:
-        return batch.ifindex
-    from shardct import wire
-    meta, addr = wire.new_meta(len(batch))
-    wire.parse_batch(batch.buf, batch.off, batch.length, meta, addr, False)
-    out = batch.ifindex.copy()
-    ipver = meta[:, wire.M_IPVER]
-    keys = np.stack([addr[:, 2], addr[:, 3], ipver.astype(np.uint64)], axis=1)
-    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-    from shardct.hashing import words_addr
-    import ipaddress
-    ids = np.full(len(uniq), -1, dtype=np.int16)
-    for k, (hi, lo, ver) in enumerate(uniq):
-        if ver not in (4, 6):
-            continue
-        dev = network.route(ipaddress.ip_address(words_addr(int(hi), int(lo), int(ver))))
-        ids[k] = network.index(dev) if dev is not None else -1
-    eg = ids[inv.ravel()]
-    return np.where(eg >= 0, eg, out).astype(np.int16)

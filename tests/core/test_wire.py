@@ -91,6 +91,12 @@ def outer_ip(pkt):
     return cur
 
 
+# ICMP queries Linux tracks (nf_conntrack_proto_icmp{,v6}.c invmap), type -> the tuple's
+# key: 0 for echo, else the request's type
+Q_REQ = {8: 0, 13: 13, 15: 15, 17: 17, 128: 0}
+Q_REP = {0: 0, 14: 13, 16: 15, 18: 17, 129: 0}
+
+
 def scapy_view(frame: bytes) -> dict:
     """What scapy's own dissection says the parser should report for a tracked/related frame."""
     pkt = Ether(frame)
@@ -121,10 +127,10 @@ def scapy_view(frame: bytes) -> dict:
     elif proto in (1, 58):
         ty = l4.type
         v["icmptype"] = ty
-        if ty in (8, 128):
-            v.update(ports=l4.id << 16, echo=1)
-        elif ty in (0, 129):
-            v.update(ports=l4.id, echo=2)
+        if ty in Q_REQ:
+            v.update(ports=(l4.id << 16) | Q_REQ[ty], echo=1)
+        elif ty in Q_REP:
+            v.update(ports=(Q_REP[ty] << 16) | l4.id, echo=2)
         else:
             # an error: the tuple is the quoted packet's, inverted
             qbytes = raw(l4.payload)
@@ -142,7 +148,8 @@ def scapy_view(frame: bytes) -> dict:
                 v["ports"] = (qd << 16) | qs
             elif qproto in (1, 58):
                 qty = ql4.type
-                v["ports"] = ql4.id if qty in (8, 128) else ql4.id << 16
+                v["ports"] = ((Q_REQ[qty] << 16) | ql4.id if qty in Q_REQ
+                              else (ql4.id << 16) | Q_REP[qty])
             else:
                 v["ports"] = 0
     else:
@@ -292,9 +299,21 @@ def tracked_cases() -> list[Case]:
              / ICMPv6ND_RA(), CLS_UNTRACKED, wire.REASON_NOT_TRACKED),
         Case("ipv6-mld-query", E / IPv6(src="fe80::1", dst="ff02::1", hlim=1) / ICMPv6MLQuery(),
              CLS_UNTRACKED, wire.REASON_NOT_TRACKED),
-        Case("ipv4-icmp-timestamp-untracked", v4(ICMP(type=13, id=1)), CLS_UNTRACKED,
-             wire.REASON_NOT_TRACKED),
-        Case("ipv4-icmp-type-18-known", v4(ICMP(type=18, id=1)), CLS_UNTRACKED,
+        # timestamp, information and address mask are tracked like echo (Linux invmap);
+        # the request's type is the tuple's key
+        Case("ipv4-icmp-timestamp-request", v4(ICMP(type=13, id=0x0102)), CLS_TRACK,
+             extra={"ports": (0x0102 << 16) | 13, "echo": 1}),
+        Case("ipv4-icmp-timestamp-reply", v4(ICMP(type=14, id=0x0102)), CLS_TRACK,
+             extra={"ports": (13 << 16) | 0x0102, "echo": 2}),
+        Case("ipv4-icmp-info-request", v4(ICMP(type=15, id=7)), CLS_TRACK,
+             extra={"ports": (7 << 16) | 15, "echo": 1}),
+        Case("ipv4-icmp-info-reply", v4(ICMP(type=16, id=7)), CLS_TRACK,
+             extra={"ports": (15 << 16) | 7, "echo": 2}),
+        Case("ipv4-icmp-mask-request", v4(ICMP(type=17, id=9) / (b"\0" * 4)), CLS_TRACK,
+             extra={"ports": (9 << 16) | 17, "echo": 1}),
+        Case("ipv4-icmp-mask-reply", v4(ICMP(type=18, id=9) / (b"\xff" * 4)), CLS_TRACK,
+             extra={"ports": (17 << 16) | 9, "echo": 2}),
+        Case("ipv4-icmp-router-solicitation-untracked", v4(ICMP(type=10)), CLS_UNTRACKED,
              wire.REASON_NOT_TRACKED),
         Case("arp", E / ARP(op=1, hwsrc="02:00:00:00:00:02", psrc=A4, pdst=B4,
                             hwdst="00:00:00:00:00:00"), CLS_NOTIP),

@@ -108,7 +108,7 @@ def fields(frame: bytes) -> dict:
             break
     if ICMP in p:
         d.update(itype=p[ICMP].type, icode=p[ICMP].code)
-        if p[ICMP].type in (0, 8):
+        if p[ICMP].type in (0, 8, 13, 14, 15, 16, 17, 18):      # queries: ident, no quote
             d.update(ident=p[ICMP].id, payload=bytes(p[ICMP].payload))
         else:
             q = IP(bytes(p[ICMP].payload))
@@ -206,6 +206,18 @@ def test_masquerade_icmp_echo(can_run):
         run_flow(k, s, [(CLIENT, req), (SERVER, rep)])
 
 
+@pytest.mark.parametrize("req", [13, 17], ids=["timestamp", "address-mask"])
+def test_masquerade_icmp_query_tracked_like_echo(can_run, req):
+    # Linux tracks timestamp (and address-mask) queries: both are NATed, even with the
+    # LAN address otherwise leaking (they were UNTRACKED)
+    body = b"\0" * (12 if req == 13 else 4)
+    k, s = worlds(MASQ4)
+    with k:
+        q = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") / ICMP(type=req, id=4322, seq=1) / body),) * 2
+        rep = lambda lk, ls: tuple(reply_to(k, SERVER, f, lambda p: IP(src=p.dst, dst=p.src) / ICMP(type=req + 1, id=p[ICMP].id, seq=1) / body) for f in (lk, ls))
+        run_flow(k, s, [(CLIENT, q), (SERVER, rep)])
+
+
 def test_masquerade_zero_udp_checksum(can_run):
     k, s = worlds(MASQ4)
     with k:
@@ -252,6 +264,37 @@ def test_bad_udp_checksum_forwarded_unnated(can_run):
         kd, sd = fields(ko[0]), fields(so[0])
         assert kd == sd, f"\nkernel  {kd}\nshardct {sd}"
         assert kd["src"] == "10.0.0.2", "INVALID packets leave un-NATed"
+
+
+def test_trailer_past_the_ip_datagram_is_trimmed(can_run):
+    k, s = worlds(MASQ4)
+    with k:
+        f = frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") / UDP(sport=40007, dport=53) / b"t") \
+            + b"\xee" * 20
+        ko, so = k.exchange(CLIENT, f), s.exchange(CLIENT, f)
+        compare(ko, so)
+        got = [len(x) for x in ko], [len(x) for x in so]
+        assert got[0] == got[1] == [len(f) - 20], f"frame lengths (kernel, shardct): {got}"
+
+
+@pytest.mark.parametrize("size", [3, 1000], ids=["short", "quote-cut-at-576"])
+def test_ttl1_time_exceeded_from_the_ingress_address(can_run, size):
+    k, s = worlds(MASQ4)
+    with k:
+        f = frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2", ttl=1, id=5) / UDP(sport=40008, dport=53) / (b"t" * size))
+        got = k.exchange_all(CLIENT, f)
+        s.t += 1_000_000
+        b = PacketBatch.from_frames([f], ts=s.t, ifindex=IFX[CLIENT])
+        r = s.ct.process(b)
+        fwd = [b.frame(0)] if r.forward[0] else []
+        back = r.generated.frames() if r.generated is not None else []
+        assert (len(got[SERVER]), len(fwd)) == (0, 0), "nothing forwarded with TTL 1"
+        assert (len(got[CLIENT]), len(back)) == (1, 1), f"errors back: kernel {len(got[CLIENT])}, shardct {len(back)}"
+        kd, sd = fields(got[CLIENT][0]), fields(back[0])
+        kd.pop("id"), sd.pop("id")          # a fresh IP id
+        assert kd == sd, f"\nkernel  {kd}\nshardct {sd}"
+        kq, sq = raw(l3(got[CLIENT][0]))[28:], raw(l3(back[0]))[28:]
+        assert kq == sq, f"quotes differ: kernel {len(kq)} bytes, shardct {len(sq)}"
 
 
 def test_source_port_clash_remapped_in_class(can_run):

@@ -1,0 +1,303 @@
+"""Router behaviour of the engine (issue 13): what Linux does to a forwarded packet beyond
+conntrack and NAT. ICMP timestamp / information / address-mask queries tracked like echo
+(nf_conntrack_proto_icmp.c), trailers trimmed (ip_rcv_core's pskb_trim_rcsum),
+``drop_invalid`` in the engine's result, TTL only on forwarded packets, and the egress
+interface of each routed frame.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scapy.all import ICMP, IP, UDP, Ether, IPv6, Raw, raw
+from scapy.layers.inet import ICMPerror, IPerror
+
+from shardct import Config, ConnTrack, ManualClock, PacketBatch
+from shardct import track as K
+from shardct.netconf import Network
+from shardct.rules import parse_iptables_save
+from shardct.show import format_conn
+
+E = Ether(dst="02:00:00:00:00:03", src="02:00:00:00:00:02")
+NET = {"interfaces": {"lan0": {"address": ["10.0.0.3/24", "b::1/64"]},
+                      "wan0": {"address": ["192.168.0.1/24", "a::1/64"]}},
+       "routes": [{"dst": "0.0.0.0/0", "dev": "wan0", "via": "192.168.0.254"}]}
+LAN, WAN = 0, 1
+CLIENT, SERVER, R_LAN, R_WAN = "10.0.0.2", "192.168.0.2", "10.0.0.3", "192.168.0.1"
+MASQ = "-A POSTROUTING -o wan0 -j MASQUERADE"
+
+
+def nat_rules(body: str):
+    text = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n" \
+           ":POSTROUTING ACCEPT [0:0]\n" + body.strip() + "\nCOMMIT\n"
+    return parse_iptables_save(text, "test.rules", 4)
+
+
+class Router:
+    def __init__(self, body=MASQ, seed=3, **cfg):
+        self.clock = ManualClock(10 * 1_000_000_000)
+        self.ct = ConnTrack(Config(**cfg), seed=seed, clock=self.clock,
+                            rules=nat_rules(body) if body else None,
+                            network=Network.from_dict(NET), router=True,
+                            rng=np.random.default_rng(seed))
+
+    def send(self, pkt, ifindex):
+        """(verdict, frame after the engine, forwarded?)."""
+        b = PacketBatch.from_frames([raw(E / pkt) if not isinstance(pkt, bytes) else pkt],
+                                    ifindex=ifindex)
+        r = self.ct.process(b)
+        return int(r.verdict[0]), Ether(b.frame(0)), bool(r.forward[0])
+
+
+def icmp_ok(frame: Ether) -> bool:
+    q = frame.copy()
+    del q[IP].chksum
+    del q[ICMP].chksum
+    return raw(Ether(raw(q))) == raw(frame)
+
+
+# ---------------------------------------------------------------- ICMP queries
+
+QUERIES = [(13, 14, b"\0" * 12), (15, 16, b""), (17, 18, b"\0" * 4)]
+
+
+@pytest.mark.parametrize("req,rep,body", QUERIES, ids=["timestamp", "information", "address-mask"])
+def test_icmp_query_is_tracked_and_masqueraded(req, rep, body):
+    r = Router(drop_invalid=True)
+    v, out, fwd = r.send(IP(src=CLIENT, dst=SERVER) / ICMP(type=req, id=0x77, seq=1) / body, LAN)
+    got = (v, fwd, out[IP].src, out[ICMP].id, icmp_ok(out))
+    assert got == (K.V_ACCEPT, True, R_WAN, 0x77, True), f"request: got {got}"
+    v, back, fwd = r.send(IP(src=SERVER, dst=R_WAN) / ICMP(type=rep, id=0x77, seq=1) / body, WAN)
+    got = (v, fwd, back[IP].dst, back[ICMP].id, icmp_ok(back))
+    assert got == (K.V_ACCEPT, True, CLIENT, 0x77, True), f"reply: got {got}"
+    (conn,) = list(r.ct.conns())
+    line = format_conn(conn, 0)
+    assert f"type={req} code=0 id={0x77}" in line and f"type={rep} code=0 id={0x77}" in line, line
+    assert "SEEN_REPLY" in conn.status, conn.status
+
+
+@pytest.mark.parametrize("rep", [14, 16, 18])
+def test_icmp_query_reply_without_request_is_invalid_and_dropped(rep):
+    r = Router(drop_invalid=True)
+    v, out, fwd = r.send(IP(src=CLIENT, dst=SERVER) / ICMP(type=rep, id=5), LAN)
+    assert (v, fwd) == (K.V_INVALID, False), f"got {(v, fwd)}, want INVALID and not forwarded"
+    assert len(r.ct) == 0
+
+
+def test_echo_and_timestamp_with_one_ident_are_two_conns():
+    r = Router()
+    r.send(IP(src=CLIENT, dst=SERVER) / ICMP(type=8, id=9), LAN)
+    r.send(IP(src=CLIENT, dst=SERVER) / ICMP(type=13, id=9) / (b"\0" * 12), LAN)
+    assert len(r.ct) == 2, f"conns: got {len(r.ct)}, want 2 (Linux's tuple holds the type)"
+    # an echo reply does not answer the timestamp request (nor the other way round)
+    v, back, _ = r.send(IP(src=SERVER, dst=R_WAN) / ICMP(type=14, id=9) / (b"\0" * 12), WAN)
+    assert (v, back[IP].dst) == (K.V_ACCEPT, CLIENT), (v, back[IP].dst)
+    statuses = sorted(sorted(c.status) for c in r.ct.conns())
+    assert sum("SEEN_REPLY" in s for s in statuses) == 1, statuses
+
+
+def test_icmp_error_quoting_a_timestamp_request_is_related_and_unnated():
+    r = Router()
+    _, out, _ = r.send(IP(src=CLIENT, dst=SERVER) / ICMP(type=13, id=0x55) / (b"\0" * 12), LAN)
+    err = IP(src=SERVER, dst=R_WAN) / ICMP(type=3, code=1) / Raw(raw(out[IP]))
+    v, back, fwd = r.send(err, WAN)
+    q = back[IPerror]
+    got = (v, fwd, back[IP].dst, q.src, q[ICMPerror].type, q[ICMPerror].id, icmp_ok(back))
+    assert got == (K.V_RELATED, True, CLIENT, CLIENT, 13, 0x55, True), f"got {got}"
+
+
+# ---------------------------------------------------------------- trailers
+
+@pytest.mark.parametrize("router,want_cut", [(True, True), (False, False)])
+def test_trailer_past_the_ip_datagram_is_trimmed_in_router_mode(router, want_cut):
+    r = Router()
+    if not router:
+        r.ct = ConnTrack(Config(), seed=3, clock=r.clock)
+    pkt = raw(E / IP(src=CLIENT, dst=SERVER, ttl=64) / UDP(sport=1, dport=2) / b"data")
+    trailer = b"\xde\xad\xbe\xef" * 8
+    b = PacketBatch.from_frames([pkt + trailer, pkt], ifindex=LAN)
+    res = r.ct.process(b)
+    got = (b.length.tolist(), res.verdict.tolist(), res.forward.tolist())
+    cut = len(pkt) if want_cut else len(pkt) + len(trailer)
+    assert got == ([cut, len(pkt)], [K.V_ACCEPT] * 2, [True, True]), f"got {got}"
+    out = Ether(b.frame(0))
+    assert (out[IP].src, bytes(out[UDP].payload)[:4]) == ((R_WAN if router else CLIENT), b"data")
+
+
+def test_short_ethernet_padding_is_trimmed_and_invalid_frames_keep_their_verdict():
+    r = Router()
+    pad = raw(E / IP(src=CLIENT, dst=SERVER) / UDP(sport=3, dport=4))     # 42 bytes
+    bad = raw(E / IP(src=CLIENT, dst=SERVER) / UDP(sport=5, dport=6, chksum=0x1234) / b"x")
+    b = PacketBatch.from_frames([pad + b"\0" * 18, bad + b"\0" * 10], ifindex=LAN)
+    res = r.ct.process(b)
+    got = (b.length.tolist(), res.verdict.tolist())
+    assert got == ([len(pad), len(bad)], [K.V_ACCEPT, K.V_INVALID]), f"got {got}"
+
+
+# ---------------------------------------------------------------- drop_invalid, TTL
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_result_forward_honors_drop_invalid(drop):
+    r = Router(drop_invalid=drop)
+    bad = IP(src=CLIENT, dst=SERVER) / UDP(sport=1, dport=2, chksum=0x1234)
+    v, out, fwd = r.send(bad, LAN)
+    assert (v, fwd) == (K.V_INVALID, not drop), f"drop_invalid={drop}: got {(v, fwd)}"
+    assert out[IP].src == CLIENT, "INVALID packets are not NATed"
+    b = PacketBatch.from_frames([raw(E / bad)], ifindex=LAN)
+    res = r.ct.process(b)
+    got = (res.forward_mask().tolist(), res.forward_mask(True).tolist(),
+           res.forward_mask(False).tolist())
+    assert got == ([not drop], [False], [True]), f"forward_mask: got {got}"
+
+
+def test_ttl_taken_only_on_forwarded_packets():
+    r = Router()
+    b = PacketBatch.from_frames([raw(E / IP(src=CLIENT, dst=SERVER, ttl=64) / UDP(sport=7, dport=8)),
+                                 raw(E / IP(src=R_WAN, dst=SERVER, ttl=64) / UDP(sport=9, dport=8)),
+                                 raw(E / IP(src=R_WAN, dst=SERVER, ttl=1) / UDP(sport=10, dport=8)),
+                                 raw(E / IP(src=CLIENT, dst=SERVER, ttl=1) / UDP(sport=11, dport=8))])
+    b.ifindex[:] = [LAN, -1, -1, LAN]
+    res = r.ct.process(b)
+    got = ([Ether(b.frame(i))[IP].ttl for i in range(4)], res.verdict.tolist())
+    want = ([63, 64, 1, 1], [K.V_ACCEPT, K.V_ACCEPT, K.V_ACCEPT, K.V_DROP])
+    assert got == want, f"(TTLs, verdicts): got {got}, want {want} (locally generated: -1)"
+    assert r.ct.stats()["ttl_expired"] == 1
+
+
+def test_ttl_off_keeps_broken_header_drops_and_trimming():
+    r = Router(decrement_ttl=False)
+    ok = raw(E / IP(src=CLIENT, dst=SERVER, ttl=1) / UDP(sport=7, dport=8))
+    broken = bytearray(raw(E / IP(src=CLIENT, dst=SERVER) / UDP(sport=7, dport=8)))
+    broken[14 + 10] ^= 0xFF        # IPv4 header checksum
+    b = PacketBatch.from_frames([ok + b"\0" * 6, bytes(broken)], ifindex=LAN)
+    res = r.ct.process(b)
+    got = (res.verdict.tolist(), Ether(b.frame(0))[IP].ttl, int(b.length[0]))
+    assert got == ([K.V_ACCEPT, K.V_DROP], 1, len(ok)), f"got {got}"
+    assert r.ct.stats()["invalid.ip_checksum"] == 1
+
+
+# ---------------------------------------------------------------- routing a batch
+
+def test_route_gives_egress_next_hop_and_local_delivery_after_nat():
+    import ipaddress
+    r = Router("-A PREROUTING -i wan0 -p udp --dport 53 -j DNAT --to-destination 10.0.0.7\n" + MASQ)
+    frames = [raw(E / IP(src=CLIENT, dst="8.8.8.8") / UDP(sport=1, dport=2)),      # default route
+              raw(E / IP(src=CLIENT, dst=SERVER) / UDP(sport=3, dport=4)),         # connected
+              raw(E / IP(src=SERVER, dst=R_WAN) / UDP(sport=5, dport=53)),         # DNAT to the LAN
+              raw(E / IP(src=CLIENT, dst=R_LAN) / UDP(sport=6, dport=7)),          # the router itself
+              raw(E / IPv6(src="b::2", dst="c::9") / UDP(sport=8, dport=9)),         # no IPv6 default
+              bytes(Ether(src="02:00:00:00:00:02", dst="ff:ff:ff:ff:ff:ff", type=0x0806) / (b"\0" * 28))]
+    b = PacketBatch.from_frames(frames, ifindex=[LAN, LAN, WAN, LAN, LAN, LAN])
+    res = r.ct.process(b)
+    rt = r.ct.route(b, res)
+    got = (rt.egress.tolist(), rt.local.tolist(),
+           [None if a is None else str(a) for a in map(rt.nexthop_address, range(len(b)))])
+    want = ([WAN, WAN, LAN, LAN, -1, -1], [False, False, False, True, False, False],
+            ["192.168.0.254", SERVER, "10.0.0.7", R_LAN, None, None])
+    assert got == want, f"\ngot  {got}\nwant {want}"
+    # the same without the Result's parse, and the per-address route agrees
+    again = r.ct.network.route_batch(b)
+    assert again.egress.tolist() == want[0]
+    net = r.ct.network
+    for i, dst in enumerate(["8.8.8.8", SERVER, "10.0.0.7", R_LAN]):
+        assert net.index(net.route(ipaddress.ip_address(dst))) == want[0][i], dst
+
+
+def test_egress_labels_unrouted_frames_with_their_ingress():
+    from shardct.netconf import egress
+    net = Network.from_dict({"interfaces": {"lan0": {"address": ["10.0.0.3/24"]},
+                                            "wan0": {"address": ["192.168.0.1/24"]}}})
+    b = PacketBatch.from_frames([raw(E / IP(src=CLIENT, dst=SERVER) / UDP()),
+                                 raw(E / IP(src=SERVER, dst="8.8.8.8") / UDP())], ifindex=[LAN, WAN])
+    assert egress(net, b).tolist() == [WAN, WAN]
+    assert egress(None, b).tolist() == [LAN, WAN]
+
+
+def test_public_names_are_exported():
+    import shardct
+    for name in ("Network", "RuleSet", "Routes", "parse_iptables_save"):
+        assert name in shardct.__all__ and hasattr(shardct, name), name
+
+
+# ---------------------------------------------------------------- time exceeded
+
+def ttl1(src=CLIENT, dst=SERVER, sport=40004, payload=b"t", **ip):
+    return E / IP(src=src, dst=dst, ttl=1, **ip) / UDP(sport=sport, dport=5000) / payload
+
+
+def errors(r, frames, ifindex=LAN):
+    b = PacketBatch.from_frames([raw(f) for f in frames], ifindex=ifindex)
+    res = r.ct.process(b)
+    assert not res.forward.any(), "a TTL 1 packet is never forwarded"
+    g = res.generated
+    return [] if g is None else [(Ether(g.frame(i)), int(g.ifindex[i])) for i in range(len(g))]
+
+
+def test_ttl1_gets_time_exceeded_from_the_ingress_address_quoting_it_as_it_arrived():
+    # a DNATed flow: the quote keeps the destination the packet arrived with
+    r = Router("-A PREROUTING -i lan0 -p udp --dport 5000 -j DNAT --to-destination 192.168.0.9\n" + MASQ)
+    arrived = ttl1(dst="8.8.8.8", id=77)
+    ((e, ifx),) = errors(r, [arrived])
+    got = (ifx, e.src, e.dst, e[IP].src, e[IP].dst, e[IP].ttl, e[IP].tos, int(e[IP].flags),
+           e[ICMP].type, e[ICMP].code)
+    want = (LAN, E.dst, E.src, R_LAN, CLIENT, 64, 0xC0, 0, 11, 0)
+    assert got == want, f"\ngot  {got}\nwant {want}"
+    assert raw(e[IP])[28:] == raw(arrived[IP]), "the quote is the packet as it arrived"
+    assert icmp_ok(e), "IP and ICMP checksums"
+    assert r.ct.stats()["icmp_time_exceeded"] == 1
+
+
+def test_time_exceeded_quote_fits_576_bytes():
+    r = Router()
+    arrived = ttl1(payload=b"q" * 1000)
+    ((e, _),) = errors(r, [arrived])
+    quote = raw(e[IP])[28:]
+    got = (e[IP].len, len(quote))
+    assert got == (576, 548), f"(IP length, quote): got {got}, want (576, 548)"
+    assert quote == raw(arrived[IP])[:548] and icmp_ok(e)
+
+
+def test_time_exceeded_is_rate_limited_per_host_like_icmp_ratelimit():
+    r = Router()
+    got = len(errors(r, [ttl1(sport=40000 + k) for k in range(10)]))
+    assert got == 6, f"a burst of 10 from one host: got {got} errors, want 6 (the burst)"
+    got = len(errors(r, [ttl1(src="10.0.0.5")]))
+    assert got == 1, "another host has its own bucket"
+    r.clock.advance(0.5)
+    assert len(errors(r, [ttl1()])) == 0, "half an interval later: still limited"
+    r.clock.advance(0.5)
+    assert len(errors(r, [ttl1(), ttl1()])) == 1, "one interval later: one more"
+    assert r.ct.stats()["icmp_ratelimited"] == 6
+
+
+def test_no_time_exceeded_for_errors_fragments_local_or_bad_sources():
+    r = Router()
+    quote = raw(IP(src=SERVER, dst=CLIENT) / UDP(sport=1, dport=2))
+    frames = [E / IP(src=CLIENT, dst=SERVER, ttl=1) / ICMP(type=3, code=3) / Raw(quote),
+              E / IP(src=CLIENT, dst=SERVER, ttl=1, frag=10, proto=17) / Raw(b"x" * 16),
+              ttl1(src="0.0.0.0"), ttl1(src="224.0.0.9")]
+    assert errors(r, frames) == []
+    # locally generated (no ingress interface): no hop is taken, so nothing expires
+    b = PacketBatch.from_frames([raw(ttl1(src=R_WAN))], ifindex=-1)
+    res = r.ct.process(b)
+    assert (res.forward.tolist(), res.generated) == ([True], None)
+
+
+def test_hop_limit_1_gets_icmpv6_time_exceeded():
+    from scapy.layers.inet6 import ICMPv6TimeExceeded
+    r = Router()
+    arrived = E / IPv6(src="b::2", dst="a::2", hlim=1) / UDP(sport=1, dport=2) / b"six"
+    ((e, ifx),) = errors(r, [arrived])
+    t = e[ICMPv6TimeExceeded]
+    got = (ifx, e[IPv6].src, e[IPv6].dst, e[IPv6].hlim, t.type, t.code)
+    assert got == (LAN, "b::1", "b::2", 64, 3, 0), f"got {got}"
+    q = e.copy()
+    del q[ICMPv6TimeExceeded].cksum
+    assert raw(Ether(raw(q))) == raw(e), "ICMPv6 checksum"
+    assert raw(e[IPv6])[48:] == raw(arrived[IPv6])
+
+
+def test_icmp_errors_off_or_ttl_off_generates_nothing():
+    for cfg in ({"icmp_errors": False}, {"decrement_ttl": False}):
+        r = Router(**cfg)
+        b = PacketBatch.from_frames([raw(ttl1())], ifindex=LAN)
+        assert r.ct.process(b).generated is None, cfg
