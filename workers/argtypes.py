@@ -55,3 +55,30 @@ def draw_seed(args, prog: str) -> int:
         print(f"{prog}: seed 0x{args.seed:08x} (drawn at random; repeat with --seed)",
               file=sys.stderr)
     return args.seed
+
+
+def seconds(s: str) -> float:
+    """A duration in seconds, 0 or more."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number of seconds") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{s!r}: want 0 or more seconds")
+    return v
+
+
+def add_snapshot_options(p):
+    """--snapshot-interval / --snapshot-dir of a command that runs a pool."""
+    p.add_argument("--snapshot-interval", type=seconds, default=None, metavar="SECONDS",
+                   help="pool: each worker saves its shard this often (between rounds); a "
+                        "worker restarted after a crash starts from its last snapshot "
+                        "(default: no snapshots; 0: after every round)")
+    p.add_argument("--snapshot-dir", default=None, metavar="DIR",
+                   help="pool: where the snapshots go (default: a directory of the run's "
+                        "own, removed at the end)")
+
+
+def snapshot_kwargs(args) -> dict:
+    """Pool keyword arguments of the snapshot options."""
+    return {"snapshot_interval": args.snapshot_interval, "snapshot_dir": args.snapshot_dir}

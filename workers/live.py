@@ -38,6 +38,7 @@ def add_parser(sub):
                    help="hash seed, 0..2^32-1 (default: drawn at random and printed on stderr)")
     p.add_argument("--list", type=int, default=10, metavar="N",
                    help="print N conntrack -L lines at the end (0: none, -1: all)")
+    A.add_snapshot_options(p)
     p.set_defaults(func=cmd_live)
 
 
@@ -77,7 +78,8 @@ def _cmd_live(args) -> int:
         print(f"shardct live: {args.interface}: {e}", file=sys.stderr)
         return 2
     pool = Pool(workers, cfg, seed=args.seed, rules=rules, network=network, frames=False,
-                log=lambda m: print(m, file=sys.stderr))     # passive: frames never leave
+                log=lambda m: print(m, file=sys.stderr),     # passive: frames never leave
+                **A.snapshot_kwargs(args))
     state = {"stop": False, "last_ts": 0}
     verdicts = Counter()
     old = {s: signal.signal(s, lambda *_: state.update(stop=True))
@@ -120,6 +122,7 @@ def _cmd_live(args) -> int:
     print(f"tracked {totals['packets_in']} packets on {','.join(args.interface)} with "
           f"{pool.n} workers: " + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items()))
           + f"; ring drops: {per_ring(r.drops for r in rings)}"
-          + f"; lost_packets={totals['lost_packets']}{late}")
+          + f"; lost_packets={totals['lost_packets']} lost_conns={totals['lost_conns']} "
+          f"restored_conns={totals['restored_conns']} restarts={sum(pool.sup.restarts)}{late}")
     _summary(args, pool.stats(), pool.conns(now=state["last_ts"]), state["last_ts"])
     return 0

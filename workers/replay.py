@@ -47,6 +47,7 @@ def add_parser(sub):
     p.add_argument("--round", type=A.positive_int, default=16384,
                    help="pool: packets per round at most (bigger: fewer superstep exchanges "
                         "per packet, more latency)")
+    A.add_snapshot_options(p)
     p.set_defaults(func=cmd_replay)
 
 
@@ -66,16 +67,19 @@ def _engine(args):
 
 def _batches(args, names, size=None, stats=None):
     """The input's batches. The first is read before this returns, so a file that is not
-    a capture raises CaptureError here, before any worker starts."""
-    from .firstrun import frames_progress     # a bar on a terminal, for long replays
+    a capture raises CaptureError here, before any worker starts and before a cold
+    kernel cache is announced and compiled (``ensure_warm``)."""
+    from .firstrun import ensure_warm, frames_progress   # a bar on a terminal
     size = size or args.batch
     if args.capture is None:
         from .demo import demo_batches
+        ensure_warm()
         return frames_progress(demo_batches(size, names))
     from .pcapio import read_capture
     it = read_capture(args.capture, batch_size=size, interface=args.interface, names=names,
                       stats=stats)
     first = next(it, None)
+    ensure_warm()
     return frames_progress(it if first is None else itertools.chain([first], it))
 
 
@@ -110,8 +114,6 @@ def cmd_replay(args) -> int:
 
 def _cmd_replay(args) -> int:
     cfg, rules, network = _engine(args)
-    from .firstrun import ensure_warm
-    ensure_warm()       # a cold numba cache: say so and compile with a progress bar first
     A.draw_seed(args, "shardct replay")
     workers = args.workers
     if workers != 1:
@@ -200,7 +202,7 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
     pool = Pool(workers, cfg, seed=args.seed, rules=rules, network=network, router=args.router,
                 max_round=args.round, dispatcher_process=not args.dispatcher_inline,
                 frames=bool(args.write),       # only a capture being written needs them
-                log=lambda m: print(m, file=sys.stderr))
+                log=lambda m: print(m, file=sys.stderr), **A.snapshot_kwargs(args))
     verdicts = Counter()
     state = {"writer": None, "last_ts": 0}
 
@@ -229,6 +231,7 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
     print(f"pool: rounds={totals['rounds']} handoffs={c.get('handoffs_out', 0)} "
           f"cross_shard_inserts={c.get('grants', 0)} joins={c.get('joins', 0)} "
           f"lost_packets={totals['lost_packets']} lost_conns={totals['lost_conns']} "
+          f"restored_conns={totals['restored_conns']} "
           f"restarts={sum(pool.sup.restarts)}")
     _summary(args, pool.stats(), pool.conns(now=state["last_ts"]), state["last_ts"])
     return max(_warnings(args, stats), 0 if totals["lost_packets"] == 0 else 1)
