@@ -99,10 +99,10 @@ from .batch import PacketBatch, concat, take
 from .config import Config
 from .conntrack import REAP_FRACTION, REAP_MAX_INTERVAL, ConnTrack
 from .errors import InvariantViolation
-from .hashing import hash_key, owner_of_bucket, owner_slices, owners
+from .hashing import hash_batch, hash_key, owner_of_bucket, owner_slices, owners
 from .scatter import scatter
-from .table import (EXPIRES, HCONN, HOME, IPVER, PROTO, S_CONFIRMED, S_DYING, S_INVIS,
-                    S_LINK1, S_NEW_PENDING, S_PENDING, S_REMOTE, S_SRC_NAT, S_USED, S_XSHARD, T_COUNT,
+from .table import (ConnTable, EXPIRES, HCONN, HOME, IPVER, PROTO, S_CONFIRMED, S_DYING, S_INVIS,
+                    S_LINK0, S_LINK1, S_NEW_PENDING, S_PENDING, S_REMOTE, S_SRC_NAT, S_USED, S_XSHARD, T_COUNT,
                     T_DYING, T_FREE, T_SEED)
 
 # answers
@@ -1031,6 +1031,125 @@ class Shard:
         while now >= self._reap_at:
             self._reap_start, interval = self.reap(self._reap_at, self._reap_start)
             self._reap_at += interval
+
+
+# ------------------------------------------------------------------ a planned restart
+
+@numba.njit(cache=True)
+def adopt_conns(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, lo, hi,
+                okey, oport, rkey, rport, r64, r32, r8, rstat, xshard):
+    """Insert conns carried over from other tables (a pool restarting under a new seed):
+    each keeps its state, counters, expiry and NAT flags; its original tuple is linked
+    here; its reply tuple too when it hashes into buckets [lo, hi), else the conn is
+    cross-shard and listed in ``xshard`` (its owner needs a reply entry). Returns
+    (conns adopted, conns listed); fewer adopted than given when the table is full.
+    Precondition: no two conns share a tuple (they came from one consistent pool)."""
+    nb = tbl[K.T_NBUCKETS]
+    seed = tbl[T_SEED]
+    m = 0
+    keep = ~(S_LINK0 | S_LINK1 | S_XSHARD | S_PENDING | S_INVIS | S_REMOTE | S_DYING) & 0xFFFF
+    for j in range(okey.shape[0]):
+        c = K.alloc_conn(tnext, c64, c32, c8, cstatus, tbl)
+        if c < 0:
+            return j, m
+        t0 = 2 * c
+        for k in range(4):
+            tkey[t0, k] = okey[j, k]
+            tkey[t0 + 1, k] = rkey[j, k]
+        tport[t0] = oport[j]
+        tport[t0 + 1] = rport[j]
+        for k in range(c64.shape[1]):
+            c64[c, k] = r64[j, k]
+        for k in range(c32.shape[1]):
+            c32[c, k] = r32[j, k]
+        for k in range(c8.shape[1]):
+            c8[c, k] = r8[j, k]
+        proto = np.int64(c8[c, PROTO])
+        ipver = np.int64(c8[c, IPVER])
+        K.link_tuple(heads, tnext, tbl, t0, hash_key(seed, okey[j, 0], okey[j, 1], okey[j, 2],
+                                                    okey[j, 3], np.int64(oport[j]), proto, ipver))
+        st = (rstat[j] & keep) | S_USED | S_LINK0
+        same = (rport[j] == oport[j] and rkey[j, 0] == okey[j, 0] and rkey[j, 1] == okey[j, 1]
+                and rkey[j, 2] == okey[j, 2] and rkey[j, 3] == okey[j, 3])
+        if not same:
+            rh = hash_key(seed, rkey[j, 0], rkey[j, 1], rkey[j, 2], rkey[j, 3],
+                          np.int64(rport[j]), proto, ipver)
+            if lo <= rh % nb < hi:
+                K.link_tuple(heads, tnext, tbl, t0 + 1, rh)
+                st |= S_LINK1
+            else:
+                st |= S_XSHARD
+                xshard[m] = c
+                m += 1
+        cstatus[c] = st
+    return okey.shape[0], m
+
+
+def rehash(old: list[tuple[dict, dict]], shards: list["Shard"]) -> tuple[int, int]:
+    """A planned restart (gVisor: a persisted seed widens the hash-flooding window): the
+    conns of an old pool's snapshots (``Shard.snapshot``, any seed and worker count) go
+    into ``shards``, fresh shards of the new pool under its own seed, each at its new
+    home with reply entries where its reply tuple now lives. Returns (conns carried,
+    conns that did not fit: a table full). The old reply entries are not carried: they
+    are rebuilt. Precondition: every old snapshot is of one pool, between two rounds."""
+    rows = []
+    now = 0
+    for scalars, arrays in old:
+        t = ConnTable(int(scalars["capacity"]), int(scalars["n_buckets"]), int(scalars["seed"]))
+        for name, a in (("heads", t.heads), ("trec", t._trec), ("crec", t._crec), ("tbl", t.tbl)):
+            if arrays[name].shape != a.shape or arrays[name].dtype != a.dtype:
+                raise ValueError(f"array {name} is not {a.dtype} {a.shape}")
+            a[...] = arrays[name]
+        st = t.cstatus
+        c = np.flatnonzero((st & S_USED != 0) & (st & (S_REMOTE | S_DYING) == 0))
+        rows.append((t.tkey[2 * c], t.tport[2 * c], t.tkey[2 * c + 1], t.tport[2 * c + 1],
+                     t.c64[c], t.c32[c], t.c8[c], st[c]))
+        now = max(now, int(scalars["now"]))
+    okey, oport, rkey, rport, r64, r32, r8, rstat = (np.ascontiguousarray(np.concatenate(x))
+                                                     for x in zip(*rows))
+    n, sh0 = len(shards), shards[0]
+    t0 = sh0.ct.table
+    h = np.empty(len(okey), dtype=np.int64)
+    hash_batch(t0.seed, okey, oport, r8[:, PROTO], r8[:, IPVER], np.ones(len(okey), np.bool_), h)
+    home = owners(h, n, sh0.nb)
+    carried = 0
+    xs = []
+    for sh in shards:
+        t, ct = sh.ct.table, sh.ct
+        if t.count:
+            raise ValueError(f"shard {sh.k} is not fresh")
+        sel = np.flatnonzero(home == sh.k)
+        out = np.empty(len(sel), dtype=np.int64)
+        got, m = adopt_conns(*sh._table_args(), int(ct.cfg[K.CF_SHARD_LO]),
+                             int(ct.cfg[K.CF_SHARD_HI]), okey[sel], oport[sel], rkey[sel],
+                             rport[sel], r64[sel], r32[sel], r8[sel], rstat[sel], out)
+        carried += got
+        xs.append(out[:m])
+        sh.now = now
+    for sh, conns in zip(shards, xs):       # reply entries at the owners, as grants
+        if not len(conns):
+            continue
+        t = sh.ct.table
+        req = np.zeros((len(conns), N_REQ), dtype=np.uint64)
+        rh = np.empty(len(conns), dtype=np.int64)
+        request_rows(t.tkey, t.tport, t.c8, t.seed, conns, 0, req, rh)
+        own = owners(rh, n, sh.nb)
+        for o in np.unique(own):
+            owner = shards[int(o)]
+            part = req[own == o]
+            ans = np.zeros((len(part), N_ANS), dtype=np.int64)
+            answer_rows(*owner._table_args(), owner.ct.stats_arr, owner.ct.cfg, owner.ct.ev,
+                        owner.ct.evaddr, part, sh.k, owner.k, now, ans)
+            lost = part[ans[:, 1] != GRANT, 12].astype(np.int64)
+            for c in lost:           # no room for its entry: the conn cannot be kept
+                K.destroy_conn(*sh._table_args(), sh.ct.stats_arr, sh.ct.cfg, sh.ct.ev,
+                               sh.ct.evaddr, int(c), now)
+                carried -= 1
+            sh._drain_dying()
+            sh._reset_out()          # releases of what was dropped: nothing holds them
+    for sh in shards:
+        sh.ct.clear_events()
+    return carried, len(okey) - carried
 
 
 # ------------------------------------------------------------------ the dispatcher's rounds

@@ -75,10 +75,19 @@ def add_snapshot_options(p):
                         "worker restarted after a crash starts from its last snapshot "
                         "(default: no snapshots; 0: after every round)")
     p.add_argument("--snapshot-dir", default=None, metavar="DIR",
-                   help="pool: where the snapshots go (default: a directory of the run's "
-                        "own, removed at the end)")
+                   help="pool: where the snapshots go; given, every shard is also saved at "
+                        "the end of the run, for a planned restart with --restore DIR "
+                        "(default: a directory of the run's own, removed at the end)")
+    p.add_argument("--restore", default=None, metavar="DIR",
+                   help="pool: start from another run's snapshots (--snapshot-dir DIR): "
+                        "every conn is rehashed under this run's seed and worker count")
 
 
 def snapshot_kwargs(args) -> dict:
     """Pool keyword arguments of the snapshot options."""
-    return {"snapshot_interval": args.snapshot_interval, "snapshot_dir": args.snapshot_dir}
+    return {"snapshot_interval": args.snapshot_interval, "snapshot_dir": args.snapshot_dir,
+            "restore_from": args.restore}
+
+
+def wants_snapshots(args) -> bool:
+    return any(v is not None for v in snapshot_kwargs(args).values())

@@ -44,9 +44,13 @@ def add_parser(sub):
 
 def cmd_live(args) -> int:
     """Exit status as replay's: 2 unusable config or interface, 3 the pool stopped."""
+    from shardct.errors import ConfigError
     from .errors import PoolStopped
     try:
         return _cmd_live(args)
+    except ConfigError as e:        # SnapshotError too (--restore): names the file
+        print(f"shardct live: {e}", file=sys.stderr)
+        return 2
     except PoolStopped as e:
         print(f"shardct live: {e}", file=sys.stderr)
         return 3

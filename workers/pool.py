@@ -28,6 +28,12 @@ current one's remaining steps; receivers treat them as empty. The sink counts ev
 packet of a round that never came back as lost (``lost_packets``), and the conns the
 dead worker had at its last heartbeat as ``lost_conns``.
 
+With snapshots (``snapshot_interval``) the new incarnation starts from its shard's last
+snapshot (``workers/snapshot.py``) and says so in its HELLO: peers then keep their
+entries for its conns and only reserve their own again (``Shard.peer_restored``), it
+reserves its cross-shard conns' reply tuples again, and the sink takes what it restored
+off ``lost_conns`` (``restored_conns``).
+
 Timeouts: the protocol inside a round has none; a superstep waits for every present
 peer's message, and only a dead peer can withhold one. The supervisor sees a dead worker
 at once (process exit) or after ``supervisor.DEAD_AFTER_S`` (10 s) without heartbeats
@@ -198,16 +204,19 @@ def warm_kernels(dispatcher: bool = True):
 
 def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None, network=None,
                  router: bool = False, incarnation: int = 0, frames: bool = True,
-                 ring: str | None = None, snapshots: tuple[str, float] | None = None):
+                 ring: str | None = None, snapshots: tuple | None = None,
+                 restore: bool = False):
     """Worker body (supervisor.worker_main): shard k of n. ``frames``: results carry the
     frames (as rewritten); without, only sequence numbers, times, interfaces, verdicts.
     ``ring``: the pool's frame ring (frames stay there; only arrays travel).
-    ``snapshots``: (directory, seconds): write this shard's snapshot there between
-    rounds at most that often; a restarted incarnation starts from it."""
+    ``snapshots``: (directory, seconds or None, final): write this shard's snapshot there
+    between rounds at most that often, and after the final round when ``final``; a
+    restarted incarnation starts from it, and so does the first one with ``restore``
+    (the pool put a planned restart's rehashed tables there)."""
     Shard.warm()
     shard = Shard(k, n, config, seed=seed, rules=rules, network=network, router=router,
                   rng=np.random.default_rng([seed, k]))
-    restored = _restore(shard, snapshots, incarnation)
+    restored = _restore(shard, snapshots, incarnation > 0 or restore)
     rx = ctx.socket(zmq.PULL)
     rx.setsockopt(zmq.LINGER, 0)
     rx.bind(eps[f"shard-{k}"])
@@ -241,10 +250,10 @@ def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None
     return loop()
 
 
-def _restore(shard: Shard, snapshots, incarnation: int) -> int:
-    """A restarted worker's table from its last snapshot: the entries restored (0 when
-    there is none, or it does not fit: said on stdout, the worker starts empty)."""
-    if not snapshots or incarnation == 0:
+def _restore(shard: Shard, snapshots, wanted: bool) -> int:
+    """A worker's table from its snapshot: the entries restored (0 when there is none, or
+    it does not fit: said on stdout, the worker starts empty)."""
+    if not snapshots or not wanted:
         return 0
     path = snapshot.path_of(snapshots[0], shard.k)
     if not os.path.exists(path):
@@ -265,6 +274,7 @@ class _WorkerState:
         self.snapshots = snapshots
         self.restored = restored          # entries this incarnation took from a snapshot
         self.snap_at = time.monotonic()   # when the next snapshot is due
+        self.final_done = False           # the round just finished was a final one
         self.peer_restored: dict[int, bool] = {}   # peer -> it came back with its table
         self.steps: dict[tuple[int, int], dict[int, Msg]] = {}
         self.batches: dict[int, Packets] = {}
@@ -395,6 +405,7 @@ class _WorkerState:
                 M.RESULT, {**out, "verdict": verdict, **table}, worker=self.k,
                 round=r, gen=self.gen, entries=self.shard.ct.table.count, **extra), copy=False)
             self.shard.counts["busy_us"] += int((time.perf_counter() - t0) * 1e6)
+            self.final_done = r in self.final
             self._snapshot()
             # every worker reaps on the dispatcher's clock, not on what it happened to see
             self.shard.reap_until(max(self.shard.now, self.clocks.pop(r, 0)))
@@ -405,15 +416,17 @@ class _WorkerState:
         """Between rounds, when one is due: this shard's state to its snapshot file.
         (Before the reaper runs: the releases it queues are not in a snapshot, a restore
         reaps again.)"""
-        if not self.snapshots or time.monotonic() < self.snap_at:
+        if not self.snapshots:
             return
-        directory, every = self.snapshots
+        directory, every, final = self.snapshots
+        if not (final and self.final_done) and (every is None or time.monotonic() < self.snap_at):
+            return
         t = time.perf_counter()
         snapshot.save(snapshot.path_of(directory, self.k), *self.shard.snapshot())
         c = self.shard.counts
         c["snapshots"] = c.get("snapshots", 0) + 1
         c["snapshot_us"] = c.get("snapshot_us", 0) + int((time.perf_counter() - t) * 1e6)
-        self.snap_at = time.monotonic() + every
+        self.snap_at = time.monotonic() + (every or 0)
 
     def _gather(self, r, step, prx, rx, poller, alive):
         """Wait (yielding) until every present peer's STEP (r, step) is in."""
@@ -549,14 +562,19 @@ class Pool:
     between rounds, written atomically to ``snapshot_dir``, by default a directory of
     the pool's own that goes with it); a worker restarted after a crash starts from its
     last one, so established flows go on and only what changed since is lost
-    (``lost_conns`` then counts the entries it had beyond those restored)."""
+    (``lost_conns`` then counts the entries it had beyond those restored). A
+    ``snapshot_dir`` given also gets every shard's state after the final round.
+
+    ``restore_from``: a directory of another pool's snapshots (a planned restart): its
+    conns are rehashed under this pool's seed and worker count (``shard.rehash``) before
+    the workers start, and they start from them. ``restored_conns`` counts them."""
 
     def __init__(self, n, config: Config | None = None, *, seed: int, rules=None, network=None,
                  router=False, max_round=16384, window=8, eps: dict | None = None,
                  ipc_dir=None, log=print, worker_netns: str | None = None,
                  dispatcher_process: bool = True, frames: bool = True,
                  ring_bytes: int = DEFAULT_RING, snapshot_interval: float | None = None,
-                 snapshot_dir: str | None = None):
+                 snapshot_dir: str | None = None, restore_from: str | None = None):
         self.config = config or Config()
         self.n = n if n != "auto" else (os.cpu_count() or 1)
         self.ring = None
@@ -568,13 +586,19 @@ class Pool:
         kw = dict(config=self.config, seed=seed, rules=rules, network=network, router=router,
                   frames=frames, ring=path)
         self.snapshot_dir = None
-        if snapshot_interval is not None:
+        self.carried = 0            # conns a planned restart brought in (restore_from)
+        if snapshot_interval is not None or snapshot_dir is not None or restore_from:
+            final = snapshot_dir is not None
             if snapshot_dir is None:
                 snapshot_dir = tempfile.mkdtemp(prefix="shardct-snap-")
                 weakref.finalize(self, shutil.rmtree, snapshot_dir, True)
             os.makedirs(snapshot_dir, mode=0o700, exist_ok=True)
             self.snapshot_dir = snapshot_dir
-            kw["snapshots"] = (snapshot_dir, float(snapshot_interval))
+            every = None if snapshot_interval is None else float(snapshot_interval)
+            kw["snapshots"] = (snapshot_dir, every, final)
+            if restore_from:
+                self.carried = self._rehash(restore_from, seed, rules, network, router, log)
+                kw["restore"] = True
         self.dispatcher_process = dispatcher_process
         nat = nat_deps(rules, network)
         extra = None
@@ -589,12 +613,34 @@ class Pool:
         self.window = window
         self.log = log
         self.totals = {"packets_in": 0, "packets_out": 0, "lost_packets": 0, "rounds": 0,
-                       "lost_conns": 0, "restored_conns": 0, "wire_errors": 0}
+                       "lost_conns": 0, "restored_conns": self.carried, "wire_errors": 0}
         self._lost_by = [0] * self.n     # entries counted lost at each worker's last death
         self.worker_stats: dict[int, dict] = {}
         self.worker_counts: dict[int, dict] = {}
         self.entries = [0] * self.n
         self.tables: dict[int, dict] = {}     # worker -> its conns after the last round
+
+    def _rehash(self, old_dir, seed, rules, network, router, log) -> int:
+        """Another pool's snapshots in ``old_dir``, rehashed into this pool's shards and
+        written where the workers restore from. Raises SnapshotError (one line) when a
+        file is missing, damaged or of another pool."""
+        from shardct.shard import rehash
+        files = sorted(f for f in os.listdir(old_dir) if f.startswith("shard-")
+                       and f.endswith(".snap")) if os.path.isdir(old_dir) else []
+        if not files:
+            raise snapshot.SnapshotError(old_dir, "no shard-K.snap files")
+        old = [snapshot.load(os.path.join(old_dir, f)) for f in files]
+        n_old = {int(sc["n"]) for sc, _ in old}
+        if len(n_old) != 1 or sorted(int(sc["k"]) for sc, _ in old) != list(range(n_old.pop())):
+            raise snapshot.SnapshotError(old_dir, "the files are not one pool's shards 0..n-1")
+        shards = [Shard(k, self.n, self.config, seed=seed, rules=rules, network=network,
+                        router=router) for k in range(self.n)]
+        carried, dropped = rehash(old, shards)
+        if dropped:
+            log(f"pool: {dropped} conns of {old_dir} did not fit (max_conns)")
+        for sh in shards:
+            snapshot.save(snapshot.path_of(self.snapshot_dir, sh.k), *sh.snapshot())
+        return carried
 
     def _open(self):
         ctx = self.sup.ctx

@@ -116,7 +116,7 @@ def _cmd_replay(args) -> int:
     cfg, rules, network = _engine(args)
     A.draw_seed(args, "shardct replay")
     workers = args.workers
-    if workers != 1:
+    if workers != 1 or A.wants_snapshots(args):     # snapshots are the pool's
         return _replay_pool(args, cfg, rules, network, workers)
     ct = ConnTrack(cfg, seed=args.seed, rules=rules, network=network, router=args.router,
                    rng=np.random.default_rng(args.seed))

@@ -26,6 +26,7 @@ import msgpack
 import numpy as np
 
 from shardct.errors import ConfigError
+from shardct.table import T_COUNT
 
 FORMAT = 1
 MAGIC = b"shardct-snap\x00\x00\x00" + bytes([FORMAT])
@@ -42,10 +43,7 @@ def path_of(directory: str, k: int) -> str:
     return os.path.join(directory, f"shard-{k}.snap")
 
 
-def save(path: str, scalars: dict, arrays: dict[str, np.ndarray]) -> int:
-    """Write a snapshot atomically (a reader sees the old file or the new one, never a
-    part). Returns the bytes written. Precondition: every array is C-contiguous with a
-    dtype in DTYPES."""
+def _header(scalars: dict, arrays: dict[str, np.ndarray]) -> bytes:
     digest = hashlib.blake2b(digest_size=32)
     specs = []
     for name, a in arrays.items():
@@ -55,12 +53,24 @@ def save(path: str, scalars: dict, arrays: dict[str, np.ndarray]) -> int:
         digest.update(memoryview(a).cast("B"))
     header = msgpack.packb({"scalars": scalars, "arrays": specs,
                             "digest": digest.hexdigest()}, use_bin_type=True)
+    return MAGIC + struct.pack("<I", len(header)) + header
+
+
+def dump_bytes(scalars: dict, arrays: dict[str, np.ndarray]) -> bytes:
+    """The snapshot file's bytes, in memory."""
+    return b"".join([_header(scalars, arrays)] + [memoryview(a).cast("B") for a in arrays.values()])
+
+
+def save(path: str, scalars: dict, arrays: dict[str, np.ndarray]) -> int:
+    """Write a snapshot atomically (a reader sees the old file or the new one, never a
+    part). Returns the bytes written. Precondition: every array is C-contiguous with a
+    dtype in DTYPES."""
+    head = _header(scalars, arrays)
     tmp = f"{path}.tmp{os.getpid()}"
     size = 0
     try:
         with open(tmp, "wb") as f:
-            for part in (MAGIC, struct.pack("<I", len(header)), header):
-                f.write(part)
+            f.write(head)
             for a in arrays.values():
                 f.write(memoryview(a).cast("B"))
             size = f.tell()
@@ -86,22 +96,27 @@ def load(path: str) -> tuple[dict, dict[str, np.ndarray]]:
             data = f.read()
     except OSError as e:
         raise SnapshotError(path, e.strerror or str(e)) from None
+    return load_bytes(data, path)
+
+
+def load_bytes(data: bytes, where: str = "snapshot") -> tuple[dict, dict[str, np.ndarray]]:
+    """``load`` of a snapshot's bytes; errors name ``where``."""
     if data[:len(MAGIC) - 1] != MAGIC[:-1]:
-        raise SnapshotError(path, "not a shardct snapshot")
+        raise SnapshotError(where, "not a shardct snapshot")
     if data[len(MAGIC) - 1] != FORMAT:
-        raise SnapshotError(path, f"snapshot format {data[len(MAGIC) - 1]}, want {FORMAT}")
+        raise SnapshotError(where, f"snapshot format {data[len(MAGIC) - 1]}, want {FORMAT}")
     pos = len(MAGIC)
     if len(data) < pos + 4:
-        raise SnapshotError(path, "cut off in its header")
+        raise SnapshotError(where, "cut off in its header")
     (hlen,) = struct.unpack_from("<I", data, pos)
     pos += 4
     if hlen > MAX_HEADER or pos + hlen > len(data):
-        raise SnapshotError(path, f"header length {hlen} does not fit the file")
+        raise SnapshotError(where, f"header length {hlen} does not fit the file")
     try:
         h = msgpack.unpackb(data[pos:pos + hlen], raw=False, strict_map_key=True)
         scalars, specs, want = h["scalars"], h["arrays"], h["digest"]
     except Exception as e:      # msgpack raises several types for bad input
-        raise SnapshotError(path, f"bad header: {e}") from None
+        raise SnapshotError(where, f"bad header: {e}") from None
     pos += hlen
     arrays, digest = {}, hashlib.blake2b(digest_size=32)
     try:
@@ -112,9 +127,48 @@ def load(path: str) -> tuple[dict, dict[str, np.ndarray]]:
             arrays[name] = a
             pos += a.nbytes
     except (KeyError, ValueError, TypeError) as e:
-        raise SnapshotError(path, f"array table does not fit the file: {e}") from None
+        raise SnapshotError(where, f"array table does not fit the file: {e}") from None
     if pos != len(data):
-        raise SnapshotError(path, f"{len(data) - pos} bytes after the last array")
+        raise SnapshotError(where, f"{len(data) - pos} bytes after the last array")
     if digest.hexdigest() != want:
-        raise SnapshotError(path, "checksum mismatch (a damaged file)")
+        raise SnapshotError(where, "checksum mismatch (a damaged file)")
     return scalars, arrays
+
+
+# ------------------------------------------------------------------ shardct snapshot show
+
+def add_parser(sub):
+    p = sub.add_parser("snapshot", help="what a run's snapshots hold (--snapshot-dir)")
+    p.add_argument("action", choices=["show"], help="show: each shard file, checked")
+    p.add_argument("dir", help="a directory of shard-K.snap files")
+    p.set_defaults(func=cmd_snapshot)
+
+
+def cmd_snapshot(args) -> int:
+    """One line per file: shard, seed, entries, the packet clock, size; a damaged file
+    gets its reason and exit status 1. A planned restart: ``--restore DIR``."""
+    import sys
+    from datetime import datetime, timezone
+    try:
+        files = sorted(f for f in os.listdir(args.dir) if f.endswith(".snap"))
+    except OSError as e:
+        print(f"shardct snapshot: {args.dir}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"shardct snapshot: {args.dir}: no snapshot files", file=sys.stderr)
+        return 2
+    bad = 0
+    for f in files:
+        path = os.path.join(args.dir, f)
+        try:
+            sc, ar = load(path)
+            tbl = ar["tbl"]
+        except (SnapshotError, KeyError) as e:
+            print(f"{f}: {e}")
+            bad += 1
+            continue
+        when = datetime.fromtimestamp(int(sc["now"]) / 1e9, timezone.utc)
+        print(f"{f}: shard {sc['k']} of {sc['n']}, seed 0x{int(sc['seed']):08x}, "
+              f"{int(tbl[T_COUNT])} entries of {sc['capacity']}, clock {when:%Y-%m-%d %H:%M:%S} UTC, "
+              f"{os.path.getsize(path):,} bytes")
+    return 1 if bad else 0

@@ -165,3 +165,54 @@ def test_replay_writes_a_loadable_snapshot_per_worker(tmp_path, capsys):
         assert (sc["k"], sc["n"], sc["seed"]) == (k, 2, 7), sc
         total += int(ar["tbl"][T_COUNT])
     assert total > 0, "the snapshots hold no entries"
+
+
+@pytest.mark.parametrize("n_new", [1, 2, 3])
+def test_a_planned_restart_rehashes_every_conn_under_a_new_seed(n_new):
+    """2 shards under one seed are saved mid-trace; a new pool of n_new shards under
+    another seed takes every conn from those snapshots (shard.rehash), and the rest of the
+    trace gives the verdicts and final table of a pool that never stopped."""
+    from shardct.shard import rehash
+    tr = P.profile("2k", 20_000, seed=9)
+    half = len(tr) // 2
+    ref = _pool_after(tr, len(tr))
+    old = _pool_after(tr, half)
+    snaps = [S.load_bytes(S.dump_bytes(*sh.snapshot())) for sh in old.shards]
+    new = LocalPool(n_new, old.config, seed=SEED ^ 0x1234567)
+    carried, dropped = rehash(snaps, new.shards)
+    homes = sum(1 for c in old.conns())
+    assert (carried, dropped) == (homes, 0), (carried, dropped, homes)
+    assert new.shards[0].ct.table.seed != old.shards[0].ct.table.seed
+    pk, v = new.process(take(tr.fresh(), np.arange(half, len(tr))))
+    ref_half = LocalPool(2, old.config, seed=SEED)
+    _, v_all = ref_half.process(tr.fresh())
+    assert np.array_equal(v, v_all[half:]), f"{int((v != v_all[half:]).sum())} verdicts differ"
+    end = int(tr.batch.ts.max())
+    assert conn_keys(new.conns(end)) == conn_keys(ref.conns(end))
+
+
+def test_cli_planned_restart_under_a_new_seed_and_worker_count(tmp_path, capsys):
+    """`replay --snapshot-dir D` saves every shard at the end; `snapshot show D` lists
+    them; `replay --restore D --workers 3` (a new random seed) starts with every conn
+    rehashed (restored_conns = the entries saved); a damaged file is refused in one
+    line naming it."""
+    from workers.cli import main
+    d = tmp_path / "end"
+    assert main(["replay", "--workers", "2", "--seed", "5", "--list", "0",
+                 "--snapshot-dir", str(d)]) == 0
+    out = capsys.readouterr().out
+    saved = int(out.split("entries=")[1].split()[0])
+    assert main(["snapshot", "show", str(d)]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert len(shown) == 2 and all("seed 0x00000005" in ln for ln in shown), shown
+    assert main(["replay", "--workers", "3", "--list", "0", "--restore", str(d)]) == 0
+    cap = capsys.readouterr()
+    assert f"restored_conns={saved} " in cap.out, cap.out
+    assert "seed 0x" in cap.err, "a new seed is drawn and printed"
+    p = d / "shard-1.snap"
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 1
+    p.write_bytes(bytes(data))
+    rc = main(["replay", "--workers", "2", "--list", "0", "--restore", str(d)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{p}: checksum mismatch" in err and "Traceback" not in err, (rc, err)
