@@ -91,3 +91,9 @@ def snapshot_kwargs(args) -> dict:
 
 def wants_snapshots(args) -> bool:
     return any(v is not None for v in snapshot_kwargs(args).values())
+
+
+def add_metrics_option(p):
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT while the pool runs "
+                        "(per-worker counters, ring drops, handoffs, round latency)")

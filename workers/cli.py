@@ -78,11 +78,12 @@ def main(argv=None) -> int:
     h.add_argument("dst", help="ADDR:PORT")
     h.set_defaults(func=cmd_hash)
 
-    from . import firstrun, live, replay, snapshot
+    from . import control, firstrun, live, replay, snapshot
     replay.add_parser(sub)
     live.add_parser(sub)
     firstrun.add_parser(sub)
     snapshot.add_parser(sub)
+    control.add_parser(sub)
 
     a = ap.parse_args(argv)
     if a.cmd == "hash" and a.workers == "auto":

@@ -39,6 +39,7 @@ def add_parser(sub):
     p.add_argument("--list", type=int, default=10, metavar="N",
                    help="print N conntrack -L lines at the end (0: none, -1: all)")
     A.add_snapshot_options(p)
+    A.add_metrics_option(p)
     p.set_defaults(func=cmd_live)
 
 
@@ -83,7 +84,9 @@ def _cmd_live(args) -> int:
         return 2
     pool = Pool(workers, cfg, seed=args.seed, rules=rules, network=network, frames=False,
                 log=lambda m: print(m, file=sys.stderr),     # passive: frames never leave
+                control="live", metrics_port=args.metrics_port,
                 **A.snapshot_kwargs(args))
+    pool.rings = rings                  # their drops on the metrics endpoint
     state = {"stop": False, "last_ts": 0}
     verdicts = Counter()
     old = {s: signal.signal(s, lambda *_: state.update(stop=True))

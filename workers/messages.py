@@ -30,10 +30,11 @@ from shardct.batch import PacketBatch, compact
 
 VERSION = 1
 # message types
-BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK, STEP, HELLO, ROUND = (
+BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK, STEP, HELLO, ROUND, DUMP = (
     "batch", "result", "handoff", "heartbeat", "ready", "stop", "stats", "end", "ack", "step",
-    "hello", "round")
-TYPES = {BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK, STEP, HELLO, ROUND}
+    "hello", "round", "dump")
+TYPES = {BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK, STEP, HELLO, ROUND,
+         DUMP}
 # dtypes an array message may carry
 DTYPES = {"u1": np.uint8, "i2": np.int16, "i4": np.int32, "i8": np.int64, "u8": np.uint64}
 MAX_ARRAYS = 32

@@ -286,6 +286,7 @@ class _WorkerState:
         self.wire_errors = 0
         self.late = 0
         self.final: set[int] = set()       # rounds after which the table is sent along
+        self.dumps: set[int] = set()       # the same, asked for by the control socket
         self.start_round = 0 if gen == 0 else None
 
     def _recv_peer(self, prx):
@@ -328,6 +329,8 @@ class _WorkerState:
             self.clocks[int(h["round"])] = int(h.get("clock", 0))
             if h.get("final"):
                 self.final.add(int(h["round"]))
+            if h.get("dump"):
+                self.dumps.add(int(h["round"]))
         except (M.WireError, KeyError, TypeError, ValueError) as e:
             self.wire_errors += 1
             print(f"worker {self.k}: dropped a bad batch: {e}", flush=True)
@@ -391,7 +394,8 @@ class _WorkerState:
                 self.late += len(self.steps.pop(key))
             res, verdict = self.shard.results(self.frames)
             table = {}
-            if r in self.final:
+            if r in self.final or r in self.dumps:
+                self.dumps.discard(r)
                 table = {f"conn.{name}": a for name, a in self.shard.ct.conn_rows().items()}
             extra = {}
             if table or r % STATS_EVERY == 0:
@@ -483,12 +487,14 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
     st = {"r": 0, "emitted": 0, "rounds": None, "batch": 0, "end": False}
     queue = []          # batches waiting for the current one's rounds to go out
 
-    def send_round(parts, final):
+    def send_round(parts, final, dump=False):
         r = st["r"]
         for j, part in enumerate(parts):
             tx[j].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", part), round=r,
-                                                 final=final, clock=disp.clock), copy=False)
-        sink.send(M.encode(M.ROUND, round=r, n=sum(len(x) for x in parts), final=final))
+                                                 final=final, dump=dump, clock=disp.clock),
+                                 copy=False)
+        sink.send(M.encode(M.ROUND, round=r, n=sum(len(x) for x in parts), final=final,
+                           dump=dump))
         st["r"] = r + 1
 
     def take_message():
@@ -502,6 +508,8 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
                     st["emitted"] = max(st["emitted"], int(h["emitted"]))
                 elif h["t"] == M.END:
                     st["end"] = True
+                elif h["t"] == M.DUMP:                 # after the batches sent before it
+                    queue.append((None, None))
                 return
             if fr is not None:
                 h, a = M.decode_arrays(frames)
@@ -517,6 +525,9 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
             while alive():
                 while src.poll(0):
                     take_message()
+                while st["rounds"] is None and queue and queue[0][1] is None:
+                    queue.pop(0)
+                    send_round([Packets.empty()] * n, False, True)    # tables, please
                 if st["rounds"] is None and queue:
                     st["batch"], b = queue.pop(0)
                     st["rounds"] = disp.rounds(b)
@@ -545,6 +556,22 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
 
 # ------------------------------------------------------------------ dispatcher + sink
 
+class Latency:
+    """A cumulative histogram of round latencies (seconds), as Prometheus buckets."""
+    BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+    def __init__(self):
+        self.counts = [0] * (len(self.BOUNDS) + 1)
+        self.sum = 0.0
+
+    def observe(self, s: float):
+        i = 0
+        while i < len(self.BOUNDS) and s > self.BOUNDS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum += s
+
+
 class Pool:
     """Supervisor, dispatcher and sink in this process; n shard workers.
 
@@ -567,17 +594,28 @@ class Pool:
 
     ``restore_from``: a directory of another pool's snapshots (a planned restart): its
     conns are rehashed under this pool's seed and worker count (``shard.rehash``) before
-    the workers start, and they start from them. ``restored_conns`` counts them."""
+    the workers start, and they start from them. ``restored_conns`` counts them.
+
+    ``control``: a name (the command) for a control socket that `shardct conntrack`
+    talks to while the pool runs (``workers/control.py``). ``metrics_port``: serve
+    Prometheus metrics there while it runs (``workers/metrics.py``; ``rings``, set by a
+    live source, adds their drops)."""
 
     def __init__(self, n, config: Config | None = None, *, seed: int, rules=None, network=None,
                  router=False, max_round=16384, window=8, eps: dict | None = None,
                  ipc_dir=None, log=print, worker_netns: str | None = None,
                  dispatcher_process: bool = True, frames: bool = True,
                  ring_bytes: int = DEFAULT_RING, snapshot_interval: float | None = None,
-                 snapshot_dir: str | None = None, restore_from: str | None = None):
+                 snapshot_dir: str | None = None, restore_from: str | None = None,
+                 control: str | None = None, metrics_port: int | None = None):
         self.config = config or Config()
         self.n = n if n != "auto" else (os.cpu_count() or 1)
         self.ring = None
+        self.control = None
+        self._control_name = control
+        self.metrics = None
+        self._metrics_port = metrics_port
+        self.rings = []
         if ring_bytes and not any(e.startswith("tcp://") for e in (eps or {}).values()):
             self.ring = FrameRing.create(ring_bytes)
             # gone at exit even if stop() is never reached
@@ -618,6 +656,7 @@ class Pool:
         self.worker_stats: dict[int, dict] = {}
         self.worker_counts: dict[int, dict] = {}
         self.entries = [0] * self.n
+        self.round_latency = Latency()     # dispatch (or ROUND) to emit, per round
         self.tables: dict[int, dict] = {}     # worker -> its conns after the last round
 
     def _rehash(self, old_dir, seed, rules, network, router, log) -> int:
@@ -672,6 +711,12 @@ class Pool:
         if self.sup.start_method == "fork":
             warm_kernels(self.dispatcher_process)
         self.sup.start()
+        if self._control_name:
+            from .control import ControlServer
+            self.control = ControlServer(self, self.sup.ctx, self._control_name)
+        if self._metrics_port is not None:     # a thread: only once the workers are forked
+            from .metrics import serve
+            self.metrics = serve(self, self._metrics_port)
         self.pending: dict[int, dict] = {}   # round -> {"n": packets, "got": {worker: ...}}
         self.first = [0] * self.n            # worker k answers rounds >= first[k] (restarts)
         self.gen = [0] * self.n
@@ -682,6 +727,10 @@ class Pool:
         self.final_round = None
         self._held = None                    # an input batch waiting for room in the ring
         self._tickets = deque()              # [ticket, batch seq, round after its last]
+        self.dump_rounds: set[int] = set()   # rounds that bring the tables (request_dump)
+        self._round_t0: dict[int, float] = {}  # round -> when the sink learnt of it
+        self.dumped = 0
+        self._dump_wanted = False
 
     def wait_ready(self, timeout_s: float = 120.0):
         """Block until every worker has booted (kernels loaded), e.g. before timing."""
@@ -701,6 +750,12 @@ class Pool:
                            f"handed to it ({lost} in flight), {t['packets_out']} came out")
 
     def stop(self):
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         self._close()
         self.sup.stop()
         if self.ring is not None:
@@ -731,6 +786,7 @@ class Pool:
             if not self.sup.poll(0):
                 raise self._stopped()
             self._note_restarts(self.gen, self.r)
+            self._tick()
             # ---- dispatch while the window allows
             idle = False
             while not done_src and self.r - self.next_emit < self.window:
@@ -775,6 +831,7 @@ class Pool:
             if not self.sup.poll(0):
                 raise self._stopped()
             self._note_restarts(self.gen, None)
+            self._tick()
             idle = False
             while (not done_src and self.batches_sent - self.batches_acked < 2
                    and self.r - self.next_emit < self.window):
@@ -839,13 +896,38 @@ class Pool:
                 and self._tickets[0][2] <= self.next_emit:
             self.ring.release(self._tickets.popleft()[0])
 
-    def _send_round(self, parts, final):
+    def _send_round(self, parts, final, dump=False):
         self.pending[self.r] = {"n": sum(len(p) for p in parts), "got": {}}
         for k, p in enumerate(parts):
             self.tx[k].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", p), round=self.r,
-                                                      final=final,
+                                                      final=final, dump=dump,
                                                       clock=self.dispatcher.clock), copy=False)
+        if dump:
+            self.dump_rounds.add(self.r)
+        self._round_t0[self.r] = time.monotonic()
         self.r += 1
+
+    def request_dump(self):
+        """Ask every worker for its table and counters with a round of their own (sent
+        after what was fed so far); ``dumped`` counts the dumps completed, and
+        ``conns()``/``stats()`` are as of the latest."""
+        self._dump_wanted = True
+
+    def _dump(self):
+        """Send a requested dump round (the feed loops call this between rounds)."""
+        if not self._dump_wanted:
+            return
+        self._dump_wanted = False
+        if self.dispatcher_process:
+            self.src.send(M.encode(M.DUMP))
+        else:
+            self._send_round([Packets.empty()] * self.n, False, dump=True)
+
+    def _tick(self):
+        """Once per feed-loop turn: the control socket, if any, and a requested dump."""
+        if self.control is not None:
+            self.control.poll()
+        self._dump()
 
     def _emit_ready(self, emit):
         """Emit every complete round at the head of the window, in order."""
@@ -866,6 +948,12 @@ class Pool:
                 if pk.batch.shared:     # the ring space is reused once this round is out
                     pk = Packets(compact(pk.batch), pk.hashes, pk.seq, pk.given, pk.dep)
                 emit(pk, v[order])
+            if self.next_emit in self.dump_rounds:
+                self.dump_rounds.discard(self.next_emit)
+                self.dumped += 1
+            t0 = self._round_t0.pop(self.next_emit, None)
+            if t0 is not None:
+                self.round_latency.observe(time.monotonic() - t0)
             self.next_emit += 1
         if self.ring is not None:
             self._release()
@@ -903,6 +991,9 @@ class Pool:
                     self.r = max(self.r, rr + 1)
                     if h.get("final"):
                         self.final_round = rr
+                    if h.get("dump"):
+                        self.dump_rounds.add(rr)
+                    self._round_t0[rr] = time.monotonic()
                 elif h["t"] == M.ACK:
                     self.batches_acked += 1
                     self._rounds_made(int(h.get("batch", -1)), int(h.get("rounds", 0)))

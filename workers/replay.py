@@ -48,6 +48,7 @@ def add_parser(sub):
                    help="pool: packets per round at most (bigger: fewer superstep exchanges "
                         "per packet, more latency)")
     A.add_snapshot_options(p)
+    A.add_metrics_option(p)
     p.set_defaults(func=cmd_replay)
 
 
@@ -202,7 +203,8 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
     pool = Pool(workers, cfg, seed=args.seed, rules=rules, network=network, router=args.router,
                 max_round=args.round, dispatcher_process=not args.dispatcher_inline,
                 frames=bool(args.write),       # only a capture being written needs them
-                log=lambda m: print(m, file=sys.stderr), **A.snapshot_kwargs(args))
+                log=lambda m: print(m, file=sys.stderr), control="replay",
+                metrics_port=args.metrics_port, **A.snapshot_kwargs(args))
     verdicts = Counter()
     state = {"writer": None, "last_ts": 0}
 

@@ -1,0 +1,151 @@
+"""The control socket (issue 13): `shardct conntrack -L/-S` of a running pool gives the
+workers' tables as of the packets fed so far; only its owner can reach it; bad requests
+are answered with an error and counted, never stop the pool."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from shardct import Config
+from shardct import profiles as P
+from shardct.batch import take
+from workers import control as C
+from workers.pool import Pool
+
+SEED = 0x5EED
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    d = tmp_path / "run"
+    monkeypatch.setenv("SHARDCT_RUN_DIR", str(d))
+    return d
+
+
+def _live_like(batches, until, limit_s=60.0):
+    """The batches, then empty ones (an idle live source) until ``until()``."""
+    yield from batches
+    end = time.monotonic() + limit_s
+    while not until() and time.monotonic() < end:
+        time.sleep(0.01)
+        yield take(batches[0], np.arange(0))
+
+
+@pytest.mark.parametrize("own_process", [False, True])
+def test_list_and_stats_of_a_running_pool(run_dir, own_process, capsys):
+    tr = P.profile("2k", 12_000, seed=3)
+    b = tr.fresh()
+    batches = [take(b, np.arange(s, min(len(b), s + 2048))) for s in range(0, len(b), 2048)]
+    pool = Pool(2, Config(events=False), seed=SEED, log=lambda *a: None, frames=False,
+                dispatcher_process=own_process, control="test")
+    got = {}
+
+    def client():
+        pid = os.getpid()
+        deadline = time.monotonic() + 60
+        while pool.totals["packets_out"] < len(b) and time.monotonic() < deadline:
+            time.sleep(0.02)        # ask once everything was fed and came out
+        try:
+            got["list"] = C.request(pid, {"cmd": "list", "now": int(b.ts.max())}, 30)
+            got["stats"] = C.request(pid, {"cmd": "stats"}, 30)
+            got["bad"] = C.request(pid, {"cmd": "rm -rf"}, 30)
+            from workers.cli import main
+            got["cli"] = main(["conntrack", "-L", "-p", "udp", "-o", "json"])
+        except Exception as e:      # reported by the assertions below
+            got["error"] = repr(e)
+
+    t = threading.Thread(target=client)
+    pool.start()
+    try:
+        t.start()
+        pool.feed(_live_like(batches, lambda: not t.is_alive()), timeout_s=120)
+        t.join(10)
+        pool.feed([], final=True, timeout_s=60)
+        want = sorted(c.original for c in pool.conns())
+        stats = pool.stats()
+        assert os.listdir(run_dir) == [f"{os.getpid()}.sock"], os.listdir(run_dir)
+        assert os.stat(run_dir).st_mode & 0o777 == 0o700
+    finally:
+        pool.stop()
+    assert "error" not in got, got.get("error")
+    conns = got["list"]["conns"]
+    seen = sorted((c["original"]["src"], c["original"]["dst"], c["original"]["sport"],
+                   c["original"]["dport"], c["proto"]) for c in conns)
+    assert seen == sorted((str(o.src), str(o.dst), o.sport, o.dport, o.proto) for o in want)
+    assert len(conns) > 100 and all(c["line"].split()[0] in ("tcp", "udp", "icmp")
+                                    for c in conns)
+    assert got["stats"]["stats"]["entries"] == stats["entries"], (got["stats"]["stats"], stats)
+    assert got["bad"]["ok"] is False and "unknown request" in got["bad"]["error"]
+    import json
+    out = capsys.readouterr()
+    lines = [json.loads(x) for x in out.out.splitlines()]
+    udp = [c for c in conns if c["proto"] == 17]
+    assert got["cli"] == 0 and len(lines) == len(udp) > 0 and all(x["proto"] == 17 for x in lines)
+    assert f"{len(udp)} flow entries have been shown" in out.err, out.err
+    assert not os.path.exists(run_dir / f"{os.getpid()}.sock"), "the socket outlived the pool"
+
+
+def test_the_control_directory_refuses_others(tmp_path, monkeypatch):
+    d = tmp_path / "open"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    monkeypatch.setenv("SHARDCT_RUN_DIR", str(d))
+    with pytest.raises(PermissionError, match="0700"):
+        C.control_dir()
+
+
+def test_conntrack_cli_with_nothing_running_says_so(run_dir, capsys):
+    from workers.cli import main
+    assert main(["conntrack", "-L"]) == 1
+    assert "no running shardct" in capsys.readouterr().err
+
+
+def test_garbage_on_the_socket_is_answered_and_counted(run_dir):
+    pool = Pool(1, Config(events=False), seed=SEED, log=lambda *a: None, frames=False,
+                dispatcher_process=False, control="test")
+    pool.start()
+    try:
+        ctx = zmq.Context.instance()
+        s = ctx.socket(zmq.REQ)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(f"ipc://{run_dir}/{os.getpid()}.sock")
+        s.send(b"\xc1\xff not msgpack")
+        for _ in range(200):
+            pool.control.poll()
+            if s.poll(10):
+                break
+        reply = msgpack.unpackb(s.recv())
+        s.close(0)
+        assert reply["ok"] is False and pool.control.rejected == 1, reply
+    finally:
+        pool.stop()
+
+
+def test_metrics_endpoint_serves_the_pools_counters():
+    """Pool(metrics_port=0) serves Prometheus text: per-worker conntrack counters and
+    protocol counts, the totals and the round latency histogram, matching the pool."""
+    import urllib.request
+    tr = P.profile("2k", 6000, seed=2)
+    b = tr.fresh()
+    pool = Pool(2, Config(events=False), seed=SEED, log=lambda *a: None, frames=False,
+                metrics_port=0)
+    pool.start()
+    try:
+        pool.feed([b], timeout_s=120)
+        pool.feed([], final=True, timeout_s=60)
+        port = pool.metrics.port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        rounds = pool.totals["rounds"]
+    finally:
+        pool.stop()
+    assert f"shardct_packets_out_total {float(len(b))}" in text, text[:2000]
+    assert 'shardct_conntrack_entries{worker="0"}' in text
+    assert 'shardct_pool_handoffs_out_total{worker="1"}' in text
+    assert f"shardct_round_seconds_count {float(rounds)}" in text, \
+        [ln for ln in text.splitlines() if "round_seconds" in ln]

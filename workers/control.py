@@ -1,0 +1,222 @@
+# The control socket of a running pool, and `shardct conntrack`, its client: conntrack -L
+# and -S of what the workers hold right now. One REP socket per run, in a 0700 directory
+# of the user's, so only its owner can connect; msgpack with size limits both ways.
+"""Control socket.
+
+A pool started with ``control=NAME`` (replay and live do) binds ``ipc://DIR/PID.sock``
+where DIR is :func:`control_dir` (0700, owned by this user: the socket accepts only its
+owner). Requests and replies are one msgpack map each::
+
+    {"cmd": "stats"}          -> {"ok": true, "name", "pid", "workers", "stats": {..},
+                                  "totals": {..}, "counts": {..}}
+    {"cmd": "list"}           -> the same and "conns": [conn, ...]
+
+Both ask every worker for its table and counters with a round of their own
+(``Pool.request_dump``), so the answer is the table as of the packets fed so far, and
+come back once that round is out. A bad request gets ``{"ok": false, "error": ...}`` and
+is counted (``rejected``). The server is polled by the pool's feed loop
+(``Pool._tick``): it never blocks it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import msgpack
+import zmq
+
+from shardct.show import format_conn, format_stats
+
+MAX_REQUEST = 64 * 1024
+MAX_REPLY = 1 << 30         # a listing of millions of conns
+
+
+def control_dir() -> str:
+    """This user's directory of control sockets: SHARDCT_RUN_DIR, /run/shardct for root,
+    else $XDG_RUNTIME_DIR/shardct, else /tmp/shardct-UID. Created 0700; refused when
+    another user owns it or others may enter it."""
+    d = os.environ.get("SHARDCT_RUN_DIR")
+    if not d:
+        if os.geteuid() == 0:
+            d = "/run/shardct"
+        elif os.environ.get("XDG_RUNTIME_DIR"):
+            d = os.path.join(os.environ["XDG_RUNTIME_DIR"], "shardct")
+        else:
+            d = f"/tmp/shardct-{os.geteuid()}"
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.stat(d)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{d}: not a 0700 directory of this user")
+    return d
+
+
+def _conn_dict(c, now: int) -> dict:
+    o, r = c.original, c.reply
+    return {"id": c.id, "proto": c.proto, "state": c.state, "status": sorted(c.status),
+            "timeout": c.timeout(now), "packets": list(c.packets), "bytes": list(c.bytes),
+            "original": {"src": str(o.src), "dst": str(o.dst), "sport": o.sport,
+                         "dport": o.dport},
+            "reply": {"src": str(r.src), "dst": str(r.dst), "sport": r.sport, "dport": r.dport},
+            "line": format_conn(c, now)}
+
+
+class ControlServer:
+    """Owned by the pool (created in ``start``, closed in ``stop``); one request at a
+    time, answered once the dump it asked for is out."""
+
+    def __init__(self, pool, ctx, name: str):
+        self.pool, self.name = pool, name
+        self.path = os.path.join(control_dir(), f"{os.getpid()}.sock")
+        self.sock = ctx.socket(zmq.REP)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST)
+        if os.path.exists(self.path):
+            os.unlink(self.path)            # a pid's stale socket: that process is gone
+        self.sock.bind(f"ipc://{self.path}")
+        os.chmod(self.path, 0o600)
+        self.waiting = None                 # (request, the dump count that answers it)
+        self.served = self.rejected = 0
+
+    def poll(self):
+        if self.waiting is not None:
+            req, want = self.waiting
+            if self.pool.dumped >= want:
+                self.waiting = None
+                self._reply(self._answer(req))
+            return
+        if not self.sock.poll(0):
+            return
+        try:
+            req = msgpack.unpackb(self.sock.recv(), raw=False, max_str_len=4096,
+                                  max_map_len=32, max_array_len=32, max_bin_len=0)
+            if not isinstance(req, dict) or req.get("cmd") not in ("stats", "list"):
+                raise ValueError(f"unknown request {req!r:.80}")
+        except Exception as e:      # msgpack raises several types for bad input
+            self.rejected += 1
+            self._reply({"ok": False, "error": str(e)})
+            return
+        self.pool.request_dump()
+        self.waiting = (req, self.pool.dumped + 1)
+
+    def _answer(self, req) -> dict:
+        p = self.pool
+        out = {"ok": True, "name": self.name, "pid": os.getpid(), "workers": p.n,
+               "stats": p.stats(), "totals": dict(p.totals), "counts": p.counts()}
+        if req["cmd"] == "list":
+            now = int(req.get("now") or time.time_ns())
+            out["conns"] = [_conn_dict(c, now) for c in p.conns()]
+        return out
+
+    def _reply(self, msg: dict):
+        self.served += 1
+        self.sock.send(msgpack.packb(msg, use_bin_type=True))
+
+    def close(self):
+        if self.waiting is not None:
+            self._reply({"ok": False, "error": "the run ended before the workers answered"})
+        self.sock.close(0)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+# ------------------------------------------------------------------ the client
+
+def running() -> list[int]:
+    """Pids with a control socket here whose process is alive."""
+    d = control_dir()
+    out = []
+    for f in os.listdir(d):
+        if f.endswith(".sock") and f[:-5].isdigit():
+            pid = int(f[:-5])
+            if os.path.exists(f"/proc/{pid}"):
+                out.append(pid)
+    return sorted(out)
+
+
+def request(pid: int, msg: dict, timeout_s: float = 10.0) -> dict:
+    """One request to pid's control socket; raises TimeoutError or ConnectionError."""
+    path = os.path.join(control_dir(), f"{pid}.sock")
+    if not os.path.exists(path):
+        raise ConnectionError(f"no control socket {path}")
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY)
+    try:
+        s.connect(f"ipc://{path}")
+        s.send(msgpack.packb(msg, use_bin_type=True))
+        if not s.poll(int(timeout_s * 1000)):
+            raise TimeoutError(f"pid {pid} did not answer in {timeout_s:.0f} s")
+        return msgpack.unpackb(s.recv(), raw=False, max_bin_len=0,
+                               max_str_len=1 << 20, max_array_len=1 << 26, max_map_len=1 << 26)
+    finally:
+        s.close(0)
+
+
+def add_parser(sub):
+    p = sub.add_parser("conntrack", help="conntrack -L / -S of a running replay or live")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("-L", "--dump", action="store_true", help="list the conns")
+    g.add_argument("-S", "--stats", action="store_true", help="the counters")
+    p.add_argument("-p", "--proto", help="only this protocol (tcp, udp, icmp, icmpv6 or a number)")
+    p.add_argument("-s", "--src", "--orig-src", dest="src", help="original source address")
+    p.add_argument("-d", "--dst", "--orig-dst", dest="dst", help="original destination address")
+    p.add_argument("--sport", "--orig-port-src", dest="sport", type=int, help="original source port")
+    p.add_argument("--dport", "--orig-port-dst", dest="dport", type=int,
+                   help="original destination port")
+    p.add_argument("-o", "--output", choices=["json"], help="json: one object per conn")
+    p.add_argument("--pid", type=int, help="which run (default: the only one running)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
+    p.set_defaults(func=cmd_conntrack)
+
+
+PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+
+
+def _keep(c: dict, a) -> bool:
+    if a.proto is not None:
+        want = PROTOS.get(a.proto)
+        if want is None:
+            want = int(a.proto) if a.proto.isdigit() else -1
+        if c["proto"] != want:
+            return False
+    o = c["original"]
+    return ((a.src is None or o["src"] == a.src) and (a.dst is None or o["dst"] == a.dst)
+            and (a.sport is None or o["sport"] == a.sport)
+            and (a.dport is None or o["dport"] == a.dport))
+
+
+def cmd_conntrack(a) -> int:
+    import json
+    try:
+        pids = [a.pid] if a.pid else running()
+        if not pids:
+            print(f"shardct conntrack: no running shardct with a control socket in "
+                  f"{control_dir()}", file=sys.stderr)
+            return 1
+        if len(pids) > 1:
+            print(f"shardct conntrack: several runs ({', '.join(map(str, pids))}): pick one "
+                  f"with --pid", file=sys.stderr)
+            return 2
+        r = request(pids[0], {"cmd": "list" if a.dump else "stats"}, a.timeout)
+    except (OSError, TimeoutError, ConnectionError, zmq.ZMQError, ValueError) as e:
+        print(f"shardct conntrack: {e}", file=sys.stderr)
+        return 1
+    if not r.get("ok"):
+        print(f"shardct conntrack: {r.get('error')}", file=sys.stderr)
+        return 1
+    if a.stats:
+        if a.output == "json":
+            print(json.dumps({"stats": r["stats"], "totals": r["totals"]}))
+        else:
+            print(format_stats(r["stats"]))
+        return 0
+    conns = [c for c in r["conns"] if _keep(c, a)]
+    for c in conns:
+        print(json.dumps({k: v for k, v in c.items() if k != "line"}) if a.output == "json"
+              else c["line"])
+    # conntrack-tools prints its summary on stderr
+    print(f"shardct conntrack v1 (pid {r['pid']}, {r['name']}, {r['workers']} workers): "
+          f"{len(conns)} flow entries have been shown.", file=sys.stderr)
+    return 0
