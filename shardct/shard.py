@@ -99,7 +99,7 @@ from .batch import PacketBatch, concat, take
 from .config import Config
 from .conntrack import REAP_FRACTION, REAP_MAX_INTERVAL, ConnTrack
 from .errors import InvariantViolation
-from .hashing import hash_batch, hash_key, owner_of_bucket, owner_slices, owners
+from .hashing import addr_words, hash_batch, hash_key, owner_of_bucket, owner_slices, owners
 from .scatter import scatter
 from .table import (ConnTable, EXPIRES, HCONN, HOME, IPVER, PROTO, S_CONFIRMED, S_DYING, S_INVIS,
                     S_LINK0, S_LINK1, S_NEW_PENDING, S_PENDING, S_REMOTE, S_SRC_NAT, S_USED, S_XSHARD, T_COUNT,
@@ -617,6 +617,33 @@ class Shard:
                            t.tbl, p, self.n, out, False)
         self.counts["peer_restarts"] += 1
         self._request(out[:m].copy(), again=True)
+
+    def delete(self, proto: int | None = None, src=None, dst=None, sport: int | None = None,
+               dport: int | None = None) -> int:
+        """conntrack -D (-F with no filter): destroy the conns homed here whose original
+        tuple matches every field given (addresses as ipaddress objects); their reply
+        entries at other shards are released next round. Returns how many went.
+        Precondition: between rounds."""
+        t = self.ct.table
+        st = t.cstatus
+        c = np.flatnonzero((st & S_USED != 0) & (st & (S_REMOTE | S_DYING) == 0))
+        if proto is not None:
+            c = c[t.c8[c, PROTO] == proto]
+        for addr, col in ((src, 0), (dst, 2)):
+            if addr is not None:
+                hi, lo = addr_words(addr.packed)
+                k = t.tkey[2 * c]
+                c = c[(k[:, col] == hi) & (k[:, col + 1] == lo)
+                      & (t.c8[c, IPVER] == addr.version)]
+        if sport is not None:
+            c = c[(t.tport[2 * c] >> 16) == sport]
+        if dport is not None:
+            c = c[(t.tport[2 * c] & 0xFFFF) == dport]
+        ta, ct = self._table_args(), self.ct
+        for x in c:
+            K.destroy_conn(*ta, ct.stats_arr, ct.cfg, ct.ev, ct.evaddr, int(x), self.now)
+        self._drain_dying()
+        return len(c)
 
     def snapshot(self) -> tuple[dict, dict[str, np.ndarray]]:
         """This shard's state between two rounds, as (scalars, arrays): the table, the

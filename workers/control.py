@@ -10,6 +10,8 @@ owner). Requests and replies are one msgpack map each::
     {"cmd": "stats"}          -> {"ok": true, "name", "pid", "workers", "stats": {..},
                                   "totals": {..}, "counts": {..}}
     {"cmd": "list"}           -> the same and "conns": [conn, ...]
+    {"cmd": "delete", "filter": {proto, src, dst, sport, dport}}
+                              -> the same and "deleted": n (an empty filter flushes)
 
 Both ask every worker for its table and counters with a round of their own
 (``Pool.request_dump``), so the answer is the table as of the packets fed so far, and
@@ -80,24 +82,31 @@ class ControlServer:
 
     def poll(self):
         if self.waiting is not None:
-            req, want = self.waiting
+            req, want, deleted = self.waiting
             if self.pool.dumped >= want:
                 self.waiting = None
-                self._reply(self._answer(req))
+                out = self._answer(req)
+                out["deleted"] = self.pool.totals["deleted"] - deleted
+                self._reply(out)
             return
         if not self.sock.poll(0):
             return
         try:
             req = msgpack.unpackb(self.sock.recv(), raw=False, max_str_len=4096,
                                   max_map_len=32, max_array_len=32, max_bin_len=0)
-            if not isinstance(req, dict) or req.get("cmd") not in ("stats", "list"):
+            if not isinstance(req, dict) or req.get("cmd") not in ("stats", "list", "delete"):
                 raise ValueError(f"unknown request {req!r:.80}")
+            delete = None
+            if req["cmd"] == "delete":
+                from .pool import delete_filter
+                delete = req.get("filter", {})
+                delete_filter(delete)           # refused here, not in the workers
         except Exception as e:      # msgpack raises several types for bad input
             self.rejected += 1
             self._reply({"ok": False, "error": str(e)})
             return
-        self.pool.request_dump()
-        self.waiting = (req, self.pool.dumped + 1)
+        self.pool.request_dump(delete)
+        self.waiting = (req, self.pool.dumped + 1, self.pool.totals["deleted"])
 
     def _answer(self, req) -> dict:
         p = self.pool
@@ -159,6 +168,9 @@ def add_parser(sub):
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("-L", "--dump", action="store_true", help="list the conns")
     g.add_argument("-S", "--stats", action="store_true", help="the counters")
+    g.add_argument("-D", "--delete", action="store_true",
+                   help="delete the conns that match the filters (at least one)")
+    g.add_argument("-F", "--flush", action="store_true", help="delete every conn")
     p.add_argument("-p", "--proto", help="only this protocol (tcp, udp, icmp, icmpv6 or a number)")
     p.add_argument("-s", "--src", "--orig-src", dest="src", help="original source address")
     p.add_argument("-d", "--dst", "--orig-dst", dest="dst", help="original destination address")
@@ -187,6 +199,17 @@ def _keep(c: dict, a) -> bool:
             and (a.dport is None or o["dport"] == a.dport))
 
 
+def _filter(a) -> dict:
+    """The -D filter of the options given (the workers' delete_filter form)."""
+    f = {}
+    if a.proto is not None:
+        f["proto"] = PROTOS.get(a.proto) or (int(a.proto) if a.proto.isdigit() else -1)
+    for key in ("src", "dst", "sport", "dport"):
+        if getattr(a, key) is not None:
+            f[key] = getattr(a, key)
+    return f
+
+
 def cmd_conntrack(a) -> int:
     import json
     try:
@@ -199,7 +222,19 @@ def cmd_conntrack(a) -> int:
             print(f"shardct conntrack: several runs ({', '.join(map(str, pids))}): pick one "
                   f"with --pid", file=sys.stderr)
             return 2
-        r = request(pids[0], {"cmd": "list" if a.dump else "stats"}, a.timeout)
+        if a.delete and not _filter(a):
+            print("shardct conntrack: -D needs a filter (-p, -s, -d, --sport, --dport); "
+                  "-F deletes everything", file=sys.stderr)
+            return 2
+        if a.delete:
+            # what goes, as conntrack -D prints it: listed first, then deleted by filter
+            before = request(pids[0], {"cmd": "list"}, a.timeout)
+            r = request(pids[0], {"cmd": "delete", "filter": _filter(a)}, a.timeout)
+            r["conns"] = [c for c in before.get("conns", []) if _keep(c, a)]
+        elif a.flush:
+            r = request(pids[0], {"cmd": "delete", "filter": {}}, a.timeout)
+        else:
+            r = request(pids[0], {"cmd": "list" if a.dump else "stats"}, a.timeout)
     except (OSError, TimeoutError, ConnectionError, zmq.ZMQError, ValueError) as e:
         print(f"shardct conntrack: {e}", file=sys.stderr)
         return 1
@@ -212,11 +247,17 @@ def cmd_conntrack(a) -> int:
         else:
             print(format_stats(r["stats"]))
         return 0
+    if a.flush:
+        print(f"shardct conntrack v1 (pid {r['pid']}): connection tracking table has been "
+              f"emptied ({r['deleted']} flow entries).", file=sys.stderr)
+        return 0
     conns = [c for c in r["conns"] if _keep(c, a)]
     for c in conns:
         print(json.dumps({k: v for k, v in c.items() if k != "line"}) if a.output == "json"
               else c["line"])
     # conntrack-tools prints its summary on stderr
+    done = f"{r['deleted']} flow entries have been deleted" if a.delete else \
+        f"{len(conns)} flow entries have been shown"
     print(f"shardct conntrack v1 (pid {r['pid']}, {r['name']}, {r['workers']} workers): "
-          f"{len(conns)} flow entries have been shown.", file=sys.stderr)
+          f"{done}.", file=sys.stderr)
     return 0

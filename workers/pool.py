@@ -250,6 +250,25 @@ def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None
     return loop()
 
 
+DELETE_KEYS = {"proto", "src", "dst", "sport", "dport"}
+
+
+def delete_filter(f) -> dict:
+    """A conntrack -D filter from a message, checked (ValueError: the message is bad)."""
+    import ipaddress
+    if not isinstance(f, dict) or not set(f) <= DELETE_KEYS:
+        raise ValueError(f"bad delete filter {f!r:.80}")
+    out = {}
+    for key, v in f.items():
+        if key in ("src", "dst"):
+            out[key] = ipaddress.ip_address(str(v))
+        elif not isinstance(v, int) or not 0 <= v <= 65535:
+            raise ValueError(f"bad {key} {v!r:.40}")
+        else:
+            out[key] = v
+    return out
+
+
 def _restore(shard: Shard, snapshots, wanted: bool) -> int:
     """A worker's table from its snapshot: the entries restored (0 when there is none, or
     it does not fit: said on stdout, the worker starts empty)."""
@@ -287,6 +306,7 @@ class _WorkerState:
         self.late = 0
         self.final: set[int] = set()       # rounds after which the table is sent along
         self.dumps: set[int] = set()       # the same, asked for by the control socket
+        self.deletes: dict[int, dict] = {}  # round -> conntrack -D filter, before it runs
         self.start_round = 0 if gen == 0 else None
 
     def _recv_peer(self, prx):
@@ -331,6 +351,12 @@ class _WorkerState:
                 self.final.add(int(h["round"]))
             if h.get("dump"):
                 self.dumps.add(int(h["round"]))
+            if h.get("delete") is not None:
+                try:
+                    self.deletes[int(h["round"])] = delete_filter(h["delete"])
+                except ValueError as e:       # the round itself is fine: run it
+                    self.wire_errors += 1
+                    print(f"worker {self.k}: ignored a bad delete filter: {e}", flush=True)
         except (M.WireError, KeyError, TypeError, ValueError) as e:
             self.wire_errors += 1
             print(f"worker {self.k}: dropped a bad batch: {e}", flush=True)
@@ -370,6 +396,7 @@ class _WorkerState:
                         self.shard.peer_restarted(p)
                     del self.restarted[p]
             t0 = time.perf_counter()
+            deleted = self.shard.delete(**self.deletes.pop(r)) if r in self.deletes else 0
             self.shard.local(pk)
             step = 0
             while True:
@@ -407,7 +434,8 @@ class _WorkerState:
                 out = {"seq": res.seq, "ts": b.ts, "ifindex": b.ifindex}
             sink.send_multipart(M.encode_arrays(
                 M.RESULT, {**out, "verdict": verdict, **table}, worker=self.k,
-                round=r, gen=self.gen, entries=self.shard.ct.table.count, **extra), copy=False)
+                round=r, gen=self.gen, entries=self.shard.ct.table.count, deleted=deleted,
+                **extra), copy=False)
             self.shard.counts["busy_us"] += int((time.perf_counter() - t0) * 1e6)
             self.final_done = r in self.final
             self._snapshot()
@@ -487,12 +515,12 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
     st = {"r": 0, "emitted": 0, "rounds": None, "batch": 0, "end": False}
     queue = []          # batches waiting for the current one's rounds to go out
 
-    def send_round(parts, final, dump=False):
+    def send_round(parts, final, dump=False, delete=None):
         r = st["r"]
         for j, part in enumerate(parts):
             tx[j].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", part), round=r,
-                                                 final=final, dump=dump, clock=disp.clock),
-                                 copy=False)
+                                                 final=final, dump=dump, delete=delete,
+                                                 clock=disp.clock), copy=False)
         sink.send(M.encode(M.ROUND, round=r, n=sum(len(x) for x in parts), final=final,
                            dump=dump))
         st["r"] = r + 1
@@ -509,7 +537,7 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
                 elif h["t"] == M.END:
                     st["end"] = True
                 elif h["t"] == M.DUMP:                 # after the batches sent before it
-                    queue.append((None, None))
+                    queue.append((h.get("delete"), None))
                 return
             if fr is not None:
                 h, a = M.decode_arrays(frames)
@@ -526,8 +554,8 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
                 while src.poll(0):
                     take_message()
                 while st["rounds"] is None and queue and queue[0][1] is None:
-                    queue.pop(0)
-                    send_round([Packets.empty()] * n, False, True)    # tables, please
+                    delete, _ = queue.pop(0)
+                    send_round([Packets.empty()] * n, False, True, delete)   # tables, please
                 if st["rounds"] is None and queue:
                     st["batch"], b = queue.pop(0)
                     st["rounds"] = disp.rounds(b)
@@ -651,7 +679,8 @@ class Pool:
         self.window = window
         self.log = log
         self.totals = {"packets_in": 0, "packets_out": 0, "lost_packets": 0, "rounds": 0,
-                       "lost_conns": 0, "restored_conns": self.carried, "wire_errors": 0}
+                       "lost_conns": 0, "restored_conns": self.carried, "deleted": 0,
+                       "wire_errors": 0}
         self._lost_by = [0] * self.n     # entries counted lost at each worker's last death
         self.worker_stats: dict[int, dict] = {}
         self.worker_counts: dict[int, dict] = {}
@@ -731,6 +760,7 @@ class Pool:
         self._round_t0: dict[int, float] = {}  # round -> when the sink learnt of it
         self.dumped = 0
         self._dump_wanted = False
+        self._dump_delete = None
 
     def wait_ready(self, timeout_s: float = 120.0):
         """Block until every worker has booted (kernels loaded), e.g. before timing."""
@@ -896,22 +926,25 @@ class Pool:
                 and self._tickets[0][2] <= self.next_emit:
             self.ring.release(self._tickets.popleft()[0])
 
-    def _send_round(self, parts, final, dump=False):
+    def _send_round(self, parts, final, dump=False, delete=None):
         self.pending[self.r] = {"n": sum(len(p) for p in parts), "got": {}}
         for k, p in enumerate(parts):
             self.tx[k].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", p), round=self.r,
-                                                      final=final, dump=dump,
+                                                      final=final, dump=dump, delete=delete,
                                                       clock=self.dispatcher.clock), copy=False)
         if dump:
             self.dump_rounds.add(self.r)
         self._round_t0[self.r] = time.monotonic()
         self.r += 1
 
-    def request_dump(self):
+    def request_dump(self, delete: dict | None = None):
         """Ask every worker for its table and counters with a round of their own (sent
         after what was fed so far); ``dumped`` counts the dumps completed, and
-        ``conns()``/``stats()`` are as of the latest."""
+        ``conns()``/``stats()`` are as of the latest. ``delete``: a conntrack -D filter
+        (``workers.pool.DELETE_KEYS``; {} flushes) each worker applies first; the
+        ``deleted`` total counts what went."""
         self._dump_wanted = True
+        self._dump_delete = delete
 
     def _dump(self):
         """Send a requested dump round (the feed loops call this between rounds)."""
@@ -919,9 +952,10 @@ class Pool:
             return
         self._dump_wanted = False
         if self.dispatcher_process:
-            self.src.send(M.encode(M.DUMP))
+            self.src.send(M.encode(M.DUMP, delete=self._dump_delete))
         else:
-            self._send_round([Packets.empty()] * self.n, False, dump=True)
+            self._send_round([Packets.empty()] * self.n, False, dump=True,
+                             delete=self._dump_delete)
 
     def _tick(self):
         """Once per feed-loop turn: the control socket, if any, and a requested dump."""
@@ -1007,6 +1041,7 @@ class Pool:
             if v.dtype != np.uint8 or v.shape != (len(pk),):
                 raise M.WireError("verdicts do not match the packets")
             self.entries[k] = int(h.get("entries", 0))
+            self.totals["deleted"] += int(h.get("deleted", 0))
             g = int(h.get("gen", 0))
             if "stats" in h:
                 self.worker_stats[(k, g)] = h["stats"]

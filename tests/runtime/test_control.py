@@ -149,3 +149,51 @@ def test_metrics_endpoint_serves_the_pools_counters():
     assert 'shardct_pool_handoffs_out_total{worker="1"}' in text
     assert f"shardct_round_seconds_count {float(rounds)}" in text, \
         [ln for ln in text.splitlines() if "round_seconds" in ln]
+
+
+def test_delete_by_filter_and_flush(run_dir, capsys):
+    """-D -p udp deletes exactly the UDP conns (their reply entries at other workers go
+    too: the final table has none), and -F empties the table."""
+    from workers.cli import main
+    tr = P.profile("2k", 12_000, seed=6)
+    b = tr.fresh()
+    pool = Pool(2, Config(events=False), seed=SEED, log=lambda *a: None, frames=False,
+                control="test")
+    got = {}
+
+    def client():
+        deadline = time.monotonic() + 60
+        while pool.totals["packets_out"] < len(b) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            before = C.request(os.getpid(), {"cmd": "list"}, 30)["conns"]
+            got["udp"] = sum(1 for c in before if c["proto"] == 17)
+            got["all"] = len(before)
+            got["rc_d"] = main(["conntrack", "-D", "-p", "udp"])
+            got["after_d"] = C.request(os.getpid(), {"cmd": "list"}, 30)["conns"]
+            got["rc_f"] = main(["conntrack", "-F"])
+            got["after_f"] = C.request(os.getpid(), {"cmd": "list"}, 30)["conns"]
+            got["rc_bad"] = main(["conntrack", "-D"])
+        except Exception as e:
+            got["error"] = repr(e)
+
+    t = threading.Thread(target=client)
+    pool.start()
+    try:
+        t.start()
+        pool.feed(_live_like([b], lambda: not t.is_alive()), timeout_s=120)
+        t.join(10)
+        pool.feed([], final=True, timeout_s=60)
+        final = pool.conns()
+        entries = pool.stats()["entries"]
+    finally:
+        pool.stop()
+    assert "error" not in got, got["error"]
+    err = capsys.readouterr().err
+    assert got["udp"] > 0 and got["rc_d"] == 0, got
+    assert f"{got['udp']} flow entries have been deleted" in err, err
+    assert not [c for c in got["after_d"] if c["proto"] == 17]
+    assert len(got["after_d"]) == got["all"] - got["udp"], (len(got["after_d"]), got)
+    assert got["rc_f"] == 0 and got["after_f"] == [] and final == [], (got["after_f"][:2], final[:2])
+    assert entries == 0, f"entries got {entries}: reply entries outlived their conns"
+    assert got["rc_bad"] == 2 and "-D needs a filter" in err
