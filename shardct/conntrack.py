@@ -405,17 +405,30 @@ class ConnTrack:
         """Drain the events gathered since the last call (oldest first)."""
         t = self.table
         n = int(t.tbl[T_EVN])
+        out = self.events_from_rows(self.ev[:n], self.evaddr[:n])
+        t.tbl[T_EVN] = 0
+        return out
+
+    def event_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Drain the events gathered since the last call as copies of their rows (what a
+        worker ships; ``events_from_rows`` makes Events of them)."""
+        n = int(self.table.tbl[T_EVN])
+        rows = self.ev[:n].copy(), self.evaddr[:n].copy()
+        self.table.tbl[T_EVN] = 0
+        return rows
+
+    @classmethod
+    def events_from_rows(cls, ev: np.ndarray, evaddr: np.ndarray) -> list[Event]:
         out = []
-        for k in range(n):
-            e = self.ev[k]
-            a = self.evaddr[k]
-            conn = self._snapshot(int(e[K.E_CONN]), a[0:4], a[4:8], int(e[K.E_PORTS0]),
+        for k in range(ev.shape[0]):
+            e = ev[k]
+            a = evaddr[k]
+            conn = cls._snapshot(int(e[K.E_CONN]), a[0:4], a[4:8], int(e[K.E_PORTS0]),
                                   int(e[K.E_PORTS1]), int(e[K.E_PROTO]), int(e[K.E_IPVER]),
                                   int(e[K.E_STATE]), int(e[K.E_STATUS]), int(e[K.E_EXPIRES]),
                                   (int(e[K.E_PKTS0]), int(e[K.E_PKTS1])),
                                   (int(e[K.E_BYTES0]), int(e[K.E_BYTES1])))
             out.append(Event(K.EVENT_NAMES[int(e[K.E_TYPE])], conn, int(e[K.E_TIME])))
-        t.tbl[T_EVN] = 0
         return out
 
     def clear_events(self) -> int:

@@ -13,7 +13,12 @@ owner). Requests and replies are one msgpack map each::
     {"cmd": "delete", "filter": {proto, src, dst, sport, dport}}
                               -> the same and "deleted": n (an empty filter flushes)
 
-Both ask every worker for its table and counters with a round of their own
+Events (``conntrack -E``) go out on an XPUB socket beside it, ``DIR/PID.events``: while
+anyone subscribes, workers ship their NEW/UPDATE/DESTROY events with each round's results
+(``Pool.want_events``), and each emitted round's events are published as one msgpack list
+of conns (``_conn_dict`` with "event"), in time order.
+
+The requests ask every worker for its table and counters with a round of their own
 (``Pool.request_dump``), so the answer is the table as of the packets fed so far, and
 come back once that round is out. A bad request gets ``{"ok": false, "error": ...}`` and
 is counted (``rejected``). The server is polled by the pool's feed loop
@@ -28,7 +33,7 @@ import time
 import msgpack
 import zmq
 
-from shardct.show import format_conn, format_stats
+from shardct.show import format_conn, format_event, format_stats
 
 MAX_REQUEST = 64 * 1024
 MAX_REPLY = 1 << 30         # a listing of millions of conns
@@ -79,8 +84,45 @@ class ControlServer:
         os.chmod(self.path, 0o600)
         self.waiting = None                 # (request, the dump count that answers it)
         self.served = self.rejected = 0
+        self.events_path = os.path.join(control_dir(), f"{os.getpid()}.events")
+        self.pub = ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 1000)         # a slow watcher loses events, not us
+        self.pub.setsockopt(zmq.MAXMSGSIZE, 64)       # subscriptions only
+        self.pub.bind(f"ipc://{self.events_path}")
+        os.chmod(self.events_path, 0o600)
+        self.watchers = 0
+
+    def _subscriptions(self):
+        while self.pub.poll(0):
+            m = self.pub.recv()
+            if m[:1] == b"\x01":
+                self.watchers += 1
+            elif m[:1] == b"\x00":
+                self.watchers = max(0, self.watchers - 1)
+        self.pool.want_events = self.watchers > 0
+
+    def publish_events(self, parts):
+        """One round's events from the workers ((ev, evaddr) row arrays), in time order."""
+        from shardct import track as K
+        from shardct.conntrack import ConnTrack
+        import numpy as np
+        ev = np.concatenate([e for e, _ in parts])
+        evaddr = np.concatenate([a for _, a in parts])
+        order = np.argsort(ev[:, K.E_TIME], kind="stable")
+        out = []
+        for e in ConnTrack.events_from_rows(ev[order], evaddr[order]):
+            d = _conn_dict(e.conn, e.time)
+            d["event"] = e.kind
+            d["line"] = format_event(e)
+            out.append(d)
+        try:
+            self.pub.send(msgpack.packb(out, use_bin_type=True), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def poll(self):
+        self._subscriptions()
         if self.waiting is not None:
             req, want, deleted = self.waiting
             if self.pool.dumped >= want:
@@ -125,8 +167,10 @@ class ControlServer:
         if self.waiting is not None:
             self._reply({"ok": False, "error": "the run ended before the workers answered"})
         self.sock.close(0)
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+        self.pub.close(0)
+        for path in (self.path, self.events_path):
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 # ------------------------------------------------------------------ the client
@@ -171,6 +215,8 @@ def add_parser(sub):
     g.add_argument("-D", "--delete", action="store_true",
                    help="delete the conns that match the filters (at least one)")
     g.add_argument("-F", "--flush", action="store_true", help="delete every conn")
+    g.add_argument("-E", "--event", action="store_true",
+                   help="print NEW/UPDATE/DESTROY events as they happen (until Ctrl-C)")
     p.add_argument("-p", "--proto", help="only this protocol (tcp, udp, icmp, icmpv6 or a number)")
     p.add_argument("-s", "--src", "--orig-src", dest="src", help="original source address")
     p.add_argument("-d", "--dst", "--orig-dst", dest="dst", help="original destination address")
@@ -180,6 +226,8 @@ def add_parser(sub):
     p.add_argument("-o", "--output", choices=["json"], help="json: one object per conn")
     p.add_argument("--pid", type=int, help="which run (default: the only one running)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
+    p.add_argument("--duration", type=float, default=0.0,
+                   help="-E: stop after this many seconds (0: at Ctrl-C or when the run ends)")
     p.set_defaults(func=cmd_conntrack)
 
 
@@ -210,6 +258,38 @@ def _filter(a) -> dict:
     return f
 
 
+def _watch(pid: int, a) -> int:
+    """conntrack -E: print the run's events until Ctrl-C, --duration or its end."""
+    import json
+    path = os.path.join(control_dir(), f"{pid}.events")
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.SUB)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY)
+    s.setsockopt(zmq.SUBSCRIBE, b"")
+    s.connect(f"ipc://{path}")
+    n = 0
+    end = time.monotonic() + a.duration if a.duration else None
+    try:
+        while os.path.exists(path) and (end is None or time.monotonic() < end):
+            if not s.poll(200):
+                continue
+            for c in msgpack.unpackb(s.recv(), raw=False, max_bin_len=0,
+                                     max_str_len=1 << 20, max_array_len=1 << 26,
+                                     max_map_len=1 << 20):
+                if _keep(c, a):
+                    n += 1
+                    print(json.dumps({k: v for k, v in c.items() if k != "line"})
+                          if a.output == "json" else c["line"], flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        s.close(0)
+    print(f"shardct conntrack v1 (pid {pid}): {n} flow events have been shown.",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_conntrack(a) -> int:
     import json
     try:
@@ -222,6 +302,8 @@ def cmd_conntrack(a) -> int:
             print(f"shardct conntrack: several runs ({', '.join(map(str, pids))}): pick one "
                   f"with --pid", file=sys.stderr)
             return 2
+        if a.event:
+            return _watch(pids[0], a)
         if a.delete and not _filter(a):
             print("shardct conntrack: -D needs a filter (-p, -s, -d, --sport, --dport); "
                   "-F deletes everything", file=sys.stderr)

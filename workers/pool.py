@@ -307,6 +307,7 @@ class _WorkerState:
         self.final: set[int] = set()       # rounds after which the table is sent along
         self.dumps: set[int] = set()       # the same, asked for by the control socket
         self.deletes: dict[int, dict] = {}  # round -> conntrack -D filter, before it runs
+        self.ship_events: set[int] = set()  # rounds whose events go out with the result
         self.start_round = 0 if gen == 0 else None
 
     def _recv_peer(self, prx):
@@ -351,6 +352,8 @@ class _WorkerState:
                 self.final.add(int(h["round"]))
             if h.get("dump"):
                 self.dumps.add(int(h["round"]))
+            if h.get("events"):
+                self.ship_events.add(int(h["round"]))
             if h.get("delete") is not None:
                 try:
                     self.deletes[int(h["round"])] = delete_filter(h["delete"])
@@ -427,6 +430,11 @@ class _WorkerState:
             extra = {}
             if table or r % STATS_EVERY == 0:
                 extra = {"counts": self.shard.counts, "stats": self.shard.ct.stats()}
+            if r in self.ship_events:          # someone watches (conntrack -E)
+                self.ship_events.discard(r)
+                table["ev"], table["evaddr"] = self.shard.ct.event_rows()
+            else:
+                self.shard.ct.clear_events()
             if self.frames:
                 out = pk_arrays("", res)
             else:
@@ -512,7 +520,7 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
     sink.setsockopt(zmq.LINGER, 1000)
     sink.setsockopt(zmq.SNDHWM, 0)
     sink.connect(eps["sink"])
-    st = {"r": 0, "emitted": 0, "rounds": None, "batch": 0, "end": False}
+    st = {"r": 0, "emitted": 0, "rounds": None, "batch": 0, "end": False, "events": False}
     queue = []          # batches waiting for the current one's rounds to go out
 
     def send_round(parts, final, dump=False, delete=None):
@@ -520,7 +528,8 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
         for j, part in enumerate(parts):
             tx[j].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", part), round=r,
                                                  final=final, dump=dump, delete=delete,
-                                                 clock=disp.clock), copy=False)
+                                                 events=st["events"], clock=disp.clock),
+                                 copy=False)
         sink.send(M.encode(M.ROUND, round=r, n=sum(len(x) for x in parts), final=final,
                            dump=dump))
         st["r"] = r + 1
@@ -545,6 +554,7 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
             else:
                 h, batch, _ = M.decode_batch(frames, writable=False)    # scatter copies
             queue.append((int(h.get("seq", 0)), batch))
+            st["events"] = bool(h.get("events"))     # someone watches conntrack -E
         except (M.WireError, KeyError, TypeError, ValueError) as e:
             print(f"dispatcher: dropped a bad message: {e}", flush=True)
 
@@ -641,6 +651,7 @@ class Pool:
         self.ring = None
         self.control = None
         self._control_name = control
+        self.want_events = False             # workers ship their events (conntrack -E)
         self.metrics = None
         self._metrics_port = metrics_port
         self.rings = []
@@ -875,10 +886,10 @@ class Pool:
                 if self.ring is not None:
                     self.src.send_multipart(M.encode_arrays(
                         M.BATCH, {f: getattr(b, f) for f in ("off", "length", "ifindex", "ts")},
-                        seq=self.batches_sent), copy=False)
+                        seq=self.batches_sent, events=self.want_events), copy=False)
                 else:
-                    self.src.send_multipart(M.encode_batch(b, seq=self.batches_sent),
-                                            copy=False)
+                    self.src.send_multipart(M.encode_batch(b, seq=self.batches_sent,
+                                                           events=self.want_events), copy=False)
                 self.batches_sent += 1
                 if not len(b):
                     idle = True
@@ -931,6 +942,7 @@ class Pool:
         for k, p in enumerate(parts):
             self.tx[k].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", p), round=self.r,
                                                       final=final, dump=dump, delete=delete,
+                                                      events=self.want_events,
                                                       clock=self.dispatcher.clock), copy=False)
         if dump:
             self.dump_rounds.add(self.r)
@@ -969,6 +981,8 @@ class Pool:
                and all(k in self.pending[self.next_emit]["got"] or self.next_emit < self.first[k]
                        for k in range(self.n))):
             got = self.pending.pop(self.next_emit)
+            if got.get("ev") and self.control is not None:
+                self.control.publish_events(got["ev"])
             parts = list(got["got"].values())
             n_out = sum(len(p) for p, _ in parts)
             self.totals["lost_packets"] += got["n"] - n_out
@@ -1048,6 +1062,8 @@ class Pool:
                 self.worker_counts[(k, g)] = h["counts"]
             if rr in pending or (self.dispatcher_process and rr >= self.next_emit):
                 pending.setdefault(rr, {"n": None, "got": {}})["got"][k] = (pk, v)
+                if "ev" in a and len(a["ev"]):
+                    pending[rr].setdefault("ev", []).append((a["ev"], a["evaddr"]))
             if "conn.id" in a:
                 self.tables[k] = {name[5:]: x for name, x in a.items() if name.startswith("conn.")}
         except (M.WireError, KeyError, TypeError, ValueError) as e:

@@ -69,7 +69,8 @@ def test_list_and_stats_of_a_running_pool(run_dir, own_process, capsys):
         pool.feed([], final=True, timeout_s=60)
         want = sorted(c.original for c in pool.conns())
         stats = pool.stats()
-        assert os.listdir(run_dir) == [f"{os.getpid()}.sock"], os.listdir(run_dir)
+        pid = os.getpid()
+        assert sorted(os.listdir(run_dir)) == [f"{pid}.events", f"{pid}.sock"], os.listdir(run_dir)
         assert os.stat(run_dir).st_mode & 0o777 == 0o700
     finally:
         pool.stop()
@@ -88,7 +89,7 @@ def test_list_and_stats_of_a_running_pool(run_dir, own_process, capsys):
     udp = [c for c in conns if c["proto"] == 17]
     assert got["cli"] == 0 and len(lines) == len(udp) > 0 and all(x["proto"] == 17 for x in lines)
     assert f"{len(udp)} flow entries have been shown" in out.err, out.err
-    assert not os.path.exists(run_dir / f"{os.getpid()}.sock"), "the socket outlived the pool"
+    assert os.listdir(run_dir) == [], f"sockets outlived the pool: {os.listdir(run_dir)}"
 
 
 def test_the_control_directory_refuses_others(tmp_path, monkeypatch):
@@ -197,3 +198,45 @@ def test_delete_by_filter_and_flush(run_dir, capsys):
     assert got["rc_f"] == 0 and got["after_f"] == [] and final == [], (got["after_f"][:2], final[:2])
     assert entries == 0, f"entries got {entries}: reply entries outlived their conns"
     assert got["rc_bad"] == 2 and "-D needs a filter" in err
+
+
+@pytest.mark.parametrize("own_process", [False, True])
+def test_events_reach_a_watcher_from_every_worker(run_dir, capsys, own_process):
+    """`shardct conntrack -E` while a trace goes through 2 workers: one [NEW] line per
+    conn the workers created (their `new` counters), UPDATEs too; the watcher ends when
+    the run does."""
+    from workers.cli import main
+    tr = P.profile("2k", 8000, seed=11)
+    b = tr.fresh()
+    pool = Pool(2, Config(events=True), seed=SEED, log=lambda *a: None, frames=False,
+                dispatcher_process=own_process, control="test")
+    rc = {}
+    t = threading.Thread(target=lambda: rc.update(rc=main(["conntrack", "-E", "-o", "json"])))
+
+    def source():
+        end = time.monotonic() + 30
+        while not pool.want_events and time.monotonic() < end:
+            time.sleep(0.01)
+            yield take(b, np.arange(0))
+        yield b
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            time.sleep(0.01)
+            yield take(b, np.arange(0))
+
+    pool.start()
+    try:
+        t.start()
+        pool.feed(source(), timeout_s=120)
+        new = pool.feed([], final=True, timeout_s=60) and pool.stats()["new"]
+    finally:
+        pool.stop()
+    t.join(10)
+    import json
+    out = capsys.readouterr()
+    events = [json.loads(x) for x in out.out.splitlines()]
+    assert rc.get("rc") == 0 and not t.is_alive(), rc
+    news = [e for e in events if e["event"] == "NEW"]
+    assert len(news) == new > 0, (len(news), new)
+    assert {e["event"] for e in events} >= {"NEW", "UPDATE"}, {e["event"] for e in events}
+    assert f"{len(events)} flow events have been shown" in out.err
