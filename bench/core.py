@@ -104,9 +104,7 @@ def breakdown(flows, packets, batch):
             n = len(b)
             wire.parse_hash_batch(b.buf, b.off, b.length, meta[:n], addr[:n], True, T.seed, h[:n])
             K.track_batch(b.buf, b.off, meta[:n], addr[:n], h[:n], b.length, ts[:n], v[:n],
-                          tid[:n], given[:n], T.heads, T.tkey, T.tport, T.tnext, T.c64, T.c32,
-                          T.c8, T.cstatus, T.tbl, ct.stats_arr, ct.cfg, ct.tmo, ct.ev,
-                          ct.evaddr, 0, False)
+                          tid[:n], given[:n], b.ifindex, *ct._track_args, 0, False)
     both()
     out["track (lookup, TCP state, window, counters), by difference"] = (
         best_of(both, REPS) / packets * 1e9 - out["parse+hash, checksums validated"])
