@@ -119,7 +119,6 @@ class NatProgram(NamedTuple):
     """What ``nat_decide`` reads: the rules (rules.RuleProgram's arrays), the network
     (netconf.NetProgram's), the shard-affine slice (aff_lo < 0: off) and the random pool
     (RandomPool's arrays, read from ``rcur[0]`` on)."""
-    family: int
     hooks: np.ndarray
     step: np.ndarray
     saddr: np.ndarray
@@ -140,10 +139,12 @@ class NatProgram(NamedTuple):
 
 
 def nat_program(rules, network, pool, aff_lo=-1, aff_hi=-1) -> NatProgram:
-    """The NatProgram of a rule set (or None) and a Network (or None)."""
+    """The NatProgram of rules (a RuleSet or anything with its ``rulesets()`` and
+    ``evaluate``; or None) and a Network (or None)."""
     net = network.compiled() if network is not None else no_network()
-    rp = compile_rules(rules, network.names if network is not None else [])
-    return NatProgram(rp.family, rp.hooks, rp.step, rp.saddr, rp.ifok, rp.tgt, rp.taddr,
+    rp = compile_rules(rules.rulesets() if rules is not None else (),
+                       network.names if network is not None else [])
+    return NatProgram(rp.hooks, rp.step, rp.saddr, rp.ifok, rp.tgt, rp.taddr,
                       *net, int(aff_lo), int(aff_hi), pool.vals, pool.cur)
 
 
@@ -272,10 +273,8 @@ def _manip_compiled(heads, tkey, tport, tnext, c64, c8, tbl, P, now, s_hi, s_lo,
                     ports, proto, ver, echo, hook, manip, in_k, out_k):
     """One NAT hook (NatEngine.decide's ``manip``): the matching rule's range, or a null
     binding, then the tuple search. D_DROP: MASQUERADE/REDIRECT without an address."""
-    t = np.int64(-1)
-    if P.family == ver:
-        t = evaluate_compiled(P.hooks, P.step, P.saddr, P.ifok, hook, s_hi, s_lo, d_hi, d_lo,
-                              proto, ports >> 16, ports & 0xFFFF, in_k, out_k)
+    t = evaluate_compiled(P.hooks, P.step, P.saddr, P.ifok, 0 if ver == 4 else 1, hook, s_hi,
+                          s_lo, d_hi, d_lo, proto, ports >> 16, ports & 0xFFFF, in_k, out_k)
     z = np.uint64(0)
     if t < 0:
         return unique_tuple_compiled(heads, tkey, tport, tnext, c64, c8, tbl, P, now, s_hi,

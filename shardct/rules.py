@@ -128,6 +128,10 @@ class RuleSet:
     ignored_tables: list = field(default_factory=list)
     programs: dict = field(default_factory=dict)     # hook -> list of steps
 
+    def rulesets(self) -> tuple:
+        """The RuleSets behind this one's evaluate (for compile_rules)."""
+        return (self,)
+
     @property
     def rules(self) -> list[Rule]:
         return [r for rs in self.chains.values() for r in rs]
@@ -554,12 +558,11 @@ N_TC = 6
 
 
 class RuleProgram(NamedTuple):
-    """A RuleSet's per-hook programs as arrays. Steps of hook h are
-    ``hooks[h] <= k < hooks[h + 1]``; ``family`` 0 matches nothing (no rules).
+    """The per-hook programs of an IPv4 and an IPv6 RuleSet as arrays. Steps of hook h
+    for family index f (0 IPv4, 1 IPv6) are ``hooks[f, h] <= k < hooks[f, h + 1]``.
     ``ifok[k, 0|1, j]``: the step's -i / -o condition holds for interface j of the
     network's list (j = number of interfaces stands for "no interface")."""
-    family: int
-    hooks: np.ndarray       # int64[5]
+    hooks: np.ndarray       # int64[2, 5]
     step: np.ndarray        # int64[n, N_SC]
     saddr: np.ndarray       # uint64[n, 8]: src net hi, lo, mask hi, lo; dst the same
     ifok: np.ndarray        # bool[n, 2, n_if + 1]
@@ -581,51 +584,55 @@ def _ip_words(a):
     return (0, v) if a.version == 4 else (v >> 64, v & (2 ** 64 - 1))
 
 
-def compile_rules(rs: RuleSet | None, ifnames: list) -> RuleProgram:
-    """The compiled form of ``rs`` for a network with interfaces ``ifnames`` (in index
-    order). None gives an empty program."""
-    steps, saddr, ifok, hooks, targets = [], [], [], [], []
+def compile_rules(rulesets, ifnames: list) -> RuleProgram:
+    """The compiled form of ``rulesets`` (RuleSets of distinct families; none: an empty
+    program) for a network with interfaces ``ifnames`` (in index order)."""
+    steps, saddr, ifok, targets = [], [], [], []
+    hooks = np.zeros((2, 5), dtype=np.int64)
+    by_family = {rs.family: rs for rs in rulesets}
     names = list(ifnames) + [None]
-    for h in range(4):
-        hooks.append(len(steps))
-        base = len(steps)
-        for m, op, arg in (rs.programs.get(h, ()) if rs is not None else ()):
-            neg = isinstance(m, _Not)
-            mm = m.m if neg else m
-            row = [0] * N_SC
-            a = [0] * 8
-            row[SC_NOT] = int(neg)
-            if mm.src is not None:
-                row[SC_SRC], row[SC_SRC_NEG] = 1, int(mm.src[1])
-                a[0:4] = _net_words(mm.src[0])
-            if mm.dst is not None:
-                row[SC_DST], row[SC_DST_NEG] = 1, int(mm.dst[1])
-                a[4:8] = _net_words(mm.dst[0])
-            row[SC_PROTO] = -1
-            if mm.proto is not None and mm.proto[0] != 0:
-                row[SC_PROTO], row[SC_PROTO_NEG] = mm.proto[0], int(mm.proto[1])
-            for on, col, spec in ((SC_SP, SC_SP_LO, mm.sport), (SC_DP, SC_DP_LO, mm.dport)):
-                if spec is not None:
-                    row[on], row[col], row[col + 1], row[col + 2] = 1, spec[0], spec[1], int(spec[2])
-            row[SC_OP] = {"nat": OP_NAT, "accept": OP_ACCEPT, "goto": OP_GOTO}[op]
-            if op == "nat":
-                row[SC_ARG] = len(targets)
-                targets.append(arg)
-            elif op == "goto":
-                row[SC_ARG] = base + arg
-            ifok.append([[not (spec is not None and _if(n, spec) == spec[2]) for n in names]
-                         for spec in (mm.in_iface, mm.out_iface)])
-            steps.append(row)
-            saddr.append(a)
-    hooks.append(len(steps))
+    for f, fam in enumerate((4, 6)):
+        rs = by_family.get(fam)
+        for h in range(4):
+            hooks[f, h] = len(steps)
+            base = len(steps)
+            for m, op, arg in (rs.programs.get(h, ()) if rs is not None else ()):
+                neg = isinstance(m, _Not)
+                mm = m.m if neg else m
+                row = [0] * N_SC
+                a = [0] * 8
+                row[SC_NOT] = int(neg)
+                if mm.src is not None:
+                    row[SC_SRC], row[SC_SRC_NEG] = 1, int(mm.src[1])
+                    a[0:4] = _net_words(mm.src[0])
+                if mm.dst is not None:
+                    row[SC_DST], row[SC_DST_NEG] = 1, int(mm.dst[1])
+                    a[4:8] = _net_words(mm.dst[0])
+                row[SC_PROTO] = -1
+                if mm.proto is not None and mm.proto[0] != 0:
+                    row[SC_PROTO], row[SC_PROTO_NEG] = mm.proto[0], int(mm.proto[1])
+                for on, col, spec in ((SC_SP, SC_SP_LO, mm.sport), (SC_DP, SC_DP_LO, mm.dport)):
+                    if spec is not None:
+                        row[on], row[col], row[col + 1], row[col + 2] = \
+                            1, spec[0], spec[1], int(spec[2])
+                row[SC_OP] = {"nat": OP_NAT, "accept": OP_ACCEPT, "goto": OP_GOTO}[op]
+                if op == "nat":
+                    row[SC_ARG] = len(targets)
+                    targets.append(arg)
+                elif op == "goto":
+                    row[SC_ARG] = base + arg
+                ifok.append([[not (spec is not None and _if(n, spec) == spec[2]) for n in names]
+                             for spec in (mm.in_iface, mm.out_iface)])
+                steps.append(row)
+                saddr.append(a)
+        hooks[f, 4] = len(steps)
     tgt, taddr = [], []
     for t in targets:
         tgt.append([t.kind, int(t.has_addr), t.port_min, t.port_max, int(t.has_port), t.flags])
         taddr.append([*_ip_words(t.addr_min), *_ip_words(t.addr_max)] if t.has_addr else [0] * 4)
     n = len(steps)
     return RuleProgram(
-        rs.family if rs is not None else 0, np.array(hooks, dtype=np.int64),
-        np.array(steps, dtype=np.int64).reshape(n, N_SC),
+        hooks, np.array(steps, dtype=np.int64).reshape(n, N_SC),
         np.array(saddr, dtype=np.uint64).reshape(n, 8),
         np.array(ifok, dtype=np.bool_).reshape(n, 2, len(names)),
         np.array(tgt, dtype=np.int64).reshape(len(targets), N_TC),
@@ -639,12 +646,12 @@ def _in_net(w, k, c, hi, lo):
 
 
 @numba.njit(inline="always", cache=True)
-def evaluate_compiled(hooks, step, saddr, ifok, hook, s_hi, s_lo, d_hi, d_lo, proto, sport,
-                      dport, in_k, out_k):
-    """``RuleSet.evaluate`` over a RuleProgram's arrays: the target row of the first NAT
-    step that matches, or -1. Precondition: the packet is of the program's family."""
-    k = hooks[hook]
-    end = hooks[hook + 1]
+def evaluate_compiled(hooks, step, saddr, ifok, fi, hook, s_hi, s_lo, d_hi, d_lo, proto,
+                      sport, dport, in_k, out_k):
+    """``RuleSet.evaluate`` over a RuleProgram's arrays for a packet of family index
+    ``fi`` (0 IPv4, 1 IPv6): the target row of the first NAT step that matches, or -1."""
+    k = hooks[fi, hook]
+    end = hooks[fi, hook + 1]
     while k < end:
         ok = ((step[k, SC_SRC] == 0 or _in_net(saddr, k, 0, s_hi, s_lo) != (step[k, SC_SRC_NEG] != 0))
               and (step[k, SC_DST] == 0

@@ -121,6 +121,19 @@ def rows(fam, s, d, proto, ports, echo):
     return meta, np.array([w[0][0], w[0][1], w[1][0], w[1][1]], dtype=np.uint64)
 
 
+class Dual:
+    """Both families' rules behind one evaluate (as workers.configfile.DualRules)."""
+
+    def __init__(self, v4, v6):
+        self.by = {4: v4, 6: v6}
+
+    def rulesets(self):
+        return tuple(self.by.values())
+
+    def evaluate(self, hook, family, *args):
+        return self.by[family].evaluate(hook, family, *args)
+
+
 def engine(rules, seed, affine):
     return ConnTrack(Config(max_conns=512, shard_affine_nat=affine), seed=seed,
                      rules=rules, network=Network.from_dict(NET), router=True,
@@ -128,11 +141,17 @@ def engine(rules, seed, affine):
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(fam=st.sampled_from([4, 4, 6]), data=st.data(), seed=st.integers(0, 2 ** 32 - 1),
+@given(fam=st.sampled_from([4, 4, 6, 0]), data=st.data(), seed=st.integers(0, 2 ** 32 - 1),
        affine=st.booleans())
 def test_compiled_decision_equals_python(fam, data, seed, affine):
-    rules = data.draw(ruleset(fam))
-    pkts = data.draw(st.lists(packet(fam), min_size=10, max_size=80))
+    """fam 0: IPv4 and IPv6 rule sets together, packets of both."""
+    if fam:
+        rules = data.draw(ruleset(fam))
+        pkts = data.draw(st.lists(packet(fam), min_size=10, max_size=80))
+    else:
+        rules = Dual(data.draw(ruleset(4)), data.draw(ruleset(6)))
+        pkts = data.draw(st.lists(st.sampled_from([4, 6]).flatmap(packet), min_size=10,
+                                  max_size=80))
     ct = engine(rules, seed, affine)
     t, nat, stats = ct.table, ct.nat, ct.stats_arr
     now = 10 ** 9
@@ -149,7 +168,7 @@ def test_compiled_decision_equals_python(fam, data, seed, affine):
                          now, ifx, addr[0], addr[1], addr[2], addr[3], ports, proto, fam_, echo)
         if out[0] == D_PYTHON:
             # only an IPv6 address range is left to Python here
-            assert fam == 6 and int(nat.pool.cur[0]) == cur0
+            assert fam_ == 6 and int(nat.pool.cur[0]) == cur0
             event("left to Python")
             continue
         assert int(nat.pool.cur[0]) == py_cur
