@@ -237,15 +237,15 @@ class ConnTrack:
         self._batch = batch
         args = self._track_args
         ifx = batch.ifindex
-        pool = self.nat.pool if self.nat is not None else None
-        if pool is not None:
-            pool.ensure(2 * N_OFFSETS * n)     # enough for every packet's two searches
+        rand = self.nat.rand if self.nat is not None else None
+        if rand is not None:
+            rand.ensure(2 * N_OFFSETS * n)     # enough for every packet's two searches
         i = K.track_batch(buf, off, meta, addr, hashes, length, ts, verdict, tid, given, ifx,
                           *args, 0, False)
         while i < n:
             j = self._slow_path(i, meta, addr, hashes, ts, verdict, tid)
             if j < n:
-                pool.ensure(2 * N_OFFSETS * (n - j))
+                rand.ensure(2 * N_OFFSETS * (n - j))
                 i = K.track_batch(buf, off, meta, addr, hashes, length, ts, verdict, tid, given,
                                   ifx, *args, j, j == i)
             else:

@@ -33,7 +33,7 @@ import numba
 import numpy as np
 
 from .cpu import kernel
-from .hashing import _mix, _mix_word_be, addr_words, hash_key, oaat
+from .hashing import _mix_word_be, addr_words, hash_key, oaat
 from .netconf import no_network, route_compiled
 from .rules import (TC_FLAGS, TC_HAS_ADDR, TC_HAS_PORT, TC_KIND, TC_PMAX, TC_PMIN,
                     compile_rules, evaluate_compiled)
@@ -138,14 +138,14 @@ class NatProgram(NamedTuple):
     rcur: np.ndarray
 
 
-def nat_program(rules, network, pool, aff_lo=-1, aff_hi=-1) -> NatProgram:
+def nat_program(rules, network, rand, aff_lo=-1, aff_hi=-1) -> NatProgram:
     """The NatProgram of rules (a RuleSet or anything with its ``rulesets()`` and
     ``evaluate``; or None) and a Network (or None)."""
     net = network.compiled() if network is not None else no_network()
     rp = compile_rules(rules.rulesets() if rules is not None else (),
                        network.names if network is not None else [])
     return NatProgram(rp.hooks, rp.step, rp.saddr, rp.ifok, rp.tgt, rp.taddr,
-                      *net, int(aff_lo), int(aff_hi), pool.vals, pool.cur)
+                      *net, int(aff_lo), int(aff_hi), rand.vals, rand.cur)
 
 
 def no_nat_program() -> NatProgram:
@@ -183,7 +183,7 @@ def _is_home(tbl, s_hi, s_lo, d_hi, d_lo, ports, proto, ver, lo, hi):
     return lo <= b < hi
 
 
-@kernel
+@numba.njit(inline="always", cache=True)
 def unique_tuple_compiled(heads, tkey, tport, tnext, c64, c8, tbl, P, now, s_hi, s_lo, d_hi,
                           d_lo, ports, proto, ver, manip, echo, has_addr, amin_hi, amin_lo,
                           amax_hi, amax_lo, pspec, pmin, pmax, rand, pers, affine):
@@ -268,7 +268,7 @@ def unique_tuple_compiled(heads, tkey, tport, tnext, c64, c8, tbl, P, now, s_hi,
     return D_OK, s_hi, s_lo, d_hi, d_lo, newports, clashes
 
 
-@kernel
+@numba.njit(inline="always", cache=True)
 def _manip_compiled(heads, tkey, tport, tnext, c64, c8, tbl, P, now, s_hi, s_lo, d_hi, d_lo,
                     ports, proto, ver, echo, hook, manip, in_k, out_k):
     """One NAT hook (NatEngine.decide's ``manip``): the matching rule's range, or a null
@@ -276,15 +276,13 @@ def _manip_compiled(heads, tkey, tport, tnext, c64, c8, tbl, P, now, s_hi, s_lo,
     t = evaluate_compiled(P.hooks, P.step, P.saddr, P.ifok, 0 if ver == 4 else 1, hook, s_hi,
                           s_lo, d_hi, d_lo, proto, ports >> 16, ports & 0xFFFF, in_k, out_k)
     z = np.uint64(0)
-    if t < 0:
-        return unique_tuple_compiled(heads, tkey, tport, tnext, c64, c8, tbl, P, now, s_hi,
-                                     s_lo, d_hi, d_lo, ports, proto, ver, manip, echo, False,
-                                     z, z, z, z, False, 0, 0, False, False, False)
-    kind = P.tgt[t, TC_KIND]
-    flags = P.tgt[t, TC_FLAGS]
     has_addr = False
     a0, a1, a2, a3 = z, z, z, z
-    if kind == KIND_DNAT or kind == KIND_SNAT:
+    kind = P.tgt[t, TC_KIND] if t >= 0 else 0
+    flags = P.tgt[t, TC_FLAGS] if t >= 0 else 0
+    if t < 0:
+        pass        # a null binding: no range
+    elif kind == KIND_DNAT or kind == KIND_SNAT:
         if P.tgt[t, TC_HAS_ADDR] != 0:
             has_addr = True
             a0, a1, a2, a3 = P.taddr[t, 0], P.taddr[t, 1], P.taddr[t, 2], P.taddr[t, 3]
@@ -303,9 +301,11 @@ def _manip_compiled(heads, tkey, tport, tnext, c64, c8, tbl, P, now, s_hi, s_lo,
         a2, a3 = a0, a1
     return unique_tuple_compiled(heads, tkey, tport, tnext, c64, c8, tbl, P, now, s_hi, s_lo,
                                  d_hi, d_lo, ports, proto, ver, manip, echo, has_addr, a0, a1,
-                                 a2, a3, P.tgt[t, TC_HAS_PORT] != 0, P.tgt[t, TC_PMIN],
-                                 P.tgt[t, TC_PMAX], (flags & (F_RANDOM | F_RANDOM_FULLY)) != 0,
-                                 (flags & F_PERSISTENT) != 0, manip == MANIP_SRC)
+                                 a2, a3, t >= 0 and P.tgt[t, TC_HAS_PORT] != 0,
+                                 P.tgt[t, TC_PMIN] if t >= 0 else 0,
+                                 P.tgt[t, TC_PMAX] if t >= 0 else 0,
+                                 (flags & (F_RANDOM | F_RANDOM_FULLY)) != 0,
+                                 (flags & F_PERSISTENT) != 0, t >= 0 and manip == MANIP_SRC)
 
 
 @kernel
@@ -388,11 +388,11 @@ class NatEngine:
         self.rules = rules
         self.net = network
         self.rng = rng
-        self.pool = RandomPool(rng)
+        self.rand = RandomPool(rng)
         self.affine = affine
         self.strict = False     # remap_home: only tuples whose reply hashes into affine
         lo, hi = affine if affine is not None else (-1, -1)
-        self.program = nat_program(rules, network, self.pool, lo, hi)
+        self.program = nat_program(rules, network, self.rand, lo, hi)
 
     # ---------------------------------------------------------------- helpers
     def _taken(self, now, cur) -> bool:
@@ -471,7 +471,7 @@ class NatEngine:
             pmin, size = (1, 511) if key <= 511 else (600, 424)
         else:
             pmin, size = 1024, 64512
-        offsets = self.pool.take(N_OFFSETS)
+        offsets = self.rand.take(N_OFFSETS)
         zero_first = manip == MANIP_DST and not rng_.random and proto_spec
         t = self.ct.table
         homes = [self.affine] if affine and self.strict else \

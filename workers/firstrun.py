@@ -42,7 +42,6 @@ WARM_KERNELS = (
     "shardct.shard.find_visible", "shardct.shard.link_reply_entry", "shardct.shard.answer_rows",
     "shardct.shard.commit_rows", "shardct.track.count_conns", "shardct.batch._gather",
     "shardct.scatter._plan", "shardct.scatter._copy", "shardct.nat.nat_decide",
-    "shardct.nat._manip_compiled", "shardct.nat.unique_tuple_compiled",
 )
 
 NOTICE = "shardct: compiling the packet kernels (first run only, a few minutes)..."

@@ -4,6 +4,8 @@ Python reference (NatEngine.decide): identical bindings, random offsets taken an
 port clashes and searches happen. Then whole batches through ConnTrack both ways."""
 from __future__ import annotations
 
+import ipaddress
+
 import numpy as np
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
@@ -14,7 +16,6 @@ from shardct.nat import D_DROP, D_OK, D_PYTHON, nat_decide
 from shardct.netconf import Network
 from shardct.rules import parse_iptables_save
 from shardct.wire import M_ECHO, M_IPVER, M_PORTS, M_PROTO, N_META
-import ipaddress
 
 NET = {"interfaces": {"lan0": {"address": ["10.0.0.3/24", "b::1/64"]},
                       "wan0": {"address": ["192.168.0.1/24", "a::1/64"]},
@@ -158,20 +159,20 @@ def test_compiled_decision_equals_python(fam, data, seed, affine):
     decided = 0
     for fam_, s, d, proto, ports, echo, ifx in pkts:
         meta, addr = rows(fam_, s, d, proto, ports, echo)
-        nat.pool.ensure(100)
-        cur0, found0 = int(nat.pool.cur[0]), int(stats[K.ST_FOUND])
+        nat.rand.ensure(100)
+        cur0, found0 = int(nat.rand.cur[0]), int(stats[K.ST_FOUND])
         in_if = ct.network.name(ifx)
         dec = nat.decide(now, meta, addr, in_if)
-        py_cur, py_found = int(nat.pool.cur[0]), int(stats[K.ST_FOUND]) - found0
-        nat.pool.cur[0] = cur0
+        py_cur, py_found = int(nat.rand.cur[0]), int(stats[K.ST_FOUND]) - found0
+        nat.rand.cur[0] = cur0
         out = nat_decide(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c8, t.tbl, nat.program,
                          now, ifx, addr[0], addr[1], addr[2], addr[3], ports, proto, fam_, echo)
         if out[0] == D_PYTHON:
             # only an IPv6 address range is left to Python here
-            assert fam_ == 6 and int(nat.pool.cur[0]) == cur0
+            assert fam_ == 6 and int(nat.rand.cur[0]) == cur0
             event("left to Python")
             continue
-        assert int(nat.pool.cur[0]) == py_cur
+        assert int(nat.rand.cur[0]) == py_cur
         assert out[6] == py_found
         if py_cur != cur0:
             event("searched")
@@ -224,3 +225,24 @@ def test_port_clashes_search_the_same_way():
                         sorted((c.original, c.reply) for c in ct.conns())))
     assert results[0] == results[1]
     assert results[0][2]["found"] > 0 and results[0][2]["insert_failed"] > 0
+
+
+def test_reply_later_in_the_batch_finds_the_conn():
+    """Packet order holds with decisions in the kernel: a MASQUERADEd SYN, the server's
+    SYN/ACK to the router's address and the client's ACK in one batch are one conn."""
+    from shardct import PacketBatch
+    from scapy.all import IP, TCP, Ether, raw
+    rules = parse_iptables_save("*nat\n:POSTROUTING ACCEPT [0:0]\n"
+                                "-A POSTROUTING -o wan0 -j MASQUERADE\nCOMMIT\n", "m.rules", 4)
+    ct = ConnTrack(Config(), seed=5, clock=ManualClock(10 ** 9), rules=rules,
+                   network=Network.from_dict(NET), router=True, rng=np.random.default_rng(5))
+    frames = [raw(Ether() / IP(src="10.0.0.2", dst="192.168.0.2") / TCP(sport=40000, dport=80, flags="S", seq=1)),
+              raw(Ether() / IP(src="192.168.0.2", dst="192.168.0.1") / TCP(sport=80, dport=40000, flags="SA", seq=7, ack=2)),
+              raw(Ether() / IP(src="10.0.0.2", dst="192.168.0.2") / TCP(sport=40000, dport=80, flags="A", seq=2, ack=8))]
+    b = PacketBatch.from_frames(frames, ifindex=[0, 1, 0])
+    r = ct.process(b)
+    assert r.verdict.tolist() == [K.V_ACCEPT] * 3
+    assert r.tuple_id.tolist() == [0, 1, 0]
+    assert Ether(b.frame(0))[IP].src == "192.168.0.1"      # SNATed out
+    assert Ether(b.frame(1))[IP].dst == "10.0.0.2"         # un-NATed back
+    assert ct.stats()["new"] == 1 and len(ct) == 1
