@@ -111,19 +111,23 @@ def breakdown(flows, packets, batch):
     return out
 
 
-def run_new_conns(flows, batch):
-    ct = engine(flows)
+def run_new_conns(flows, batch, reps=3):
+    """Handshakes of distinct flows into an empty table: conns/s, best of ``reps`` fresh
+    engines (made outside the timing)."""
     syns = handshake_frames(flows, seed=2)
     syns.ts[:] = 0
     parts = list(slices(syns, batch))
     warm = engine(1024)
     for b in slices(handshake_frames(512, seed=3), batch):
         warm.process(b)
-    t = time.perf_counter()
-    for b in parts:
-        ct.process(b)
-    dt = time.perf_counter() - t
-    return flows / dt, len(ct)
+    best = float("inf")
+    for _ in range(reps):
+        ct = engine(flows)
+        t = time.perf_counter()
+        for b in parts:
+            ct.process(b)
+        best = min(best, time.perf_counter() - t)
+    return flows / best, len(ct)
 
 
 def bytes_per_conn(n=1 << 20):
@@ -140,19 +144,23 @@ def run_nat(flows, packets, batch, popularity="zipf"):
                                 "-A POSTROUTING -o wan0 -j MASQUERADE\nCOMMIT\n", "bench", 4)
     net = Network.from_dict({"interfaces": {"lan0": {"address": ["10.64.0.1/10"]},
                                             "wan0": {"address": ["10.2.255.254/16"]}}})
-    ct = engine(flows, rules=rules, network=net)
     data, _ = tcp_frames(flows, packets, popularity=popularity, seed=1, frame_len=64,
                          base_src="10.64.0.0")
     data.ifindex[:] = 0
     data.ts[:] = 1_000_000
-    # the first packet of each flow creates the conn (mid-stream pickup) and its binding
+    # the first packet of each flow creates the conn (mid-stream pickup) and its binding:
+    # best of REPS fresh engines (made outside the timing), as run_new_conns
     saved = data.buf.copy()     # processing rewrites frames in place
     first = np.unique(_, return_index=True)[1]
     pick = PacketBatch(data.buf, data.off[first], data.length[first], data.ifindex[first],
                        data.ts[first])
-    t = time.perf_counter()
-    ct.process(pick)
-    new_dt = time.perf_counter() - t
+    new_dt = float("inf")
+    for _ in range(3):
+        data.buf[:] = saved
+        ct = engine(flows, rules=rules, network=net)
+        t = time.perf_counter()
+        ct.process(pick)
+        new_dt = min(new_dt, time.perf_counter() - t)
     parts = list(slices(data, batch))
 
     def api():
