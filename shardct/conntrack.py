@@ -253,8 +253,8 @@ class ConnTrack:
 
     def _slow_path(self, i, meta, addr, hashes, ts, verdict, tid) -> int:
         """Packet i starts a conn whose NAT decision the kernel left to Python: decide the
-        bindings (nat.py), create and confirm the conn, and hand the packet back to the kernel (returns i), or drop it
-        (returns i + 1)."""
+        bindings (nat.py), create and confirm the conn, and hand the packet back to the
+        kernel (returns i), or drop it (returns i + 1)."""
         if self.nat is None:
             raise AssertionError(f"kernel stopped at packet {i} with NAT off")
         now = int(ts[i])

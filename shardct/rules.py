@@ -653,22 +653,22 @@ def evaluate_compiled(hooks, step, saddr, ifok, fi, hook, s_hi, s_lo, d_hi, d_lo
     k = hooks[fi, hook]
     end = hooks[fi, hook + 1]
     while k < end:
-        ok = ((step[k, SC_SRC] == 0 or _in_net(saddr, k, 0, s_hi, s_lo) != (step[k, SC_SRC_NEG] != 0))
-              and (step[k, SC_DST] == 0
-                   or _in_net(saddr, k, 4, d_hi, d_lo) != (step[k, SC_DST_NEG] != 0))
-              and (step[k, SC_PROTO] < 0 or (proto == step[k, SC_PROTO]) != (step[k, SC_PROTO_NEG] != 0))
-              and (step[k, SC_SP] == 0
-                   or (step[k, SC_SP_LO] <= sport <= step[k, SC_SP_HI]) != (step[k, SC_SP_NEG] != 0))
-              and (step[k, SC_DP] == 0
-                   or (step[k, SC_DP_LO] <= dport <= step[k, SC_DP_HI]) != (step[k, SC_DP_NEG] != 0))
+        # each condition holds when absent, or when its test differs from its negation
+        st = step[k]
+        ok = ((st[SC_SRC] == 0 or _in_net(saddr, k, 0, s_hi, s_lo) != (st[SC_SRC_NEG] != 0))
+              and (st[SC_DST] == 0 or _in_net(saddr, k, 4, d_hi, d_lo) != (st[SC_DST_NEG] != 0))
+              and (st[SC_PROTO] < 0 or (proto == st[SC_PROTO]) != (st[SC_PROTO_NEG] != 0))
+              and (st[SC_SP] == 0
+                   or (st[SC_SP_LO] <= sport <= st[SC_SP_HI]) != (st[SC_SP_NEG] != 0))
+              and (st[SC_DP] == 0
+                   or (st[SC_DP_LO] <= dport <= st[SC_DP_HI]) != (st[SC_DP_NEG] != 0))
               and ifok[k, 0, in_k] and ifok[k, 1, out_k])
-        if ok != (step[k, SC_NOT] != 0):
-            op = step[k, SC_OP]
-            if op == OP_NAT:
-                return step[k, SC_ARG]
-            if op == OP_ACCEPT:
+        if ok != (st[SC_NOT] != 0):
+            if st[SC_OP] == OP_NAT:
+                return st[SC_ARG]
+            if st[SC_OP] == OP_ACCEPT:
                 return np.int64(-1)
-            k = step[k, SC_ARG]
+            k = st[SC_ARG]
             continue
         k += 1
     return np.int64(-1)

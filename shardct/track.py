@@ -30,9 +30,9 @@ from .table import (S_NEW_PENDING, BYTES0, EXPIRES, IPVER, PKTS0, PROTO, S_ASSUR
                     T_SEED, TF_BE_LIBERAL, TF_CLOSE_INIT, TF_DATA_UNACK, TF_MAXACK_SET,
                     TF_SACK_PERM, TF_WINDOW_SCALE, TFLAGS0, UDP_STREAM_HI, UDP_STREAM_LO,
                     W_END, W_MAXACK, W_MAXEND, W_MAXWIN, ACKFP, LAST, LAST_DIR, LAST_INDEX,
-                    LAST_RETRANS_MAX, LAST_RETRANS_SHIFT, LAST_WIN0)
+                    LAST_RETRANS_MAX, LAST_RETRANS_SHIFT, LAST_WIN0,
+                    chain_mask, find_tuple)    # the lookup lives in table.py; K.find_tuple
 from .tcpstate import TRANSITIONS, IG, IV
-from .table import chain_mask, find_tuple  # noqa: F401 (K.find_tuple, K.chain_mask)
 from .nat import D_DROP, D_PYTHON, nat_decide
 from .rewrite import decrement_ttl, icmp_recompute, rewrite_header
 from .wire import (CLS_INVALID, CLS_NOTIP, CLS_RELATED, CLS_TRACK, CLS_UNTRACKED,

@@ -73,7 +73,8 @@ def rule(draw, chain, fam):
         spec = (addr or "") + (f":{port}" if port else "")
         opt = "--to-destination" if tgt == "DNAT" else "--to-source"
         parts.append(f"-j {tgt} {opt} {spec}")
-        parts += [f for f in ("--random", "--persistent") if draw(st.booleans()) and draw(st.booleans())]
+        parts += [f for f in ("--random", "--persistent")
+                  if draw(st.booleans()) and draw(st.booleans())]
     elif tgt in ("MASQUERADE", "REDIRECT"):
         parts.append(f"-j {tgt}")
         if ported and draw(st.booleans()):
@@ -91,9 +92,9 @@ def ruleset(draw, fam):
     for chain in ("PREROUTING", "INPUT", "POSTROUTING", "USER"):
         lines += draw(st.lists(rule(chain, fam), max_size=3))
     if draw(st.booleans()):     # a home router: many clients, one address, few ports
-        lines.append(draw(st.sampled_from(["-A POSTROUTING -o wan0 -j MASQUERADE",
-                                           "-A POSTROUTING -p tcp -j MASQUERADE --to-ports 1000-1002",
-                                           "-A POSTROUTING -p tcp -j SNAT --to-source :1000-1001"])))
+        lines.append("-A POSTROUTING " + draw(st.sampled_from([
+            "-o wan0 -j MASQUERADE", "-p tcp -j MASQUERADE --to-ports 1000-1002",
+            "-p tcp -j SNAT --to-source :1000-1001"])))
     text = ("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
             ":POSTROUTING ACCEPT [0:0]\n:USER - [0:0]\n" + "\n".join(lines) + "\nCOMMIT\n")
     return parse_iptables_save(text, "random.rules", fam)
@@ -236,9 +237,10 @@ def test_reply_later_in_the_batch_finds_the_conn():
                                 "-A POSTROUTING -o wan0 -j MASQUERADE\nCOMMIT\n", "m.rules", 4)
     ct = ConnTrack(Config(), seed=5, clock=ManualClock(10 ** 9), rules=rules,
                    network=Network.from_dict(NET), router=True, rng=np.random.default_rng(5))
-    frames = [raw(Ether() / IP(src="10.0.0.2", dst="192.168.0.2") / TCP(sport=40000, dport=80, flags="S", seq=1)),
-              raw(Ether() / IP(src="192.168.0.2", dst="192.168.0.1") / TCP(sport=80, dport=40000, flags="SA", seq=7, ack=2)),
-              raw(Ether() / IP(src="10.0.0.2", dst="192.168.0.2") / TCP(sport=40000, dport=80, flags="A", seq=2, ack=8))]
+    out, back = IP(src="10.0.0.2", dst="192.168.0.2"), IP(src="192.168.0.2", dst="192.168.0.1")
+    frames = [raw(Ether() / out / TCP(sport=40000, dport=80, flags="S", seq=1)),
+              raw(Ether() / back / TCP(sport=80, dport=40000, flags="SA", seq=7, ack=2)),
+              raw(Ether() / out / TCP(sport=40000, dport=80, flags="A", seq=2, ack=8))]
     b = PacketBatch.from_frames(frames, ifindex=[0, 1, 0])
     r = ct.process(b)
     assert r.verdict.tolist() == [K.V_ACCEPT] * 3
