@@ -27,6 +27,7 @@ from . import wire
 from .batch import PacketBatch
 from .config import Config
 from .hashing import addr_words, hash_key, words_addr
+from .nat import N_OFFSETS, NatEngine, no_nat_program
 from .table import (BYTES0, EXPIRES, IPVER, PKTS0, PROTO, STATE, S_ASSURED, S_CONFIRMED,
                     S_DST_NAT, S_SEEN_REPLY, S_SRC_NAT, S_USED, T_EVN, ConnTable)
 from .tcpstate import TcpState
@@ -131,7 +132,8 @@ class ConnTrack:
     def __init__(self, config: Config | None = None, *, seed: int,
                  clock: Callable[[], int] | None = None, rules=None, network=None,
                  rng: np.random.Generator | None = None, router: bool = False,
-                 shard: tuple[int, int] = (0, 1), owned: tuple[int, int] | None = None):
+                 shard: tuple[int, int] = (0, 1), owned: tuple[int, int] | None = None,
+                 compiled_nat: bool = True):
         """rules: a parsed nat RuleSet (rules.py) or None; network: a netconf.Network
         (interfaces, routes) for routing, MASQUERADE and REDIRECT; rng: randomness for NAT
         port search (a numpy Generator; derived from ``seed`` when omitted); router: act as
@@ -140,7 +142,9 @@ class ConnTrack:
         the hop (TTL / hop limit; TTL <= 1 is dropped) of forwarded packets only: a
         frame with no ingress interface (``ifindex`` -1) is locally generated.
         With rules or a network, every new conn goes through the NAT decision (null
-        bindings included), as Linux does once the nat table exists.
+        bindings included), as Linux does once the nat table exists: in the tracking
+        kernel (nat.nat_decide), or with ``compiled_nat=False`` always in Python
+        (NatEngine.decide; the same bindings, slower).
         shard: (k, n) when this table is worker k of n (it owns bucket slice k); with
         ``config.shard_affine_nat`` SNAT/MASQUERADE then prefer ports whose reply tuple
         hashes into that slice. owned: the routing buckets [lo, hi) this table owns in a
@@ -168,13 +172,10 @@ class ConnTrack:
         t = self.table
         self._cap = 0           # scratch arrays (see _scratch), grown on first use
         self._seed = t.seed
-        # track_batch's table and engine arguments, gathered once (they are never replaced)
-        self._track_args = (t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
-                            t.tbl, self.stats_arr, self.cfg, self.tmo, self.ev, self.evaddr)
         self.cfg[K.CF_ROUTER] = (K.RT_CHECK | (K.RT_TTL if c.decrement_ttl else 0)) if router else 0
         self.nat = None
+        natp = no_nat_program()
         if rules is not None or network is not None:
-            from .nat import NatEngine
             k, n = shard
             affine = None
             if self.config.shard_affine_nat:
@@ -182,12 +183,17 @@ class ConnTrack:
                 affine = owner_slices(n, self.config.n_buckets)[k]
             self.nat = NatEngine(self, rules, network,
                                  rng if rng is not None else np.random.default_rng(seed), affine)
-            self.cfg[K.CF_NAT] = 1
+            natp = self.nat.program
+            self.cfg[K.CF_NAT] = K.NAT_COMPILED if compiled_nat else K.NAT_PYTHON
         self.network = network
         self._icmp = None
         if router and network is not None and c.icmp_errors and c.decrement_ttl:
             from .icmp import TimeExceeded
             self._icmp = TimeExceeded(network, c.icmp_ratelimit, seed)
+        # track_batch's table and engine arguments, gathered once (they are never replaced)
+        self._track_args = (t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
+                            t.tbl, self.stats_arr, self.cfg, self.tmo, self.ev, self.evaddr,
+                            natp)
 
     # ------------------------------------------------------------ packets
     def _scratch(self, n):
@@ -249,20 +255,24 @@ class ConnTrack:
         buf, off, length, ifx = batch.buf, batch.off, batch.length, batch.ifindex
         self._batch = batch
         args = self._track_args
+        rand = self.nat.rand if self.nat is not None else None
+        if rand is not None:
+            rand.ensure(2 * N_OFFSETS * n)     # enough for every packet's two searches
         i = K.track_batch(buf, off, meta, addr, hashes, length, ifx, ts, verdict, tid, given,
                           *args, 0, False)
         while i < n:
             j = self._slow_path(i, meta, addr, hashes, ts, verdict, tid)
             if j < n:
+                rand.ensure(2 * N_OFFSETS * (n - j))
                 i = K.track_batch(buf, off, meta, addr, hashes, length, ifx, ts, verdict, tid,
                                   given, *args, j, j == i)
             else:
                 i = j
 
     def _slow_path(self, i, meta, addr, hashes, ts, verdict, tid) -> int:
-        """Packet i starts a conn while NAT is on: decide the bindings (nat.py), create and
-        confirm the conn, and hand the packet back to the kernel (returns i), or drop it
-        (returns i + 1)."""
+        """Packet i starts a conn whose NAT decision the kernel left to Python: decide the
+        bindings (nat.py), create and confirm the conn, and hand the packet back to the
+        kernel (returns i), or drop it (returns i + 1)."""
         if self.nat is None:
             raise AssertionError(f"kernel stopped at packet {i} with NAT off")
         now = int(ts[i])

@@ -1,7 +1,8 @@
 # The router's view of its network: interfaces (name, MAC, addresses), routes and
 # neighbours, from the engine config. Used once per new conn (routing, MASQUERADE and
-# REDIRECT addresses) and, compiled to arrays, by the batch routing kernel (route_batch).
-# Pure: built from a dict.
+# REDIRECT addresses), never per packet; compiled to arrays for the batch routing
+# kernel (route_batch) and for the compiled NAT decision (``compiled()``). Pure: built
+# from a dict.
 """Interfaces and routes.
 
 Config form (TOML)::
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+import numba
 import numpy as np
 
 from . import wire
@@ -62,6 +65,22 @@ def parse_mac(s: str, where: str) -> bytes:
         return bytes(int(p, 16) for p in parts)
     except ValueError:
         raise ConfigError(where, f"mac {s!r}: not hex") from None
+
+
+class NetProgram(NamedTuple):
+    """A Network as arrays, for compiled routing. Interface j of ``interfaces``; j ==
+    n_if stands for "none". Families as index 0 (IPv4) and 1 (IPv6)."""
+    n_if: int
+    routes: np.ndarray      # uint64[r, 4]: net hi, lo, mask hi, lo (longest prefix first)
+    rinfo: np.ndarray       # int64[r, 2]: ip version, interface
+    local: np.ndarray       # uint64[l, 2]: the router's own addresses
+    lver: np.ndarray        # int64[l]: their ip versions
+    prim: np.ndarray        # uint64[n_if, 2, 2]: primary address per interface and family
+    has_prim: np.ndarray    # bool[n_if, 2]
+
+
+def _words(v: int, version: int) -> tuple[int, int]:
+    return (0, v) if version == 4 else (v >> 64, v & (2 ** 64 - 1))
 
 
 class Network:
@@ -165,6 +184,28 @@ class Network:
         return out
 
 
+    def compiled(self) -> NetProgram:
+        """The arrays ``route_compiled`` and the compiled NAT decision read."""
+        r = [[*_words(int(n.network_address), n.version), *_words(int(n.netmask), n.version)]
+             for n, _ in self._table]
+        ri = [[n.version, self._by_name[dev]] for n, dev in self._table]
+        loc = sorted(self._local, key=lambda a: (a.version, int(a)))
+        n = len(self.interfaces)
+        prim = np.zeros((n, 2, 2), dtype=np.uint64)
+        has = np.zeros((n, 2), dtype=np.bool_)
+        for j, ifc in enumerate(self.interfaces):
+            for f, ver in enumerate((4, 6)):
+                a = ifc.primary(ver)
+                if a is not None:
+                    prim[j, f] = _words(int(a), ver)
+                    has[j, f] = True
+        return NetProgram(n, np.array(r, dtype=np.uint64).reshape(len(r), 4),
+                          np.array(ri, dtype=np.int64).reshape(len(r), 2),
+                          np.array([_words(int(a), a.version) for a in loc],
+                                   dtype=np.uint64).reshape(len(loc), 2),
+                          np.array([a.version for a in loc], dtype=np.int64), prim, has)
+
+
 @dataclass
 class Routes:
     """Per-frame routing of a batch (``Network.route_batch``).
@@ -229,3 +270,22 @@ def route_kernel(buf, off, length, meta, rows, loc, egress, nexthop, local, ipve
                     nexthop[i, 0] = hi
                     nexthop[i, 1] = lo
                 break
+
+
+def no_network() -> NetProgram:
+    """The NetProgram of no network: no interfaces, routes or addresses."""
+    return Network().compiled()
+
+
+@numba.njit(inline="always", cache=True)
+def route_compiled(routes, rinfo, local, lver, n_if, ver, hi, lo):
+    """(is_local, egress interface or n_if) for destination (hi, lo) of ``ver``: the
+    compiled ``is_local`` and ``route``."""
+    for k in range(local.shape[0]):
+        if lver[k] == ver and local[k, 0] == hi and local[k, 1] == lo:
+            return True, np.int64(n_if)
+    for k in range(routes.shape[0]):
+        if rinfo[k, 0] == ver and (hi & routes[k, 2]) == routes[k, 0] \
+                and (lo & routes[k, 3]) == routes[k, 1]:
+            return False, np.int64(rinfo[k, 1])
+    return False, np.int64(n_if)

@@ -16,12 +16,19 @@ Anything else is refused at load with ``RuleError(file, line, reason)``.
 ``RuleSet.evaluate(hook, family, src, dst, proto, sport, dport, in_iface, out_iface)``
 walks the hook's flattened program (user chains inlined, RETURN handled) and returns the
 first :class:`NatTarget` that matches, or None (ACCEPT, or no rule matched).
+
+``compile_rules(ruleset, ifnames)`` turns the programs into arrays (:class:`RuleProgram`)
+and ``evaluate_compiled`` walks them in compiled code with the same result.
 """
 from __future__ import annotations
 
 import ipaddress
 import shlex
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numba
+import numpy as np
 
 from .errors import RuleError
 
@@ -120,6 +127,10 @@ class RuleSet:
     chains: dict = field(default_factory=dict)       # name -> list[Rule]
     ignored_tables: list = field(default_factory=list)
     programs: dict = field(default_factory=dict)     # hook -> list of steps
+
+    def rulesets(self) -> tuple:
+        """The RuleSets behind this one's evaluate (for compile_rules)."""
+        return (self,)
 
     @property
     def rules(self) -> list[Rule]:
@@ -531,3 +542,133 @@ class _Not:
 
     def matches(self, *a):
         return not self.m.matches(*a)
+
+
+# ---------------------------------------------------------------- compiled form
+
+# step columns (int64): the whole match negated (_Not), src/dst on+negate, proto (-1 any),
+# port ranges, op (OP_*), arg (target row or absolute step index)
+(SC_NOT, SC_SRC, SC_SRC_NEG, SC_DST, SC_DST_NEG, SC_PROTO, SC_PROTO_NEG, SC_SP, SC_SP_LO,
+ SC_SP_HI, SC_SP_NEG, SC_DP, SC_DP_LO, SC_DP_HI, SC_DP_NEG, SC_OP, SC_ARG) = range(17)
+N_SC = 17
+OP_NAT, OP_ACCEPT, OP_GOTO = 0, 1, 2
+# target columns (int64); addresses in RuleProgram.taddr as min hi, lo, max hi, lo words
+TC_KIND, TC_HAS_ADDR, TC_PMIN, TC_PMAX, TC_HAS_PORT, TC_FLAGS = range(6)
+N_TC = 6
+
+
+class RuleProgram(NamedTuple):
+    """The per-hook programs of an IPv4 and an IPv6 RuleSet as arrays. Steps of hook h
+    for family index f (0 IPv4, 1 IPv6) are ``hooks[f, h] <= k < hooks[f, h + 1]``.
+    ``ifok[k, 0|1, j]``: the step's -i / -o condition holds for interface j of the
+    network's list (j = number of interfaces stands for "no interface")."""
+    hooks: np.ndarray       # int64[2, 5]
+    step: np.ndarray        # int64[n, N_SC]
+    saddr: np.ndarray       # uint64[n, 8]: src net hi, lo, mask hi, lo; dst the same
+    ifok: np.ndarray        # bool[n, 2, n_if + 1]
+    tgt: np.ndarray         # int64[m, N_TC]
+    taddr: np.ndarray       # uint64[m, 4]
+    targets: tuple          # the NatTarget of each tgt row
+
+
+def _net_words(net):
+    w = 32 if net.version == 4 else 128
+    a, m = int(net.network_address), int(net.netmask)
+    if w == 32:
+        return 0, a, 0, m
+    return a >> 64, a & (2 ** 64 - 1), m >> 64, m & (2 ** 64 - 1)
+
+
+def _ip_words(a):
+    v = int(a)
+    return (0, v) if a.version == 4 else (v >> 64, v & (2 ** 64 - 1))
+
+
+def compile_rules(rulesets, ifnames: list) -> RuleProgram:
+    """The compiled form of ``rulesets`` (RuleSets of distinct families; none: an empty
+    program) for a network with interfaces ``ifnames`` (in index order)."""
+    steps, saddr, ifok, targets = [], [], [], []
+    hooks = np.zeros((2, 5), dtype=np.int64)
+    by_family = {rs.family: rs for rs in rulesets}
+    names = list(ifnames) + [None]
+    for f, fam in enumerate((4, 6)):
+        rs = by_family.get(fam)
+        for h in range(4):
+            hooks[f, h] = len(steps)
+            base = len(steps)
+            for m, op, arg in (rs.programs.get(h, ()) if rs is not None else ()):
+                neg = isinstance(m, _Not)
+                mm = m.m if neg else m
+                row = [0] * N_SC
+                a = [0] * 8
+                row[SC_NOT] = int(neg)
+                if mm.src is not None:
+                    row[SC_SRC], row[SC_SRC_NEG] = 1, int(mm.src[1])
+                    a[0:4] = _net_words(mm.src[0])
+                if mm.dst is not None:
+                    row[SC_DST], row[SC_DST_NEG] = 1, int(mm.dst[1])
+                    a[4:8] = _net_words(mm.dst[0])
+                row[SC_PROTO] = -1
+                if mm.proto is not None and mm.proto[0] != 0:
+                    row[SC_PROTO], row[SC_PROTO_NEG] = mm.proto[0], int(mm.proto[1])
+                for on, col, spec in ((SC_SP, SC_SP_LO, mm.sport), (SC_DP, SC_DP_LO, mm.dport)):
+                    if spec is not None:
+                        row[on], row[col], row[col + 1], row[col + 2] = \
+                            1, spec[0], spec[1], int(spec[2])
+                row[SC_OP] = {"nat": OP_NAT, "accept": OP_ACCEPT, "goto": OP_GOTO}[op]
+                if op == "nat":
+                    row[SC_ARG] = len(targets)
+                    targets.append(arg)
+                elif op == "goto":
+                    row[SC_ARG] = base + arg
+                ifok.append([[not (spec is not None and _if(n, spec) == spec[2]) for n in names]
+                             for spec in (mm.in_iface, mm.out_iface)])
+                steps.append(row)
+                saddr.append(a)
+        hooks[f, 4] = len(steps)
+    tgt, taddr = [], []
+    for t in targets:
+        tgt.append([t.kind, int(t.has_addr), t.port_min, t.port_max, int(t.has_port), t.flags])
+        taddr.append([*_ip_words(t.addr_min), *_ip_words(t.addr_max)] if t.has_addr else [0] * 4)
+    n = len(steps)
+    return RuleProgram(
+        hooks, np.array(steps, dtype=np.int64).reshape(n, N_SC),
+        np.array(saddr, dtype=np.uint64).reshape(n, 8),
+        np.array(ifok, dtype=np.bool_).reshape(n, 2, len(names)),
+        np.array(tgt, dtype=np.int64).reshape(len(targets), N_TC),
+        np.array(taddr, dtype=np.uint64).reshape(len(targets), 4), tuple(targets))
+
+
+@numba.njit(inline="always", cache=True)
+def _in_net(w, k, c, hi, lo):
+    # address (hi, lo) in the network at saddr[k, c:c + 4]
+    return (hi & w[k, c + 2]) == w[k, c] and (lo & w[k, c + 3]) == w[k, c + 1]
+
+
+@numba.njit(inline="always", cache=True)
+def evaluate_compiled(hooks, step, saddr, ifok, fi, hook, s_hi, s_lo, d_hi, d_lo, proto,
+                      sport, dport, in_k, out_k):
+    """``RuleSet.evaluate`` over a RuleProgram's arrays for a packet of family index
+    ``fi`` (0 IPv4, 1 IPv6): the target row of the first NAT step that matches, or -1."""
+    k = hooks[fi, hook]
+    end = hooks[fi, hook + 1]
+    while k < end:
+        # each condition holds when absent, or when its test differs from its negation
+        st = step[k]
+        ok = ((st[SC_SRC] == 0 or _in_net(saddr, k, 0, s_hi, s_lo) != (st[SC_SRC_NEG] != 0))
+              and (st[SC_DST] == 0 or _in_net(saddr, k, 4, d_hi, d_lo) != (st[SC_DST_NEG] != 0))
+              and (st[SC_PROTO] < 0 or (proto == st[SC_PROTO]) != (st[SC_PROTO_NEG] != 0))
+              and (st[SC_SP] == 0
+                   or (st[SC_SP_LO] <= sport <= st[SC_SP_HI]) != (st[SC_SP_NEG] != 0))
+              and (st[SC_DP] == 0
+                   or (st[SC_DP_LO] <= dport <= st[SC_DP_HI]) != (st[SC_DP_NEG] != 0))
+              and ifok[k, 0, in_k] and ifok[k, 1, out_k])
+        if ok != (st[SC_NOT] != 0):
+            if st[SC_OP] == OP_NAT:
+                return st[SC_ARG]
+            if st[SC_OP] == OP_ACCEPT:
+                return np.int64(-1)
+            k = st[SC_ARG]
+            continue
+        k += 1
+    return np.int64(-1)

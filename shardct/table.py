@@ -35,10 +35,12 @@ of the routing bucket count (a power of two too), so every chain lies inside one
 bucket (``chain & (n_buckets - 1)``) and walking a routing bucket means walking chains
 ``b, b + n_buckets, b + 2*n_buckets, ...``.
 
-Owner: one ConnTrack (one process). Kernels in ``track.py`` are the only writers.
+Owner: one ConnTrack (one process). Kernels in ``track.py`` are the only writers; the
+lookup (``find_tuple``) lives here so that both track.py and nat.py can use it.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from .cpu import table_bytes
@@ -95,6 +97,30 @@ LAST_RETRANS_MAX = 7
 # tbl scalars
 T_FREE, T_COUNT, T_CAP, T_MASK, T_NBUCKETS, T_SEED, T_EVN, T_NHEADS, T_DYING = range(9)
 N_TBL = 9
+
+
+# ---- lookup (used by the tracking and NAT kernels)
+
+@numba.njit(inline="always", cache=True)
+def chain_mask(tbl):
+    """The chain index mask, known non-negative (nheads < 2**31), so indexing with
+    ``h & mask`` skips numba's negative-index wraparound."""
+    return tbl[T_MASK] & 0x7FFFFFFF
+
+
+@numba.njit(inline="always", cache=True)
+def find_tuple(heads, tkey, tport, tnext, c8, tbl, h, a0, a1, a2, a3, ports, proto, ipver):
+    """Tuple id with this key in chain ``h & mask``, or -1. Does not look at expiry."""
+    t = np.int64(heads[h & chain_mask(tbl)])
+    while t >= 0:
+        if (tkey[t, 1] == a1 and tkey[t, 3] == a3 and np.int64(tport[t]) == ports
+                and tkey[t, 0] == a0 and tkey[t, 2] == a2):
+            c = t >> 1
+            if np.int64(c8[c, PROTO]) == proto and np.int64(c8[c, IPVER]) == ipver:
+                return t
+        t = np.int64(tnext[t])
+    return np.int64(-1)
+
 
 
 TUPLE_RECORD = 40     # bytes per tuple: tkey, tport, tnext

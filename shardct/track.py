@@ -7,8 +7,9 @@
 up, creates and confirms a conn when the packet may start one, updates the protocol
 state, the counters and the timer, and writes a verdict and the tuple id it matched.
 It stops early, returning the index, only at a packet that needs a decision made in
-Python (a new conn while NAT rules are loaded: ``cfg[CF_NAT]``); the caller decides and
-calls again from that index. Order is therefore exactly packet order.
+Python (a new conn the compiled NAT decision, nat.py, cannot settle, or every new conn
+with ``cfg[CF_NAT] == NAT_PYTHON``); the caller decides and calls again from that index.
+Order is therefore exactly packet order.
 
 Time: each packet carries its own ``now`` (``ts[i]``, ns); a conn is expired when
 ``now > expires`` (strict, as gVisor and Linux).
@@ -29,8 +30,10 @@ from .table import (S_NEW_PENDING, BYTES0, EXPIRES, IPVER, PKTS0, PROTO, S_ASSUR
                     T_SEED, TF_BE_LIBERAL, TF_CLOSE_INIT, TF_DATA_UNACK, TF_MAXACK_SET,
                     TF_SACK_PERM, TF_WINDOW_SCALE, TFLAGS0, UDP_STREAM_HI, UDP_STREAM_LO,
                     W_END, W_MAXACK, W_MAXEND, W_MAXWIN, ACKFP, LAST, LAST_DIR, LAST_INDEX,
-                    LAST_RETRANS_MAX, LAST_RETRANS_SHIFT, LAST_WIN0)
+                    LAST_RETRANS_MAX, LAST_RETRANS_SHIFT, LAST_WIN0,
+                    chain_mask, find_tuple)    # the lookup lives in table.py; K.find_tuple
 from .tcpstate import TRANSITIONS, IG, IV
+from .nat import D_DROP, D_PYTHON, nat_decide
 from .rewrite import decrement_ttl, icmp_recompute, rewrite_header
 from .wire import (CLS_INVALID, CLS_NOTIP, CLS_RELATED, CLS_TRACK, CLS_UNTRACKED,
                    M_ACK, M_CLS, M_ECHO, M_INNER_L3, M_INNER_L4, M_IPVER, M_L3, M_L3LEN, M_L4, M_PAYLEN, M_PORTS, M_PROTO,
@@ -44,6 +47,8 @@ N_CFG = 11          # CF_SHARD_LO..HI: the routing buckets this table owns (all 
 # cfg[CF_ROUTER] bits: drop broken IP headers and trim trailers (ip_rcv_core); take the
 # hop (TTL / hop limit) of forwarded packets (ip_forward)
 RT_CHECK, RT_TTL = 1, 2
+# cfg[CF_NAT]: no NAT; every new conn stops for Python; new conns decided in the kernel
+NAT_OFF, NAT_PYTHON, NAT_COMPILED = 0, 1, 2
 
 # ---- timeouts (tmo int64 array, ns): TCP states 0..9, then these
 TMO_RETRANS, TMO_UNACK, TMO_UDP, TMO_UDP_STREAM, TMO_ICMP, TMO_GENERIC = 10, 11, 12, 13, 14, 15
@@ -122,27 +127,6 @@ def tuple_hash_of(tkey, tport, c8, tbl, t):
     c = t >> 1
     return hash_key(tbl[T_SEED], tkey[t, 0], tkey[t, 1], tkey[t, 2], tkey[t, 3],
                     np.int64(tport[t]), np.int64(c8[c, PROTO]), np.int64(c8[c, IPVER]))
-
-
-@numba.njit(inline="always", cache=True)
-def chain_mask(tbl):
-    """The chain index mask, known non-negative (nheads < 2**31), so indexing with
-    ``h & mask`` skips numba's negative-index wraparound."""
-    return tbl[T_MASK] & 0x7FFFFFFF
-
-
-@numba.njit(inline="always", cache=True)
-def find_tuple(heads, tkey, tport, tnext, c8, tbl, h, a0, a1, a2, a3, ports, proto, ipver):
-    """Tuple id with this key in chain ``h & mask``, or -1. Does not look at expiry."""
-    t = np.int64(heads[h & chain_mask(tbl)])
-    while t >= 0:
-        if (tkey[t, 1] == a1 and tkey[t, 3] == a3 and np.int64(tport[t]) == ports
-                and tkey[t, 0] == a0 and tkey[t, 2] == a2):
-            c = t >> 1
-            if np.int64(c8[c, PROTO]) == proto and np.int64(c8[c, IPVER]) == ipver:
-                return t
-        t = np.int64(tnext[t])
-    return np.int64(-1)
 
 
 @kernel
@@ -829,12 +813,14 @@ def prefetch_start(hashes, heads, tkey, tport, tnext, c64, c8, addr, meta, mask,
 @kernel(error_model="numpy")
 def track_batch(buf, off, meta, addr, hashes, length, ifindex, ts, verdict, pconn, given,
                 heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl,
-                stats, cfg, tmo, ev, evaddr, start, resumed):
+                stats, cfg, tmo, ev, evaddr, natp, start, resumed):
     """Track packets start..n-1 in order. ``resumed``: packet ``start`` already went
     through this kernel once (it was handed to the slow path and comes back), so its
     router hop (TTL) is not taken again. Returns the index of the first packet left
     unprocessed (n when all are done); that packet has verdict V_PENDING and needs a
-    Python decision (a new conn while NAT rules are loaded).
+    Python decision: a new conn while ``cfg[CF_NAT]`` is NAT_PYTHON, or one nat.nat_decide
+    (NAT_COMPILED, over ``natp``, a nat.NatProgram; ``ifindex[i]`` the packet's ingress
+    interface) hands back.
 
     ``given[i]``: G_FRESH (-1) for a fresh packet; G_COUNTED (-2) for one already counted
     (and TTL-decremented) by an earlier kernel pass, here or in another shard; a tuple id
@@ -991,13 +977,30 @@ def track_batch(buf, off, meta, addr, hashes, length, ifindex, ts, verdict, pcon
                     stats[ST_INVALID] += 1
                     stats[INV_BASE + INV_NOT_NEW] += 1
                     break
-                if cfg[CF_NAT] != 0:
+                # no NAT: the reply tuple is the inverted original
+                r0, r1, r2, r3 = a2, a3, a0, a1
+                rports = ((ports & 0xFFFF) << 16) | (ports >> 16)
+                if cfg[CF_NAT] == NAT_PYTHON:
                     verdict[i] = V_PENDING
                     return i
-                # no NAT: the reply tuple is the inverted original
-                rports = ((ports & 0xFFFF) << 16) | (ports >> 16)
+                if cfg[CF_NAT] == NAT_COMPILED:
+                    out, n0, n1, n2, n3, nports, found = nat_decide(
+                        heads, tkey, tport, tnext, c64, c8, tbl, natp, now, ifindex[i], a0,
+                        a1, a2, a3, ports, proto, ipver, meta[i, M_ECHO])
+                    if out == D_PYTHON:
+                        verdict[i] = V_PENDING
+                        return i
+                    stats[ST_FOUND] += found
+                    if out == D_DROP:
+                        verdict[i] = V_DROP
+                        stats[ST_NAT_FAILED] += 1
+                        stats[ST_DROP] += 1
+                        break
+                    # the reply tuple is the inverted NATed original
+                    r0, r1, r2, r3 = n2, n3, n0, n1
+                    rports = ((nports & 0xFFFF) << 16) | (nports >> 16)
                 c = create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats,
-                                cfg, ev, evaddr, h, a0, a1, a2, a3, ports, a2, a3, a0, a1,
+                                cfg, ev, evaddr, h, a0, a1, a2, a3, ports, r0, r1, r2, r3,
                                 rports, proto, ipver, now)
                 if c < 0:
                     verdict[i] = V_DROP

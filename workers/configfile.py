@@ -114,6 +114,10 @@ class DualRules:
     def __init__(self, v4, v6):
         self.v4, self.v6 = v4, v6
 
+    def rulesets(self) -> tuple:
+        """The rule sets of both families (for shardct.rules.compile_rules)."""
+        return tuple(rs for rs in (self.v4, self.v6) if rs is not None)
+
     def evaluate(self, hook, family, *args):
         rs = self.v4 if family == 4 else self.v6
         return None if rs is None else rs.evaluate(hook, family, *args)
