@@ -3,7 +3,7 @@
 # egress interface's MAC and the next hop's MAC, and leave on the egress interface's TX ring.
 """The live router.
 
-``shardct run -c CONFIG [--workers 1] [--duration S] [--seed N]`` forwards between the
+``shardct run -c CONFIG [--workers N] [--duration S] [--seed N]`` forwards between the
 interfaces the config names (``[interfaces.NAME]``: the real interface names, their
 addresses and MACs; ``[[routes]]``; ``[nat]`` rules) until SIGINT/SIGTERM or the
 duration, then prints what it forwarded and dropped (by reason), the ring drops, the
@@ -15,6 +15,9 @@ MAC := the next hop's from ``Neighbours`` (the config's ``[neighbours]``, then t
 kernel's neighbour table; a next hop with neither is dropped and counted in
 ``no_neighbour``: shardct does not ARP). The engine's ICMP errors leave by their ingress
 interface. Frames for the router's own addresses are not forwarded (``local``).
+``--workers 1`` runs the engine in this process; more run the worker pool
+(workers/pool.py), which gives the frames back rewritten in input order and sends no ICMP
+errors yet (a TTL expiry is then a silent drop).
 
 The host must not route or answer for these interfaces itself: turn its forwarding off
 (``net.ipv4.ip_forward=0``) and keep its stack off the router's addresses (no addresses
@@ -51,7 +54,8 @@ def add_parser(sub):
     p.add_argument("-c", "--config", required=True,
                    help="engine config (TOML) naming the interfaces; see configs/home-router.toml")
     p.add_argument("--workers", type=A.workers, default=1,
-                   help="shard worker processes (only 1 so far: the engine in-process)")
+                   help="1: the engine in this process (default); more (or 'auto'): the "
+                        "worker pool, which does not send ICMP errors yet")
     p.add_argument("--duration", type=float, default=0.0,
                    help="stop after this many seconds of routing (0: at SIGINT/SIGTERM)")
     p.add_argument("--seed", type=A.seed, default=None,
@@ -208,15 +212,10 @@ def _warm(cfg, rules, network, seed):
 
 
 def _cmd_run(args) -> int:
-    from shardct import ConnTrack
     from shardct.errors import ConfigError
     from .afpacket import RingMerge, RxRing, TxRing
     from .configfile import load
     from .replay import _summary
-    if args.workers != 1:
-        print("shardct run: only --workers 1 so far (the pool does not route yet)",
-              file=sys.stderr)
-        return 2
     ec = load(args.config)
     cfg, rules, network = ec.config, ec.rules, ec.network
     if network is None or not network.interfaces:
@@ -228,7 +227,8 @@ def _cmd_run(args) -> int:
     def log(m):
         print(f"shardct run: {m}", file=sys.stderr, flush=True)
 
-    _warm(cfg, rules, network, args.seed)
+    if args.workers == 1:
+        _warm(cfg, rules, network, args.seed)
     neigh = Neighbours(ec.neighbours, None if args.no_kernel_neighbours else "ip")
     rx, tx = [], []
     state = {"stop": False}
@@ -242,13 +242,15 @@ def _cmd_run(args) -> int:
         except OSError as e:
             print(f"shardct run: {names[len(tx)]}: {e}", file=sys.stderr)
             return 2
-        ct = ConnTrack(cfg, seed=args.seed, rules=rules, network=network, router=True,
-                       rng=np.random.default_rng(args.seed))
         fwd = Forwarder(network, tx, neigh)
         # hold 0: inline, an answer is caused by a frame we forwarded, so it cannot be
         # read before its cause; per ring the kernel's order is kept
         merge = RingMerge(rx, hold_ms=0)
-        totals = _route_loop(args, ct, fwd, merge, state, log)
+        stop = _stopper(args, state)
+        if args.workers == 1:
+            out = _route_loop(cfg, rules, network, args.seed, fwd, merge, stop, log)
+        else:
+            out = _route_pool(args, cfg, rules, network, fwd, merge, stop, log)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -260,21 +262,41 @@ def _cmd_run(args) -> int:
     def per_ring(values):
         return " ".join(f"{r.ifname}={v}" for r, v in zip(rx, values))
 
-    verdicts, last_ts = totals
-    print(f"routed {sum(verdicts.values())} packets on {','.join(names)} with 1 worker: "
+    verdicts, last_ts, stats, conns, n = out
+    print(f"routed {sum(verdicts.values())} packets on {','.join(names)} with {n} "
+          f"worker{'s' if n > 1 else ''}: "
           + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items()))
           + f"; forwarded={fwd.forwarded} icmp_sent={fwd.icmp_sent}; dropped: "
           + " ".join(f"{k}={v}" for k, v in fwd.dropped.items())
           + f"; ring drops: {per_ring(r.drops for r in rx)}")
-    _summary(args, ct.stats(), list(ct.conns(now=last_ts)), last_ts)
+    _summary(args, stats, conns, last_ts)
     return 0
 
 
-def _route_loop(args, ct, fwd, merge, state, log):
-    """Read, process, route and send until stopped; returns (verdict counts, last time)."""
+def _stopper(args, state):
+    """stop(): true after SIGINT/SIGTERM or --duration seconds from the first call."""
+    end = []
+
+    def stop():
+        if not end:
+            end.append(time.monotonic() + args.duration if args.duration > 0 else None)
+        return state["stop"] or (end[0] is not None and time.monotonic() >= end[0])
+    return stop
+
+
+def _count(verdicts, v):
+    for x, c in zip(*np.unique(v, return_counts=True)):
+        verdicts[K.VERDICT_NAMES[int(x)]] += int(c)
+
+
+def _route_loop(cfg, rules, network, seed, fwd, merge, stop, log):
+    """The engine in this process: read, process, route and send until stop(); returns
+    (verdict counts, last time, stats, conns, 1)."""
+    from shardct import ConnTrack
+    ct = ConnTrack(cfg, seed=seed, rules=rules, network=network, router=True,
+                   rng=np.random.default_rng(seed))
     verdicts = Counter()
     log(f"ready, routing {' '.join(r.ifname for r in merge.rings)}")
-    end = time.monotonic() + args.duration if args.duration > 0 else None
     next_stats = time.monotonic() + STATS_S
     next_reap, reap_start, last_ts = None, 0, 0
 
@@ -283,13 +305,12 @@ def _route_loop(args, ct, fwd, merge, state, log):
         if not len(batch):
             return
         res = ct.process(batch)
-        for x, c in zip(*np.unique(res.verdict, return_counts=True)):
-            verdicts[K.VERDICT_NAMES[int(x)]] += int(c)
+        _count(verdicts, res.verdict)
         fwd(batch, res.forward, res.generated, res.meta)
         last_ts = max(last_ts, int(batch.ts.max()))
         ct.clear_events()           # nothing reads them here
 
-    while not state["stop"] and (end is None or time.monotonic() < end):
+    while not stop():
         handle(merge.poll(0.002))
         now = time.time_ns()        # the kernel's stamps are CLOCK_REALTIME too
         if next_reap is None:
@@ -302,4 +323,41 @@ def _route_loop(args, ct, fwd, merge, state, log):
             if merge.poll_stats():
                 log("ring drops so far: " + " ".join(f"{r.ifname}={r.drops}" for r in merge.rings))
     handle(merge.flush(settle=False))
-    return verdicts, max(last_ts, time.time_ns())
+    last_ts = max(last_ts, time.time_ns())
+    return verdicts, last_ts, ct.stats(), list(ct.conns(now=last_ts)), 1
+
+
+def _route_pool(args, cfg, rules, network, fwd, merge, stop, log):
+    """The engine as a worker pool (workers/pool.py): frames come back rewritten in input
+    order and are routed and sent in emit. The pool generates no ICMP errors (a TTL
+    expiry is a silent drop). Returns as _route_loop."""
+    from shardct.batch import compact
+    from shardct.conntrack import forward_mask
+    from .afpacket import ring_batches
+    from .pool import Pool
+    pool = Pool(args.workers, cfg, seed=args.seed, rules=rules, network=network, router=True,
+                frames=True, log=lambda m: print(m, file=sys.stderr))
+    verdicts = Counter()
+    last = [0]
+
+    def emit(pk, v):
+        _count(verdicts, v)
+        if not len(pk):
+            return
+        b = compact(pk.batch) if pk.batch.shared else pk.batch   # ours to re-address
+        fwd(b, forward_mask(v, cfg.drop_invalid))
+        last[0] = max(last[0], int(b.ts.max()))
+
+    pool.start()
+    try:
+        pool.wait_ready(600.0)      # a cold numba cache compiles for minutes
+        log(f"ready, routing {' '.join(r.ifname for r in merge.rings)} with {pool.n} workers")
+        totals = pool.feed(ring_batches(merge.rings, stop, merge=merge, log=log), emit=emit,
+                           timeout_s=(args.duration + 120) if args.duration > 0 else 10**9,
+                           final=True)
+    finally:
+        pool.stop()
+    log(f"lost_packets={totals['lost_packets']} lost_conns={totals['lost_conns']} "
+        f"restarts={sum(pool.sup.restarts)}")
+    last_ts = max(last[0], time.time_ns())
+    return verdicts, last_ts, pool.stats(), pool.conns(now=last_ts), pool.n

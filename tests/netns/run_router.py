@@ -69,8 +69,8 @@ icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 u.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
 u.sendto(b"ttl1", ("192.168.0.2", {UDP_PORT + 1}))
-end = time.monotonic() + 3
-while time.monotonic() < end:
+end, got = time.monotonic() + 3, "none"
+while got == "none" and time.monotonic() < end:
     icmp.settimeout(max(0.01, end - time.monotonic()))
     try:
         pkt, src = icmp.recvfrom(2048)
@@ -78,10 +78,8 @@ while time.monotonic() < end:
         break
     ihl = (pkt[0] & 15) * 4
     if pkt[ihl] == 11:
-        print(f"time-exceeded from {{src[0]}} code {{pkt[ihl + 1]}}")
-        break
-else:
-    print("none")
+        got = f"time-exceeded from {{src[0]}} code {{pkt[ihl + 1]}}"
+print(got)
 """
 
 
