@@ -2,18 +2,21 @@
 frame leaves by its route's interface with that interface's MAC as source and its next
 hop's MAC as destination; local, unroutable and unresolved frames stay, counted; the
 engine's ICMP errors leave by their ingress interface. The neighbour table falls back to
-the kernel's, re-read on a miss at most every refresh_s. Runs as any user (fake TX rings)."""
+the kernel's, re-read on a miss at most every refresh_s. A config without interfaces, or
+an interface that is not there, is one line and exit 2. Runs as any user (fake TX rings)."""
 from __future__ import annotations
 
 import ipaddress
 import os
 
 import numpy as np
+import pytest
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import Ether
 
 from shardct import ConnTrack
 from shardct.batch import PacketBatch
+from workers.cli import main
 from workers.configfile import load
 from workers.run import Forwarder, Neighbours
 
@@ -80,3 +83,15 @@ def test_neighbours_prefer_static_and_reread_the_kernel_table_at_most_every_refr
     assert n.lookup(b) is None and reads == [0.0], "re-read before refresh_s"
     now[0] = 1.5
     assert n.lookup(b) == b"\x03" * 6 and reads == [0.0, 1.5]
+
+
+@pytest.mark.parametrize("body,want", [
+    ("[conntrack]\n", "needs [interfaces.NAME] sections"),
+    ("[interfaces.sct13-none0]\naddress = [\"10.9.0.1/24\"]\n", "sct13-none0: "),
+    ("[neighbours]\n\"10.0.0.2\" = 5\n", "want a MAC string"),
+])
+def test_unusable_config_or_interface_one_line_exit_2(tmp_path, capsys, body, want):
+    (tmp_path / "r.toml").write_text(body)
+    rc = main(["run", "-c", str(tmp_path / "r.toml"), "--seed", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and want in err, f"got rc={rc} {err!r}"
