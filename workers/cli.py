@@ -1,5 +1,5 @@
 # The `shardct` command: hash (which bucket/worker owns a flow), replay (a capture or the
-# built-in demo trace through the engine), and conntrack-style listings.
+# built-in demo trace through the engine), live (watch), run (route), and conntrack-style listings.
 """Command line interface. ``shardct --help`` lists the commands."""
 from __future__ import annotations
 
@@ -78,9 +78,10 @@ def main(argv=None) -> int:
     h.add_argument("dst", help="ADDR:PORT")
     h.set_defaults(func=cmd_hash)
 
-    from . import control, firstrun, live, replay, snapshot
+    from . import control, firstrun, live, replay, run, snapshot
     replay.add_parser(sub)
     live.add_parser(sub)
+    run.add_parser(sub)
     firstrun.add_parser(sub)
     snapshot.add_parser(sub)
     control.add_parser(sub)

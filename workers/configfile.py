@@ -14,11 +14,14 @@ An engine config is TOML::
 
     [interfaces.lan0]        # shardct.netconf: addresses, mac; [[routes]]
     address = ["10.0.0.3/24"]
+
+    [neighbours]             # static next hop MACs (shardct run), before the kernel's table
+    "10.0.0.2" = "02:00:00:00:00:02"
 """
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardct.config import Config
@@ -32,6 +35,7 @@ class EngineConfig:
     network: Network | None
     rules: object | None        # shardct.rules.RuleSet (IPv4 + IPv6 merged view) or None
     path: str
+    neighbours: dict = field(default_factory=dict)  # ip_address -> 6-byte MAC
 
 
 def read_text(p: Path, what: str = "") -> str:
@@ -61,7 +65,7 @@ def key_line(text: str, key: str, section: str = "conntrack") -> int | None:
         if t.startswith("[") and not t.startswith("[["):
             current = t.strip("[]").strip().replace(" ", "")
             continue
-        k = t.split("=", 1)[0].strip().replace(" ", "") if "=" in t else None
+        k = t.split("=", 1)[0].strip().replace(" ", "").strip('"') if "=" in t else None
         if k is not None and (current, k) in want:
             return n
     return None
@@ -80,7 +84,7 @@ def load(path: str | Path) -> EngineConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), f"not valid TOML: {e}") from None
-    known = {"conntrack", "nat", "interfaces", "routes", "pool"}
+    known = {"conntrack", "nat", "interfaces", "routes", "pool", "neighbours"}
     for k in data:
         if k not in known:
             raise ConfigError(str(p), f"unknown section [{k}] (known: {', '.join(sorted(known))})")
@@ -105,7 +109,28 @@ def load(path: str | Path) -> EngineConfig:
     r6 = load_rules(p.parent / nat["rules6"], 6) if "rules6" in nat else None
     if r4 is not None or r6 is not None:
         rules = DualRules(r4, r6)
-    return EngineConfig(cfg, net, rules, str(p))
+    return EngineConfig(cfg, net, rules, str(p), neighbours(data.get("neighbours", {}), text, p))
+
+
+def neighbours(d, text: str, p: Path) -> dict:
+    """``[neighbours]`` (address = "mac") as {ip_address: 6-byte MAC}; ConfigError with
+    the line of a bad entry."""
+    import ipaddress
+    from shardct.netconf import parse_mac
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}:{key_line(text, 'neighbours', '') or 1}",
+                          "neighbours must be a table: [neighbours]")
+    out = {}
+    for k, v in d.items():
+        where = f"{p}:{key_line(text, k, 'neighbours') or 1}"
+        try:
+            addr = ipaddress.ip_address(k)
+        except ValueError:
+            raise ConfigError(where, f"neighbours: {k!r} is not an IP address") from None
+        if not isinstance(v, str):
+            raise ConfigError(where, f"neighbours.{k} = {v!r}: want a MAC string")
+        out[addr] = parse_mac(v, where)
+    return out
 
 
 class DualRules:

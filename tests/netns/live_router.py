@@ -205,14 +205,15 @@ class LiveRouter:
         self.procs.append(p)
         return p
 
+    def http_argv(self) -> list[str]:
+        return [sys.executable, "-m", "http.server", str(HTTP_PORT), "--bind",
+                self.kr.server_ip4, "--directory", os.path.join(self.tmp, "www")]
+
     def http_server(self, lifetime_s: int = 300):
         """python3 -m http.server in the server namespace, ended after lifetime_s at the
         latest; returns once it accepts (probed inside the server namespace only, so the
         router sees nothing of it)."""
-        p = self.start(self.kr.ns_server, ["timeout", str(lifetime_s), sys.executable, "-m",
-                                            "http.server", str(HTTP_PORT), "--bind",
-                                            self.kr.server_ip4, "--directory",
-                                            os.path.join(self.tmp, "www")])
+        p = self.start(self.kr.ns_server, ["timeout", str(lifetime_s)] + self.http_argv())
         probe = ("import socket,sys,time\n"
                  "for _ in range(100):\n"
                  f"    try: socket.create_connection(('{self.kr.server_ip4}', {HTTP_PORT}), 1)"

@@ -17,6 +17,9 @@ from workers.configfile import load
     ("[conntrack]\nmax_conns = 10\n[conntrack.timeouts]\nudp = -3\n", 4, "timeouts.udp"),
     ("[conntrack]\ntimeouts.icmp = 0\n", 2, "timeouts.icmp"),
     ("[nat]\nrules = 5\n", 2, "want a file name"),
+    ("[neighbours]\n\"10.0.0.2\" = \"02:00\"\n", 2, "want six hex bytes"),
+    ("[neighbours]\n\"10.0.0.2\" = \"02:00:00:00:00:02\"\nrouter = \"x\"\n", 3,
+     "not an IP address"),
 ])
 def test_config_value_errors_name_file_and_line(tmp_path, body, line, want):
     (tmp_path / "c.toml").write_text(body)

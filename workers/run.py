@@ -1,0 +1,363 @@
+# `shardct run`: the engine as an inline NAT router on AF_PACKET. Frames come in on every
+# configured interface's RX ring, go through ConnTrack (router mode), are routed, get the
+# egress interface's MAC and the next hop's MAC, and leave on the egress interface's TX ring.
+"""The live router.
+
+``shardct run -c CONFIG [--workers N] [--duration S] [--seed N]`` forwards between the
+interfaces the config names (``[interfaces.NAME]``: the real interface names, their
+addresses and MACs; ``[[routes]]``; ``[nat]`` rules) until SIGINT/SIGTERM or the
+duration, then prints what it forwarded and dropped (by reason), the ring drops, the
+conntrack counters and the table.
+
+Per batch: ``ConnTrack.process`` (NAT rewrite, TTL, drop_invalid), ``Network.route_batch``
+(egress, next hop, local), Ethernet source MAC := the egress interface's MAC, destination
+MAC := the next hop's from ``Neighbours`` (the config's ``[neighbours]``, then the
+kernel's neighbour table; a next hop with neither is dropped and counted in
+``no_neighbour``: shardct does not ARP). The engine's ICMP errors leave by their ingress
+interface. Frames for the router's own addresses are not forwarded (``local``).
+``--workers 1`` runs the engine in this process; more run the worker pool
+(workers/pool.py), which gives the frames back rewritten in input order and sends no ICMP
+errors yet (a TTL expiry is then a silent drop).
+
+The host must not route or answer for these interfaces itself: turn its forwarding off
+(``net.ipv4.ip_forward=0``) and keep its stack off the router's addresses (no addresses
+on the interfaces, or an nftables input/output drop), or it answers with RSTs and
+port-unreachables of its own. Its ARP may stay: neighbours may learn the router's MACs
+from it. The RX rings ignore the frames shardct transmits (PACKET_IGNORE_OUTGOING).
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+
+from shardct import track as K
+
+from . import argtypes as A
+
+RX_RETIRE_MS = 1        # a V3 block reaches us when full or after this: the added latency
+REFRESH_S = 1.0         # the kernel's neighbour table is read again at most this often
+STATS_S = 1.0           # ring drop counters are read this often
+REASONS = ("engine", "local", "no_route", "no_neighbour", "tx_full", "too_big")
+
+
+def add_parser(sub):
+    p = sub.add_parser("run", help="route and NAT between the configured interfaces "
+                                   "(AF_PACKET rings, inline)")
+    p.add_argument("-c", "--config", required=True,
+                   help="engine config (TOML) naming the interfaces; see configs/home-router.toml")
+    p.add_argument("--workers", type=A.workers, default=1,
+                   help="1: the engine in this process (default); more (or 'auto'): the "
+                        "worker pool, which does not send ICMP errors yet")
+    p.add_argument("--duration", type=float, default=0.0,
+                   help="stop after this many seconds of routing (0: at SIGINT/SIGTERM)")
+    p.add_argument("--seed", type=A.seed, default=None,
+                   help="hash seed, 0..2^32-1 (default: drawn at random and printed on stderr)")
+    p.add_argument("--list", type=int, default=10, metavar="N",
+                   help="print N conntrack -L lines at the end (0: none, -1: all)")
+    p.add_argument("--no-kernel-neighbours", action="store_true",
+                   help="use only the config's [neighbours], never the kernel's table")
+    p.set_defaults(func=cmd_run)
+
+
+class Neighbours:
+    """Next hop address -> MAC: the static entries first, then the kernel's neighbour
+    table of the current network namespace (``ip -j neigh show``), read again on a miss
+    at most every ``refresh_s``. ``read_kernel`` is injectable for tests (a callable
+    returning {address: MAC}), None for static entries only."""
+
+    USABLE = {"REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP"}
+
+    def __init__(self, static: dict | None = None, read_kernel="ip", refresh_s: float = REFRESH_S,
+                 clock=time.monotonic):
+        self.static = dict(static or {})
+        self.read_kernel = kernel_neighbours if read_kernel == "ip" else read_kernel
+        self.refresh_s, self.clock = refresh_s, clock
+        self.kernel: dict = {}
+        self.read_at = None
+        self.errors = 0
+        self._refresh()
+
+    def _refresh(self):
+        if self.read_kernel is None:
+            return
+        self.read_at = self.clock()
+        try:
+            self.kernel = self.read_kernel()
+        except (OSError, ValueError, subprocess.SubprocessError):
+            self.errors += 1            # keep the last table
+
+    def lookup(self, addr) -> bytes | None:
+        """The MAC of ``addr`` (an ipaddress object), None when unknown."""
+        mac = self.static.get(addr) or self.kernel.get(addr)
+        if mac is None and self.read_at is not None and \
+                self.clock() - self.read_at >= self.refresh_s:
+            self._refresh()
+            mac = self.kernel.get(addr)
+        return mac
+
+
+def kernel_neighbours(timeout_s: float = 2.0) -> dict:
+    """{address: MAC} of the usable entries of this namespace's neighbour table."""
+    ip = shutil.which("ip") or "/usr/sbin/ip"
+    out = subprocess.run([ip, "-j", "neigh", "show"], capture_output=True, text=True,
+                         timeout=timeout_s, check=True).stdout
+    table = {}
+    for e in json.loads(out or "[]"):
+        if "lladdr" not in e or not Neighbours.USABLE & set(e.get("state", [])):
+            continue
+        table[ipaddress.ip_address(e["dst"])] = bytes.fromhex(e["lladdr"].replace(":", ""))
+    return table
+
+
+class Forwarder:
+    """Routes, re-addresses and sends processed frames (owner: the routing thread).
+
+    ``tx[k]``: the TxRing of interface k of ``network``. ``__call__(batch, forward,
+    generated)``: precondition: ``batch`` was just processed by the router-mode engine
+    (NAT applied, ``forward`` its forward mask); rewrites the Ethernet header of the
+    frames it sends in ``batch.buf``. Counts ``forwarded``, ``icmp_sent`` and ``dropped``
+    by reason (REASONS)."""
+
+    def __init__(self, network, tx: list, neighbours: Neighbours):
+        self.network, self.tx, self.neigh = network, tx, neighbours
+        self.macs = np.array([list(i.mac) for i in network.interfaces], dtype=np.uint8)
+        self.forwarded = self.icmp_sent = 0
+        self.dropped = Counter({r: 0 for r in REASONS})
+        self._hdr = np.arange(12, dtype=np.int64)
+
+    def __call__(self, batch, forward, generated=None, meta=None):
+        n = len(batch)
+        self.dropped["engine"] += int(n - forward.sum())
+        if n:
+            r = self.network.route_batch(batch, meta)
+            keep = forward & ~r.local
+            self.dropped["local"] += int((forward & r.local).sum())
+            routed = keep & (r.egress >= 0)
+            self.dropped["no_route"] += int((keep & ~routed).sum())
+            keep = self._readdress(batch, r, routed)
+            self._send(batch, keep, r.egress, "forwarded")
+        if generated is not None and len(generated):
+            self._send(generated, np.ones(len(generated), dtype=np.bool_), generated.ifindex,
+                       "icmp_sent")
+
+    def _readdress(self, batch, r, keep):
+        """Write destination (next hop) and source (egress) MACs of the kept frames;
+        returns keep without the frames whose next hop has no MAC."""
+        idx = np.flatnonzero(keep)
+        if idx.shape[0] == 0:
+            return keep
+        key = np.column_stack((r.ipver[idx].astype(np.uint64), r.nexthop[idx]))
+        hops, inv = np.unique(key, axis=0, return_inverse=True)
+        hop_mac = np.zeros((hops.shape[0], 6), dtype=np.uint8)
+        known = np.zeros(hops.shape[0], dtype=np.bool_)
+        for h, (ver, hi, lo) in enumerate(hops):
+            mac = self.neigh.lookup(_address(int(ver), int(hi), int(lo)))
+            if mac is not None:
+                hop_mac[h] = np.frombuffer(mac, dtype=np.uint8)
+                known[h] = True
+        inv = inv.reshape(-1)
+        ok = known[inv]
+        self.dropped["no_neighbour"] += int((~ok).sum())
+        idx, inv = idx[ok], inv[ok]
+        hdr = np.concatenate((hop_mac[inv], self.macs[r.egress[idx]]), axis=1)
+        batch.buf[batch.off[idx][:, None] + self._hdr] = hdr
+        out = np.zeros_like(keep)
+        out[idx] = True
+        return out
+
+    def _send(self, batch, keep, egress, counter):
+        for ifx in np.unique(egress[keep]):
+            sel = keep & (egress == ifx)
+            ring = self.tx[int(ifx)]
+            big = ring.too_big
+            sent = ring.send(batch, sel)
+            setattr(self, counter, getattr(self, counter) + sent)
+            self.dropped["too_big"] += ring.too_big - big
+            self.dropped["tx_full"] += int(sel.sum()) - sent - (ring.too_big - big)
+
+
+def _address(ver: int, hi: int, lo: int):
+    from shardct.hashing import words_addr
+    return ipaddress.ip_address(words_addr(hi, lo, ver))
+
+
+def cmd_run(args) -> int:
+    """Exit status: 0 after a clean stop, 2 unusable config or interface."""
+    from shardct.errors import ConfigError
+    try:
+        return _cmd_run(args)
+    except ConfigError as e:
+        print(f"shardct run: {e}", file=sys.stderr)
+        return 2
+
+
+def _warm(cfg, rules, network, seed):
+    """Load (or compile) the engine's kernels on a throwaway engine, so the rings do not
+    fill while the first batch compiles."""
+    from shardct import ConnTrack
+    from shardct.traffic import handshake_frames
+    ct = ConnTrack(cfg, seed=seed, rules=rules, network=network, router=True)
+    b = handshake_frames(2)
+    b.ifindex[:] = 0
+    res = ct.process(b)
+    network.route_batch(b, res.meta)
+
+
+def _cmd_run(args) -> int:
+    from shardct.errors import ConfigError
+    from .afpacket import RingMerge, RxRing, TxRing
+    from .configfile import load
+    from .replay import _summary
+    ec = load(args.config)
+    cfg, rules, network = ec.config, ec.rules, ec.network
+    if network is None or not network.interfaces:
+        raise ConfigError(ec.path, "shardct run needs [interfaces.NAME] sections (the "
+                                   "interfaces to route between)")
+    A.draw_seed(args, "shardct run")
+    names = network.names
+
+    def log(m):
+        print(f"shardct run: {m}", file=sys.stderr, flush=True)
+
+    if args.workers == 1:
+        _warm(cfg, rules, network, args.seed)
+    neigh = Neighbours(ec.neighbours, None if args.no_kernel_neighbours else "ip")
+    rx, tx = [], []
+    state = {"stop": False}
+    old = {s: signal.signal(s, lambda *_: state.update(stop=True))
+           for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            for k, name in enumerate(names):
+                rx.append(RxRing(name, k, timeout_ms=RX_RETIRE_MS))
+                tx.append(TxRing(name))
+        except OSError as e:
+            print(f"shardct run: {names[len(tx)]}: {e}", file=sys.stderr)
+            return 2
+        fwd = Forwarder(network, tx, neigh)
+        # hold 0: inline, an answer is caused by a frame we forwarded, so it cannot be
+        # read before its cause; per ring the kernel's order is kept
+        merge = RingMerge(rx, hold_ms=0)
+        stop = _stopper(args, state)
+        if args.workers == 1:
+            out = _route_loop(cfg, rules, network, args.seed, fwd, merge, stop, log)
+        else:
+            out = _route_pool(args, cfg, rules, network, fwd, merge, stop, log)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for r in rx:
+            r.close()
+        for t in tx:
+            t.close()
+
+    def per_ring(values):
+        return " ".join(f"{r.ifname}={v}" for r, v in zip(rx, values))
+
+    verdicts, last_ts, stats, conns, n = out
+    print(f"routed {sum(verdicts.values())} packets on {','.join(names)} with {n} "
+          f"worker{'s' if n > 1 else ''}: "
+          + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items()))
+          + f"; forwarded={fwd.forwarded} icmp_sent={fwd.icmp_sent}; dropped: "
+          + " ".join(f"{k}={v}" for k, v in fwd.dropped.items())
+          + f"; ring drops: {per_ring(r.drops for r in rx)}")
+    _summary(args, stats, conns, last_ts)
+    return 0
+
+
+def _stopper(args, state):
+    """stop(): true after SIGINT/SIGTERM or --duration seconds from the first call."""
+    end = []
+
+    def stop():
+        if not end:
+            end.append(time.monotonic() + args.duration if args.duration > 0 else None)
+        return state["stop"] or (end[0] is not None and time.monotonic() >= end[0])
+    return stop
+
+
+def _count(verdicts, v):
+    for x, c in zip(*np.unique(v, return_counts=True)):
+        verdicts[K.VERDICT_NAMES[int(x)]] += int(c)
+
+
+def _route_loop(cfg, rules, network, seed, fwd, merge, stop, log):
+    """The engine in this process: read, process, route and send until stop(); returns
+    (verdict counts, last time, stats, conns, 1)."""
+    from shardct import ConnTrack
+    ct = ConnTrack(cfg, seed=seed, rules=rules, network=network, router=True,
+                   rng=np.random.default_rng(seed))
+    verdicts = Counter()
+    log(f"ready, routing {' '.join(r.ifname for r in merge.rings)}")
+    next_stats = time.monotonic() + STATS_S
+    next_reap, reap_start, last_ts = None, 0, 0
+
+    def handle(batch):
+        nonlocal last_ts
+        if not len(batch):
+            return
+        res = ct.process(batch)
+        _count(verdicts, res.verdict)
+        fwd(batch, res.forward, res.generated, res.meta)
+        last_ts = max(last_ts, int(batch.ts.max()))
+        ct.clear_events()           # nothing reads them here
+
+    while not stop():
+        handle(merge.poll(0.002))
+        now = time.time_ns()        # the kernel's stamps are CLOCK_REALTIME too
+        if next_reap is None:
+            next_reap = now
+        while now >= next_reap:
+            reap_start, interval = ct.reap(next_reap, reap_start)
+            next_reap += interval
+        if time.monotonic() >= next_stats:
+            next_stats = time.monotonic() + STATS_S
+            if merge.poll_stats():
+                log("ring drops so far: " + " ".join(f"{r.ifname}={r.drops}" for r in merge.rings))
+    handle(merge.flush(settle=False))
+    last_ts = max(last_ts, time.time_ns())
+    return verdicts, last_ts, ct.stats(), list(ct.conns(now=last_ts)), 1
+
+
+def _route_pool(args, cfg, rules, network, fwd, merge, stop, log):
+    """The engine as a worker pool (workers/pool.py): frames come back rewritten in input
+    order and are routed and sent in emit. The pool generates no ICMP errors (a TTL
+    expiry is a silent drop). Returns as _route_loop."""
+    from shardct.batch import compact
+    from shardct.conntrack import forward_mask
+    from .afpacket import ring_batches
+    from .pool import Pool
+    pool = Pool(args.workers, cfg, seed=args.seed, rules=rules, network=network, router=True,
+                frames=True, log=lambda m: print(m, file=sys.stderr))
+    verdicts = Counter()
+    last = [0]
+
+    def emit(pk, v):
+        _count(verdicts, v)
+        if not len(pk):
+            return
+        b = compact(pk.batch) if pk.batch.shared else pk.batch   # ours to re-address
+        fwd(b, forward_mask(v, cfg.drop_invalid))
+        last[0] = max(last[0], int(b.ts.max()))
+
+    pool.start()
+    try:
+        pool.wait_ready(600.0)      # a cold numba cache compiles for minutes
+        log(f"ready, routing {' '.join(r.ifname for r in merge.rings)} with {pool.n} workers")
+        totals = pool.feed(ring_batches(merge.rings, stop, merge=merge, log=log), emit=emit,
+                           timeout_s=(args.duration + 120) if args.duration > 0 else 10**9,
+                           final=True)
+    finally:
+        pool.stop()
+    log(f"lost_packets={totals['lost_packets']} lost_conns={totals['lost_conns']} "
+        f"restarts={sum(pool.sup.restarts)}")
+    last_ts = max(last[0], time.time_ns())
+    return verdicts, last_ts, pool.stats(), pool.conns(now=last_ts), pool.n
