@@ -71,8 +71,9 @@ DEFAULT_RING = 256 << 20
 
 def tcp_endpoints(n: int, host: str, worker_host: str, port: int) -> dict:
     """Endpoints for a pool across hosts: the supervisor, dispatcher and sink listen on
-    ``host``, the workers on ``worker_host``; ports from ``port`` up (3 + 2n of them).
-    Without this every endpoint is ipc:// in a private directory."""
+    ``host``, the workers on ``worker_host``; ports from ``port`` up (4 + 2n of them).
+    Without this every endpoint is ipc:// in a private directory. Anyone who reaches
+    these ports can talk to the pool unless it runs with ``Pool(curve=DIR)``."""
     p = iter(range(port, port + 4 + 2 * n))
     eps = {"control": f"tcp://{host}:{next(p)}", "command": f"tcp://{host}:{next(p)}",
            "sink": f"tcp://{host}:{next(p)}", "source": f"tcp://{host}:{next(p)}"}
