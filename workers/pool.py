@@ -825,11 +825,18 @@ class Pool:
                     first[k] = max(first[k], int(h["first"]))
                 elif h["t"] == M.ROUND:          # the dispatcher process made a round
                     rr = int(h["round"])
+                    if not self.dispatcher_process or rr != self.r:
+                        # rounds come in order from the one dispatcher: the next or none
+                        raise Rejected(f"ROUND {rr}, want {self.r}")
                     pending.setdefault(rr, {"n": None, "got": {}})["n"] = int(h["n"])
                     self.r = max(self.r, rr + 1)
                     if h.get("final"):
                         self.final_round = rr
                 elif h["t"] == M.ACK:
+                    if (not self.dispatcher_process or self.batches_acked >= self.batches_sent
+                            or h.get("batch") != self.batches_acked):
+                        raise Rejected(f"ACK of batch {h.get('batch')!r}, want "
+                                       f"{self.batches_acked} (sent {self.batches_sent})")
                     self.batches_acked += 1
                     self._rounds_made(int(h.get("batch", -1)), int(h.get("rounds", 0)))
                     c = h.get("counts")
