@@ -65,6 +65,20 @@ def cmd_hash(a) -> int:
     return 0
 
 
+def cmd_keygen(a) -> int:
+    """Keys for a pool whose endpoints are tcp:// (Pool(curve=DIR)): see
+    workers/transport.py for the layout."""
+    from .transport import keygen
+    try:
+        keygen(a.dir)
+    except OSError as e:
+        print(f"shardct keygen: {e}", file=sys.stderr)
+        return 2
+    print(f"shardct keygen: wrote {a.dir}/server.key*, client.key* and "
+          f"{a.dir}/authorized/client.key (add other clients' .key files there)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = Parser(prog="shardct", description="Sharded conntrack + NAT engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -77,6 +91,10 @@ def main(argv=None) -> int:
     h.add_argument("src", help="ADDR:PORT (IPv6: [ADDR]:PORT; ICMP: ADDR:IDENT)")
     h.add_argument("dst", help="ADDR:PORT")
     h.set_defaults(func=cmd_hash)
+
+    k = sub.add_parser("keygen", help="create CurveZMQ keys for a pool on tcp:// endpoints")
+    k.add_argument("dir", help="directory for the keys (created 0700; never overwritten)")
+    k.set_defaults(func=cmd_keygen)
 
     from . import control, firstrun, live, replay, run, snapshot
     replay.add_parser(sub)

@@ -6,16 +6,13 @@ from __future__ import annotations
 import zmq
 
 from . import messages as M
+from . import transport as T
 
 
 def echo(ctx, k, n, endpoints, alive):
     """Receive batches on shard-k, send them to the sink tagged with this worker."""
-    rx = ctx.socket(zmq.PULL)
-    rx.setsockopt(zmq.LINGER, 0)
-    rx.bind(endpoints[f"shard-{k}"])
-    tx = ctx.socket(zmq.PUSH)
-    tx.setsockopt(zmq.LINGER, 1000)
-    tx.connect(endpoints["sink"])
+    rx = T.open_socket(ctx, zmq.PULL, endpoints[f"shard-{k}"], bind=True)
+    tx = T.open_socket(ctx, zmq.PUSH, endpoints["sink"], bind=False, linger=1000)
 
     def loop():
         try:

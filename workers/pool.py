@@ -69,6 +69,7 @@ from shardct.shard import NEVER, Dispatcher, Msg, Packets, Shard, nat_deps, sum_
 
 from . import messages as M
 from . import snapshot
+from . import transport as T
 from .errors import PoolStopped
 from .ring import FrameRing
 from .supervisor import Supervisor
@@ -79,8 +80,9 @@ DEFAULT_RING = 256 << 20
 
 def tcp_endpoints(n: int, host: str, worker_host: str, port: int) -> dict:
     """Endpoints for a pool across hosts: the supervisor, dispatcher and sink listen on
-    ``host``, the workers on ``worker_host``; ports from ``port`` up (3 + 2n of them).
-    Without this every endpoint is ipc:// in a private directory."""
+    ``host``, the workers on ``worker_host``; ports from ``port`` up (4 + 2n of them).
+    Without this every endpoint is ipc:// in a private directory. Anyone who reaches
+    these ports can talk to the pool unless it runs with ``Pool(curve=DIR)``."""
     p = iter(range(port, port + 4 + 2 * n))
     eps = {"control": f"tcp://{host}:{next(p)}", "command": f"tcp://{host}:{next(p)}",
            "sink": f"tcp://{host}:{next(p)}", "source": f"tcp://{host}:{next(p)}"}
@@ -191,6 +193,10 @@ def msg_from(h: dict, a: dict, ring: FrameRing | None = None) -> Msg:
 
 # ------------------------------------------------------------------ the worker
 
+class Rejected(M.WireError):
+    """A well-formed message whose sender, generation or round cannot be right."""
+
+
 def warm_kernels(dispatcher: bool = True):
     """Load (or compile) the kernels of a shard, and of the dispatcher, in this process.
     Run in the supervisor before it forks, the workers get them for nothing."""
@@ -205,41 +211,35 @@ def warm_kernels(dispatcher: bool = True):
 def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None, network=None,
                  router: bool = False, incarnation: int = 0, frames: bool = True,
                  ring: str | None = None, snapshots: tuple | None = None,
-                 restore: bool = False):
+                 restore: bool = False, curve: str | None = None):
     """Worker body (supervisor.worker_main): shard k of n. ``frames``: results carry the
     frames (as rewritten); without, only sequence numbers, times, interfaces, verdicts.
     ``ring``: the pool's frame ring (frames stay there; only arrays travel).
     ``snapshots``: (directory, seconds or None, final): write this shard's snapshot there
     between rounds at most that often, and after the final round when ``final``; a
     restarted incarnation starts from it, and so does the first one with ``restore``
-    (the pool put a planned restart's rehashed tables there)."""
+    (the pool put a planned restart's rehashed tables there). ``curve``: the key
+    directory for tcp:// endpoints (transport.Curve)."""
     Shard.warm()
     shard = Shard(k, n, config, seed=seed, rules=rules, network=network, router=router,
                   rng=np.random.default_rng([seed, k]))
     restored = _restore(shard, snapshots, incarnation > 0 or restore)
-    rx = ctx.socket(zmq.PULL)
-    rx.setsockopt(zmq.LINGER, 0)
-    rx.bind(eps[f"shard-{k}"])
-    prx = ctx.socket(zmq.PULL)
-    prx.setsockopt(zmq.LINGER, 0)
-    prx.bind(eps[f"peer-{k}"])
-    ptx = {}
-    for p in range(n):
-        if p != k:
-            s = ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, 0)
-            s.connect(eps[f"peer-{p}"])
-            ptx[p] = s
-    sink = ctx.socket(zmq.PUSH)
-    sink.setsockopt(zmq.LINGER, 1000)
-    sink.setsockopt(zmq.SNDHWM, 0)
-    sink.connect(eps["sink"])
+    keys = T.Curve.load(curve) if curve else None
+    # refused handshakes and rejected messages go to the sink with the shard's counts
+    guard = T.Guard(ctx, keys, shard.counts)
+
+    def sock(kind, name, bind, **opts):
+        return T.open_socket(ctx, kind, eps[name], bind=bind, curve=keys, guard=guard, **opts)
+    rx = sock(zmq.PULL, f"shard-{k}", True)
+    prx = sock(zmq.PULL, f"peer-{k}", True)
+    ptx = {p: sock(zmq.PUSH, f"peer-{p}", False, sndhwm=0) for p in range(n) if p != k}
+    sink = sock(zmq.PUSH, "sink", False, linger=1000, sndhwm=0)
     poller = zmq.Poller()
     poller.register(rx, zmq.POLLIN)
     poller.register(prx, zmq.POLLIN)
     W = _WorkerState(k, n, shard, incarnation, frames,
                      FrameRing(ring) if ring is not None else None, snapshots, restored)
+    W.alive = alive        # alive.announced: the incarnations the supervisor started
 
     def loop():
         try:
@@ -247,6 +247,7 @@ def shard_worker(ctx, k, n, eps, alive, *, config: Config, seed: int, rules=None
         finally:
             for s in [rx, prx, sink, *ptx.values()]:
                 s.close(0)
+            guard.stop()
     return loop()
 
 
@@ -310,40 +311,79 @@ class _WorkerState:
         self.ship_events: set[int] = set()  # rounds whose events go out with the result
         self.start_round = 0 if gen == 0 else None
 
+    def _announced(self, p: int, g: int) -> bool:
+        """Whether the supervisor started incarnation ``g`` of worker ``p`` (True when
+        this worker runs without a supervisor to ask)."""
+        alive = getattr(self, "alive", None)
+        known = getattr(alive, "announced", None)
+        if known is None or g <= known.get(p, 0):
+            return True
+        alive()                  # reads the command socket: the news may be waiting there
+        return g <= known.get(p, 0)
+
+    def _drop(self, e: Exception, what: str):
+        """Count a message that failed validation (``rejected``: well formed, but its
+        sender, generation or round cannot be right) or decoding (``wire_errors``); both
+        travel to the sink in the shard's counts."""
+        key = "rejected" if isinstance(e, Rejected) else "wire_errors"
+        n = self.shard.counts[key] = self.shard.counts.get(key, 0) + 1
+        self.wire_errors += 1
+        if n <= 10 or n % 1000 == 0:            # a flood of them does not flood the log
+            print(f"worker {self.k}: dropped a bad {what} ({key} {n}): {e}", flush=True)
+
     def _recv_peer(self, prx):
+        """Take one message from a peer. Validated: ``from`` is a peer, a HELLO or STEP
+        generation is one the supervisor started (a HELLO also newer than the one
+        known), a STEP for (round, step) comes once per peer. A forged STEP with the
+        right round, step and generation is not detectable here (the ipc directory's
+        0700 and CurveZMQ on tcp:// keep strangers out)."""
         frames = prx.recv_multipart(copy=False)
         try:
             h, a = M.decode_arrays(frames) if len(frames) > 1 else (M.decode(frames[0]), {})
             p = h.get("from")
-            if p not in self.absent_until:
-                raise M.WireError(f"message from unknown worker {p!r}")
+            if not isinstance(p, int) or p not in self.absent_until:
+                raise Rejected(f"message from unknown worker {p!r}")
             if h["t"] == M.HELLO:
                 g, f = int(h["gen"]), int(h["first"])
-                if g > self.peer_gen[p]:
-                    self.peer_gen[p] = g
-                    self.absent_until[p] = f
-                    self.restarted[p] = f
-                    self.peer_restored[p] = bool(h.get("restored", 0))
-                    self.shard.peer_lost(p)
+                if g == self.peer_gen[p]:
+                    return                  # the incarnation known already (gen 0 at start)
+                if g < self.peer_gen[p] or not self._announced(p, g) or f < 0:
+                    raise Rejected(f"HELLO from worker {p} gen {g} first {f}: not a restart "
+                                   f"the supervisor announced")
+                self.peer_gen[p] = g
+                self.absent_until[p] = f
+                self.restarted[p] = f
+                self.peer_restored[p] = bool(h.get("restored", 0))
+                self.shard.peer_lost(p)
                 return
             if h["t"] != M.STEP:
-                raise M.WireError(f"unexpected {h['t']}")
+                raise Rejected(f"unexpected {h['t']}")
             r, s, g = int(h["round"]), int(h["step"]), int(h["gen"])
             if g < self.peer_gen[p]:
                 return                      # from a dead incarnation
+            if r < 0 or s < 0 or not self._announced(p, g):
+                raise Rejected(f"STEP from worker {p}: round {r} step {s} gen {g}")
+            have = self.steps.setdefault((r, s), {})
+            if p in have:
+                raise Rejected(f"a second STEP ({r}, {s}) from worker {p}")
+            m = msg_from(h, a, self.ring)
             self.moved_on[p] = max(self.moved_on[p], r)
-            self.steps.setdefault((r, s), {})[p] = msg_from(h, a, self.ring)
+            have[p] = m
         except (M.WireError, KeyError, TypeError, ValueError) as e:
-            self.wire_errors += 1
-            print(f"worker {self.k}: dropped a bad peer message: {e}", flush=True)
+            self._drop(e, "peer message")
 
     def _recv_batch(self, rx):
+        """Take one message from the dispatcher: a BATCH, or (once, to a restarted
+        incarnation) the HELLO that says where it joins."""
         frames = rx.recv_multipart(copy=False)
         try:
             if len(frames) == 1:
                 h = M.decode(frames[0])
-                if h["t"] == M.HELLO and int(h["gen"]) == self.gen:
-                    self.start_round = int(h["first"])     # where a restarted worker joins
+                if (h["t"] != M.HELLO or int(h["gen"]) != self.gen or self.gen == 0
+                        or self.start_round is not None or int(h["first"]) < 0):
+                    raise Rejected(f"{h['t']} gen {h.get('gen')!r} to worker {self.k} gen "
+                                   f"{self.gen} (started: {self.start_round is not None})")
+                self.start_round = int(h["first"])     # where a restarted worker joins
                 return
             h, a = M.decode_arrays(frames)
             self.batches[int(h["round"])] = pk_from("", a, self.ring)
@@ -361,8 +401,7 @@ class _WorkerState:
                     self.wire_errors += 1
                     print(f"worker {self.k}: ignored a bad delete filter: {e}", flush=True)
         except (M.WireError, KeyError, TypeError, ValueError) as e:
-            self.wire_errors += 1
-            print(f"worker {self.k}: dropped a bad batch: {e}", flush=True)
+            self._drop(e, "batch")
 
     def run(self, rx, prx, ptx, sink, poller, alive):
         r = None
@@ -497,7 +536,8 @@ class _WorkerState:
 # ------------------------------------------------------------------ the dispatcher process
 
 def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_round: int,
-                    nat: tuple, window: int, ring: str | None = None):
+                    nat: tuple, window: int, ring: str | None = None,
+                    curve: str | None = None):
     """The dispatcher as a process of its own (``Pool(dispatcher_process=True)``): takes
     batches on ``source``, sends each round to the workers and its size to the sink
     (ROUND), acknowledges each batch with the rounds it made (ACK), passes restarts on
@@ -506,20 +546,15 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
     warm_kernels(dispatcher=True)                    # before READY (free when forked)
     disp = Dispatcher(n, config, seed, max_round, nat)
     fr = FrameRing(ring) if ring is not None else None
-    src = ctx.socket(zmq.PULL)
-    src.setsockopt(zmq.LINGER, 0)
-    src.bind(eps["source"])
-    tx = []
-    for j in range(n):
-        s = ctx.socket(zmq.PUSH)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 0)
-        s.connect(eps[f"shard-{j}"])
-        tx.append(s)
-    sink = ctx.socket(zmq.PUSH)
-    sink.setsockopt(zmq.LINGER, 1000)
-    sink.setsockopt(zmq.SNDHWM, 0)
-    sink.connect(eps["sink"])
+    keys = T.Curve.load(curve) if curve else None
+    counts = {"wire_errors": 0}          # sent to the sink with every ACK
+    guard = T.Guard(ctx, keys, counts)
+
+    def sock(kind, name, bind, **opts):
+        return T.open_socket(ctx, kind, eps[name], bind=bind, curve=keys, guard=guard, **opts)
+    src = sock(zmq.PULL, "source", True)
+    tx = [sock(zmq.PUSH, f"shard-{j}", False, sndhwm=0) for j in range(n)]
+    sink = sock(zmq.PUSH, "sink", False, linger=1000, sndhwm=0)
     st = {"r": 0, "emitted": 0, "rounds": None, "batch": 0, "end": False, "events": False}
     queue = []          # batches waiting for the current one's rounds to go out
 
@@ -540,7 +575,10 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
             if len(frames) == 1:
                 h = M.decode(frames[0])
                 if h["t"] == M.HELLO:
-                    tx[int(h["worker"])].send(M.encode(M.HELLO, gen=int(h["gen"]), first=st["r"]))
+                    w = h["worker"]
+                    if not (isinstance(w, int) and 0 <= w < n):
+                        raise M.WireError(f"HELLO for unknown worker {w!r}")
+                    tx[w].send(M.encode(M.HELLO, gen=int(h["gen"]), first=st["r"]))
                 elif h["t"] == M.ACK:                  # the sink emitted up to this round
                     st["emitted"] = max(st["emitted"], int(h["emitted"]))
                 elif h["t"] == M.END:
@@ -556,6 +594,7 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
             queue.append((int(h.get("seq", 0)), batch))
             st["events"] = bool(h.get("events"))     # someone watches conntrack -E
         except (M.WireError, KeyError, TypeError, ValueError) as e:
+            counts["wire_errors"] += 1
             print(f"dispatcher: dropped a bad message: {e}", flush=True)
 
     def loop():
@@ -576,7 +615,8 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
                     nxt = next(st["rounds"], None)
                     if nxt is None:
                         st["rounds"] = None
-                        sink.send(M.encode(M.ACK, batch=st["batch"], rounds=st["r"]))
+                        sink.send(M.encode(M.ACK, batch=st["batch"], rounds=st["r"],
+                                           counts=counts))
                         break
                     send_round(nxt[0], False)
                     sent += 1
@@ -589,6 +629,7 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
         finally:
             for s in [src, sink, *tx]:
                 s.close(0)
+            guard.stop()
     return loop()
 
 
@@ -637,7 +678,13 @@ class Pool:
     ``control``: a name (the command) for a control socket that `shardct conntrack`
     talks to while the pool runs (``workers/control.py``). ``metrics_port``: serve
     Prometheus metrics there while it runs (``workers/metrics.py``; ``rings``, set by a
-    live source, adds their drops)."""
+    live source, adds their drops).
+
+    ``curve``: a key directory (``shardct keygen DIR``, :mod:`workers.transport`): every
+    ``tcp://`` endpoint then uses CurveZMQ and admits only the authorized client keys.
+    Refused handshakes and rejected messages are counted by whoever received them:
+    ``counts()`` (workers and dispatcher: ``handshake_failed``, ``auth_refused``,
+    ``wire_errors``, ``rejected``) and ``transport_counts()`` (this process)."""
 
     def __init__(self, n, config: Config | None = None, *, seed: int, rules=None, network=None,
                  router=False, max_round=16384, window=8, eps: dict | None = None,
@@ -645,7 +692,8 @@ class Pool:
                  dispatcher_process: bool = True, frames: bool = True,
                  ring_bytes: int = DEFAULT_RING, snapshot_interval: float | None = None,
                  snapshot_dir: str | None = None, restore_from: str | None = None,
-                 control: str | None = None, metrics_port: int | None = None):
+                 control: str | None = None, metrics_port: int | None = None,
+                 curve: str | None = None):
         self.config = config or Config()
         self.n = n if n != "auto" else (os.cpu_count() or 1)
         self.ring = None
@@ -661,7 +709,7 @@ class Pool:
             weakref.finalize(self, self.ring.unlink)
         path = self.ring.path if self.ring else None
         kw = dict(config=self.config, seed=seed, rules=rules, network=network, router=router,
-                  frames=frames, ring=path)
+                  frames=frames, ring=path, curve=curve)
         self.snapshot_dir = None
         self.carried = 0            # conns a planned restart brought in (restore_from)
         if snapshot_interval is not None or snapshot_dir is not None or restore_from:
@@ -682,10 +730,10 @@ class Pool:
         if dispatcher_process:
             extra = ("workers.pool:dispatcher_body",
                      dict(config=self.config, seed=seed, max_round=max_round, nat=nat,
-                          window=window, ring=path))
+                          window=window, ring=path, curve=curve))
         self.sup = Supervisor(self.n, "workers.pool:shard_worker", kw, ipc_dir, log,
                               endpoints=eps, pass_incarnation=True, netns=worker_netns,
-                              extra=extra, leftovers=[path] if path else None)
+                              extra=extra, leftovers=[path] if path else None, curve=curve)
         self.dispatcher = Dispatcher(self.n, self.config, seed, max_round, nat)
         self.window = window
         self.log = log
@@ -695,6 +743,7 @@ class Pool:
         self._lost_by = [0] * self.n     # entries counted lost at each worker's last death
         self.worker_stats: dict[int, dict] = {}
         self.worker_counts: dict[int, dict] = {}
+        self.dispatcher_counts: dict[str, int] = {}
         self.entries = [0] * self.n
         self.round_latency = Latency()     # dispatch (or ROUND) to emit, per round
         self.tables: dict[int, dict] = {}     # worker -> its conns after the last round
@@ -722,22 +771,11 @@ class Pool:
         return carried
 
     def _open(self):
-        ctx = self.sup.ctx
-        self.tx = []
-        for k in range(self.n):
-            s = ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, 0)
-            s.connect(self.sup.endpoints[f"shard-{k}"])
-            self.tx.append(s)
-        self.rx = ctx.socket(zmq.PULL)
-        self.rx.setsockopt(zmq.LINGER, 0)
-        self.rx.bind(self.sup.endpoints["sink"])
+        sock = self.sup.socket
+        self.tx = [sock(zmq.PUSH, f"shard-{k}", bind=False, sndhwm=0) for k in range(self.n)]
+        self.rx = sock(zmq.PULL, "sink", bind=True)
         if self.dispatcher_process:
-            self.src = ctx.socket(zmq.PUSH)
-            self.src.setsockopt(zmq.LINGER, 0)
-            self.src.setsockopt(zmq.SNDHWM, 0)
-            self.src.connect(self.sup.endpoints["source"])
+            self.src = sock(zmq.PUSH, "source", bind=False, sndhwm=0)
             self.tx.append(self.src)
 
     def _close(self):
@@ -1025,7 +1063,11 @@ class Pool:
             if len(frames) == 1:
                 h = M.decode(frames[0])
                 if h["t"] == M.HELLO:
-                    k = int(h["worker"])
+                    k = self._worker_of(h)
+                    if int(h["gen"]) != self.gen[k]:
+                        # only the incarnation the supervisor started may move first[k]
+                        raise M.WireError(f"HELLO from worker {k} gen {h['gen']!r}, "
+                                          f"want {self.gen[k]}")
                     first[k] = max(first[k], int(h["first"]))
                     # a restored incarnation brought back this many of the entries that
                     # were counted lost when it died
@@ -1035,6 +1077,9 @@ class Pool:
                     self.totals["restored_conns"] += back
                 elif h["t"] == M.ROUND:          # the dispatcher process made a round
                     rr = int(h["round"])
+                    if not self.dispatcher_process or rr != self.r:
+                        # rounds come in order from the one dispatcher: the next or none
+                        raise Rejected(f"ROUND {rr}, want {self.r}")
                     pending.setdefault(rr, {"n": None, "got": {}})["n"] = int(h["n"])
                     self.r = max(self.r, rr + 1)
                     if h.get("final"):
@@ -1043,13 +1088,25 @@ class Pool:
                         self.dump_rounds.add(rr)
                     self._round_t0[rr] = time.monotonic()
                 elif h["t"] == M.ACK:
+                    if (not self.dispatcher_process or self.batches_acked >= self.batches_sent
+                            or h.get("batch") != self.batches_acked):
+                        raise Rejected(f"ACK of batch {h.get('batch')!r}, want "
+                                       f"{self.batches_acked} (sent {self.batches_sent})")
                     self.batches_acked += 1
                     self._rounds_made(int(h.get("batch", -1)), int(h.get("rounds", 0)))
+                    c = h.get("counts")
+                    if isinstance(c, dict):
+                        self.dispatcher_counts = {str(x): int(y) for x, y in c.items()}
+                else:
+                    raise M.WireError(f"unexpected {h['t']}")
                 return
             h, a = M.decode_arrays(frames)
             if h["t"] != M.RESULT:
                 raise M.WireError(f"unexpected {h['t']}")
-            k, rr = int(h["worker"]), int(h["round"])
+            k, rr = self._worker_of(h), int(h["round"])
+            if int(h.get("gen", 0)) > self.gen[k]:
+                raise M.WireError(f"RESULT from worker {k} gen {h.get('gen')!r}, an "
+                                  f"incarnation not started")
             pk = pk_from("", a, self.ring) if "off" in a else _no_frames(a)
             v = a["verdict"]
             if v.dtype != np.uint8 or v.shape != (len(pk),):
@@ -1069,6 +1126,12 @@ class Pool:
         except (M.WireError, KeyError, TypeError, ValueError) as e:
             self.totals["wire_errors"] += 1
             self.log(f"pool: dropped a bad result: {e}")
+
+    def _worker_of(self, h: dict) -> int:
+        k = h["worker"]
+        if not (isinstance(k, int) and 0 <= k < self.n):
+            raise M.WireError(f"message from unknown worker {k!r}")
+        return k
 
     def conns(self, now: int | None = None):
         """Every worker's conns as of the end of ``run`` (Conn snapshots)."""
@@ -1092,5 +1155,11 @@ class Pool:
         return out
 
     def counts(self) -> dict[str, int]:
-        """Protocol counters (Shard.counts) summed over workers."""
-        return sum_counts(self.worker_counts.values())
+        """Protocol counters (Shard.counts) summed over workers, with the dispatcher
+        process's transport counters (``wire_errors``, refused handshakes)."""
+        return sum_counts([*self.worker_counts.values(), self.dispatcher_counts])
+
+    def transport_counts(self) -> dict[str, int]:
+        """This process's transport counters: the sink's ``wire_errors``, the
+        supervisor's ``rejected`` control messages, refused handshakes on its listeners."""
+        return {**self.sup.counts, "wire_errors": self.totals["wire_errors"]}

@@ -45,6 +45,7 @@ import multiprocess as mp
 import zmq
 
 from . import messages as M
+from . import transport as T
 
 EXIT_OK, EXIT_BOOT = 0, 3
 HEARTBEAT_S = 0.2
@@ -111,21 +112,24 @@ def orphan_guard(parent: int, leftovers, state: dict):
 
 
 def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
-                netns: str | None = None, parent: int | None = None, leftovers=()):
+                netns: str | None = None, parent: int | None = None, leftovers=(),
+                curve: str | None = None, incarnations=None):
     """Entry point of worker process k (runs in the child). ``parent``: the supervisor's
-    pid; when it dies this child removes ``leftovers`` and exits (rule 4)."""
+    pid; when it dies this child removes ``leftovers`` and exits (rule 4). ``curve``:
+    the key directory (tcp:// endpoints use CurveZMQ). ``incarnations``: every
+    process's restart count when this one was started; later restarts are announced on
+    the command socket and the body reads them as ``alive.announced`` (worker -> gen)."""
     state = {"stop": False, "last": 0.0}
     orphan_check = orphan_guard(parent, leftovers, state) if parent else (lambda: None)
     if netns:
         enter_netns(netns)
+    keys = T.Curve.load(curve) if curve else None
     ctx = zmq.Context()
-    ctl = ctx.socket(zmq.PUSH)
-    ctl.setsockopt(zmq.LINGER, 1000)
-    ctl.connect(endpoints["control"])
-    cmd = ctx.socket(zmq.SUB)
-    cmd.setsockopt(zmq.LINGER, 0)
-    cmd.setsockopt(zmq.SUBSCRIBE, b"")
-    cmd.connect(endpoints["command"])
+    ctl = T.open_socket(ctx, zmq.PUSH, endpoints["control"], bind=False, curve=keys,
+                        linger=1000)
+    cmd = T.open_socket(ctx, zmq.SUB, endpoints["command"], bind=False, curve=keys,
+                        subscribe=b"")
+    announced = dict(enumerate(incarnations or ()))
 
     def alive():
         """Called by the body often: heartbeats, and False once STOP was broadcast or
@@ -138,9 +142,17 @@ def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
             # a worker about to be declared silent prints where it is stuck first
             faulthandler.dump_traceback_later(DEAD_AFTER_S * 0.8, file=sys.__stderr__)
         while cmd.poll(0):
-            if M.decode(cmd.recv()).get("t") == M.STOP:
-                state["stop"] = True
+            try:
+                h = M.decode(cmd.recv())
+                if h["t"] == M.STOP:
+                    state["stop"] = True
+                elif h["t"] == M.HELLO:        # the supervisor restarted a worker
+                    w, g = int(h["worker"]), int(h["gen"])
+                    announced[w] = max(announced.get(w, 0), g)
+            except (M.WireError, KeyError, TypeError, ValueError):
+                state["rejected"] = state.get("rejected", 0) + 1
         return not state["stop"]
+    alive.announced = announced
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the supervisor decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)     # a forked child has its parent's
@@ -163,12 +175,13 @@ def worker_main(k: int, n: int, endpoints: dict, body_spec: str, kwargs: dict,
     except Exception as e:      # a failing body: report it, exit non-zero
         if state.get("orphan"):
             os._exit(0)
-        ctl.send(M.encode(M.STOP, worker=k, error=f"{type(e).__name__}: {e}"))
+        ctl.send(M.encode(M.STOP, worker=k, pid=os.getpid(),
+                          error=f"{type(e).__name__}: {e}"))
         ctl.close()
         cmd.close()
         ctx.term()
         os._exit(1)
-    ctl.send(M.encode(M.END, worker=k))
+    ctl.send(M.encode(M.END, worker=k, pid=os.getpid()))
     ctl.close()
     cmd.close()
     ctx.term()
@@ -178,14 +191,20 @@ class Supervisor:
     def __init__(self, n: int, body: str, kwargs: dict | None = None, ipc_dir: str | None = None,
                  log=print, *, endpoints: dict | None = None, pass_incarnation: bool = False,
                  netns: str | None = None, extra: tuple[str, dict] | None = None,
-                 leftovers: list[str] | None = None, start_method: str = "fork"):
+                 leftovers: list[str] | None = None, start_method: str = "fork",
+                 curve: str | None = None):
         """endpoints: overrides of the ipc defaults (tcp:// across hosts); every worker
         gets ``incarnation=`` (its restart count) when pass_incarnation; netns: the
         network namespace the workers run in; extra: (body, kwargs) of one more process
         (index n: the dispatcher), started first and not restarted: its death stops the
         pool (its place in the input is gone with it); leftovers: files (the frame
         ring) that the children remove, with the ipc directory, if this process dies;
-        start_method: "fork" (default) or "spawn"."""
+        start_method: "fork" (default) or "spawn"; curve: the key directory
+        (transport.keygen) for tcp:// endpoints.
+
+        Control messages are taken only from a known process: the ``worker`` index in
+        range and the ``pid`` of its current incarnation (READY, HEARTBEAT, STOP, END);
+        anything else is counted in ``counts["rejected"]`` and dropped."""
         self.n = n if n != "auto" else (os.cpu_count() or 1)
         self.extra = extra
         self.body = body
@@ -216,12 +235,19 @@ class Supervisor:
         self.error = None
         self.start_method = start_method
         self._mp = mp.get_context(start_method)
+        self.curve = curve
+        self.keys = T.Curve.load(curve) if curve else None
+        self.counts = {"rejected": 0}       # this process's transport counters
         self.ctx = zmq.Context()
-        self.ctl = self.ctx.socket(zmq.PULL)
-        self.ctl.bind(self.endpoints["control"])
-        self.cmd = self.ctx.socket(zmq.PUB)
-        self.cmd.setsockopt(zmq.LINGER, 0)
-        self.cmd.bind(self.endpoints["command"])
+        self.guard = T.Guard(self.ctx, self.keys, self.counts)
+        self.ctl = self.socket(zmq.PULL, "control", bind=True)
+        self.cmd = self.socket(zmq.PUB, "command", bind=True)
+
+    def socket(self, kind: int, name: str, *, bind: bool, **opts):
+        """A socket of this process's context on endpoint ``name`` (transport.open_socket:
+        size limit, curve on tcp://, failed handshakes counted)."""
+        return T.open_socket(self.ctx, kind, self.endpoints[name], bind=bind,
+                             curve=self.keys, guard=self.guard, **opts)
 
     # ------------------------------------------------------------ lifecycle
     def spawn(self, k: int):
@@ -230,9 +256,13 @@ class Supervisor:
         else:
             body, netns = self.body, self.netns
             kw = dict(self.kwargs, incarnation=self.restarts[k]) if self.pass_incarnation else self.kwargs
+        if self.restarts[k]:
+            # peers accept a HELLO only from an incarnation announced here
+            self.cmd.send(M.encode(M.HELLO, worker=k, gen=self.restarts[k]))
         p = self._mp.Process(target=worker_main, name=f"shardct-worker-{k}",
                              args=(k, self.n, self.endpoints, body, kw, netns),
-                             kwargs=dict(parent=os.getpid(), leftovers=self.leftovers),
+                             kwargs=dict(parent=os.getpid(), leftovers=self.leftovers,
+                                         curve=self.curve, incarnations=list(self.restarts)),
                              daemon=True)
         p.start()
         self.procs[k] = p
@@ -255,10 +285,14 @@ class Supervisor:
             try:
                 msg = M.decode(self.ctl.recv())
             except M.WireError as e:
+                self.counts["rejected"] += 1
                 self.log(f"supervisor: dropped a bad control message: {e}")
                 continue
             k = msg.get("worker")
-            if not isinstance(k, int) or not 0 <= k < len(self.procs):
+            if (not isinstance(k, int) or not 0 <= k < len(self.procs)
+                    or self.procs[k] is None or msg.get("pid") != self.procs[k].pid):
+                # not from the current incarnation of one of ours: a forgery or a ghost
+                self.counts["rejected"] += 1
                 continue
             self.seen[k] = time.monotonic()
             if msg["t"] == M.READY:
@@ -306,6 +340,7 @@ class Supervisor:
                 p.join(1)
         self.ctl.close(0)
         self.cmd.close(0)
+        self.guard.stop()
         self.ctx.term()
         if self.own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
