@@ -13,7 +13,8 @@ Runs, in this order, and prints as it goes:
   and ``shardct replay`` of a capture with ``--workers 1`` and ``2``;
 * **peers**: a dict tracker over dpkt/scapy-parsed tuples on the core's frames
   (bench/peer.py), and the Linux kernel's nftables MASQUERADE on a namespace router
-  (bench/kernel_nat.py; skips without root and says why);
+  (bench/kernel_nat.py; skips without root and says why); `shardct run` as the router
+  beside the kernel on one topology: UDP zero-loss rate and echo RTT (bench/run_router.py);
 
 then writes ``bench/results/`` (``--out``): ``results.json`` (every figure, the machine
 description, the options), ``summary.md`` (each figure beside its target from issues 2,
@@ -37,14 +38,15 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:           # python3 -m bench from a checkout
     sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("core", "dispatcher", "pool", "peer", "kernel")
+SECTIONS = ("core", "dispatcher", "pool", "peer", "kernel", "router")
 
 QUICK = dict(core_flows=(100_000,), core_packets=500_000, reps=2,
              sweep=(1_000, 10_000, 100_000), latency_packets=200_000, dispatcher_packets=100_000,
              pool=["--quick", "--profiles", "synthetic,2k,2k-nat,replay", "--packets", "200000",
                    "--packets-2k", "100000", "--replay-packets", "30000", "--timeout", "120"],
              peer=dict(flows=10_000, packets=50_000, scapy_packets=1000),
-             kernel=dict(packets=300_000, seconds=2.0, flows=256))
+             kernel=dict(packets=300_000, seconds=2.0, flows=256),
+             router=dict(workers=(1, 2), rates=(10_000, 0), seconds=1.0, pings=100))
 # tests/bench: every harness at toy sizes (checks that it runs; figures meaningless)
 TINY = dict(core_flows=(2_000,), core_packets=20_000, reps=1, sweep=(1_000, 2_000),
             latency_packets=10_000, dispatcher_packets=5_000,
@@ -52,7 +54,8 @@ TINY = dict(core_flows=(2_000,), core_packets=20_000, reps=1, sweep=(1_000, 2_00
                   "--flows", "500", "--packets", "5000", "--packets-2k", "3000",
                   "--replay-packets", "2000", "--timeout", "120"],
             peer=dict(flows=500, packets=3000, scapy_packets=60),
-            kernel=dict(packets=5_000, seconds=0.5, flows=16))
+            kernel=dict(packets=5_000, seconds=0.5, flows=16),
+            router=dict(workers=(1,), rates=(5_000,), seconds=0.5, pings=20))
 FULL = dict(core_flows=(100_000, 1_000_000), core_packets=2_000_000, reps=3,
             sweep=(1_000, 10_000, 100_000, 1_000_000), latency_packets=1_000_000,
             dispatcher_packets=300_000,
@@ -60,7 +63,8 @@ FULL = dict(core_flows=(100_000, 1_000_000), core_packets=2_000_000, reps=3,
                   "1000000", "--packets-2k", "300000", "--packets-20k", "600000",
                   "--replay-packets", "300000", "--timeout", "300"],
             peer=dict(flows=100_000, packets=300_000, scapy_packets=3000),
-            kernel=dict(packets=3_000_000, seconds=6.0, flows=512))
+            kernel=dict(packets=3_000_000, seconds=6.0, flows=512),
+            router=dict(workers=(1, 2), rates=(10_000, 30_000, 0), seconds=3.0, pings=500))
 
 def machine() -> dict:
     import numba
@@ -153,8 +157,14 @@ def run_kernel(S) -> dict:
     return kernel_nat.measure(**S["kernel"], out=say)
 
 
+def run_router(S) -> dict:
+    from bench import run_router
+    say("== router: shardct run beside the kernel (namespaces; UDP zero-loss rate, RTT)")
+    return run_router.measure(**S["router"], out=say)
+
+
 RUNNERS = {"core": run_core, "dispatcher": run_dispatcher, "pool": run_pool,
-           "peer": run_peer, "kernel": run_kernel}
+           "peer": run_peer, "kernel": run_kernel, "router": run_router}
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ROUTER_ROW = "n/a: shardct run not built (issue 13)"
+ROUTER_ROW = "not run (python3 -m bench --only router)"
 
 # published peer figures (shared/reference/performance-anchors.md)
 PUBLISHED = [
@@ -187,7 +187,25 @@ def peer_section(res: dict) -> list[str]:
                           if sc else "|"))
             out.append(f"| Linux kernel: conntrack + MASQUERADE over plain forwarding, softirq "
                        f"CPU per packet | {k['nat_softirq_ns']:+,.0f} ns | | |")
-    out.append(f"| router zero-loss rate / added latency (`shardct run`) | {ROUTER_ROW} | | |")
+    rt = s.get("router")
+    if not rt:
+        out.append(f"| router zero-loss rate / added latency (`shardct run`) | {ROUTER_ROW} | | |")
+    elif "skipped" in rt:
+        out.append(f"| router zero-loss rate / added latency (`shardct run`) | skipped: "
+                   f"{rt['skipped']} | | |")
+    else:
+        k = rt.get("kernel", {})
+        for name, r in rt.items():
+            if not name.startswith("shardct_"):
+                continue
+            out.append(f"| `shardct run --workers {name[8:]}`: UDP zero-loss rate (one Python "
+                       f"sender) | {r['zero_loss_pps']:,} pps | {k.get('zero_loss_pps', 0):,} pps "
+                       f"(kernel) | {r['zero_loss_pps'] / max(1, k.get('zero_loss_pps', 0)):.2f}x |")
+            out.append(f"| `shardct run --workers {name[8:]}`: UDP echo RTT p50 / p99 | "
+                       f"{r['rtt_p50_us'] or 0:,.0f} / {r['rtt_p99_us'] or 0:,.0f} µs | "
+                       f"{k.get('rtt_p50_us') or 0:,.0f} / {k.get('rtt_p99_us') or 0:,.0f} µs "
+                       f"(kernel) | +{r.get('added_latency_p50_us', 0):,.0f} / "
+                       f"+{r.get('added_latency_p99_us', 0):,.0f} µs added |")
     for name, unit, val, src in PUBLISHED:
         if c is None:
             break

@@ -78,7 +78,21 @@ def test_one_command_writes_json_summary_and_plots(tmp_path):
     assert {"cpu", "cores", "python", "numpy", "numba", "date"} <= set(res["machine"])
     assert set(res["sections"]) == {"core", "dispatcher", "peer"} and not res["errors"]
     text = (tmp_path / "summary.md").read_text()
-    for want in ("## Core", "<= 1.4", "## Peers side by side", "n/a: shardct run not built"):
+    for want in ("## Core", "<= 1.4", "## Peers side by side", "not run (python3 -m bench --only router)"):
         assert want in text
     for png in ("throughput_vs_flows.png", "latency_cdf.png", "memory_vs_connections.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_router_bench_runs_or_says_why_it_skips():
+    """bench/run_router.py at toy sizes: the kernel and `shardct run` each forward the
+    datagrams sent at a low rate and answer echoes (no timing asserted)."""
+    from bench import run_router
+    reason = run_router.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    r = run_router.measure(workers=(1,), rates=(2_000,), seconds=0.5, pings=20, out=lambda *a: None)
+    for name in ("kernel", "shardct_1"):
+        row = r[name]["rows"][0]
+        assert row["sent"] > 0 and row["received"] > 0, (name, row)
+        assert r[name]["rtt_p50_us"] and r[name]["rtt_p50_us"] > 0, (name, r[name])
