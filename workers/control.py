@@ -12,6 +12,7 @@ owner). Requests and replies are one msgpack map each::
     {"cmd": "list"}           -> the same and "conns": [conn, ...]
     {"cmd": "delete", "filter": {proto, src, dst, sport, dport}}
                               -> the same and "deleted": n (an empty filter flushes)
+    {"cmd": "save", "dir": DIR} -> the same, once every worker saved its shard in DIR
 
 Events (``conntrack -E``) go out on an XPUB socket beside it, ``DIR/PID.events``: while
 anyone subscribes, workers ship their NEW/UPDATE/DESTROY events with each round's results
@@ -136,9 +137,15 @@ class ControlServer:
         try:
             req = msgpack.unpackb(self.sock.recv(), raw=False, max_str_len=4096,
                                   max_map_len=32, max_array_len=32, max_bin_len=0)
-            if not isinstance(req, dict) or req.get("cmd") not in ("stats", "list", "delete"):
+            if not isinstance(req, dict) or req.get("cmd") not in ("stats", "list", "delete",
+                                                                   "save"):
                 raise ValueError(f"unknown request {req!r:.80}")
-            delete = None
+            delete = save = None
+            if req["cmd"] == "save":
+                save = req.get("dir")
+                if not isinstance(save, str) or not os.path.isabs(save):
+                    raise ValueError("save needs an absolute directory")
+                os.makedirs(save, mode=0o700, exist_ok=True)
             if req["cmd"] == "delete":
                 from .pool import delete_filter
                 delete = req.get("filter", {})
@@ -147,7 +154,7 @@ class ControlServer:
             self.rejected += 1
             self._reply({"ok": False, "error": str(e)})
             return
-        self.pool.request_dump(delete)
+        self.pool.request_dump(delete, save)
         self.waiting = (req, self.pool.dumped + 1, self.pool.totals["deleted"])
 
     def _answer(self, req) -> dict:
@@ -290,18 +297,41 @@ def _watch(pid: int, a) -> int:
     return 0
 
 
+def pick(prog: str, pid: int | None) -> int | None:
+    """The run to talk to: ``pid``, else the only one running (None: said why)."""
+    pids = [pid] if pid else running()
+    if not pids:
+        print(f"{prog}: no running shardct with a control socket in {control_dir()}",
+              file=sys.stderr)
+        return None
+    if len(pids) > 1:
+        print(f"{prog}: several runs ({', '.join(map(str, pids))}): pick one with --pid",
+              file=sys.stderr)
+        return None
+    return pids[0]
+
+
+def ask_one(prog: str, pid: int | None, msg: dict, timeout_s: float = 60.0) -> dict | None:
+    """One request to the run ``pick`` chooses; None after saying what went wrong."""
+    try:
+        pid = pick(prog, pid)
+        r = None if pid is None else request(pid, msg, timeout_s)
+    except (OSError, TimeoutError, ConnectionError, zmq.ZMQError, ValueError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None
+    if r is not None and not r.get("ok"):
+        print(f"{prog}: {r.get('error')}", file=sys.stderr)
+        return None
+    return r
+
+
 def cmd_conntrack(a) -> int:
     import json
     try:
-        pids = [a.pid] if a.pid else running()
-        if not pids:
-            print(f"shardct conntrack: no running shardct with a control socket in "
-                  f"{control_dir()}", file=sys.stderr)
+        pid = pick("shardct conntrack", a.pid)
+        if pid is None:
             return 1
-        if len(pids) > 1:
-            print(f"shardct conntrack: several runs ({', '.join(map(str, pids))}): pick one "
-                  f"with --pid", file=sys.stderr)
-            return 2
+        pids = [pid]
         if a.event:
             return _watch(pids[0], a)
         if a.delete and not _filter(a):

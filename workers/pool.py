@@ -309,6 +309,7 @@ class _WorkerState:
         self.dumps: set[int] = set()       # the same, asked for by the control socket
         self.deletes: dict[int, dict] = {}  # round -> conntrack -D filter, before it runs
         self.ship_events: set[int] = set()  # rounds whose events go out with the result
+        self.saves: dict[int, str] = {}     # round -> directory to save the shard in after it
         self.start_round = 0 if gen == 0 else None
 
     def _announced(self, p: int, g: int) -> bool:
@@ -394,6 +395,8 @@ class _WorkerState:
                 self.dumps.add(int(h["round"]))
             if h.get("events"):
                 self.ship_events.add(int(h["round"]))
+            if isinstance(h.get("save"), str):
+                self.saves[int(h["round"])] = h["save"]
             if h.get("delete") is not None:
                 try:
                     self.deletes[int(h["round"])] = delete_filter(h["delete"])
@@ -486,6 +489,8 @@ class _WorkerState:
             self.shard.counts["busy_us"] += int((time.perf_counter() - t0) * 1e6)
             self.final_done = r in self.final
             self._snapshot()
+            if r in self.saves:                # shardct snapshot save, while running
+                snapshot.save(snapshot.path_of(self.saves.pop(r), self.k), *self.shard.snapshot())
             # every worker reaps on the dispatcher's clock, not on what it happened to see
             self.shard.reap_until(max(self.shard.now, self.clocks.pop(r, 0)))
             r += 1
@@ -558,13 +563,13 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
     st = {"r": 0, "emitted": 0, "rounds": None, "batch": 0, "end": False, "events": False}
     queue = []          # batches waiting for the current one's rounds to go out
 
-    def send_round(parts, final, dump=False, delete=None):
+    def send_round(parts, final, dump=False, delete=None, save=None):
         r = st["r"]
         for j, part in enumerate(parts):
             tx[j].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", part), round=r,
                                                  final=final, dump=dump, delete=delete,
-                                                 events=st["events"], clock=disp.clock),
-                                 copy=False)
+                                                 save=save, events=st["events"],
+                                                 clock=disp.clock), copy=False)
         sink.send(M.encode(M.ROUND, round=r, n=sum(len(x) for x in parts), final=final,
                            dump=dump))
         st["r"] = r + 1
@@ -584,7 +589,7 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
                 elif h["t"] == M.END:
                     st["end"] = True
                 elif h["t"] == M.DUMP:                 # after the batches sent before it
-                    queue.append((h.get("delete"), None))
+                    queue.append(((h.get("delete"), h.get("save")), None))
                 return
             if fr is not None:
                 h, a = M.decode_arrays(frames)
@@ -603,8 +608,8 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
                 while src.poll(0):
                     take_message()
                 while st["rounds"] is None and queue and queue[0][1] is None:
-                    delete, _ = queue.pop(0)
-                    send_round([Packets.empty()] * n, False, True, delete)   # tables, please
+                    (delete, save), _ = queue.pop(0)
+                    send_round([Packets.empty()] * n, False, True, delete, save)  # tables, please
                 if st["rounds"] is None and queue:
                     st["batch"], b = queue.pop(0)
                     st["rounds"] = disp.rounds(b)
@@ -810,6 +815,7 @@ class Pool:
         self.dumped = 0
         self._dump_wanted = False
         self._dump_delete = None
+        self._dump_save = None
 
     def wait_ready(self, timeout_s: float = 120.0):
         """Block until every worker has booted (kernels loaded), e.g. before timing."""
@@ -975,11 +981,12 @@ class Pool:
                 and self._tickets[0][2] <= self.next_emit:
             self.ring.release(self._tickets.popleft()[0])
 
-    def _send_round(self, parts, final, dump=False, delete=None):
+    def _send_round(self, parts, final, dump=False, delete=None, save=None):
         self.pending[self.r] = {"n": sum(len(p) for p in parts), "got": {}}
         for k, p in enumerate(parts):
             self.tx[k].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", p), round=self.r,
                                                       final=final, dump=dump, delete=delete,
+                                                      save=save,
                                                       events=self.want_events,
                                                       clock=self.dispatcher.clock), copy=False)
         if dump:
@@ -987,14 +994,16 @@ class Pool:
         self._round_t0[self.r] = time.monotonic()
         self.r += 1
 
-    def request_dump(self, delete: dict | None = None):
+    def request_dump(self, delete: dict | None = None, save: str | None = None):
         """Ask every worker for its table and counters with a round of their own (sent
         after what was fed so far); ``dumped`` counts the dumps completed, and
         ``conns()``/``stats()`` are as of the latest. ``delete``: a conntrack -D filter
         (``workers.pool.DELETE_KEYS``; {} flushes) each worker applies first; the
-        ``deleted`` total counts what went."""
+        ``deleted`` total counts what went. ``save``: a directory where every worker saves
+        its shard after that round (``shardct snapshot save``)."""
         self._dump_wanted = True
         self._dump_delete = delete
+        self._dump_save = save
 
     def _dump(self):
         """Send a requested dump round (the feed loops call this between rounds)."""
@@ -1002,10 +1011,10 @@ class Pool:
             return
         self._dump_wanted = False
         if self.dispatcher_process:
-            self.src.send(M.encode(M.DUMP, delete=self._dump_delete))
+            self.src.send(M.encode(M.DUMP, delete=self._dump_delete, save=self._dump_save))
         else:
             self._send_round([Packets.empty()] * self.n, False, dump=True,
-                             delete=self._dump_delete)
+                             delete=self._dump_delete, save=self._dump_save)
 
     def _tick(self):
         """Once per feed-loop turn: the control socket, if any, and a requested dump."""

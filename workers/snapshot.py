@@ -139,8 +139,11 @@ def load_bytes(data: bytes, where: str = "snapshot") -> tuple[dict, dict[str, np
 
 def add_parser(sub):
     p = sub.add_parser("snapshot", help="what a run's snapshots hold (--snapshot-dir)")
-    p.add_argument("action", choices=["show"], help="show: each shard file, checked")
+    p.add_argument("action", choices=["show", "save"],
+                   help="show: each shard file, checked; save: every worker of a running "
+                        "replay or live saves its shard there now (restart it with --restore)")
     p.add_argument("dir", help="a directory of shard-K.snap files")
+    p.add_argument("--pid", type=int, help="save: which run (default: the only one)")
     p.set_defaults(func=cmd_snapshot)
 
 
@@ -149,6 +152,14 @@ def cmd_snapshot(args) -> int:
     gets its reason and exit status 1. A planned restart: ``--restore DIR``."""
     import sys
     from datetime import datetime, timezone
+    if args.action == "save":
+        from .control import ask_one
+        r = ask_one("shardct snapshot", args.pid, {"cmd": "save", "dir": os.path.abspath(args.dir)})
+        if r is None:
+            return 1
+        print(f"shardct snapshot: {r['workers']} shards of pid {r['pid']} saved in {args.dir} "
+              f"({r['stats'].get('entries', 0)} conns)", file=sys.stderr)
+        return 0
     try:
         files = sorted(f for f in os.listdir(args.dir) if f.endswith(".snap"))
     except OSError as e:

@@ -240,3 +240,42 @@ def test_events_reach_a_watcher_from_every_worker(run_dir, capsys, own_process):
     assert len(news) == new > 0, (len(news), new)
     assert {e["event"] for e in events} >= {"NEW", "UPDATE"}, {e["event"] for e in events}
     assert f"{len(events)} flow events have been shown" in out.err
+
+
+def test_snapshot_save_of_a_running_pool(run_dir, tmp_path, capsys):
+    """`shardct snapshot save DIR` while a pool runs: every worker writes its shard there;
+    the files load and hold the pool's entries (restart with --restore DIR)."""
+    from workers import snapshot as S
+    from workers.cli import main
+    from shardct.table import T_COUNT
+    tr = P.profile("2k", 8000, seed=12)
+    b = tr.fresh()
+    pool = Pool(2, Config(events=False), seed=SEED, log=lambda *a: None, frames=False,
+                control="test")
+    got = {}
+    d = tmp_path / "saved"
+
+    def client():
+        deadline = time.monotonic() + 60
+        while pool.totals["packets_out"] < len(b) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        got["rc"] = main(["snapshot", "save", str(d)])
+
+    t = threading.Thread(target=client)
+    pool.start()
+    try:
+        t.start()
+        pool.feed(_live_like([b], lambda: not t.is_alive()), timeout_s=120)
+        t.join(10)
+        pool.feed([], final=True, timeout_s=60)
+        entries = sum(s["entries"] for s in [pool.stats()])
+    finally:
+        pool.stop()
+    assert got.get("rc") == 0, capsys.readouterr().err
+    files = sorted(os.listdir(d))
+    assert files == ["shard-0.snap", "shard-1.snap"], files
+    total = 0
+    for k in (0, 1):
+        sc, ar = S.load(str(d / f"shard-{k}.snap"))
+        total += int(ar["tbl"][T_COUNT])
+    assert total >= entries > 0, (total, entries)   # slots include the reply entries
