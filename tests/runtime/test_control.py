@@ -28,6 +28,13 @@ def run_dir(tmp_path, monkeypatch):
     return d
 
 
+def _wait_out(pool, n, limit_s=60.0):
+    """In a client thread: wait until the pool has put out n packets (all fed)."""
+    deadline = time.monotonic() + limit_s
+    while pool.totals["packets_out"] < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def _live_like(batches, until, limit_s=60.0):
     """The batches, then empty ones (an idle live source) until ``until()``."""
     yield from batches
@@ -48,9 +55,7 @@ def test_list_and_stats_of_a_running_pool(run_dir, own_process, capsys):
 
     def client():
         pid = os.getpid()
-        deadline = time.monotonic() + 60
-        while pool.totals["packets_out"] < len(b) and time.monotonic() < deadline:
-            time.sleep(0.02)        # ask once everything was fed and came out
+        _wait_out(pool, len(b))
         try:
             got["list"] = C.request(pid, {"cmd": "list", "now": int(b.ts.max())}, 30)
             got["stats"] = C.request(pid, {"cmd": "stats"}, 30)
@@ -163,9 +168,7 @@ def test_delete_by_filter_and_flush(run_dir, capsys):
     got = {}
 
     def client():
-        deadline = time.monotonic() + 60
-        while pool.totals["packets_out"] < len(b) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_out(pool, len(b))
         try:
             before = C.request(os.getpid(), {"cmd": "list"}, 30)["conns"]
             got["udp"] = sum(1 for c in before if c["proto"] == 17)
@@ -256,9 +259,7 @@ def test_snapshot_save_of_a_running_pool(run_dir, tmp_path, capsys):
     d = tmp_path / "saved"
 
     def client():
-        deadline = time.monotonic() + 60
-        while pool.totals["packets_out"] < len(b) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_out(pool, len(b))
         got["rc"] = main(["snapshot", "save", str(d)])
 
     t = threading.Thread(target=client)
