@@ -37,6 +37,7 @@ PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 STATUS_NAMES = ((S_SEEN_REPLY, "SEEN_REPLY"), (S_ASSURED, "ASSURED"), (S_CONFIRMED, "CONFIRMED"),
                 (S_SRC_NAT, "SRC_NAT"), (S_DST_NAT, "DST_NAT"))
 
+CHUNK = 4096        # packets parsed and tracked together (frames and rows stay in cache)
 REAP_MIN_INTERVAL = 10_000_000          # 10 ms
 REAP_MAX_INTERVAL = 468_750_000         # 60 s / 128
 REAP_FRACTION = 128
@@ -240,13 +241,34 @@ class ConnTrack:
         # the Result's arrays are the kernel's outputs: fresh ones, no copies
         verdict = np.empty(n, dtype=np.uint8)
         tid = np.empty(n, dtype=np.int64)
-        wire.parse_hash_batch(buf, batch.off, batch.length, meta, addr,
-                              self.config.checksum, self._seed, hashes)
-        self.run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n])
+        self.parse_run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n],
+                       self.config.checksum, parse_hash=True)
         gen = None if self._icmp is None else self._icmp.generate(batch, meta, verdict, ts,
                                                                    K.V_DROP)
         return Result(verdict, tid, meta, addr, forward_mask(verdict, self.config.drop_invalid),
                       gen)
+
+    def parse_run(self, batch, meta, addr, hashes, ts, verdict, tid, given, validate: bool,
+                  parse_hash: bool):
+        """Parse (and hash, when ``parse_hash``; else ``hashes`` are given) and ``run``,
+        CHUNK packets at a time: a chunk's frame headers and rows are still in cache when
+        the kernel reads them and NAT rewrites the frames (one pass over a batch of 64k
+        frames each would find them evicted). Same arrays and result as parsing the whole
+        batch, then running it."""
+        n = batch.off.shape[0]
+        for s in range(0, max(n, 1), CHUNK):
+            e = min(n, s + CHUNK)
+            part = batch if e - s == n else PacketBatch(
+                batch.buf, batch.off[s:e], batch.length[s:e], batch.ifindex[s:e],
+                batch.ts[s:e], batch.shared)
+            if parse_hash:
+                wire.parse_hash_batch(part.buf, part.off, part.length, meta[s:e], addr[s:e],
+                                      validate, self._seed, hashes[s:e])
+            else:
+                wire.parse_batch(part.buf, part.off, part.length, meta[s:e], addr[s:e],
+                                 validate)
+            self.run(part, meta[s:e], addr[s:e], hashes[s:e], ts[s:e], verdict[s:e],
+                     tid[s:e], given[s:e])
 
     def run(self, batch, meta, addr, hashes, ts, verdict, tid, given):
         """Track a parsed batch in order (the kernel, stopping for the NAT slow path
