@@ -506,12 +506,12 @@ class Shard:
         # parked) had their checksums checked there
         validate = self.ct.config.checksum and bool(
             ((pk.given == K.G_FRESH) | (pk.given == K.G_FRESH_DEFER)).any())
-        wire.parse_batch(pk.batch.buf, pk.batch.off, pk.batch.length, meta, addr, validate)
         verdict = np.empty(n, dtype=np.uint8)
         tid = np.empty(n, dtype=np.int64)
         if n:
             self.now = max(self.now, int(pk.batch.ts.max()))
-        self.ct.run(pk.batch, meta, addr, pk.hashes, pk.batch.ts, verdict, tid, pk.given)
+        self.ct.parse_run(pk.batch, meta, addr, pk.hashes, pk.batch.ts, verdict, tid, pk.given,
+                          validate, parse_hash=False)
         return verdict, tid
 
     def _sort(self, pk: Packets) -> Packets:
@@ -1183,15 +1183,19 @@ def rehash(old: list[tuple[dict, dict]], shards: list["Shard"]) -> tuple[int, in
 
 @numba.njit(inline="always", cache=True)
 def _end_key(hi, lo, port, proto):
-    """Key of one end point (address, port) of a tuple, DEP_BITS wide."""
-    x = (hi * np.uint64(0x9E3779B97F4A7C15)) ^ (lo * np.uint64(0xC2B2AE3D27D4EB4F))
-    x ^= np.uint64((port << 8) | proto) * np.uint64(0x165667B19E3779F9)
-    x ^= x >> np.uint64(29)
-    return np.int64(x & np.uint64(DEP_MASK))
+    """Key of one end point (address, port) of a tuple: 64 well-mixed bits (the tables
+    compare whole keys; a shorter key made a tenth of the lookups of a 64k-packet round
+    with NAT find some other end point's packet and wait for it)."""
+    x = (hi * np.uint64(0x9E3779B97F4A7C15)) ^ lo
+    x ^= np.uint64((port << 8) | proto) << np.uint64(40)
+    x ^= x >> np.uint64(33)         # murmur3's fmix64
+    x *= np.uint64(0xFF51AFD7ED558CCD)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xC4CEB9FE1A85EC53)
+    x ^= x >> np.uint64(33)
+    return np.int64(x)
 
 
-DEP_BITS = 17
-DEP_MASK = (1 << DEP_BITS) - 1
 DEP_SHIFT = 7       # dep = seq << DEP_SHIFT | DEP_STARTS? | shard: at most 63 shards
 DEP_OWNER = (1 << 6) - 1
 DEP_ANY = DEP_OWNER  # dep's "shard" when it waits for every shard (end point matches)
@@ -1229,10 +1233,30 @@ def nat_deps(rules, network) -> tuple[int, np.ndarray]:
 
 
 @numba.njit(inline="always", cache=True)
+def _ep_slot(tab, k, gen):
+    """Linear probing in tab (int64[size, 2] of key, gen << 32 | index; size a power of
+    two, at least twice a round): the slot of end point key k in round ``gen``, or the
+    free slot where it goes."""
+    mask = tab.shape[0] - 1
+    j = k & mask
+    while tab[j, 1] >> 32 == gen and tab[j, 0] != k:
+        j = (j + 1) & mask
+    return j
+
+
+@numba.njit(inline="always", cache=True)
 def _seen(tab, k, gen):
     """Index of the latest packet of round ``gen`` recorded under key k, or -1."""
-    e = tab[k]
+    e = tab[_ep_slot(tab, k, gen), 1]
     return e & 0xFFFFFFFF if e >> 32 == gen else np.int64(-1)
+
+
+@numba.njit(inline="always", cache=True)
+def _record(tab, k, gen, idx):
+    """Packet ``idx`` (gen << 32 | index) is now the latest under key k."""
+    j = _ep_slot(tab, k, gen)
+    tab[j, 0] = k
+    tab[j, 1] = idx
 
 
 @numba.njit(inline="always", cache=True)
@@ -1264,15 +1288,15 @@ def answer_deps(meta, addr, hashes, seed, nat, dnat, max_round, gen0, tuples, sr
     rules (``nat``) also when i comes from where j went (the reply to j's conn after
     SNAT: the reply tuple's source is j's destination) or i goes to where a packet
     that may start a conn came from (after DNAT). Tuples are matched by their full
-    hash (``tuples`` is an open-addressing table); end points by DEP_BITS-bit keys, where
-    a collision only names a later packet, which any shard then must pass: a packet
-    waits a superstep more, never less.
+    hash (``tuples``) and end points by 64-bit keys (``srcs``, ``dsts``), in
+    open-addressing tables; a key collision only names a later packet, which any shard
+    then must pass: a packet waits a superstep more, never less.
 
     nat: 0 no NAT rules, NAT_SRC their replies may come from where a packet went
     (SNAT, MASQUERADE), NAT_DST also go back to where a conn's first packet came from
     (DNAT, REDIRECT), for packets that a DNAT rule may match (``dnat``, ``nat_deps``).
-    srcs/dsts: int64[1 << DEP_BITS], tuples: int64[a power of two >=
-    2 * max_round], scratch kept across calls (entries are gen << 32 | index in the
+    srcs/dsts: int64[size, 2], tuples: int64[size], size a power of two >=
+    2 * max_round, scratch kept across calls (entries are gen << 32 | index in the
     round; round r of this batch is gen0 + r). Returns the next gen."""
     n = meta.shape[0]
     gen = gen0
@@ -1303,13 +1327,14 @@ def answer_deps(meta, addr, hashes, seed, nat, dnat, max_round, gen0, tuples, sr
             ks = _end_key(addr[i, 0], addr[i, 1], ports >> 16, proto)
             kd = _end_key(addr[i, 2], addr[i, 3], ports & 0xFFFF, proto)
             e = _seen(dsts, ks, gen)
-            dsts[kd] = idx
+            if starts[i]:
+                _record(dsts, kd, gen, idx)  # a first packet SNAT may have sent elsewhere
             if nat & NAT_DST:
                 e = max(e, _seen(srcs, kd, gen))
                 row = 0 if proto == 6 else 1 if proto == 17 else 2
                 if (starts[i] and (proto != 6 or (meta[i, wire.M_TFLAGS] & 0x12) == 0x02)
                         and dnat[row, ports & 0xFFFF]):
-                    srcs[ks] = idx      # a first packet a DNAT rule may match
+                    _record(srcs, ks, gen, idx)  # a first packet DNAT may match
             if e >= 0:
                 anyone[i] = True
                 d = max(d, e)
@@ -1336,7 +1361,7 @@ class Dispatcher:
         self._scratch = wire.MetaScratch()
         size = 1 << max(12, int(2 * max_round - 1).bit_length())
         self._tabs = (np.zeros(size, np.int64),) + tuple(
-            np.zeros(1 << DEP_BITS, np.int64) for _ in range(2))
+            np.zeros((size, 2), np.int64) for _ in range(2))
 
     def rounds(self, batch: PacketBatch):
         """Yield (parts, seq range) per round: parts[k] is shard k's Packets."""
