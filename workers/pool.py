@@ -132,8 +132,8 @@ def pk_from(prefix: str, a: dict, ring: FrameRing | None = None) -> Packets:
 def _within_limits(batches, max_bytes: int = M.MAX_BUF // 2):
     """Batches cut to what one message may carry (messages.MAX_PACKETS frames,
     MAX_BUF bytes; a larger one would be refused on arrival) and to ``max_bytes`` of
-    frames."""
-    from shardct.batch import take
+    frames. A cut is a view on the batch's buffer: the ring's ``put`` or the message's
+    ``compact`` copies its frames once, later."""
     for b in batches:
         n = len(b)
         if n <= M.MAX_PACKETS and b.buf.shape[0] <= max_bytes:
@@ -147,7 +147,8 @@ def _within_limits(batches, max_bytes: int = M.MAX_BUF // 2):
             over = np.flatnonzero(np.cumsum(ln[s:e]) > max_bytes)
             if len(over):
                 e = s + max(1, int(over[0]))
-            yield take(b, np.arange(s, e))
+            yield PacketBatch(b.buf, b.off[s:e], b.length[s:e], b.ifindex[s:e], b.ts[s:e],
+                              b.shared)
             s = e
 
 
@@ -692,7 +693,7 @@ class Pool:
     ``wire_errors``, ``rejected``) and ``transport_counts()`` (this process)."""
 
     def __init__(self, n, config: Config | None = None, *, seed: int, rules=None, network=None,
-                 router=False, max_round=16384, window=8, eps: dict | None = None,
+                 router=False, max_round=65536, window=8, eps: dict | None = None,
                  ipc_dir=None, log=print, worker_netns: str | None = None,
                  dispatcher_process: bool = True, frames: bool = True,
                  ring_bytes: int = DEFAULT_RING, snapshot_interval: float | None = None,

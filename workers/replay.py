@@ -44,7 +44,7 @@ def add_parser(sub):
                         "engine in this process")
     p.add_argument("--dispatcher-inline", action="store_true",
                    help="pool: run the dispatcher in the supervisor's process, not its own")
-    p.add_argument("--round", type=A.positive_int, default=16384,
+    p.add_argument("--round", type=A.positive_int, default=65536,
                    help="pool: packets per round at most (bigger: fewer superstep exchanges "
                         "per packet, more latency)")
     A.add_snapshot_options(p)
