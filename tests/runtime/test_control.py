@@ -28,6 +28,16 @@ def run_dir(tmp_path, monkeypatch):
     return d
 
 
+
+def _feed_while(pool, b, client):
+    """Feed ``b`` as a live source would, while ``client`` runs in a thread; then the
+    final (table) round."""
+    t = threading.Thread(target=client)
+    t.start()
+    pool.feed(_live_like([b], lambda: not t.is_alive()), timeout_s=120)
+    t.join(10)
+    pool.feed([], final=True, timeout_s=60)
+
 def _wait_out(pool, n, limit_s=60.0):
     """In a client thread: wait until the pool has put out n packets (all fed)."""
     deadline = time.monotonic() + limit_s
@@ -181,13 +191,9 @@ def test_delete_by_filter_and_flush(run_dir, capsys):
         except Exception as e:
             got["error"] = repr(e)
 
-    t = threading.Thread(target=client)
     pool.start()
     try:
-        t.start()
-        pool.feed(_live_like([b], lambda: not t.is_alive()), timeout_s=120)
-        t.join(10)
-        pool.feed([], final=True, timeout_s=60)
+        _feed_while(pool, b, client)
         final = pool.conns()
         entries = pool.stats()["entries"]
     finally:
@@ -262,13 +268,9 @@ def test_snapshot_save_of_a_running_pool(run_dir, tmp_path, capsys):
         _wait_out(pool, len(b))
         got["rc"] = main(["snapshot", "save", str(d)])
 
-    t = threading.Thread(target=client)
     pool.start()
     try:
-        t.start()
-        pool.feed(_live_like([b], lambda: not t.is_alive()), timeout_s=120)
-        t.join(10)
-        pool.feed([], final=True, timeout_s=60)
+        _feed_while(pool, b, client)
         entries = sum(s["entries"] for s in [pool.stats()])
     finally:
         pool.stop()
