@@ -10,6 +10,7 @@ Config form (TOML)::
     [interfaces.lan0]
     address = ["10.0.0.3/24", "b::1/64"]
     mac = "02:00:00:00:00:03"
+    mtu = 1500                   # optional; the largest IP packet sent out of it
 
     [[routes]]
     dst = "0.0.0.0/0"
@@ -42,6 +43,7 @@ class Interface:
     name: str
     mac: bytes = b"\x00" * 6
     addresses: list = field(default_factory=list)   # ipaddress.IPv4Interface / IPv6Interface
+    mtu: int = 1500                                  # the largest IP packet it sends (bytes)
 
     def primary(self, version: int):
         for a in self.addresses:
@@ -134,7 +136,13 @@ class Network:
             except ValueError as e:
                 raise ConfigError(f"{where}: interfaces.{name}", str(e)) from None
             mac = parse_mac(spec["mac"], f"{where}: interfaces.{name}") if "mac" in spec else b"\0" * 6
-            ifcs.append(Interface(name, mac, parsed))
+            mtu = spec.get("mtu", 1500)
+            # IPv4's minimum is 68 (RFC 791); an interface that carries IPv6 needs 1280.
+            low = 1280 if any(a.version == 6 for a in parsed) else 68
+            if type(mtu) is not int or not low <= mtu <= 65535:
+                raise ConfigError(f"{where}: interfaces.{name}",
+                                  f"mtu {mtu!r}: want an integer in {low}..65535")
+            ifcs.append(Interface(name, mac, parsed, mtu))
         routes = []
         for k, r in enumerate(d.get("routes") or []):
             try:
