@@ -57,7 +57,9 @@ class Timeouts:
 
 # upper bounds of the sizes (each is an array allocated up front): 2^26 conns is about
 # 10 GiB of table, 2^24 routing buckets and 2^22 buffered events are far past any use
-LIMITS = {"max_conns": 1 << 26, "n_buckets": 1 << 24, "event_buffer": 1 << 22}
+LIMITS = {"max_conns": 1 << 26, "n_buckets": 1 << 24, "event_buffer": 1 << 22,
+          "frag_high_thresh": 1 << 30, "frag_queues": 1 << 20, "frag_timeout": 1 << 16,
+          "frag6_timeout": 1 << 16}
 
 
 @dataclass
@@ -76,6 +78,11 @@ class Config:
     icmp_ratelimit: int = 1000       # net.ipv4.icmp_ratelimit (ms per error per host)
     event_buffer: int = 65536        # events held between drains; overflow is counted
     shard_affine_nat: bool = False   # SNAT/MASQUERADE prefer ports whose reply hashes home
+    defrag: bool = True              # reassemble fragments before tracking (nf_defrag_ipv4/6)
+    frag_timeout: int = 30           # net.ipv4.ipfrag_time (s)
+    frag6_timeout: int = 60          # net.netfilter.nf_conntrack_frag6_timeout (s)
+    frag_high_thresh: int = 4194304  # net.ipv4.ipfrag_high_thresh: no new queue above it (B)
+    frag_queues: int = 1024          # fragment queues held at most (frag.py)
     timeouts: Timeouts = field(default_factory=Timeouts)
 
     def __post_init__(self):

@@ -22,9 +22,10 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from . import frag as F
 from . import track as K
 from . import wire
-from .batch import PacketBatch
+from .batch import PacketBatch, concat
 from .config import Config
 from .hashing import addr_words, hash_key, words_addr
 from .nat import N_OFFSETS, NatEngine, no_nat_program
@@ -100,13 +101,21 @@ class Result:
     (2*conn + direction, -1 when no conn) and ``forward[i]``: whether frame i leaves,
     with the engine's ``Config.drop_invalid`` applied (``forward_mask``). ``generated``:
     frames the engine originates for this batch (router mode: ICMP time-exceeded, see
-    icmp.py), each with the interface to leave by in ``ifindex``; None when none."""
+    icmp.py), each with the interface to leave by in ``ifindex``; None when none.
+    ``fragments``: frames that leave *in place of* frames of the batch (frag.py: a
+    reassembled datagram re-fragmented, or an IPv4 packet cut to its egress MTU), NATed,
+    each with its source frame's ingress ``ifindex``, to be routed like forwarded frames;
+    ``fragment_of[k]`` is the frame fragment k replaces (whose ``forward`` is False).
+    A fragment held for reassembly has verdict V_QUEUED; the frame that completes a
+    datagram has the datagram's verdict, tuple_id, meta and addr."""
     verdict: np.ndarray
     tuple_id: np.ndarray
     meta: np.ndarray
     addr: np.ndarray
     forward: np.ndarray | None = None
     generated: PacketBatch | None = None
+    fragments: PacketBatch | None = None
+    fragment_of: np.ndarray | None = None
 
     def forward_mask(self, drop_invalid: bool | None = None) -> np.ndarray:
         """``forward``; or, given ``drop_invalid``, the mask under that setting."""
@@ -116,8 +125,9 @@ class Result:
 
 
 def forward_mask(verdict: np.ndarray, drop_invalid: bool) -> np.ndarray:
-    """Which frames leave: all but DROP, and but INVALID when ``drop_invalid``."""
-    keep = verdict != K.V_DROP
+    """Which frames leave: all but DROP and QUEUED (held for reassembly), and but INVALID
+    when ``drop_invalid``."""
+    keep = (verdict != K.V_DROP) & (verdict != K.V_QUEUED)
     if drop_invalid:
         keep &= verdict != K.V_INVALID
     return keep
@@ -187,6 +197,8 @@ class ConnTrack:
             natp = self.nat.program
             self.cfg[K.CF_NAT] = K.NAT_COMPILED if compiled_nat else K.NAT_PYTHON
         self.network = network
+        self._defrag = F.Defrag(c, seed) if c.defrag else None
+        self._frag_out = F.Output(network, router)
         self._icmp = None
         if router and network is not None and c.icmp_errors and c.decrement_ttl:
             from .icmp import TimeExceeded
@@ -241,12 +253,22 @@ class ConnTrack:
         # the Result's arrays are the kernel's outputs: fresh ones, no copies
         verdict = np.empty(n, dtype=np.uint8)
         tid = np.empty(n, dtype=np.int64)
-        self.parse_run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n],
-                       self.config.checksum, parse_hash=True)
-        gen = None if self._icmp is None else self._icmp.generate(batch, meta, verdict, ts,
-                                                                   K.V_DROP)
-        return Result(verdict, tid, meta, addr, forward_mask(verdict, self.config.drop_invalid),
-                      gen)
+        d = None
+        if self._defrag is not None and n:
+            self._defrag.expire(int(ts[0]))
+            d = self._defrag.run(batch, ts)
+        if d is None:
+            self.parse_run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n],
+                           self.config.checksum, parse_hash=True)
+            gen = None if self._icmp is None else self._icmp.generate(batch, meta, verdict, ts,
+                                                                       K.V_DROP)
+        else:       # fragments: held, or reassembled and tracked in place (frag.py)
+            gens = F.track_defragged(self, batch, d, meta, addr, hashes, ts, verdict, tid,
+                                     K.V_QUEUED, K.V_DROP)
+            gen = concat(gens) if gens else None
+        forward = forward_mask(verdict, self.config.drop_invalid)
+        frags, frag_of = self._frag_out(batch, meta, forward, d)
+        return Result(verdict, tid, meta, addr, forward, gen, frags, frag_of)
 
     def parse_run(self, batch, meta, addr, hashes, ts, verdict, tid, given, validate: bool,
                   parse_hash: bool):
@@ -484,6 +506,8 @@ class ConnTrack:
         if self._icmp is not None:
             from .icmp import STAT_NAMES
             s.update((name, int(v)) for name, v in zip(STAT_NAMES, self._icmp.stats))
+        fs = self._frag_out.stats + (0 if self._defrag is None else self._defrag.stats)
+        s.update((name, int(v)) for name, v in zip(F.STAT_NAMES, fs))
         return s
 
     # ------------------------------------------------------------ expiry
@@ -498,6 +522,8 @@ class ConnTrack:
         t = self.table
         nb = self.config.n_buckets
         n_walk = max(1, nb // REAP_FRACTION)
+        if self._defrag is not None:
+            self._defrag.expire(now)
         nxt, checked, expired = K.reap(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8,
                                        t.cstatus, t.tbl, self.stats_arr, self.cfg, self.ev,
                                        self.evaddr, now, start, n_walk)
@@ -510,6 +536,8 @@ class ConnTrack:
     def reap_all(self, now: int) -> int:
         """Walk every bucket once; returns how many conns were destroyed."""
         before = int(self.stats_arr[K.ST_EXPIRED])
+        if self._defrag is not None:
+            self._defrag.expire(now)
         t = self.table
         K.reap(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus, t.tbl,
                self.stats_arr, self.cfg, self.ev, self.evaddr, now, 0, self.config.n_buckets)

@@ -63,10 +63,12 @@ V_ACCEPT, V_RELATED, V_UNTRACKED, V_INVALID, V_DROP, V_NOTIP = 0, 1, 2, 3, 4, 5
 # round's handoffs to its conn (home of a cross-shard conn), wait for the conns the
 # round's earlier packets create elsewhere (a miss that may answer one of them)
 V_PARK, V_HANDOFF, V_BOUNCE, V_HOLD, V_DEFER = 6, 7, 8, 9, 10
+# a fragment held for reassembly (frag.py; Linux's NF_STOLEN): it does not leave itself
+V_QUEUED = 11
 PENDING_EXPIRES = np.int64(2**63 - 1)   # a pending conn's expiry: never, until committed
 V_PENDING = 255
 VERDICT_NAMES = ("accept", "related", "untracked", "invalid", "drop", "not_ip", "park",
-                 "handoff", "bounce", "hold", "defer")
+                 "handoff", "bounce", "hold", "defer", "queued")
 # given[i] for packets without a known conn: fresh from the dispatcher (count it, take
 # its router hop) or already counted by an earlier pass; either may be deferrable
 G_FRESH, G_COUNTED, G_FRESH_DEFER, G_COUNTED_DEFER = -1, -2, -3, -4

@@ -1,0 +1,337 @@
+"""Defragmentation before tracking and fragmentation on output (frag.py, issue 13): the
+engine reassembles IPv4/IPv6 fragments as nf_defrag_ipv4/6 do, tracks and NATs the whole
+datagram, and re-fragments it at the original size (Linux's frag_max_size); a non-DF IPv4
+packet over the egress MTU is cut. scapy builds the fragments and checks every output.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scapy.all import IP, UDP, Ether, IPv6, Raw, raw
+from scapy.layers.inet import fragment
+from scapy.layers.inet6 import IPv6ExtHdrFragment, fragment6
+
+from shardct import Config, ConnTrack, ManualClock, PacketBatch
+from shardct import track as K
+from shardct.netconf import Network
+from shardct.rules import parse_iptables_save
+
+E = Ether(dst="02:00:00:00:00:03", src="02:00:00:00:00:02")
+NET = {"interfaces": {"lan0": {"address": ["10.0.0.3/24", "b::1/64"]},
+                      "wan0": {"address": ["192.168.0.1/24", "a::1/64"], "mtu": 1500}},
+       "routes": [{"dst": "0.0.0.0/0", "dev": "wan0", "via": "192.168.0.254"},
+                  {"dst": "::/0", "dev": "wan0", "via": "a::fe"}]}
+LAN, WAN = 0, 1
+CLIENT, SERVER, R_WAN = "10.0.0.2", "192.168.0.2", "192.168.0.1"
+S = 1_000_000_000
+
+
+def rules(body="-A POSTROUTING -o wan0 -j MASQUERADE"):
+    text = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n" \
+           ":POSTROUTING ACCEPT [0:0]\n" + body + "\nCOMMIT\n"
+    return parse_iptables_save(text, "test.rules", 4)
+
+
+def engine(router=True, net=NET, **cfg):
+    clock = ManualClock(10 * S)
+    ct = ConnTrack(Config(**cfg), seed=7, clock=clock, rules=rules() if router else None,
+                   network=Network.from_dict(net) if router else None, router=router,
+                   rng=np.random.default_rng(7))
+    return ct, clock
+
+
+def frames(pkts):
+    return [p if isinstance(p, bytes) else raw(E / p) for p in pkts]
+
+
+def run(ct, pkts, ifindex=LAN):
+    b = PacketBatch.from_frames(frames(pkts), ifindex=ifindex)
+    return b, ct.process(b)
+
+
+def out_frames(res):
+    f = res.fragments
+    return [] if f is None else [Ether(f.frame(k)) for k in range(len(f))]
+
+
+def v4_frags(size=3000, mtu=1400, id=0x4242, sport=4000, flags=0):
+    dgram = IP(src=CLIENT, dst=SERVER, id=id, flags=flags) / UDP(sport=sport, dport=53) \
+        / Raw(bytes(range(256)) * (size // 256) + b"z" * (size % 256))
+    return dgram, fragment(dgram, mtu)
+
+
+def ip_ok(f):
+    """IPv4 header checksum valid (scapy recomputes it when deleted)."""
+    q = f[IP].copy()
+    del q.chksum
+    return IP(raw(q)).chksum == f[IP].chksum
+
+
+def reassembled(frs):
+    """The datagram the IPv4 fragments carry (scapy's own defragment)."""
+    from scapy.layers.inet import defragment
+    return defragment([f[IP] for f in frs])[0]
+
+
+def test_in_order_udp_is_reassembled_nated_and_refragmented_at_the_original_boundaries():
+    ct, _ = engine()
+    dgram, frs = v4_frags()
+    b, res = run(ct, frs)
+    v = res.verdict.tolist()
+    assert v == [K.V_QUEUED, K.V_QUEUED, K.V_ACCEPT], f"verdicts {v}"
+    assert res.forward.tolist() == [False, False, False], "the fragments leave as res.fragments"
+    outs = out_frames(res)
+    got = [(len(o[IP]), o[IP].frag, o[IP].flags.value, o[IP].id, o[IP].src) for o in outs]
+    want = [(len(f), f.frag, f.flags.value, f.id, R_WAN) for f in frs]
+    assert [g[:4] for g in got] == [w[:4] for w in want], f"boundaries: {got} vs {want}"
+    assert all(g[4] == R_WAN for g in got), f"every fragment SNATed: {got}"
+    assert all(ip_ok(o) for o in outs), "IP header checksums"
+    assert all(o[IP].ttl == dgram.ttl - 1 for o in outs), "one hop taken"
+    assert res.fragment_of.tolist() == [2, 2, 2]
+    whole = reassembled(outs)
+    assert whole[UDP].sport == 4000 and raw(whole[UDP].payload) == raw(dgram[UDP].payload)
+    assert udp_checksum_ok(whole), "UDP checksum of the NATed datagram"
+    (conn,) = list(ct.conns())
+    assert conn.original.sport == 4000 and conn.packets == (1, 0) and conn.bytes[0] == len(dgram)
+    s = ct.stats()
+    assert (s["frag_reasm_oks"], s["frag_reasm_reqds"], s["frag_creates"]) == (1, 3, 3), s
+
+
+def udp_checksum_ok(ip_pkt) -> bool:
+    q = IP(raw(ip_pkt))
+    want = q[UDP].chksum
+    del q[UDP].chksum
+    return IP(raw(q))[UDP].chksum == want
+
+
+def test_nat_port_is_the_same_on_every_fragment_and_the_checksum_holds():
+    # the port clashes with an existing conn's reply: NAT remaps it, and the remapped port
+    # is in the first fragment; later fragments have no ports, but carry the NATed source
+    ct, _ = engine()
+    run(ct, [IP(src="10.0.0.9", dst=SERVER) / UDP(sport=4000, dport=53) / b"x"])
+    _, frs = v4_frags()
+    _, res = run(ct, frs[::-1])
+    outs = out_frames(res)
+    assert len(outs) == 3 and all(o[IP].src == R_WAN for o in outs)
+    whole = reassembled(outs)
+    assert whole[UDP].sport != 4000, "remapped: the first conn holds 4000"
+    assert udp_checksum_ok(whole), "UDP checksum over the NATed datagram"
+    back = IP(src=SERVER, dst=R_WAN) / UDP(sport=53, dport=whole[UDP].sport) / b"ok"
+    _, r2 = run(ct, [back], WAN)
+    assert r2.verdict.tolist() == [K.V_ACCEPT] and r2.tuple_id[0] >= 0
+
+
+def test_out_of_order_and_duplicate_fragments():
+    ct, _ = engine()
+    dgram, frs = v4_frags(size=5000, mtu=1000)
+    order = [3, 0, 0, 4, 1, 2, 5] if len(frs) == 6 else None
+    assert order is not None, len(frs)
+    _, res = run(ct, [frs[k] for k in order])
+    assert res.verdict.tolist()[:-1] == [K.V_QUEUED, K.V_QUEUED, K.V_DROP, K.V_QUEUED,
+                                         K.V_QUEUED, K.V_QUEUED], res.verdict
+    assert res.verdict[-1] == K.V_ACCEPT
+    outs = out_frames(res)
+    assert [o[IP].frag for o in outs] == [f.frag for f in frs]
+    assert raw(reassembled(outs)[UDP].payload) == raw(dgram[UDP].payload)
+    assert ct.stats()["frag_duplicates"] == 1
+
+
+def test_fragments_across_batches_and_the_conn_sees_one_packet():
+    ct, _ = engine()
+    _, frs = v4_frags()
+    _, r1 = run(ct, frs[:2])
+    assert r1.verdict.tolist() == [K.V_QUEUED] * 2 and r1.fragments is None
+    assert len(ct) == 0, "nothing is tracked before the datagram is whole"
+    _, r2 = run(ct, frs[2:] + [IP(src=CLIENT, dst=SERVER) / UDP(sport=4000, dport=53) / b"y"])
+    assert r2.verdict.tolist() == [K.V_ACCEPT, K.V_ACCEPT]
+    assert r2.tuple_id[0] == r2.tuple_id[1], "the next datagram finds the conn"
+    assert r2.forward.tolist() == [False, True] and len(r2.fragments) == 3
+
+
+def test_overlap_drops_the_whole_datagram():
+    ct, _ = engine()
+    _, frs = v4_frags(size=3000, mtu=1400)
+    p = raw(frs[1][IP])
+    # a fragment overlapping the first's tail by 8 bytes
+    ovl = IP(src=CLIENT, dst=SERVER, id=0x4242, proto=17, flags="MF", frag=frs[1].frag - 1) \
+        / Raw(b"E" * 200)
+    _, res = run(ct, [frs[0], ovl, frs[1], frs[2]])
+    assert res.verdict.tolist() == [K.V_QUEUED, K.V_DROP, K.V_QUEUED, K.V_QUEUED], res.verdict
+    assert res.fragments is None
+    s = ct.stats()
+    assert (s["frag_overlaps"], s["frag_reasm_fails"], s["frag_reasm_oks"]) == (1, 1, 0), s
+    assert len(p) > 0
+
+
+def test_ipv6_overlap_drops_the_whole_datagram():
+    ct, _ = engine()
+    p6 = IPv6(src="b::2", dst="a::2") / IPv6ExtHdrFragment(id=9) / UDP(sport=1, dport=2) \
+        / (b"y" * 3000)
+    f6 = fragment6(p6, 1400)
+    bad = IPv6(src="b::2", dst="a::2") / IPv6ExtHdrFragment(id=9, nh=17, offset=(f6[1][IPv6ExtHdrFragment].offset - 1), m=1) / (b"Q" * 64)
+    _, res = run(ct, [f6[0], bad] + list(f6[1:]))
+    assert res.fragments is None and ct.stats()["frag_overlaps"] == 1
+
+
+def test_timeout_frees_the_queue_and_later_fragments_start_afresh():
+    ct, clock = engine()
+    _, frs = v4_frags()
+    run(ct, frs[:2])
+    assert ct._defrag.queues() == 1 and ct._defrag.memory() > 0
+    clock.advance(29)
+    run(ct, [])
+    assert ct._defrag.queues() == 1, "29 s: still held"
+    clock.advance(1)
+    _, res = run(ct, frs[2:])
+    assert res.verdict.tolist() == [K.V_QUEUED], "the last fragment alone"
+    s = ct.stats()
+    assert s["frag_timeouts"] == 1 and s["frag_reasm_fails"] == 1, s
+    ct.reap_all(clock() + 31 * S)
+    assert ct._defrag.queues() == 0 and ct._defrag.memory() == 0
+
+
+def test_ipv6_is_keyed_by_interface_and_times_out_at_60_s():
+    ct, clock = engine()
+    p6 = IPv6(src="b::2", dst="a::2") / IPv6ExtHdrFragment(id=0x12345) / UDP(sport=1, dport=2) \
+        / (b"y" * 3000)
+    f6 = fragment6(p6, 1400)
+    run(ct, f6[:2], LAN)
+    _, res = run(ct, f6[2:], WAN)
+    assert res.verdict.tolist() == [K.V_QUEUED], "another interface: another queue"
+    clock.advance(59)
+    _, res = run(ct, f6[2:], LAN)
+    assert res.verdict.tolist() == [K.V_ACCEPT]
+    outs = out_frames(res)
+    got = [(len(o[IPv6]), o[IPv6ExtHdrFragment].offset, o[IPv6ExtHdrFragment].m,
+            o[IPv6ExtHdrFragment].id, o[IPv6].hlim) for o in outs]
+    want = [(len(f), f[IPv6ExtHdrFragment].offset, f[IPv6ExtHdrFragment].m, 0x12345, 63)
+            for f in f6]
+    assert got == want, f"{got} vs {want}"
+    data = b"".join(raw(o[IPv6ExtHdrFragment].payload) for o in outs)
+    assert data == raw(UDP(raw(p6[UDP]))), "the datagram's bytes"
+    clock.advance(61)
+    run(ct, [])
+    ct.reap_all(clock())
+    assert ct._defrag.queues() == 0 and ct.stats()["frag_timeouts"] == 1
+
+
+def test_memory_bound_refuses_new_queues_and_counts():
+    # 8 KiB: 16 chunks of 512 B; each first fragment (1380 B of data) takes 3, so the
+    # 6th queue takes the 16th..18th and no 7th queue is made
+    ct, _ = engine(frag_high_thresh=8192)
+    pkts = []
+    for k in range(10):
+        _, frs = v4_frags(size=3000, mtu=1400, id=100 + k)
+        pkts.append(frs[0])
+    _, res = run(ct, pkts)
+    s = ct.stats()
+    got = (s["frag_nomem"], ct._defrag.queues(), ct._defrag.memory(), res.verdict.tolist())
+    assert got == (4, 6, 18 * 512, [K.V_QUEUED] * 6 + [K.V_DROP] * 4), got
+
+
+def test_non_df_ipv4_over_the_egress_mtu_is_cut_and_df_is_left_alone():
+    net = {"interfaces": {"lan0": {"address": ["10.0.0.3/24"]},
+                          "wan0": {"address": ["192.168.0.1/24"], "mtu": 576}},
+           "routes": [{"dst": "0.0.0.0/0", "dev": "wan0", "via": "192.168.0.254"}]}
+    ct, _ = engine(net=net)
+    big = IP(src=CLIENT, dst=SERVER, id=0x99) / UDP(sport=5, dport=6) / (b"k" * 1200)
+    df = IP(src=CLIENT, dst=SERVER, id=0x98, flags="DF") / UDP(sport=5, dport=6) / (b"k" * 1200)
+    small = IP(src=CLIENT, dst=SERVER) / UDP(sport=5, dport=6) / b"s"
+    _, res = run(ct, [big, df, small])
+    assert res.forward.tolist() == [False, True, True]
+    outs = out_frames(res)
+    assert [len(o[IP]) for o in outs] == [572, 572, 1228 - 2 * 552]
+    assert [o[IP].frag for o in outs] == [0, 69, 138]
+    assert [o[IP].flags.value for o in outs] == [1, 1, 0]
+    assert all(o[IP].id == 0x99 and o[IP].src == R_WAN and ip_ok(o) for o in outs)
+    assert udp_checksum_ok(reassembled(outs))
+
+
+def test_ipv4_options_copied_only_when_flagged():
+    from scapy.layers.inet import IPOption_RR, IPOption_Security
+    net = {"interfaces": {"lan0": {"address": ["10.0.0.3/24"]},
+                          "wan0": {"address": ["192.168.0.1/24"], "mtu": 576}},
+           "routes": [{"dst": "0.0.0.0/0", "dev": "wan0", "via": "192.168.0.254"}]}
+    ct, _ = engine(net=net)
+    pkt = IP(src=CLIENT, dst=SERVER, options=[IPOption_RR(), IPOption_Security()]) \
+        / UDP(sport=5, dport=6) / (b"k" * 1000)
+    _, res = run(ct, [pkt])
+    outs = out_frames(res)
+    hl = IP(raw(pkt)).ihl * 4
+    first, later = raw(outs[0][IP])[20:hl], raw(outs[1][IP])[20:hl]
+    assert first == raw(IP(raw(pkt)))[20:hl]
+    rr_len = raw(IP(raw(pkt)))[21]
+    assert later[:rr_len] == b"\x01" * rr_len, "record route is not copied"
+    assert later[rr_len] == 130, "security is copied"
+
+
+def test_passive_engine_reassembles_and_refragments_at_the_largest_fragment():
+    ct, _ = engine(router=False)
+    _, frs = v4_frags()
+    b, res = run(ct, frs)
+    outs = out_frames(res)
+    assert [raw(o) for o in outs] == [raw(E / f) for f in frs], "unchanged bytes come back"
+
+
+def test_defrag_off_keeps_the_old_behaviour():
+    ct, _ = engine(defrag=False)
+    _, frs = v4_frags()
+    _, res = run(ct, frs)
+    assert res.verdict.tolist() == [K.V_ACCEPT, K.V_UNTRACKED, K.V_UNTRACKED]
+
+
+def test_malformed_fragments_are_counted():
+    ct, _ = engine()
+    last1 = IP(src=CLIENT, dst=SERVER, id=5, proto=17, frag=100) / Raw(b"a" * 16)
+    last2 = IP(src=CLIENT, dst=SERVER, id=5, proto=17, frag=200) / Raw(b"a" * 16)
+    empty = IP(src=CLIENT, dst=SERVER, id=6, proto=17, flags="MF", frag=3) / Raw(b"a" * 4)
+    big = IP(src=CLIENT, dst=SERVER, id=7, proto=17, frag=8190) / Raw(b"a" * 100)
+    _, res = run(ct, [last1, last2, empty, big])
+    assert res.verdict.tolist() == [K.V_QUEUED, K.V_DROP, K.V_DROP, K.V_DROP]
+    s = ct.stats()
+    assert (s["frag_malformed"], s["frag_oversize"]) == (2, 1), s
+
+
+# ---------------------------------------------------------------- fuzz
+
+def frag_stream():
+    """Fragments of a few datagrams, cut at random sizes, shuffled, some bytes damaged."""
+    return st.lists(st.tuples(st.sampled_from([4, 6]), st.integers(1, 3),
+                              st.integers(8, 2000), st.integers(60, 1500),
+                              st.booleans()), min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frag_stream(), st.randoms(use_true_random=False), st.lists(st.integers(0, 1 << 16),
+                                                                    max_size=6))
+def test_any_fragment_stream_gets_a_verdict_and_never_raises(spec, rnd, damage):
+    ct, clock = engine(frag_high_thresh=65536, frag_queues=16)
+    out = []
+    for ver, ident, size, mtu, tail in spec:
+        if ver == 4:
+            d = IP(src=CLIENT, dst=SERVER, id=ident) / UDP(sport=9, dport=9) / (b"p" * size)
+            out += [raw(E / f) for f in fragment(d, max(mtu, 68))]
+        else:
+            d = IPv6(src="b::2", dst="a::2") / IPv6ExtHdrFragment(id=ident) \
+                / UDP(sport=9, dport=9) / (b"p" * size)
+            out += [raw(E / f) for f in fragment6(d, max(mtu, 1280))]
+        if tail:
+            out.append(out[-1][:-3] if len(out[-1]) > 40 else out[-1])
+    rnd.shuffle(out)
+    out = [bytearray(f) for f in out]
+    for k, pos in enumerate(damage):
+        f = out[k % len(out)]
+        f[pos % len(f)] ^= 0xFF
+    b = PacketBatch.from_frames([bytes(f) for f in out], ifindex=LAN)
+    res = ct.process(b)
+    assert res.verdict.shape == (len(out),)
+    assert set(res.verdict.tolist()) <= {K.V_ACCEPT, K.V_QUEUED, K.V_DROP, K.V_INVALID,
+                                         K.V_UNTRACKED, K.V_NOTIP, K.V_RELATED}
+    if res.fragments is not None:
+        assert all(len(Ether(res.fragments.frame(k))) > 0 for k in range(len(res.fragments)))
+    clock.advance(61)
+    ct.process(PacketBatch.from_frames([]))
+    ct.reap_all(clock())
+    assert ct._defrag.queues() == 0 and ct._defrag.memory() == 0
