@@ -51,6 +51,7 @@ from . import wire
 from .batch import PacketBatch
 from .checksum import csum_add, csum_fold, get16, get32, put16
 from .cpu import kernel
+from .track import ST_DROP
 
 CHUNK = 512                 # arena chunk (bytes)
 WAYS = 8                    # queues per set
@@ -716,6 +717,7 @@ def track_defragged(ct, batch, d, meta, addr, hashes, ts, verdict, tid, v_queued
         addr[other] = a
         verdict[other] = np.where(kind[other] == K_HELD, v_queued, v_drop)
         tid[other] = -1
+        ct.stats_arr[ST_DROP] += int((kind == K_DROP).sum())    # (its reason: frag_*)
     gens = []
     passing = kind == K_PASS
     s = 0

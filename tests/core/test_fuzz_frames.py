@@ -10,7 +10,8 @@ NOTIP, UNTRACKED and DROP verdicts each counted once under their names, INVALID 
 ttl_expired + packets + invalid.<parse reason>`` is the frame count (a frame is not IP,
 untracked, expired, refused by the parser with a reason, or it reached the tracker and
 counts in ``packets``), plus at most one per ``error`` (an ICMP error without its conn
-reaches the tracker and is then counted ``invalid.icmp_inner`` too).
+reaches the tracker and is then counted ``invalid.icmp_inner`` too); fragments held or
+dropped by defrag (V_QUEUED, V_DROP) count in ``frag_reasm_reqds - frag_reasm_oks``.
 (test_engine_fuzz.py feeds random bytes; this file feeds frames that get past parsers.)
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ from shardct.shard import LocalPool
 
 S = 1_000_000_000
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-ALLOWED = {K.V_ACCEPT, K.V_RELATED, K.V_UNTRACKED, K.V_INVALID, K.V_DROP, K.V_NOTIP}
+ALLOWED = {K.V_ACCEPT, K.V_RELATED, K.V_UNTRACKED, K.V_INVALID, K.V_DROP, K.V_NOTIP,
+           K.V_QUEUED}
 SETTINGS = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -184,8 +186,11 @@ batches = st.lists(st.lists(st.tuples(frame(), st.integers(0, 1)), min_size=1, m
 
 def accounted(stats: dict) -> int:
     """Frames the counters account for (see the module docstring)."""
+    # every fragment defrag takes counts in frag_reasm_reqds; the one that completes a
+    # datagram is then tracked (and counted) as the datagram
     return (stats["not_ip"] + stats["untracked"] + stats["packets"] + stats["ttl_expired"]
-            + sum(stats[f"invalid.{r}"] for r in wire.REASON_NAMES))
+            + sum(stats[f"invalid.{r}"] for r in wire.REASON_NAMES)
+            + stats.get("frag_reasm_reqds", 0) - stats.get("frag_reasm_oks", 0))
 
 
 def check(label, v, n, before, after):
