@@ -143,6 +143,8 @@ def _cmd_replay(args) -> int:
                     writer = _open_writer(args.write, names)
                 writer.write_batch(batch, mask=r.forward,
                                    ifindex=egress(ct.network, batch, r.meta))
+                if r.fragments is not None:        # in place of reassembled/oversize frames
+                    writer.write_batch(r.fragments, ifindex=egress(ct.network, r.fragments))
                 if r.generated is not None:        # the router's own ICMP errors
                     writer.write_batch(r.generated)
             last_ts = int(batch.ts[-1])

@@ -133,20 +133,30 @@ class Forwarder:
         self.dropped = Counter({r: 0 for r in REASONS})
         self._hdr = np.arange(12, dtype=np.int64)
 
-    def __call__(self, batch, forward, generated=None, meta=None):
+    def __call__(self, batch, forward, generated=None, meta=None, fragments=None,
+                 fragment_of=None, held=0):
+        """``fragments``: frames leaving in place of the frames ``fragment_of`` (the
+        engine's Result), routed and sent like forwarded ones; ``held``: frames the
+        engine keeps for reassembly (not dropped)."""
         n = len(batch)
-        self.dropped["engine"] += int(n - forward.sum())
+        replaced = 0 if fragment_of is None else np.unique(fragment_of).shape[0]
+        self.dropped["engine"] += int(n - forward.sum()) - replaced - int(held)
         if n:
-            r = self.network.route_batch(batch, meta)
-            keep = forward & ~r.local
-            self.dropped["local"] += int((forward & r.local).sum())
-            routed = keep & (r.egress >= 0)
-            self.dropped["no_route"] += int((keep & ~routed).sum())
-            keep = self._readdress(batch, r, routed)
-            self._send(batch, keep, r.egress, "forwarded")
+            self._forward(batch, forward, meta)
+        if fragments is not None and len(fragments):
+            self._forward(fragments, np.ones(len(fragments), dtype=np.bool_), None)
         if generated is not None and len(generated):
             self._send(generated, np.ones(len(generated), dtype=np.bool_), generated.ifindex,
                        "icmp_sent")
+
+    def _forward(self, batch, forward, meta):
+        r = self.network.route_batch(batch, meta)
+        keep = forward & ~r.local
+        self.dropped["local"] += int((forward & r.local).sum())
+        routed = keep & (r.egress >= 0)
+        self.dropped["no_route"] += int((keep & ~routed).sum())
+        keep = self._readdress(batch, r, routed)
+        self._send(batch, keep, r.egress, "forwarded")
 
     def _readdress(self, batch, r, keep):
         """Write destination (next hop) and source (egress) MACs of the kept frames;
@@ -306,7 +316,8 @@ def _route_loop(cfg, rules, network, seed, fwd, merge, stop, log):
             return
         res = ct.process(batch)
         _count(verdicts, res.verdict)
-        fwd(batch, res.forward, res.generated, res.meta)
+        fwd(batch, res.forward, res.generated, res.meta, res.fragments, res.fragment_of,
+            int((res.verdict == K.V_QUEUED).sum()))
         last_ts = max(last_ts, int(batch.ts.max()))
         ct.clear_events()           # nothing reads them here
 
