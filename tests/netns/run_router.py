@@ -51,8 +51,9 @@ s.bind(("192.168.0.2", {UDP_PORT}))
 s.settimeout(60)
 print("listening", file=sys.stderr, flush=True)
 for _ in range(10):
-    data, peer = s.recvfrom(2048)
-    s.sendto(data + b" from " + peer[0].encode(), peer)
+    data, peer = s.recvfrom(65535)
+    said = data if len(data) < 100 else b"big %d" % len(data)
+    s.sendto(said + b" from " + peer[0].encode(), peer)
 """
 UDP_CLIENT = f"""\
 import socket, sys
@@ -61,6 +62,17 @@ s.settimeout(2)
 for k in range(3):
     s.sendto(b"ping%d" % k, ("192.168.0.2", {UDP_PORT}))
     print(s.recvfrom(2048)[0].decode())
+"""
+# a 4000-byte UDP datagram: the client's kernel sends it as three fragments (MTU 1500)
+FRAG_CLIENT = f"""\
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.sendto(b"F" * 4000, ("192.168.0.2", {UDP_PORT}))
+try:
+    print(s.recvfrom(2048)[0].decode())
+except socket.timeout:
+    print("none")
 """
 # a UDP datagram with TTL 1; prints the source of the ICMP time-exceeded that answers it
 TTL_PROBE = f"""\

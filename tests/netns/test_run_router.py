@@ -2,7 +2,9 @@
 client and a server: an 8 MiB curl download through its MASQUERADE arrives intact and the
 server sees the router's WAN address, a UDP exchange goes both ways, a TTL-1 datagram gets
 time-exceeded from the router's LAN address (one process; the pool sends no ICMP errors
-yet), and the final table lists the flows. With 1 worker and with the pool of 2.
+yet), a 4000-byte UDP datagram sent as fragments is reassembled, NATed whole and
+re-fragmented (one process; the pool does not reassemble yet, so the server never sees it
+whole), and the final table lists the flows. With 1 worker and with the pool of 2.
 Builds namespaces (run_router.py); skips with the reason without root, ip, nft,
 conntrack, ethtool or curl."""
 from __future__ import annotations
@@ -36,6 +38,7 @@ def test_run_routes_and_masquerades_a_download_udp_and_a_ttl_probe(workers):
         assert echo.wait_line("listening", 10), f"UDP echo did not start: {echo.err}"
         curl, got = rr.download()
         udp = rr.client_python(RR.UDP_CLIENT)
+        big = rr.client_python(RR.FRAG_CLIENT)
         ttl = rr.client_python(RR.TTL_PROBE)
         time.sleep(0.5)                 # the download's last ACKs reach the router
         run.interrupt()
@@ -56,6 +59,8 @@ def test_run_routes_and_masquerades_a_download_udp_and_a_ttl_probe(workers):
         f"got server log {http_log[-500:]!r}, want the router's WAN address as the client"
     want_udp = [f"ping{k} from 192.168.0.1" for k in range(3)]
     assert udp.split("\n")[:3] == want_udp, f"got UDP answers {udp!r}, want {want_udp}"
+    want_big = "big 4000 from 192.168.0.1" if workers == 1 else "none"     # pool: no defrag
+    assert big.strip() == want_big, f"got {big.strip()!r} for the fragmented datagram, want {want_big!r}"
     want_ttl = "time-exceeded from 10.0.0.3 code 0" if workers == 1 else "none"   # pool: no ICMP
     assert ttl.strip() == want_ttl, f"got {ttl.strip()!r}, want {want_ttl!r}"
 
@@ -69,4 +74,5 @@ def test_run_routes_and_masquerades_a_download_udp_and_a_ttl_probe(workers):
     assert key[1:3] == ("10.0.0.2", "192.168.0.2") and assured \
         and state in ("ESTABLISHED", "TIME_WAIT"), f"got {key} {state} assured={assured}"
     udp_conns = [k for k in conns if k[0] == "udp" and k[4] == str(RR.UDP_PORT)]
-    assert len(udp_conns) == 1, f"got {udp_conns}, want the UDP exchange's conn"
+    assert len(udp_conns) == 2, \
+        f"got {udp_conns}, want the UDP exchange's conn and the fragmented datagram's"
