@@ -48,7 +48,7 @@ import numba
 import numpy as np
 
 from . import wire
-from .batch import PacketBatch
+from .batch import PacketBatch, concat, take
 from .checksum import csum_add, csum_fold, get16, get32, put16
 from .cpu import kernel
 from .track import ST_DROP
@@ -90,7 +90,7 @@ class FragTable(NamedTuple):
     qkey: np.ndarray      # (Q, 6) uint64: family|proto|ifx, src hi, lo, dst hi, lo, id
     qhdr: np.ndarray      # (Q, HDR_MAX) uint8: L2 + unfragmentable headers of offset 0
     fe: np.ndarray        # (F, 4) int64 fragment entries
-    arena: np.ndarray     # (NCH, CHUNK) uint8 fragment data
+    arena: np.ndarray     # (NCH * CHUNK,) uint8 fragment data, chunk c at c * CHUNK
     chnext: np.ndarray    # (NCH,) int64 next chunk of a fragment / free list
     top: np.ndarray       # (4,) int64
     cfg: np.ndarray       # (4,) int64
@@ -117,11 +117,21 @@ def new_table(n_queues: int, high_thresh: int, timeout4_ns: int, timeout6_ns: in
     top = np.array([0, 0, 0, 0], dtype=np.int64)
     cfg = np.array([timeout4_ns, timeout6_ns, high, seed & 0xFFFFFFFF], dtype=np.int64)
     return FragTable(q, np.zeros((nq, 6), dtype=np.uint64), np.zeros((nq, HDR_MAX), np.uint8),
-                     fe, np.zeros((nch, CHUNK), dtype=np.uint8), chnext, top, cfg,
+                     fe, np.zeros(nch * CHUNK, dtype=np.uint8), chnext, top, cfg,
                      np.zeros(len(STAT_NAMES), dtype=np.int64))
 
 
 # ------------------------------------------------------------------ queue table
+
+@numba.njit(inline="always", cache=True)
+def _copy(dst, d, src, s, n):
+    """dst[d:d+n] = src[s:s+n], with unsigned positions (numba then drops its
+    negative-index test and vectorizes the loop; see batch._gather)."""
+    d = np.uint64(d)
+    s = np.uint64(s)
+    for b in range(np.uint64(n)):
+        dst[d + b] = src[s + b]
+
 
 @numba.njit(inline="always", cache=True)
 def _kill(t, q):
@@ -247,10 +257,7 @@ def _store(t, q, prev, buf, src, off, end):
         else:
             t.chnext[last] = c
         last = c
-        m = min(CHUNK, n - k * CHUNK)
-        s = src + k * CHUNK
-        for b in range(m):
-            t.arena[c, b] = buf[s + b]
+        _copy(t.arena, c * CHUNK, buf, src + k * CHUNK, min(CHUNK, n - k * CHUNK))
     t.top[T_CHUNKS] += need
     t.fe[e, FE_OFF] = off
     t.fe[e, FE_END] = end
@@ -279,10 +286,7 @@ def _reasm(t, q, out, at, ver):
         c = t.fe[e, FE_CHUNK]
         k = 0
         while c >= 0:
-            m = min(CHUNK, n - k * CHUNK)
-            d = data + eo + k * CHUNK
-            for b in range(m):
-                out[d + b] = t.arena[c, b]
+            _copy(out, data + eo + k * CHUNK, t.arena, c * CHUNK, min(CHUNK, n - k * CHUNK))
             c = t.chnext[c]
             k += 1
         e = t.fe[e, FE_NEXT]
@@ -574,8 +578,7 @@ def fragment(src, s_off, s_len, l3rel, ver, mtu, info, out, o_off, o_len, o_job,
                             for b in range(ol):
                                 out[h + x + b] = 1
                         x += ol
-                for b in range(dl):
-                    out[h + hl + b] = src[l3 + hl + d + b]
+                _copy(out, h + hl, src, l3 + hl + d, dl)
                 more = d + dl < data
                 put16(out, h + 2, hl + dl)
                 put16(out, h + 6, keep | ((base + d) >> 3) | (0x2000 if more or last_mf else 0))
@@ -611,8 +614,7 @@ def fragment(src, s_off, s_len, l3rel, ver, mtu, info, out, o_off, o_len, o_job,
             put16(out, f + 2, d | (1 if more else 0))
             put16(out, f + 4, (ident >> 16) & 0xFFFF)
             put16(out, f + 6, ident & 0xFFFF)
-            for b in range(dl):
-                out[f + 8 + b] = src[l3 + ul + d + b]
+            _copy(out, f + 8, src, l3 + ul + d, dl)
             put16(out, h + 4, ul - 40 + 8 + dl)
             o_off[k] = p
             o_len[k] = l2 + ul + 8 + dl
@@ -706,9 +708,10 @@ def track_defragged(ct, batch, d, meta, addr, hashes, ts, verdict, tid, v_queued
     fragments get ``v_queued``, dropped ones ``v_drop`` (both parsed, never tracked), and
     each completed datagram is parsed and tracked in its last fragment's place, in
     order with the frames around it (it is NATed in ``d``'s reassembled batch; meta,
-    addr, verdict and tid row i then describe it). Returns the generated ICMP batches."""
+    addr, verdict and tid row i then describe it). One tracking run: the frames to track
+    are copied side by side with the datagrams, tracked, and copied back (NAT and the
+    router's trim change them). Returns the generated ICMP batches."""
     kind, done, rb, info = d
-    n = len(batch)
     other = np.flatnonzero((kind == K_HELD) | (kind == K_DROP))
     if other.shape[0]:
         m, a = wire.new_meta(other.shape[0])
@@ -718,24 +721,30 @@ def track_defragged(ct, batch, d, meta, addr, hashes, ts, verdict, tid, v_queued
         verdict[other] = np.where(kind[other] == K_HELD, v_queued, v_drop)
         tid[other] = -1
         ct.stats_arr[ST_DROP] += int((kind == K_DROP).sum())    # (its reason: frag_*)
-    gens = []
-    passing = kind == K_PASS
-    s = 0
-    for j, i in enumerate(list(done) + [n]):
-        idx = np.flatnonzero(passing[s:i]) + s
-        if idx.shape[0]:
-            sub = PacketBatch(batch.buf, batch.off[idx], batch.length[idx], batch.ifindex[idx],
-                              batch.ts[idx])
-            gens.append(_track(ct, sub, idx, meta, addr, hashes, ts, verdict, tid, v_drop))
-            batch.length[idx] = sub.length      # router mode trims trailers
-        if i < n:
-            one = PacketBatch(rb.buf, rb.off[j:j + 1], rb.length[j:j + 1],
-                              rb.ifindex[j:j + 1], rb.ts[j:j + 1])
-            gens.append(_track(ct, one, np.array([i]), meta, addr, hashes, ts, verdict, tid,
-                               v_drop))
-            rb.length[j] = one.length[0]
-        s = i + 1
-    return [g for g in gens if g is not None]
+    track = np.flatnonzero((kind == K_PASS) | (kind == K_DONE))
+    if not track.shape[0]:
+        return []
+    is_done = kind[track] == K_DONE
+    passing = track[~is_done]
+    both = concat([take(PacketBatch(batch.buf, batch.off, batch.length, batch.ifindex,
+                                    batch.ts), passing), rb])
+    na = passing.shape[0]
+    pos = np.where(is_done, na + np.cumsum(is_done) - 1, np.cumsum(~is_done) - 1)
+    wb = PacketBatch(both.buf, both.off[pos], both.length[pos], both.ifindex[pos],
+                     both.ts[pos])
+    gen = _track(ct, wb, track, meta, addr, hashes, ts, verdict, tid, v_drop)
+    # the tracked frames back where the caller looks for them
+    put_frames(wb.buf, wb.off[~is_done], wb.length[~is_done], batch.buf, batch.off[passing])
+    batch.length[passing] = wb.length[~is_done]
+    rb.buf, rb.off, rb.length = wb.buf, wb.off[is_done], wb.length[is_done]
+    return [] if gen is None else [gen]
+
+
+@kernel
+def put_frames(src, s_off, length, dst, d_off):
+    """Copy frame k of ``src`` (s_off[k], length[k]) to dst[d_off[k]:]."""
+    for k in range(s_off.shape[0]):
+        _copy(dst, d_off[k], src, s_off[k], length[k])
 
 
 def _track(ct, sub, idx, meta, addr, hashes, ts, verdict, tid, v_drop):
@@ -824,14 +833,12 @@ class Output:
         parts, src_idx = [], []
         for b, rows, frames, mtu, info in jobs:
             if mtu is None:                       # whole frames (copies)
-                from .batch import take
                 parts.append(take(PacketBatch(b.buf, b.off, b.length, b.ifindex, b.ts), rows))
                 src_idx.append(frames)
                 continue
             fb, job = cut_frames(b, rows, meta[frames], mtu, info, self.stats)
             parts.append(fb)
             src_idx.append(frames[job])
-        from .batch import concat
         return concat(parts), np.concatenate(src_idx)
 
 
