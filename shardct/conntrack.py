@@ -198,7 +198,7 @@ class ConnTrack:
             self.cfg[K.CF_NAT] = K.NAT_COMPILED if compiled_nat else K.NAT_PYTHON
         self.network = network
         self._defrag = F.Defrag(c, seed) if c.defrag else None
-        self._frag_out = F.Output(network, router)
+        self._frag_out = F.Output(network, router, seed)
         self._icmp = None
         if router and network is not None and c.icmp_errors and c.decrement_ttl:
             from .icmp import TimeExceeded

@@ -33,7 +33,8 @@ fragments (at most one per 8 bytes of datagram); ``expire`` walks the queue tabl
 
 Output (``fragment``): a reassembled datagram leaves as fragments of at most
 min(egress MTU, the largest fragment received) bytes (Linux's frag_max_size: the original
-boundaries whenever the sender cut at one size), with the original IP id; a forwarded
+boundaries whenever the sender cut at one size), IPv4 with the original IP id, IPv6 with
+a fresh fragment id (ip6_fragment; seen in the kernel differential test); a forwarded
 IPv4 packet without DF larger than its egress MTU is cut at the MTU. Each fragment but the
 last carries a multiple of 8 data bytes; IPv4 later fragments keep only the options with
 the copied flag (ip_options_fragment: the others become NOPs).
@@ -769,12 +770,15 @@ class Output:
     """Fragmentation on output for one engine: ``mtu`` per interface of its network (None:
     no network, so only reassembled datagrams are cut, at their largest fragment)."""
 
-    def __init__(self, network, router: bool):
+    def __init__(self, network, router: bool, seed: int = 0):
         self.network = network if router else None
         self.mtu = None if self.network is None else \
             np.array([i.mtu for i in network.interfaces], dtype=np.int64)
         self.min_mtu = 0 if self.mtu is None or not self.mtu.shape[0] else int(self.mtu.min())
         self.stats = np.zeros(len(STAT_NAMES), dtype=np.int64)
+        # IPv6 fragment ids of re-fragmented datagrams: fresh ones, as ip6_fragment takes
+        # (ipv6_select_ident), from a counter with a seeded start
+        self.ident6 = (seed * 0x9E3779B1 + 0x7F4A7C15) & 0xFFFFFFFF
 
     def egress_mtu(self, b, meta):
         """(egress MTU per frame of ``b`` (0: no route, or local delivery), routes)."""
@@ -811,7 +815,11 @@ class Output:
             if keep.shape[0]:
                 jobs.append((rb, keep, done[keep], None, None))
             if cut.shape[0]:
-                jobs.append((rb, cut, done[cut], mtu[cut], info[cut]))
+                ci = info[cut].copy()
+                v6 = np.flatnonzero(m[cut, wire.M_IPVER] == 6)
+                ci[v6, I_ID] = (self.ident6 + 1 + np.arange(v6.shape[0])) & 0xFFFFFFFF
+                self.ident6 = (self.ident6 + v6.shape[0]) & 0xFFFFFFFF
+                jobs.append((rb, cut, done[cut], mtu[cut], ci))
         if self.network is not None and self.min_mtu and meta.shape[0]:
             big = forward & (meta[:, wire.M_IPVER] == 4) & (meta[:, wire.M_L3LEN] > self.min_mtu)
             idx = np.flatnonzero(big)

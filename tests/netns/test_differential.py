@@ -304,3 +304,71 @@ def test_source_port_clash_remapped_in_class(can_run):
         first = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") / UDP(sport=40006, dport=53) / b"1"),) * 2
         second = lambda *_: (frame_from(k, CLIENT, IP(src="10.0.0.4", dst="192.168.0.2") / UDP(sport=40006, dport=53) / b"2"),) * 2
         run_flow(k, s, [(CLIENT, first), (CLIENT, second)], random_ports={1: {"sport": (1024, 65535)}})
+
+
+@pytest.mark.parametrize("order", ["in-order", "reversed"])
+def test_fragmented_udp_is_nated_whole(can_run, order):
+    """A 3000-byte UDP datagram sent as three fragments: both routers hold the fragments,
+    NAT the datagram whole and send it on cut where the client cut it (every fragment
+    from the router's address, the same IP id, the port in the first)."""
+    from scapy.layers.inet import defragment, fragment
+    k, s = worlds(MASQ4)
+    with k:
+        dgram = IP(src="10.0.0.2", dst="192.168.0.2", id=0x4321) / UDP(sport=40010, dport=53) \
+            / (bytes(range(256)) * 12)[:3000]
+        frags = [frame_from(k, CLIENT, f) for f in fragment(dgram, 1400)]
+        if order == "reversed":
+            frags = frags[::-1]
+        k.drain()
+        for f in frags:
+            k.send(CLIENT, f)
+        ko = k.recv_all(0.3)[SERVER]
+        s.t += 1_000_000
+        b = PacketBatch.from_frames(frags, ts=s.t, ifindex=IFX[CLIENT])
+        r = s.ct.process(b)
+        so = [] if r.fragments is None else r.fragments.frames()
+        assert not r.forward.any(), "no fragment leaves as it came"
+
+        def geometry(frames):
+            return [(l3(f).src, l3(f).dst, l3(f).ttl, l3(f).id, int(l3(f).flags), l3(f).frag,
+                     len(l3(f)), checksums_valid(f) if l3(f).frag else True) for f in frames]
+        assert geometry(ko) == geometry(so), f"\nkernel  {geometry(ko)}\nshardct {geometry(so)}"
+        kd, sd = defragment([l3(f) for f in ko])[0], defragment([l3(f) for f in so])[0]
+        kw = (kd[UDP].sport, kd[UDP].dport, bytes(kd[UDP].payload), kd[UDP].chksum)
+        sw = (sd[UDP].sport, sd[UDP].dport, bytes(sd[UDP].payload), sd[UDP].chksum)
+        assert kw == sw, f"datagrams differ: kernel {kw[:2]} {kw[3]:#x}, shardct {sw[:2]} {sw[3]:#x}"
+        assert len(ko) == 3 and kd.src == "192.168.0.1"
+
+
+def test_fragmented_ipv6_udp_is_nated_whole(can_run):
+    """The same for IPv6: reassembled (nf_conntrack_reasm), NATed, re-fragmented at the
+    largest fragment; the fragment id is a fresh one (ip6_fragment), the same on every
+    fragment of the datagram."""
+    from scapy.layers.inet6 import IPv6ExtHdrFragment, fragment6
+    k, s = worlds(MASQ6, family=6)
+    with k:
+        dgram = IPv6(src="b::2", dst="a::2") / IPv6ExtHdrFragment(id=0x5151) \
+            / UDP(sport=40011, dport=53) / (bytes(range(256)) * 12)[:3000]
+        frags = [frame_from(k, CLIENT, f) for f in fragment6(dgram, 1400)]
+        k.drain()
+        for f in frags:
+            k.send(CLIENT, f)
+        ko = k.recv_all(0.3)[SERVER]
+        s.t += 1_000_000
+        b = PacketBatch.from_frames(frags, ts=s.t, ifindex=IFX[CLIENT])
+        r = s.ct.process(b)
+        so = [] if r.fragments is None else r.fragments.frames()
+
+        def geometry(frames):
+            out = []
+            for f in frames:
+                p, h = l3(f), l3(f)[IPv6ExtHdrFragment]
+                out.append((p.src, p.dst, p.hlim, h.offset, h.m, h.nh, len(p)))
+            return out
+        assert geometry(ko) == geometry(so), f"\nkernel  {geometry(ko)}\nshardct {geometry(so)}"
+        ids = [{l3(f)[IPv6ExtHdrFragment].id for f in x} for x in (ko, so)]
+        assert [len(x) for x in ids] == [1, 1] and 0x5151 not in ids[0] | ids[1], \
+            f"fragment ids: kernel {ids[0]}, shardct {ids[1]} (the original was 0x5151)"
+        data = [b"".join(bytes(l3(f)[IPv6ExtHdrFragment].payload) for f in x) for x in (ko, so)]
+        assert data[0] == data[1], "the datagrams' bytes (UDP header and checksum included)"
+        assert len(ko) == 3
