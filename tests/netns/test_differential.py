@@ -306,6 +306,19 @@ def test_source_port_clash_remapped_in_class(can_run):
         run_flow(k, s, [(CLIENT, first), (CLIENT, second)], random_ports={1: {"sport": (1024, 65535)}})
 
 
+def fragments_through(k, s, frags):
+    """Send the client's fragments through both routers as one burst; returns (what the
+    kernel's server side got, shardct's fragments out, shardct's Result)."""
+    k.drain()
+    for f in frags:
+        k.send(CLIENT, f)
+    ko = k.recv_all(0.3)[SERVER]
+    s.t += 1_000_000
+    b = PacketBatch.from_frames(frags, ts=s.t, ifindex=IFX[CLIENT])
+    r = s.ct.process(b)
+    return ko, [] if r.fragments is None else r.fragments.frames(), r
+
+
 @pytest.mark.parametrize("order", ["in-order", "reversed"])
 def test_fragmented_udp_is_nated_whole(can_run, order):
     """A 3000-byte UDP datagram sent as three fragments: both routers hold the fragments,
@@ -319,14 +332,7 @@ def test_fragmented_udp_is_nated_whole(can_run, order):
         frags = [frame_from(k, CLIENT, f) for f in fragment(dgram, 1400)]
         if order == "reversed":
             frags = frags[::-1]
-        k.drain()
-        for f in frags:
-            k.send(CLIENT, f)
-        ko = k.recv_all(0.3)[SERVER]
-        s.t += 1_000_000
-        b = PacketBatch.from_frames(frags, ts=s.t, ifindex=IFX[CLIENT])
-        r = s.ct.process(b)
-        so = [] if r.fragments is None else r.fragments.frames()
+        ko, so, r = fragments_through(k, s, frags)
         assert not r.forward.any(), "no fragment leaves as it came"
 
         def geometry(frames):
@@ -350,14 +356,7 @@ def test_fragmented_ipv6_udp_is_nated_whole(can_run):
         dgram = IPv6(src="b::2", dst="a::2") / IPv6ExtHdrFragment(id=0x5151) \
             / UDP(sport=40011, dport=53) / (bytes(range(256)) * 12)[:3000]
         frags = [frame_from(k, CLIENT, f) for f in fragment6(dgram, 1400)]
-        k.drain()
-        for f in frags:
-            k.send(CLIENT, f)
-        ko = k.recv_all(0.3)[SERVER]
-        s.t += 1_000_000
-        b = PacketBatch.from_frames(frags, ts=s.t, ifindex=IFX[CLIENT])
-        r = s.ct.process(b)
-        so = [] if r.fragments is None else r.fragments.frames()
+        ko, so, r = fragments_through(k, s, frags)
 
         def geometry(frames):
             out = []
