@@ -26,7 +26,7 @@ import time
 #: modules whose kernels the commands compile (imported in this order)
 KERNEL_MODULES = ("shardct.cpu", "shardct.checksum", "shardct.hashing", "shardct.wire",
                   "shardct.batch", "shardct.traffic", "shardct.rewrite", "shardct.netconf", "shardct.icmp",
-                  "shardct.nat",
+                  "shardct.nat", "shardct.frag",
                   "shardct.track", "shardct.scatter", "shardct.shard", "workers.pcapio")
 
 #: kernels compiled by :func:`warm`'s stages, as recorded on a cold cache (the bar's total
@@ -45,6 +45,8 @@ WARM_KERNELS = (
     "shardct.shard.find_visible", "shardct.shard.link_reply_entry", "shardct.shard.answer_rows",
     "shardct.shard.commit_rows", "shardct.track.count_conns", "shardct.batch._gather",
     "shardct.scatter._plan", "shardct.scatter._copy", "shardct.nat.nat_decide",
+    "shardct.frag.defrag", "shardct.frag.expire", "shardct.frag.fragment",
+    "shardct.frag.put_frames",
 )
 
 NOTICE = "shardct: compiling the packet kernels (first run only, a few minutes)..."
@@ -137,6 +139,7 @@ def _stage_nat():
         r.forward_mask(ec.config.drop_invalid)
     ts = int(batches[-1].ts[-1])
     ct.process(_ttl1_batch(ts, ec.network.index("lan0")))     # the time-exceeded kernels
+    ct.process(_fragments_batch(ts, ec.network.index("lan0")))  # defrag and fragmentation
     ct.reap(ts, 0)
     ct.reap_all(ts)
     list(ct.conns(now=ts))
@@ -152,6 +155,27 @@ def _ttl1_batch(ts, ifindex):
     ip[10:12] = checksum(bytes(ip)).to_bytes(2, "big")
     frame = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + bytes(ip) + struct.pack("!HHHH", 1, 2, 8, 0)
     return PacketBatch.from_frames([frame], ts=ts, ifindex=ifindex)
+
+
+def _fragments_batch(ts, ifindex):
+    """A 3000-byte LAN UDP datagram as three fragments (cut by frag.cut_frames)."""
+    import struct
+    import numpy as np
+    from shardct import PacketBatch, wire
+    from shardct import frag as F
+    from shardct.checksum import checksum
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 3028, 7, 0, 64, 17, 0,
+                               bytes((10, 0, 0, 2)), bytes((192, 168, 0, 2))))
+    ip[10:12] = checksum(bytes(ip)).to_bytes(2, "big")
+    frame = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + bytes(ip) \
+        + struct.pack("!HHHH", 1, 2, 3008, 0) + b"w" * 3000
+    whole = PacketBatch.from_frames([frame], ts=ts, ifindex=ifindex)
+    meta, addr = wire.new_meta(1)
+    wire.parse_batch(whole.buf, whole.off, whole.length, meta, addr, False)
+    frags, _ = F.cut_frames(whole, np.array([0]), meta, [1400],
+                            np.zeros((1, F.N_INFO), dtype=np.int64),
+                            np.zeros(len(F.STAT_NAMES), dtype=np.int64))
+    return frags
 
 
 def _stage_capture():
