@@ -133,3 +133,22 @@ def test_cli_replay_through_the_pool_writes_the_same_capture(tmp_path):
     one_b, two_b = one.read_bytes(), two.read_bytes()
     assert one_b == two_b, \
         f"--workers 2 capture got {len(two_b)} B, want --workers 1's {len(one_b)} B, byte for byte"
+
+
+def test_cli_replay_writes_a_fragmented_datagram_nated_whole(tmp_path):
+    """`shardct replay` (one process, the demo's MASQUERADE) holds the fragments of a UDP
+    datagram, NATs it whole and writes it cut where the client cut it, out of wan0."""
+    from scapy.layers.inet import fragment
+    dgram = IP(src="10.0.0.2", dst="192.168.0.2", id=0x77) / UDP(sport=4444, dport=53) \
+        / (b"f" * 3000)
+    frs = fragment(dgram, 1400)
+    wrpcap(str(tmp_path / "frags.pcap"), [E / f for f in frs[::-1]])
+    out = tmp_path / "out.pcapng"
+    r = run("replay", str(tmp_path / "frags.pcap"), "-c", "configs/demo.toml", "-i", "lan0",
+            "--router", "-w", str(out), "--list", "0", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert "queued=2" in r.stdout and "accept=1" in r.stdout, r.stdout
+    pk = list(PcapNgReader(str(out)))
+    got = [(p[IP].src, p[IP].id, p[IP].frag, len(p[IP]), p.sniffed_on) for p in pk]
+    want = [("192.168.0.1", 0x77, f.frag, len(f), "wan0") for f in frs]
+    assert got == want, f"got {got}, want {want}"
