@@ -462,8 +462,12 @@ def test_engine_never_raises_on_any_bytes(data):
     res = r.ct.process(b)
     got = set(res.verdict.tolist())
     assert got <= {K.V_ACCEPT, K.V_RELATED, K.V_UNTRACKED, K.V_INVALID,
-                   K.V_DROP, K.V_NOTIP}, f"verdicts got {sorted(got)}, want only known verdicts"
-    assert list(b.length) == [len(f) for f in frames], "frames never change length"
+                   K.V_DROP, K.V_NOTIP, K.V_QUEUED}, \
+        f"verdicts got {sorted(got)}, want only known verdicts"
+    # router mode trims bytes past the IP datagram (an IPv6 payload length cut to 0 leaves
+    # 40 bytes), so a frame may shrink, never grow
+    grew = [(int(n), len(f)) for n, f in zip(b.length, frames) if n > len(f)]
+    assert grew == [], f"frames grew: (length, was) {grew}"
 
 
 @pytest.mark.parametrize("n_workers", [2, 4])
