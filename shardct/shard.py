@@ -100,7 +100,7 @@ from .config import Config
 from .conntrack import REAP_FRACTION, REAP_MAX_INTERVAL, ConnTrack
 from .errors import InvariantViolation
 from .hashing import addr_words, hash_batch, hash_key, owner_of_bucket, owner_slices, owners
-from .scatter import scatter
+from .scatter import frames_in_order, group, part_of
 from .table import (ConnTable, EXPIRES, HCONN, HOME, IPVER, PROTO, S_CONFIRMED, S_DYING, S_INVIS,
                     S_LINK0, S_LINK1, S_NEW_PENDING, S_PENDING, S_REMOTE, S_SRC_NAT, S_USED, S_XSHARD, T_COUNT,
                     T_DYING, T_FREE, T_SEED)
@@ -1378,21 +1378,47 @@ class Dispatcher:
                                 self.max_round, self._gen, *self._tabs, dep, anyone, starts,
                                 self.config.tcp_loose)
         own = owners(hashes, self.n, self.config.n_buckets)
-        seq = np.arange(self.seq, self.seq + m, dtype=np.int64)
-        have = dep >= 0
-        who = np.where(anyone, DEP_ANY, own[np.where(have, dep, 0)])
-        dep = np.where(have, ((dep + self.seq) << DEP_SHIFT) | who
-                       | np.where(starts, DEP_STARTS, 0), -1)
-        given = np.where(dep >= 0, K.G_FRESH_DEFER, K.G_FRESH)
+        seq0 = self.seq
         self.seq += m
+        order = np.empty(m, dtype=np.int64)
+        bounds = np.empty(self.n + 1, dtype=np.int64)
+        rows = np.empty((4, m), dtype=np.int64)      # hashes, seq, given, dep in shard order
         for s in range(0, m, self.max_round):
             e = min(m, s + self.max_round)
-            part = PacketBatch(batch.buf, batch.off[s:e], batch.length[s:e], batch.ifindex[s:e],
-                               batch.ts[s:e], batch.shared)
-            parts = [Packets(pb, ph, seq[s + idx], given[s + idx], dep[s + idx])
-                     for pb, ph, idx in scatter(part, hashes[s:e], self.n, self.config.n_buckets)]
-            self.clock = max(self.clock, int(part.ts.max()))
-            yield parts, (int(seq[s]), int(seq[e - 1]) + 1)
+            o = order[s:e]
+            round_rows(own, dep, anyone, starts, hashes, s, e, seq0, self.n, o, bounds,
+                       rows[:, s:e])
+            whole = frames_in_order(batch, o)
+            parts = []
+            for k in range(self.n):
+                a, b = int(bounds[k]), int(bounds[k + 1])
+                parts.append(Packets(part_of(whole, a, b), *rows[:, s + a:s + b]))
+            self.clock = max(self.clock, int(batch.ts[s:e].max()))
+            yield parts, (seq0 + s, seq0 + e)
+
+
+@numba.njit(cache=True)
+def round_rows(own, dep, anyone, starts, hashes, s, e, seq0, n, order, bounds, rows):
+    """Round s..e of a dispatched batch, split by owning shard (``own``): order[j] is
+    the batch index of the round's j-th packet in shard order (shard k's are
+    j = bounds[k]..bounds[k+1], in input order), and rows[:, j] its hash, global sequence
+    number, given code (track.G_FRESH, or G_FRESH_DEFER when it may answer an earlier
+    packet) and dep word (``Packets.dep``: -1, or the sequence number of the packet
+    ``answer_deps`` found, its shard or DEP_ANY, and DEP_STARTS)."""
+    group(own[s:e], n, order, bounds)
+    for j in range(e - s):
+        i = s + order[j]
+        order[j] = i
+        d = dep[i]
+        rows[0, j] = hashes[i]
+        rows[1, j] = seq0 + i
+        if d >= 0:
+            who = DEP_ANY if anyone[i] else own[d]
+            rows[2, j] = K.G_FRESH_DEFER
+            rows[3, j] = ((d + seq0) << DEP_SHIFT) | who | (DEP_STARTS if starts[i] else 0)
+        else:
+            rows[2, j] = K.G_FRESH
+            rows[3, j] = -1
 
 
 def run_round(shards: list[Shard], parts: list[Packets]) -> int:
