@@ -40,14 +40,11 @@ table inet sct13t_mute {{
     chain output {{ type filter hook output priority -400; oifname != "{TAP}" drop; }}
 }}
 """
-INTERFACES = """\
-[interfaces.rtr-in]
-address = ["10.0.0.3/24"]
-mac = "02:00:00:00:00:03"
-
-[interfaces.rtr-out]
-address = ["192.168.0.1/24"]
-mac = "02:00:00:00:01:01"
+# run_router's engine (its interfaces, INVALID dropped) with these rules, the TAP and the
+# next hops' MACs
+ENGINE_TOML = RR.ENGINE_TOML.replace('rules = "masq.rules"', 'rules = "local.rules"') + f"""
+[local]
+tap = "{TAP}"
 
 [neighbours]
 "10.0.0.2" = "02:00:00:00:00:02"
@@ -122,26 +119,21 @@ class LocalRouter(RR.RunRouter):
             with open(os.path.join(self.tmp, "local.rules"), "w") as f:
                 f.write(self.rules)
             with open(os.path.join(self.tmp, "engine.toml"), "w") as f:
-                f.write(f'[conntrack]\nmax_conns = 65536\ndrop_invalid = true\n\n'
-                        f'[nat]\nrules = "local.rules"\n\n[local]\ntap = "{TAP}"\n\n'
-                        + INTERFACES)
+                f.write(ENGINE_TOML)
         except BaseException:
             self.close()
             raise
         return self
 
+    def start(self, ns, argv, **kw) -> LR.Proc:
+        """A process in ``ns`` that can import shardct and reach the run's control socket."""
+        kw.setdefault("env", self.env)
+        return super().start(ns, argv, **kw)
+
     def run(self, duration: float, *extra: str) -> LR.Proc:
-        """`shardct run` in the router namespace (returns once it routes)."""
-        p = self.start(self.kr.ns_router,
-                       [sys.executable, "-m", "workers.cli", "run",
-                        "-c", os.path.join(self.tmp, "engine.toml"), "--no-kernel-neighbours",
-                        "--duration", str(duration), "--list", "-1", *extra],
-                       cwd=ROOT, env=self.env)
-        if not p.wait_line("ready, routing", 600):     # a cold numba cache compiles
-            p.end()
-            raise KR.KernelRouterError("shardct run did not get ready:\n"
-                                       + "".join(p.err)[-2000:])
-        return p
+        """`shardct run` in the router namespace (returns once it routes); next hops from
+        the config only."""
+        return super().run(duration, "--no-kernel-neighbours", *extra)
 
     def http_server80(self, lifetime_s: int) -> LR.Proc:
         """run_router's http.server in the server namespace on port 80 (the LAN web
@@ -164,7 +156,7 @@ class LocalRouter(RR.RunRouter):
         """A Python process in the router namespace that can import shardct and reach
         the run's control socket."""
         return self.start(self.kr.ns_router, ["timeout", "90", sys.executable, "-c", code],
-                          cwd=ROOT, env=self.env)
+                          cwd=ROOT)
 
     def ctl(self, *args: str, timeout: float = 30.0) -> tuple[int, str, str]:
         """`shardct conntrack ARGS` against this run: (exit status, stdout, stderr)."""
