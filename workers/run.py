@@ -28,7 +28,11 @@ The host must not route or answer for these interfaces itself: turn its forwardi
 (``net.ipv4.ip_forward=0``) and keep its stack off the router's addresses (no addresses
 on the interfaces, or an nftables input/output drop), or it answers with RSTs and
 port-unreachables of its own. Its ARP may stay: neighbours may learn the router's MACs
-from it. The RX rings ignore the frames shardct transmits (PACKET_IGNORE_OUTGOING).
+from it. The RX rings ignore the frames shardct transmits (PACKET_IGNORE_OUTGOING). With
+a ``[local] tap`` the TAP holds the router's addresses: the routed interfaces then need
+none, the nftables drop must spare the TAP and sit at prerouting (workers/tap.py), and
+the host still answers ARP on them for those addresses (Linux's default arp_ignore=0),
+with their MACs.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ device (/dev/net/tun, TUNSETIFF with IFF_TAP | IFF_NO_PI) in its network namespa
 configure the host's side with ``ip`` (iproute2; pyroute2 is not a dependency):
 
 * the link up, its MTU the smallest of the routed interfaces'; IPv6 off on it when the
-  config has no IPv6 address;
+  config has no IPv6 address, else no link-local address (no DAD or router
+  solicitations; the host's MLD reports from :: still come and are not routed);
 * every address of the config's interfaces, as /32 or /128 (no connected routes: the
   host's stack must not ARP or solicit on the TAP);
 * a gateway that is shardct itself: 169.254.0.1 (IPv4) and fe80::1 (IPv6), permanent
@@ -18,6 +19,11 @@ configure the host's side with ``ip`` (iproute2; pyroute2 is not a dependency):
   for every connected subnet and every ``[[routes]]`` destination of the config. A route
   the host already has for a prefix is left alone and reported: replies to it would not
   reach shardct (the routed interfaces should hold no addresses: the TAP holds them).
+
+The host's kernel must still not route or answer what arrives on the routed interfaces:
+with their addresses gone it would answer IPv6 it cannot route with no-route errors
+(routing comes before an input hook), so drop their frames at prerouting (nftables
+``iifname != "TAP" drop`` in a prerouting filter chain; AF_PACKET sees them first).
 
 The TAP goes away (with its addresses and routes) when shardct closes it.
 
@@ -126,6 +132,8 @@ class TapPort:
                     f.write("1")
             except OSError:
                 pass
+        else:           # no link-local address: no DAD or router solicitations from it
+            _ip("link", "set", n, "addrgenmode", "none")
         _ip("link", "set", n, "mtu", str(self.mtu), "up")
         for ifc in network.interfaces:
             for a in ifc.addresses:

@@ -6,7 +6,7 @@
 
 run_router.RunRouter's namespaces, with the router's addresses moved off the veths (the
 TAP that shardct creates holds them, as workers/tap.py asks) and the router's kernel
-muted on every interface but the TAP (nftables input/output drop), so only shardct
+muted on every interface but the TAP (nftables prerouting/output drop), so only shardct
 forwards and only what shardct delivers to the TAP reaches the host's stack. Kernel
 forwarding stays off. Next hop MACs come from the config's [neighbours] (removing the
 addresses flushed the kernel's neighbour entries on the veths).
@@ -34,9 +34,11 @@ import run_router as RR  # noqa: E402
 
 TAP = "sct-tap0"
 LISTEN_PORT = 3129          # the local listener REDIRECT sends to
+# prerouting, not input: the kernel would route (and answer no-route for) what it cannot
+# deliver before an input hook sees it; AF_PACKET gets the frames before either
 ROUTER_MUTE_BUT_TAP = f"""\
 table inet sct13t_mute {{
-    chain input {{ type filter hook input priority -400; iifname != "{TAP}" drop; }}
+    chain prerouting {{ type filter hook prerouting priority -400; iifname != "{TAP}" drop; }}
     chain output {{ type filter hook output priority -400; oifname != "{TAP}" drop; }}
 }}
 """
@@ -49,7 +51,14 @@ tap = "{TAP}"
 [neighbours]
 "10.0.0.2" = "02:00:00:00:00:02"
 "192.168.0.2" = "02:00:00:00:01:02"
+"b::2" = "02:00:00:00:00:02"
+"a::2" = "02:00:00:00:01:02"
 """
+# the same with IPv6 too: the router's b::1 and a::1, ip6tables rules in local6.rules
+ENGINE6_TOML = ENGINE_TOML.replace('rules = "local.rules"',
+                                   'rules = "local.rules"\nrules6 = "local6.rules"') \
+    .replace('"10.0.0.3/24"', '"10.0.0.3/24", "b::1/64"') \
+    .replace('"192.168.0.1/24"', '"192.168.0.1/24", "a::1/64"')
 # configs/port-forward.rules on this topology: WAN = the client side (rtr-in)
 PORT_FORWARD_MAP = (("wan0", "rtr-in"), ("lan0", "rtr-out"), ("203.0.113.2", "10.0.0.3"),
                     ("192.0.2.10:80", "192.168.0.2:80"), ("192.0.2.0/24", "192.168.0.0/24"))
@@ -63,14 +72,15 @@ REDIRECT_RULES = f"""\
 -A POSTROUTING -s 10.0.0.0/24 -o rtr-out -j MASQUERADE
 COMMIT
 """
+REDIRECT6_RULES = REDIRECT_RULES.replace("10.0.0.0/24", "b::/64")
 
 # A transparent-proxy stand-in in the router's namespace: accepts one connection on the
 # TAP's addresses, asks shardct for its original destination (the library call of
-# workers/control.py), answers it in an HTTP reply and prints it.
+# workers/control.py), answers it in an HTTP reply and prints it. IPv4; IPV6_LISTENER: IPv6.
 LISTENER = f"""\
 import socket, sys
 from workers.control import original_dst
-s = socket.socket()
+s = socket.socket(socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", {LISTEN_PORT}))
 s.listen(4)
@@ -88,6 +98,7 @@ body = said.encode() + b"\\n"
 c.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
 c.close()
 """
+IPV6_LISTENER = LISTENER.replace("socket.AF_INET)", "socket.AF_INET6)").replace('"0.0.0.0"', '"::"')
 
 
 def port_forward_rules() -> str:
@@ -101,12 +112,13 @@ def port_forward_rules() -> str:
 
 class LocalRouter(RR.RunRouter):
     """The namespaces, shardct's config with ``[local] tap`` and ``rules`` (iptables-save
-    text); a context manager (everything ends on exit)."""
+    text; with ``rules6``, ip6tables-save text, the router has its IPv6 addresses too); a
+    context manager (everything ends on exit)."""
 
-    def __init__(self, rules: str):
+    def __init__(self, rules: str, rules6: str | None = None):
         super().__init__()
         self.kr.nft_rules = ROUTER_MUTE_BUT_TAP
-        self.rules = rules
+        self.rules, self.rules6 = rules, rules6
         self.run_dir = os.path.join(self.tmp, "run")
         self.env = {**os.environ, "SHARDCT_RUN_DIR": self.run_dir, "PYTHONPATH": ROOT}
 
@@ -118,8 +130,11 @@ class LocalRouter(RR.RunRouter):
                 self.kr.router_exec(["ip", "addr", "flush", "dev", dev])
             with open(os.path.join(self.tmp, "local.rules"), "w") as f:
                 f.write(self.rules)
+            if self.rules6 is not None:
+                with open(os.path.join(self.tmp, "local6.rules"), "w") as f:
+                    f.write(self.rules6)
             with open(os.path.join(self.tmp, "engine.toml"), "w") as f:
-                f.write(ENGINE_TOML)
+                f.write(ENGINE_TOML if self.rules6 is None else ENGINE6_TOML)
         except BaseException:
             self.close()
             raise

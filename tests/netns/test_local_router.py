@@ -11,7 +11,7 @@ forwarding off in its namespace) and its TAP holds the router's addresses.
   `shardct conntrack --original-dst` return the address and port the client asked for;
 * iperf3 TCP for 5 s through MASQUERADE (run_router's namespaces, no TAP needed).
 
-With 1 worker and with the pool of 2 (iperf3: 1 worker). Builds namespaces
+With 1 worker and with the pool of 2 (iperf3: 1 worker); the REDIRECT over IPv6 too. Builds namespaces
 (local_router.py, run_router.py); skips with the reason without root, ip, nft, conntrack,
 ethtool, curl, /dev/net/tun or (iperf3 only) iperf3.
 """
@@ -91,22 +91,28 @@ def test_port_forward_from_the_wan_reaches_the_lan_server(workers):
     assert "no_neighbour=0" in line and "tx_full=0" in line, line
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_redirect_to_a_local_listener_answers_and_gives_the_original_dst(workers):
+@pytest.mark.parametrize("workers, family", [(1, 4), (2, 4), (1, 6)])
+def test_redirect_to_a_local_listener_answers_and_gives_the_original_dst(workers, family):
     _skip_unless_ready()
-    wan = "198.51.100.7"        # nobody has it: only the REDIRECT can answer
-    with L.LocalRouter(L.REDIRECT_RULES) as lr:
+    # nobody has the WAN address: only the REDIRECT can answer
+    if family == 4:
+        wan, client, router, url = "198.51.100.7", "10.0.0.2", "10.0.0.3", "http://198.51.100.7/"
+        rules, listen = (L.REDIRECT_RULES, None), L.LISTENER
+    else:
+        wan, client, router, url = "2001:db8:1::7", "b::2", "b::1", "http://[2001:db8:1::7]/"
+        rules, listen = (L.REDIRECT_RULES, L.REDIRECT6_RULES), L.IPV6_LISTENER
+    with L.LocalRouter(*rules) as lr:
         run = lr.run(DURATION, "--workers", str(workers))
-        listener = lr.router_python(L.LISTENER)
+        listener = lr.router_python(listen)
         assert listener.wait_line("listening", 30), f"listener: {''.join(listener.err)}"
-        curl, body = lr.curl(f"http://{wan}/", 20)
+        curl, body = lr.curl(url, 20)
         listener.wait(20)
         said = listener.out.strip().split()
         peer, sport = (said[-4], said[-3]) if len(said) >= 4 else ("", "")
-        cli = lr.ctl("--original-dst", "-s", peer or "0.0.0.0", "--sport", sport or "0",
-                     "-d", lr.kr.router_client_ip4, "--dport", str(L.LISTEN_PORT))
-        miss = lr.ctl("--original-dst", "-s", lr.kr.client_ip4, "--sport", "1",
-                      "-d", lr.kr.router_client_ip4, "--dport", str(L.LISTEN_PORT))
+        cli = lr.ctl("--original-dst", "-s", peer or client, "--sport", sport or "0",
+                     "-d", router, "--dport", str(L.LISTEN_PORT))
+        miss = lr.ctl("--original-dst", "-s", client, "--sport", "1",
+                      "-d", router, "--dport", str(L.LISTEN_PORT))
         run.interrupt()
         rc = run.wait(60)
         err = "".join(run.err)[-3000:]
@@ -114,7 +120,7 @@ def test_redirect_to_a_local_listener_answers_and_gives_the_original_dst(workers
     print(f"curl: {curl} {body!r}; shardct: {_summary(run) or err}")
     assert rc == 0, f"got shardct run exit {rc}, want 0:\n{err}"
     assert curl.startswith("200 "), f"got curl {curl!r}, want the local listener's 200"
-    want = f"local listener: {lr.kr.client_ip4}:{sport} asked for {wan}:80"
+    want = f"local listener: {client}:{sport} asked for {wan}:80"
     assert body.strip() == want, f"got body {body!r}, want {want!r}"
     assert cli[0] == 0 and cli[1].strip() == f"{wan} 80", \
         f"got shardct conntrack --original-dst {cli}, want '{wan} 80'"
