@@ -14,7 +14,12 @@ Per batch: ``ConnTrack.process`` (NAT rewrite, TTL, drop_invalid), ``Network.rou
 MAC := the next hop's from ``Neighbours`` (the config's ``[neighbours]``, then the
 kernel's neighbour table; a next hop with neither is dropped and counted in
 ``no_neighbour``: shardct does not ARP). The engine's ICMP errors leave by their ingress
-interface. Frames for the router's own addresses are not forwarded (``local``).
+interface. Frames for the router's own addresses (after DNAT/REDIRECT) go to the host's
+stack through the config's ``[local] tap`` (workers/tap.py; counted in ``delivered``), and
+what the host sends on the TAP goes through the engine as locally generated packets
+(ingress -1: OUTPUT and POSTROUTING, no TTL decrement); without a TAP they are dropped
+(``local``). The control socket (``shardct conntrack``, workers/control.py) serves the
+table, the counters, events and the original-destination query.
 ``--workers 1`` runs the engine in this process; more run the worker pool
 (workers/pool.py), which gives the frames back rewritten in input order and sends no ICMP
 errors yet (a TTL expiry is then a silent drop).
@@ -23,7 +28,11 @@ The host must not route or answer for these interfaces itself: turn its forwardi
 (``net.ipv4.ip_forward=0``) and keep its stack off the router's addresses (no addresses
 on the interfaces, or an nftables input/output drop), or it answers with RSTs and
 port-unreachables of its own. Its ARP may stay: neighbours may learn the router's MACs
-from it. The RX rings ignore the frames shardct transmits (PACKET_IGNORE_OUTGOING).
+from it. The RX rings ignore the frames shardct transmits (PACKET_IGNORE_OUTGOING). With
+a ``[local] tap`` the TAP holds the router's addresses: the routed interfaces then need
+none, the nftables drop must spare the TAP and sit at prerouting (workers/tap.py), and
+the host still answers ARP on them for those addresses (Linux's default arp_ignore=0),
+with their MACs.
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ import numpy as np
 from shardct import track as K
 
 from . import argtypes as A
+from .tap import open_local
 
 RX_RETIRE_MS = 1        # a V3 block reaches us when full or after this: the added latency
 REFRESH_S = 1.0         # the kernel's neighbour table is read again at most this often
@@ -123,13 +133,15 @@ class Forwarder:
     ``tx[k]``: the TxRing of interface k of ``network``. ``__call__(batch, forward,
     generated)``: precondition: ``batch`` was just processed by the router-mode engine
     (NAT applied, ``forward`` its forward mask); rewrites the Ethernet header of the
-    frames it sends in ``batch.buf``. Counts ``forwarded``, ``icmp_sent`` and ``dropped``
-    by reason (REASONS)."""
+    frames it sends in ``batch.buf``. ``local(batch, mask)``: delivers the frames for the
+    router's own addresses and returns how many it took (workers/tap.py's
+    ``TapPort.deliver``); None drops them. Counts ``forwarded``, ``delivered``,
+    ``icmp_sent`` and ``dropped`` by reason (REASONS)."""
 
-    def __init__(self, network, tx: list, neighbours: Neighbours):
-        self.network, self.tx, self.neigh = network, tx, neighbours
+    def __init__(self, network, tx: list, neighbours: Neighbours, local=None):
+        self.network, self.tx, self.neigh, self.local = network, tx, neighbours, local
         self.macs = np.array([list(i.mac) for i in network.interfaces], dtype=np.uint8)
-        self.forwarded = self.icmp_sent = 0
+        self.forwarded = self.icmp_sent = self.delivered = 0
         self.dropped = Counter({r: 0 for r in REASONS})
         self._hdr = np.arange(12, dtype=np.int64)
 
@@ -139,7 +151,10 @@ class Forwarder:
         if n:
             r = self.network.route_batch(batch, meta)
             keep = forward & ~r.local
-            self.dropped["local"] += int((forward & r.local).sum())
+            mine = forward & r.local
+            took = self.local(batch, mine) if self.local is not None else 0
+            self.delivered += took
+            self.dropped["local"] += int(mine.sum()) - took
             routed = keep & (r.egress >= 0)
             self.dropped["no_route"] += int((keep & ~routed).sum())
             keep = self._readdress(batch, r, routed)
@@ -230,7 +245,7 @@ def _cmd_run(args) -> int:
     if args.workers == 1:
         _warm(cfg, rules, network, args.seed)
     neigh = Neighbours(ec.neighbours, None if args.no_kernel_neighbours else "ip")
-    rx, tx = [], []
+    rx, tx, tap = [], [], None
     state = {"stop": False}
     old = {s: signal.signal(s, lambda *_: state.update(stop=True))
            for s in (signal.SIGINT, signal.SIGTERM)}
@@ -242,18 +257,25 @@ def _cmd_run(args) -> int:
         except OSError as e:
             print(f"shardct run: {names[len(tx)]}: {e}", file=sys.stderr)
             return 2
-        fwd = Forwarder(network, tx, neigh)
+        try:
+            tap = open_local(ec.local, network, log)
+        except OSError as e:
+            print(f"shardct run: local tap {ec.local.get('tap')}: {e}", file=sys.stderr)
+            return 2
+        fwd = Forwarder(network, tx, neigh, None if tap is None else tap.deliver)
         # hold 0: inline, an answer is caused by a frame we forwarded, so it cannot be
         # read before its cause; per ring the kernel's order is kept
         merge = RingMerge(rx, hold_ms=0)
         stop = _stopper(args, state)
         if args.workers == 1:
-            out = _route_loop(cfg, rules, network, args.seed, fwd, merge, stop, log)
+            out = _route_loop(cfg, rules, network, args.seed, fwd, merge, stop, log, tap)
         else:
-            out = _route_pool(args, cfg, rules, network, fwd, merge, stop, log)
+            out = _route_pool(args, cfg, rules, network, fwd, merge, stop, log, tap)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if tap is not None:
+            tap.close()
         for r in rx:
             r.close()
         for t in tx:
@@ -266,7 +288,8 @@ def _cmd_run(args) -> int:
     print(f"routed {sum(verdicts.values())} packets on {','.join(names)} with {n} "
           f"worker{'s' if n > 1 else ''}: "
           + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items()))
-          + f"; forwarded={fwd.forwarded} icmp_sent={fwd.icmp_sent}; dropped: "
+          + f"; forwarded={fwd.forwarded} delivered={fwd.delivered} icmp_sent={fwd.icmp_sent}"
+          + "; dropped: "
           + " ".join(f"{k}={v}" for k, v in fwd.dropped.items())
           + f"; ring drops: {per_ring(r.drops for r in rx)}")
     _summary(args, stats, conns, last_ts)
@@ -289,13 +312,22 @@ def _count(verdicts, v):
         verdicts[K.VERDICT_NAMES[int(x)]] += int(c)
 
 
-def _route_loop(cfg, rules, network, seed, fwd, merge, stop, log):
-    """The engine in this process: read, process, route and send until stop(); returns
+def engine_control(ct):
+    """The control socket of one engine in this process (workers/control.py)."""
+    import zmq
+    from .control import ControlServer, EngineView
+    return ControlServer(EngineView(ct), zmq.Context.instance(), "run")
+
+
+def _route_loop(cfg, rules, network, seed, fwd, merge, stop, log, tap=None):
+    """The engine in this process: read (the rings, then the local TAP if any), process,
+    route and send until stop(), serving the control socket between batches; returns
     (verdict counts, last time, stats, conns, 1)."""
     from shardct import ConnTrack
     ct = ConnTrack(cfg, seed=seed, rules=rules, network=network, router=True,
                    rng=np.random.default_rng(seed))
     verdicts = Counter()
+    control = engine_control(ct)
     log(f"ready, routing {' '.join(r.ifname for r in merge.rings)}")
     next_stats = time.monotonic() + STATS_S
     next_reap, reap_start, last_ts = None, 0, 0
@@ -308,35 +340,48 @@ def _route_loop(cfg, rules, network, seed, fwd, merge, stop, log):
         _count(verdicts, res.verdict)
         fwd(batch, res.forward, res.generated, res.meta)
         last_ts = max(last_ts, int(batch.ts.max()))
-        ct.clear_events()           # nothing reads them here
+        if control.pool.want_events:
+            ev = ct.event_rows()
+            if len(ev[0]):
+                control.publish_events([ev])
+        else:
+            ct.clear_events()       # nobody watches them
 
-    while not stop():
-        handle(merge.poll(0.002))
-        now = time.time_ns()        # the kernel's stamps are CLOCK_REALTIME too
-        if next_reap is None:
-            next_reap = now
-        while now >= next_reap:
-            reap_start, interval = ct.reap(next_reap, reap_start)
-            next_reap += interval
-        if time.monotonic() >= next_stats:
-            next_stats = time.monotonic() + STATS_S
-            if merge.poll_stats():
-                log("ring drops so far: " + " ".join(f"{r.ifname}={r.drops}" for r in merge.rings))
-    handle(merge.flush(settle=False))
+    try:
+        while not stop():
+            handle(merge.poll(0.002))
+            if tap is not None:
+                handle(tap.read(time.time_ns()))
+            control.poll()
+            now = time.time_ns()        # the kernel's stamps are CLOCK_REALTIME too
+            if next_reap is None:
+                next_reap = now
+            while now >= next_reap:
+                reap_start, interval = ct.reap(next_reap, reap_start)
+                next_reap += interval
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + STATS_S
+                if merge.poll_stats():
+                    log("ring drops so far: "
+                        + " ".join(f"{r.ifname}={r.drops}" for r in merge.rings))
+        handle(merge.flush(settle=False))
+    finally:
+        control.close()
     last_ts = max(last_ts, time.time_ns())
     return verdicts, last_ts, ct.stats(), list(ct.conns(now=last_ts)), 1
 
 
-def _route_pool(args, cfg, rules, network, fwd, merge, stop, log):
+def _route_pool(args, cfg, rules, network, fwd, merge, stop, log, tap=None):
     """The engine as a worker pool (workers/pool.py): frames come back rewritten in input
-    order and are routed and sent in emit. The pool generates no ICMP errors (a TTL
-    expiry is a silent drop). Returns as _route_loop."""
+    order and are routed and sent in emit; what the local TAP (if any) read is fed after
+    each batch of the rings. The pool serves the control socket. It generates no ICMP
+    errors (a TTL expiry is a silent drop). Returns as _route_loop."""
     from shardct.batch import compact
     from shardct.conntrack import forward_mask
     from .afpacket import ring_batches
     from .pool import Pool
     pool = Pool(args.workers, cfg, seed=args.seed, rules=rules, network=network, router=True,
-                frames=True, log=lambda m: print(m, file=sys.stderr))
+                frames=True, log=lambda m: print(m, file=sys.stderr), control="run")
     verdicts = Counter()
     last = [0]
 
@@ -352,7 +397,8 @@ def _route_pool(args, cfg, rules, network, fwd, merge, stop, log):
     try:
         pool.wait_ready(600.0)      # a cold numba cache compiles for minutes
         log(f"ready, routing {' '.join(r.ifname for r in merge.rings)} with {pool.n} workers")
-        totals = pool.feed(ring_batches(merge.rings, stop, merge=merge, log=log), emit=emit,
+        source = ring_batches(merge.rings, stop, merge=merge, log=log)
+        totals = pool.feed(source if tap is None else _with_tap(source, tap), emit=emit,
                            timeout_s=(args.duration + 120) if args.duration > 0 else 10**9,
                            final=True)
     finally:
@@ -361,3 +407,12 @@ def _route_pool(args, cfg, rules, network, fwd, merge, stop, log):
         f"restarts={sum(pool.sup.restarts)}")
     last_ts = max(last[0], time.time_ns())
     return verdicts, last_ts, pool.stats(), pool.conns(now=last_ts), pool.n
+
+
+def _with_tap(source, tap):
+    """The batches of ``source``, each followed by what the local TAP read meanwhile."""
+    for b in source:
+        yield b
+        t = tap.read(time.time_ns())
+        if len(t):
+            yield t
