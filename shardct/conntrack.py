@@ -98,9 +98,12 @@ class Event:
 class Result:
     """Per-frame outcome of ``process``: ``verdict[i]`` (track.V_*), ``tuple_id[i]``
     (2*conn + direction, -1 when no conn) and ``forward[i]``: whether frame i leaves,
-    with the engine's ``Config.drop_invalid`` applied (``forward_mask``). ``generated``:
-    frames the engine originates for this batch (router mode: ICMP time-exceeded, see
-    icmp.py), each with the interface to leave by in ``ifindex``; None when none."""
+    with the engine's ``Config.drop_invalid`` applied (``forward_mask``), and in router
+    mode without frames over their egress MTU (dropped: verdict V_DROP) or UDP for the
+    router's own addresses without ``Config.local_delivery`` (answered here: kept home).
+    ``generated``: frames the engine originates for this batch (router mode: ICMP
+    time-exceeded, frag-needed / packet-too-big, port unreachable, see icmp.py), each
+    with the interface to leave by in ``ifindex``; None when none."""
     verdict: np.ndarray
     tuple_id: np.ndarray
     meta: np.ndarray
@@ -141,7 +144,11 @@ class ConnTrack:
         a router receiving the frames: drop broken IP headers, trim bytes past the IP
         datagram (``batch.length`` shrinks), and, with ``config.decrement_ttl``, take
         the hop (TTL / hop limit; TTL <= 1 is dropped) of forwarded packets only: a
-        frame with no ingress interface (``ifindex`` -1) is locally generated.
+        frame with no ingress interface (``ifindex`` -1) is locally generated. With a
+        network and ``config.icmp_errors`` a router also answers as Linux does (icmp.py):
+        time-exceeded, frag-needed / packet-too-big over the egress interface's MTU, and,
+        unless ``config.local_delivery`` says a host stack answers for the router's own
+        addresses, port unreachable for UDP sent to them.
         With rules or a network, every new conn goes through the NAT decision (null
         bindings included), as Linux does once the nat table exists: in the tracking
         kernel (nat.nat_decide), or with ``compiled_nat=False`` always in Python
@@ -188,9 +195,9 @@ class ConnTrack:
             self.cfg[K.CF_NAT] = K.NAT_COMPILED if compiled_nat else K.NAT_PYTHON
         self.network = network
         self._icmp = None
-        if router and network is not None and c.icmp_errors and c.decrement_ttl:
-            from .icmp import TimeExceeded
-            self._icmp = TimeExceeded(network, c.icmp_ratelimit, seed)
+        if router and network is not None and c.icmp_errors:
+            from .icmp import IcmpErrors
+            self._icmp = IcmpErrors(network, c, seed)
         # track_batch's table and engine arguments, gathered once (they are never replaced)
         self._track_args = (t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
                             t.tbl, self.stats_arr, self.cfg, self.tmo, self.ev, self.evaddr,
@@ -243,10 +250,10 @@ class ConnTrack:
         tid = np.empty(n, dtype=np.int64)
         self.parse_run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n],
                        self.config.checksum, parse_hash=True)
-        gen = None if self._icmp is None else self._icmp.generate(batch, meta, verdict, ts,
-                                                                   K.V_DROP)
-        return Result(verdict, tid, meta, addr, forward_mask(verdict, self.config.drop_invalid),
-                      gen)
+        fwd = forward_mask(verdict, self.config.drop_invalid)
+        gen = None if self._icmp is None else self._icmp.generate(
+            batch, meta, verdict, fwd, tid, ts, self.table, K.V_DROP, K.V_ACCEPT)
+        return Result(verdict, tid, meta, addr, fwd, gen)
 
     def parse_run(self, batch, meta, addr, hashes, ts, verdict, tid, given, validate: bool,
                   parse_hash: bool):
@@ -482,8 +489,7 @@ class ConnTrack:
         for k, name in enumerate(K.INVALID_NAMES):
             s[f"invalid.{name}"] = int(self.stats_arr[K.INV_BASE + k])
         if self._icmp is not None:
-            from .icmp import STAT_NAMES
-            s.update((name, int(v)) for name, v in zip(STAT_NAMES, self._icmp.stats))
+            s.update(self._icmp.counters())
         return s
 
     # ------------------------------------------------------------ expiry
