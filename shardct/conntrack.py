@@ -99,11 +99,11 @@ class Result:
     """Per-frame outcome of ``process``: ``verdict[i]`` (track.V_*), ``tuple_id[i]``
     (2*conn + direction, -1 when no conn) and ``forward[i]``: whether frame i leaves,
     with the engine's ``Config.drop_invalid`` applied (``forward_mask``), and in router
-    mode without frames over their egress MTU (dropped: verdict V_DROP) or UDP for the
-    router's own addresses without ``Config.local_delivery`` (answered here: kept home).
-    ``generated``: frames the engine originates for this batch (router mode: ICMP
-    time-exceeded, frag-needed / packet-too-big, port unreachable, see icmp.py), each
-    with the interface to leave by in ``ifindex``; None when none."""
+    mode without frames over their egress MTU (dropped: verdict V_DROP) or UDP and TCP
+    for the router's own addresses without ``Config.local_delivery`` (answered here:
+    kept home). ``generated``: frames the engine originates for this batch (router mode:
+    ICMP time-exceeded, frag-needed / packet-too-big, port unreachable; TCP RSTs; see
+    icmp.py), each with the interface to leave by in ``ifindex``; None when none."""
     verdict: np.ndarray
     tuple_id: np.ndarray
     meta: np.ndarray
@@ -148,7 +148,7 @@ class ConnTrack:
         network and ``config.icmp_errors`` a router also answers as Linux does (icmp.py):
         time-exceeded, frag-needed / packet-too-big over the egress interface's MTU, and,
         unless ``config.local_delivery`` says a host stack answers for the router's own
-        addresses, port unreachable for UDP sent to them.
+        addresses, port unreachable for UDP and a RST for TCP sent to them.
         With rules or a network, every new conn goes through the NAT decision (null
         bindings included), as Linux does once the nat table exists: in the tracking
         kernel (nat.nat_decide), or with ``compiled_nat=False`` always in Python
@@ -253,7 +253,22 @@ class ConnTrack:
         fwd = forward_mask(verdict, self.config.drop_invalid)
         gen = None if self._icmp is None else self._icmp.generate(
             batch, meta, verdict, fwd, tid, ts, self.table, K.V_DROP, K.V_ACCEPT)
+        if gen is not None and self._icmp.resets is not None:
+            self._track_local(gen, self._icmp.resets)
         return Result(verdict, tid, meta, addr, fwd, gen)
+
+    def _track_local(self, gen: PacketBatch, rows: np.ndarray):
+        """Track frames ``rows`` of ``gen`` as locally generated (no ingress interface:
+        no hop taken), as conntrack sees the router's own RSTs on OUTPUT: their conn's
+        state moves, NAT rewrites them in ``gen.buf``. Their verdicts are not kept (the
+        router sends them whatever conntrack says, as Linux without a filter does)."""
+        n = len(rows)
+        part = PacketBatch(gen.buf, gen.off[rows], gen.length[rows],
+                           np.full(n, -1, dtype=np.int16), gen.ts[rows])
+        meta, addr = wire.new_meta(n)
+        self.parse_run(part, meta, addr, np.empty(n, dtype=np.int64), part.ts,
+                       np.empty(n, dtype=np.uint8), np.empty(n, dtype=np.int64),
+                       np.full(n, K.G_FRESH, dtype=np.int64), self.config.checksum, parse_hash=True)
 
     def parse_run(self, batch, meta, addr, hashes, ts, verdict, tid, given, validate: bool,
                   parse_hash: bool):

@@ -1,9 +1,10 @@
-# ICMP errors the router originates, as Linux sends them: time-exceeded for a forwarded
+# Errors the router originates, as Linux sends them: ICMP time-exceeded for a forwarded
 # packet that arrived with TTL / hop limit <= 1 (ip_forward / ip6_forward), frag-needed /
-# packet-too-big for one over the egress MTU (ip_exceeds_mtu / ip6_pkt_too_big), port
-# unreachable for UDP to the router's own address with no local delivery (udp_rcv with no
-# socket); built by numba kernels, rate-limited per destination host (icmp_ratelimit).
-"""Generated ICMP errors (one module owns them).
+# packet-too-big for one over the egress MTU (ip_exceeds_mtu / ip6_pkt_too_big), and, with
+# no local delivery, port unreachable for UDP to the router's own address (udp_rcv with no
+# socket) and a TCP RST for TCP to it (tcp_v4_send_reset); built by numba kernels, ICMP
+# rate-limited per destination host (icmp_ratelimit).
+"""Generated errors: ICMP, and the RST of a closed TCP port (one module owns them).
 
 ``IcmpErrors(network, config, seed)`` holds what the generator needs across batches:
 each interface's first IPv4 and IPv6 address and its MTU, the network's routes and own
@@ -22,6 +23,7 @@ kind               ICMP        ICMPv6        source address   rate limit   info 
 time exceeded      11 / 0      3 / 0         ingress iface    yes          0
 frag needed / PTB  3 / 4 (DF)  2 / 0         ingress iface    no           egress MTU
 port unreachable   3 / 3       1 / 4         packet's dst     yes          0
+tcp reset          (TCP RST)                 packet's dst     no           -
 =================  ==========  ============  ===============  ===========  ============
 
 IPv4: TTL 64, TOS (arrived TOS & 0x1e) | 0xc0, DF clear, a fresh IP id, the quote cut so
@@ -32,8 +34,16 @@ direction (as Linux's nf_nat_icmp_reply_translation does to the error) and gets 
 back. The Ethernet header is the arriving one with the two MACs swapped (VLAN tags
 kept); the error's ``ifindex`` is the ingress interface.
 No error answers an ICMP error, a non-first fragment, or a source that is not unicast
-("not sent"); a port unreachable only answers UDP conntrack accepted (udp_rcv drops a
-bad checksum silently).
+("not sent"); a port unreachable or a reset only answers UDP / TCP conntrack accepted
+(the stack drops a bad checksum silently), and a reset never answers a reset.
+
+The reset, as tcp_v4_send_reset / tcp_v6_send_reset: to the segment's source from the
+address and port it was sent to *after NAT* (the router's own), seq = the segment's ack
+if it had ACK, else ack = its seq + SYN + FIN + payload with ACK set; a 20-byte header,
+window 0; IPv4 TTL 64, DF, id 0, TOS as the segment's without ECN; IPv6 hop limit 64, the
+segment's traffic class without ECN, flow label 0. It is a locally generated packet: the
+engine tracks it (the conn goes to CLOSE) and NAT rewrites it back (REDIRECT, DNAT to
+the router), as conntrack does on OUTPUT (``resets``: which generated frames those are).
 
 Rate limit (icmp_ratelimit; icmpv4_mask_allow and the ICMPv6 ratemask "0-1,3-127"
 exempt frag-needed and packet-too-big: "Don't limit PMTU discovery"): one token bucket
@@ -53,7 +63,7 @@ import numpy as np
 
 from . import wire
 from .batch import PacketBatch
-from .checksum import csum_add, csum_fold, get16, icmp_sum, put16
+from .checksum import csum_add, csum_fold, icmp_sum, l4_sum, put16
 from .cpu import kernel
 from .hashing import addr_words
 from .netconf import route_compiled
@@ -68,8 +78,8 @@ PREC_INTERNETCONTROL = 0xC0
 TOS_MASK = 0x1E
 
 # error kinds (rows of ERRORS)
-TIME_EXCEEDED, FRAG_NEEDED, PORT_UNREACH = 0, 1, 2
-KIND_NAMES = ("time_exceeded", "frag_needed", "port_unreachable")
+TIME_EXCEEDED, FRAG_NEEDED, PORT_UNREACH, TCP_RESET = 0, 1, 2, 3
+KIND_NAMES = ("icmp_time_exceeded", "icmp_frag_needed", "icmp_port_unreachable", "tcp_reset")
 # source of the error's address
 SRC_INGRESS, SRC_DEST = 0, 1
 # columns: ICMP type, code, ICMPv6 type, code, rate-limited, source
@@ -80,10 +90,13 @@ ERRORS = np.array([
     # DF (IPv4) or any IPv6 packet over the egress MTU; exempt from the rate limit
     [3, 3, 1, 4, 1, SRC_DEST],
     # UDP to the router's own address, no socket: from the address it was sent to
+    [0, 0, 0, 0, 0, SRC_DEST],
+    # TCP to the router's own address, no socket: a RST, not ICMP (never rate-limited)
 ], dtype=np.int64)
 # counters (stats array [kind, column])
 ST_SENT, ST_RATELIMITED, ST_SKIPPED = 0, 1, 2
-STAT_NAMES = tuple(f"icmp_{k}{s}" for k in KIND_NAMES for s in ("", "_ratelimited", "_not_sent"))
+STAT_NAMES = tuple(f"{k}{s}" for k in KIND_NAMES for s in ("", "_ratelimited", "_not_sent"))
+RST_LEN = 20
 
 
 @numba.njit(inline="always", cache=True)
@@ -136,8 +149,9 @@ def error_rows(buf, off, ifindex, meta, verdict, forward, v_drop, v_accept, ttl_
     - time exceeded: dropped (``v_drop``) with ``ttl_on``, from an interface, a sound IP
       header and TTL / hop limit <= 1 (the TTL check precedes every other drop, so such
       a frame was dropped by it);
-    - port unreachable (``answer_local``): accepted UDP, not a fragment, from an
-      interface, addressed (after NAT) to one of ``local``; forward[i] := False;
+    - port unreachable / tcp reset (``answer_local``): accepted UDP / TCP (not a RST),
+      not a fragment, from an interface, addressed (after NAT) to one of ``local``;
+      forward[i] := False;
     - frag needed: leaving (``forward``), from an interface, routed (after NAT) to an
       interface whose ``mtu`` its IP length exceeds, IPv4 with DF or IPv6;
       verdict[i] := v_drop, forward[i] := False, info = that MTU.
@@ -169,11 +183,12 @@ def error_rows(buf, off, ifindex, meta, verdict, forward, v_drop, v_accept, ttl_
                     mine = True
                     break
             if mine:
-                if (meta[i, wire.M_PROTO] == 17 and verdict[i] == v_accept
-                        and meta[i, wire.M_FRAG] == 0):
+                proto = meta[i, wire.M_PROTO]
+                if (verdict[i] == v_accept and meta[i, wire.M_FRAG] == 0
+                        and (proto == 17 or (proto == 6 and meta[i, wire.M_TFLAGS] & 4 == 0))):
                     forward[i] = False
                     rows[k] = i
-                    kinds[k] = PORT_UNREACH
+                    kinds[k] = PORT_UNREACH if proto == 17 else TCP_RESET
                     info[k] = 0
                     k += 1
                 continue
@@ -199,9 +214,10 @@ def build_errors(buf, off, ifindex, ts, meta, tid, rows, kinds, info, if_addr, i
     The quote is rewritten back to the tuple tid[i] (>= 0: 2*conn + direction, the
     frame as it arrived; ``tkey``/``tport`` the table's) and, when ``hop_taken`` and the
     kind is not time exceeded, gets its TTL / hop limit back.
+    A TCP_RESET row gets the RST (``_reset``) instead.
     Preconditions: out_off[j] leaves room for the L2 header, the IP and ICMP headers and
-    the quote (as ``IcmpErrors.generate`` sizes them); if_addr[ifx, 0 or 1] = (present, hi, lo) of the
-    interface's IPv4 / IPv6 address; ident[0] the next IPv4 id."""
+    the quote (as ``IcmpErrors.generate`` sizes them); if_addr[ifx, 0 or 1] = (present,
+    hi, lo) of the interface's IPv4 / IPv6 address; ident[0] the next IPv4 id."""
     for j in range(rows.shape[0]):
         i = rows[j]
         kind = kinds[j]
@@ -216,6 +232,13 @@ def build_errors(buf, off, ifindex, ts, meta, tid, rows, kinds, info, if_addr, i
                 or meta[i, wire.M_FRAG] == 2
                 or (ERRORS[kind, 5] == SRC_INGRESS and if_addr[ifx, fam, 0] == 0)):
             stats[kind, ST_SKIPPED] += 1
+            continue
+        if kind == TCP_RESET:
+            if _src_ok(buf, l3, ver):
+                out_len[j] = _reset(buf, o, meta, i, out, out_off[j])
+                stats[kind, ST_SENT] += 1
+            else:
+                stats[kind, ST_SKIPPED] += 1
             continue
         # the quote first: the packet as it arrived (the conn's tuple in its direction,
         # the hop back), whose source the error goes to
@@ -313,6 +336,72 @@ def build_errors(buf, off, ifindex, ts, meta, tid, rows, kinds, info, if_addr, i
 
 
 @numba.njit(inline="always", cache=True)
+def _reset(buf, o, meta, i, out, p):
+    """Write at out[p:] the RST answering TCP segment i (frame at buf[o:]) as the router
+    would send it (see the module docstring); returns its length."""
+    ver = meta[i, wire.M_IPVER]
+    l2 = meta[i, wire.M_L3]
+    l3 = o + l2
+    l4 = o + meta[i, wire.M_L4]
+    for k in range(l2):
+        out[p + k] = buf[o + k]
+    for k in range(6):
+        out[p + k] = buf[o + 6 + k]
+        out[p + 6 + k] = buf[o + k]
+    n3 = p + l2
+    hl = 20 if ver == 4 else 40
+    n4 = n3 + hl
+    if ver == 4:
+        out[n3] = 0x45
+        out[n3 + 1] = buf[l3 + 1] & 0xFC
+        put16(out, n3 + 2, hl + RST_LEN)
+        put16(out, n3 + 4, 0)
+        put16(out, n3 + 6, 0x4000)
+        out[n3 + 8] = TTL_OUT
+        out[n3 + 9] = 6
+        put16(out, n3 + 10, 0)
+        for k in range(4):
+            out[n3 + 12 + k] = buf[l3 + 16 + k]
+            out[n3 + 16 + k] = buf[l3 + 12 + k]
+        put16(out, n3 + 10, (~csum_fold(csum_add(out, n3, 20, np.int64(0)))) & 0xFFFF)
+    else:
+        tc = ((np.int64(buf[l3]) & 0xF) << 4 | np.int64(buf[l3 + 1]) >> 4) & 0xFC
+        out[n3] = 0x60 | (tc >> 4)
+        out[n3 + 1] = (tc & 0xF) << 4
+        out[n3 + 2] = 0
+        out[n3 + 3] = 0
+        put16(out, n3 + 4, RST_LEN)
+        out[n3 + 6] = 6
+        out[n3 + 7] = TTL_OUT
+        for k in range(16):
+            out[n3 + 8 + k] = buf[l3 + 24 + k]
+            out[n3 + 24 + k] = buf[l3 + 8 + k]
+    fl = meta[i, wire.M_TFLAGS]
+    out[n4] = buf[l4 + 2]
+    out[n4 + 1] = buf[l4 + 3]
+    out[n4 + 2] = buf[l4]
+    out[n4 + 3] = buf[l4 + 1]
+    seq = np.int64(0)
+    ack = np.int64(0)
+    if fl & 16:
+        seq = meta[i, wire.M_ACK]
+        flags = 0x04
+    else:
+        ack = (meta[i, wire.M_SEQ] + (fl & 2) // 2 + (fl & 1) + meta[i, wire.M_PAYLEN]) & 0xFFFFFFFF
+        flags = 0x14
+    put16(out, n4 + 4, (seq >> 16) & 0xFFFF)
+    put16(out, n4 + 6, seq & 0xFFFF)
+    put16(out, n4 + 8, (ack >> 16) & 0xFFFF)
+    put16(out, n4 + 10, ack & 0xFFFF)
+    out[n4 + 12] = 0x50
+    out[n4 + 13] = flags
+    for k in range(14, RST_LEN):
+        out[n4 + k] = 0
+    put16(out, n4 + 16, (~csum_fold(l4_sum(out, n3, n4, RST_LEN, 6, ver))) & 0xFFFF)
+    return l2 + hl + RST_LEN
+
+
+@numba.njit(inline="always", cache=True)
 def quote_room(ver, ingress_mtu):
     """Bytes of the offending packet an error quotes at most: IPv4 fits the error in
     min(576, the MTU back), IPv6 in 1280."""
@@ -347,6 +436,7 @@ class IcmpErrors:
         self.rl_last = np.zeros(RL_SLOTS, dtype=np.int64)
         self.ident = np.array([seed & 0xFFFF], dtype=np.int64)
         self.stats = np.zeros((len(KIND_NAMES), 3), dtype=np.int64)
+        self.resets = None
         self._rows = np.empty(0, dtype=np.int64)
 
     def counters(self) -> dict[str, int]:
@@ -361,8 +451,10 @@ class IcmpErrors:
         packets' times, ns, the rate limiter's clock; ``table``: the ConnTable the tuple
         ids point into). Updates ``verdict`` and ``forward`` of the frames it drops or
         keeps home (see error_rows). The errors carry the offending packets' times;
-        None when there are none."""
+        None when there are none. ``self.resets``: indices of the TCP resets among them
+        (None when none), which the engine tracks as locally generated packets."""
         n = len(batch)
+        self.resets = None
         if self._rows.shape[0] < n:
             m = max(n, 256)
             self._rows = np.empty(m, dtype=np.int64)
@@ -376,20 +468,24 @@ class IcmpErrors:
         if k == 0:
             return None
         rows = self._rows[:k].copy()
+        kinds = self._kinds[:k]
         m = meta[rows]
         v4 = m[:, wire.M_IPVER] == 4
         room = np.where(v4, np.minimum(ROOM4, self.if_mtu[batch.ifindex[rows]]) - 28, QUOTE6)
-        size = m[:, wire.M_L3] + np.where(v4, 28, 48) + np.minimum(m[:, wire.M_L3LEN], room)
+        body = np.where(kinds == TCP_RESET, RST_LEN, 8 + np.minimum(m[:, wire.M_L3LEN], room))
+        size = m[:, wire.M_L3] + np.where(v4, 20, 40) + body
         out_off = np.zeros(k, dtype=np.int64)
         np.cumsum(size[:-1], out=out_off[1:])
         out = np.zeros(int(size.sum()), dtype=np.uint8)
         out_len = np.zeros(k, dtype=np.int32)
         build_errors(batch.buf, batch.off, batch.ifindex, ts, meta, tid, rows,
-                     self._kinds[:k], self._info[:k], self.if_addr, self.if_mtu, self.ttl_on,
+                     kinds, self._info[:k], self.if_addr, self.if_mtu, self.ttl_on,
                      table.tkey, table.tport, self.rl_key, self.rl_tok, self.rl_last,
                      self.interval, self.ident, self.stats, out, out_off, out_len)
         keep = out_len > 0
         if not keep.any():
             return None
+        rst = np.flatnonzero(kinds[keep] == TCP_RESET)
+        self.resets = rst if len(rst) else None
         return PacketBatch(out, out_off[keep], out_len[keep], batch.ifindex[rows][keep].copy(),
                            ts[rows][keep].copy())

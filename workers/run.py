@@ -15,7 +15,8 @@ MAC := the next hop's from ``Neighbours`` (the config's ``[neighbours]``, then t
 kernel's neighbour table; a next hop with neither is dropped and counted in
 ``no_neighbour``: shardct does not ARP). The engine's ICMP errors leave by their ingress
 interface. Frames for the router's own addresses are not forwarded (``local``; UDP
-to them the engine answers with port unreachable unless ``local_delivery`` is set).
+and TCP to them the engine answers with port unreachable and RST unless
+``local_delivery`` is set).
 ``--workers 1`` runs the engine in this process; more run the worker pool
 (workers/pool.py), which gives the frames back rewritten in input order and sends no ICMP
 errors yet (a TTL expiry is then a silent drop).

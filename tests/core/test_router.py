@@ -462,18 +462,75 @@ def test_redirected_udp_is_answered_from_the_address_it_was_sent_to():
     assert raw(e[IP])[28:] == raw(arrived[IP]) and icmp_ok(e)
 
 
-def test_no_port_unreachable_with_local_delivery_tcp_or_a_bad_checksum():
+def test_no_answer_with_local_delivery_a_bad_checksum_a_fragment_or_a_reset():
     r = Router(local_delivery=True)
-    res, errs = process(r, [E / IP(src=CLIENT, dst=R_LAN) / UDP(sport=1, dport=9)])
-    assert (res.forward.tolist(), errs) == ([True], []), "local delivery: the host stack answers"
+    res, errs = process(r, [E / IP(src=CLIENT, dst=R_LAN) / UDP(sport=1, dport=9),
+                            E / IP(src=CLIENT, dst=R_LAN) / TCP_SYN])
+    assert (res.forward.tolist(), errs) == ([True, True], []), "local delivery: the host answers"
     r = Router()
-    frames = [E / IP(src=CLIENT, dst=R_LAN) / TCP_SYN,
-              E / IP(src=CLIENT, dst=R_LAN) / UDP(sport=2, dport=9, chksum=0x1234),
+    frames = [E / IP(src=CLIENT, dst=R_LAN) / UDP(sport=2, dport=9, chksum=0x1234),
+              E / IP(src=CLIENT, dst=R_LAN) / TCP(sport=3, dport=22, flags="S", chksum=0x1234),
               E / IP(src=CLIENT, dst=R_LAN) / ICMP(type=8, id=1),
-              E / IP(src=CLIENT, dst=R_LAN, flags="MF", id=3) / UDP(sport=4, dport=9) / (b"f" * 16)]
+              E / IP(src=CLIENT, dst=R_LAN, flags="MF", id=3) / UDP(sport=4, dport=9) / (b"f" * 16),
+              E / IP(src=CLIENT, dst=R_LAN) / TCP(sport=5, dport=22, flags="R", seq=1)]
     res, errs = process(r, frames)
-    got = (res.forward.tolist(), errs, r.ct.stats()["icmp_port_unreachable"])
-    assert got == ([True, True, True, True], [], 0), f"got {got}"
+    s = r.ct.stats()
+    got = (res.forward.tolist(), errs, s["icmp_port_unreachable"], s["tcp_reset"])
+    assert got == ([True] * 5, [], 0, 0), f"got {got}"
+
+
+# ---------------------------------------------------------------- TCP reset
+
+def tcp_ok(frame: Ether) -> bool:
+    q = frame.copy()
+    del q[IP].chksum
+    del q[TCP].chksum
+    return raw(Ether(raw(q))) == raw(frame)
+
+
+def test_syn_to_the_router_gets_rst_ack_and_the_conn_is_gone():
+    r = Router()
+    syn = E / IP(src=CLIENT, dst=R_LAN, tos=0x2B) / TCP(sport=40700, dport=22, flags="S", seq=1000)
+    res, ((e, ifx),) = process(r, [syn])
+    got = (res.forward.tolist(), ifx, e.src, e.dst, e[IP].src, e[IP].dst, e[IP].ttl, e[IP].tos,
+           int(e[IP].flags), e[IP].id, e[IP].len, e[TCP].sport, e[TCP].dport, str(e[TCP].flags),
+           e[TCP].seq, e[TCP].ack, e[TCP].window, e[TCP].dataofs)
+    want = ([False], LAN, E.dst, E.src, R_LAN, CLIENT, 64, 0x28, 2, 0, 40, 22, 40700, "RA", 0,
+            1001, 0, 5)
+    assert got == want, f"\ngot  {got}\nwant {want}"
+    assert tcp_ok(e), "IP and TCP checksums"
+    # conntrack saw the RST go out: "if only reply is a RST ... delete immediately"
+    # (nf_conntrack_tcp_packet), so the SYN's conn is gone
+    assert (len(r.ct), r.ct.stats()["tcp_reset"]) == (0, 1), (len(r.ct), r.ct.stats()["tcp_reset"])
+
+
+def test_ack_with_data_to_the_router_gets_a_bare_rst_at_its_ack():
+    r = Router()
+    seg = E / IP(src=CLIENT, dst=R_WAN) / TCP(sport=40701, dport=80, flags="PA", seq=5, ack=777) / b"GET"
+    _, ((e, _),) = process(r, [seg])
+    got = (e[IP].src, str(e[TCP].flags), e[TCP].seq, e[TCP].ack, tcp_ok(e))
+    assert got == (R_WAN, "R", 777, 0, True), f"got {got}"
+
+
+def test_redirected_tcp_is_reset_from_the_address_it_was_sent_to():
+    r = Router("-A PREROUTING -i lan0 -p tcp --dport 80 -j REDIRECT --to-ports 8080\n" + MASQ)
+    syn = E / IP(src=CLIENT, dst="8.8.8.8") / TCP(sport=40702, dport=80, flags="S", seq=9)
+    _, ((e, _),) = process(r, [syn])
+    got = (e[IP].src, e[IP].dst, e[TCP].sport, e[TCP].dport, str(e[TCP].flags), e[TCP].ack,
+           tcp_ok(e))
+    assert got == ("8.8.8.8", CLIENT, 80, 40702, "RA", 10, True), f"got {got}"
+
+
+def test_syn_to_the_router_over_ipv6_gets_rst():
+    r = Router()
+    syn = E / IPv6(src="b::2", dst="b::1", tc=0x29) / TCP(sport=3, dport=22, flags="S", seq=41)
+    _, ((e, _),) = process(r, [syn])
+    got = (e[IPv6].src, e[IPv6].dst, e[IPv6].hlim, e[IPv6].tc, e[IPv6].fl, e[IPv6].plen,
+           str(e[TCP].flags), e[TCP].ack)
+    assert got == ("b::1", "b::2", 64, 0x28, 0, 20, "RA", 42), f"got {got}"
+    q = e.copy()
+    del q[TCP].chksum
+    assert raw(Ether(raw(q))) == raw(e), "TCP checksum"
 
 
 def test_malformed_frames_through_small_mtus_never_raise():

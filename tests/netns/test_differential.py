@@ -368,3 +368,17 @@ def test_udp_to_the_router_gets_port_unreachable(can_run, family, dst):
         ip = IP(src="10.0.0.2", dst=dst, ttl=20) if family == 4 else IPv6(src="b::2", dst=dst, hlim=20)
         f = frame_from(k, CLIENT, ip / UDP(sport=40014, dport=9) / b"anyone?")
         router_errors(k, s, CLIENT, f)
+
+
+@pytest.mark.parametrize("flags,dst", [("S", "10.0.0.3"), ("PA", "192.168.0.1")], ids=["syn", "ack-data"])
+def test_tcp_to_the_router_gets_a_reset(can_run, flags, dst):
+    k, s = worlds(MASQ4)
+    with k:
+        f = frame_from(k, CLIENT, IP(src="10.0.0.2", dst=dst, tos=0x2B) /
+                       TCP(sport=40015, dport=22, flags=flags, seq=1000, ack=77 if "A" in flags else 0) /
+                       (b"x" if "A" in flags else b""))
+        got = k.exchange_all(CLIENT, f)
+        fwd, back = s.exchange_all(CLIENT, f)
+        assert (len(got[SERVER]), len(fwd)) == (0, 0), "nothing forwarded"
+        assert (len(got[CLIENT]), len(back)) == (1, 1), f"resets: kernel {len(got[CLIENT])}, shardct {len(back)}"
+        compare(got[CLIENT], back)

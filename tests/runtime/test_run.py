@@ -49,7 +49,9 @@ def test_forwarder_readdresses_routes_and_counts_what_stays():
     frames = [_from_lan("198.51.100.7"),                   # via the gateway, MASQUERADEd
               _from_lan("192.0.2.1", sport=5001),           # the router's own address: UDP
               bytes(Ether(src=CLIENT_MAC, dst=LAN_MAC) / IP(src="192.0.2.10", dst="192.0.2.1")
-                    / TCP(sport=5004, dport=22, flags="S")),  # ... and TCP (no RST yet)
+                    / TCP(sport=5004, dport=22, flags="S")),  # ... TCP
+              bytes(Ether(src=CLIENT_MAC, dst=LAN_MAC) / IP(src="192.0.2.10", dst="192.0.2.1")
+                    / ICMP(id=7)),                          # ... and a ping (no answer here)
               _from_lan("192.0.2.20", sport=5002),          # on-link, MAC unknown
               _from_lan("198.51.100.8", ttl=1, sport=5003)]  # expires here
     batch = PacketBatch.from_frames(frames, ts=10**9, ifindex=0)
@@ -60,15 +62,18 @@ def test_forwarder_readdresses_routes_and_counts_what_stays():
     out = Ether(tx[1].frames[0])
     got = (out.src, out.dst, out[IP].src, out[IP].dst, out[IP].ttl)
     assert got == (WAN_MAC, GW_MAC, "203.0.113.2", "198.51.100.7", 63), got
-    assert len(tx[0].frames) == 2, f"got {len(tx[0].frames)} frames out of lan0, want 2 ICMP"
-    got = [(e.dst, e[IP].src, e[IP].dst, e[ICMP].type, e[ICMP].code)
+    assert len(tx[0].frames) == 3, f"got {len(tx[0].frames)} frames out of lan0, want 3"
+    got = [(e.dst, e[IP].src, e[IP].dst) + ((e[ICMP].type, e[ICMP].code) if ICMP in e
+                                             else (str(e[TCP].flags),))
            for e in map(Ether, tx[0].frames)]
     want = [(CLIENT_MAC, "192.0.2.1", "192.0.2.10", 3, 3),     # port unreachable
+            (CLIENT_MAC, "192.0.2.1", "192.0.2.10", "RA"),     # the SYN's reset
             (CLIENT_MAC, "192.0.2.1", "192.0.2.10", 11, 0)]    # time exceeded
-    assert sorted(got) == want, got
-    assert (fwd.forwarded, fwd.icmp_sent) == (1, 2)
-    # the engine keeps the UDP (answered) and the expired frame home; the TCP is local
-    want = {"engine": 2, "local": 1, "no_route": 0, "no_neighbour": 1, "tx_full": 0,
+    assert got == want, got
+    assert (fwd.forwarded, fwd.icmp_sent) == (1, 3)
+    # the engine keeps the UDP and TCP (answered) and the expired frame home; the ping is
+    # local
+    want = {"engine": 3, "local": 1, "no_route": 0, "no_neighbour": 1, "tx_full": 0,
             "too_big": 0}
     assert dict(fwd.dropped) == want, f"got {dict(fwd.dropped)}, want {want}"
 
