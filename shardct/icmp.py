@@ -128,6 +128,43 @@ def _put_words(buf, at, hi, lo, ver):
 
 
 @numba.njit(inline="always", cache=True)
+def _l2_ip(buf, o, l2, out, p, ver, tos, payload, ident, df, proto):
+    """Write at out[p:] the arriving frame's L2 header (buf[o:o + l2], VLAN tags kept)
+    with its two MACs swapped, then an IP header with no addresses yet: TTL / hop limit
+    64, ``tos`` (IPv6: the traffic class, flow label 0), ``payload`` bytes after it, the
+    next protocol ``proto``; IPv4 id ``ident``, DF when ``df``, checksum 0 (_ip4_checksum
+    once the addresses are in)."""
+    for k in range(l2):
+        out[p + k] = buf[o + k]
+    for k in range(6):
+        out[p + k] = buf[o + 6 + k]
+        out[p + 6 + k] = buf[o + k]
+    n3 = p + l2
+    if ver == 4:
+        out[n3] = 0x45
+        out[n3 + 1] = tos
+        put16(out, n3 + 2, 20 + payload)
+        put16(out, n3 + 4, ident & 0xFFFF)
+        put16(out, n3 + 6, 0x4000 if df else 0)
+        out[n3 + 8] = TTL_OUT
+        out[n3 + 9] = proto
+        put16(out, n3 + 10, 0)
+        return
+    out[n3] = 0x60 | (tos >> 4)
+    out[n3 + 1] = (tos & 0xF) << 4
+    out[n3 + 2] = 0
+    out[n3 + 3] = 0
+    put16(out, n3 + 4, payload)
+    out[n3 + 6] = proto
+    out[n3 + 7] = TTL_OUT
+
+
+@numba.njit(inline="always", cache=True)
+def _ip4_checksum(out, n3):
+    put16(out, n3 + 10, (~csum_fold(csum_add(out, n3, 20, np.int64(0)))) & 0xFFFF)
+
+
+@numba.njit(inline="always", cache=True)
 def _is_error(buf, o, meta, i):
     """Is frame i itself an ICMP error (icmp_send: an error type or one past
     NR_ICMP_TYPES; ICMPv6: a type < 128)?"""
@@ -284,44 +321,26 @@ def build_errors(buf, off, ifindex, ts, meta, tid, rows, kinds, info, if_addr, i
                 stats[kind, ST_RATELIMITED] += 1
                 continue
             rl_tok[s] = tok - interval
-        # L2 with the MACs swapped, IP and ICMP headers
-        for k in range(l2):
-            out[p + k] = buf[o + k]
-        for k in range(6):
-            out[p + k] = buf[o + 6 + k]
-            out[p + 6 + k] = buf[o + k]
+        # L2, IP and ICMP headers
+        tos = (np.int64(buf[l3 + 1]) & TOS_MASK) | PREC_INTERNETCONTROL if ver == 4 else 0
+        _l2_ip(buf, o, l2, out, p, ver, tos, 8 + q, ident[0], False, 1 if ver == 4 else 58)
         for k in range(8):
             out[n4 + k] = 0
         put16(out, n4 + 4, (info[j] >> 16) & 0xFFFF)
         put16(out, n4 + 6, info[j] & 0xFFFF)
         from_dst = ERRORS[kind, 5] == SRC_DEST
         if ver == 4:
-            out[n3] = 0x45
-            out[n3 + 1] = (buf[l3 + 1] & TOS_MASK) | PREC_INTERNETCONTROL
-            put16(out, n3 + 2, hl + 8 + q)
-            put16(out, n3 + 4, ident[0] & 0xFFFF)
             ident[0] = (ident[0] + 1) & 0xFFFF
-            put16(out, n3 + 6, 0)
-            out[n3 + 8] = TTL_OUT
-            out[n3 + 9] = 1
-            put16(out, n3 + 10, 0)
             for k in range(4):
                 out[n3 + 16 + k] = out[q3 + 12 + k]
                 if from_dst:
                     out[n3 + 12 + k] = out[q3 + 16 + k]
             if not from_dst:
                 _put_words(out, n3 + 12, if_addr[ifx, 0, 1], if_addr[ifx, 0, 2], 4)
-            put16(out, n3 + 10, (~csum_fold(csum_add(out, n3, 20, np.int64(0)))) & 0xFFFF)
+            _ip4_checksum(out, n3)
             out[n4] = ERRORS[kind, 0]
             out[n4 + 1] = ERRORS[kind, 1]
         else:
-            out[n3] = 0x60
-            out[n3 + 1] = 0
-            out[n3 + 2] = 0
-            out[n3 + 3] = 0
-            put16(out, n3 + 4, 8 + q)
-            out[n3 + 6] = 58
-            out[n3 + 7] = TTL_OUT
             for k in range(16):
                 out[n3 + 24 + k] = out[q3 + 8 + k]
                 if from_dst:
@@ -343,36 +362,21 @@ def _reset(buf, o, meta, i, out, p):
     l2 = meta[i, wire.M_L3]
     l3 = o + l2
     l4 = o + meta[i, wire.M_L4]
-    for k in range(l2):
-        out[p + k] = buf[o + k]
-    for k in range(6):
-        out[p + k] = buf[o + 6 + k]
-        out[p + 6 + k] = buf[o + k]
     n3 = p + l2
     hl = 20 if ver == 4 else 40
     n4 = n3 + hl
+    # the segment's TOS / traffic class without ECN
     if ver == 4:
-        out[n3] = 0x45
-        out[n3 + 1] = buf[l3 + 1] & 0xFC
-        put16(out, n3 + 2, hl + RST_LEN)
-        put16(out, n3 + 4, 0)
-        put16(out, n3 + 6, 0x4000)
-        out[n3 + 8] = TTL_OUT
-        out[n3 + 9] = 6
-        put16(out, n3 + 10, 0)
+        tos = np.int64(buf[l3 + 1]) & 0xFC
+    else:
+        tos = ((np.int64(buf[l3]) & 0xF) << 4 | np.int64(buf[l3 + 1]) >> 4) & 0xFC
+    _l2_ip(buf, o, l2, out, p, ver, tos, RST_LEN, 0, True, 6)
+    if ver == 4:
         for k in range(4):
             out[n3 + 12 + k] = buf[l3 + 16 + k]
             out[n3 + 16 + k] = buf[l3 + 12 + k]
-        put16(out, n3 + 10, (~csum_fold(csum_add(out, n3, 20, np.int64(0)))) & 0xFFFF)
+        _ip4_checksum(out, n3)
     else:
-        tc = ((np.int64(buf[l3]) & 0xF) << 4 | np.int64(buf[l3 + 1]) >> 4) & 0xFC
-        out[n3] = 0x60 | (tc >> 4)
-        out[n3 + 1] = (tc & 0xF) << 4
-        out[n3 + 2] = 0
-        out[n3 + 3] = 0
-        put16(out, n3 + 4, RST_LEN)
-        out[n3 + 6] = 6
-        out[n3 + 7] = TTL_OUT
         for k in range(16):
             out[n3 + 8 + k] = buf[l3 + 24 + k]
             out[n3 + 24 + k] = buf[l3 + 8 + k]
