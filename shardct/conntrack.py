@@ -253,6 +253,12 @@ class ConnTrack:
         fwd = forward_mask(verdict, self.config.drop_invalid)
         gen = None if self._icmp is None else self._icmp.generate(
             batch, meta, verdict, fwd, tid, ts, self.table, K.V_DROP, K.V_ACCEPT)
+        if self._icmp is not None and self._icmp.too_big is not None:
+            # dropped before POSTROUTING, where Linux confirms: a conn one created is gone
+            t = self.table
+            K.withdraw_new(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
+                           t.tbl, self.stats_arr, self.cfg, self.ev, self.evaddr, tid,
+                           self._icmp.too_big, ts)
         if gen is not None and self._icmp.resets is not None:
             self._track_local(gen, self._icmp.resets)
         return Result(verdict, tid, meta, addr, fwd, gen)

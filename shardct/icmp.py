@@ -440,7 +440,7 @@ class IcmpErrors:
         self.rl_last = np.zeros(RL_SLOTS, dtype=np.int64)
         self.ident = np.array([seed & 0xFFFF], dtype=np.int64)
         self.stats = np.zeros((len(KIND_NAMES), 3), dtype=np.int64)
-        self.resets = None
+        self.resets = self.too_big = None
         self._rows = np.empty(0, dtype=np.int64)
 
     def counters(self) -> dict[str, int]:
@@ -455,10 +455,11 @@ class IcmpErrors:
         packets' times, ns, the rate limiter's clock; ``table``: the ConnTable the tuple
         ids point into). Updates ``verdict`` and ``forward`` of the frames it drops or
         keeps home (see error_rows). The errors carry the offending packets' times;
-        None when there are none. ``self.resets``: indices of the TCP resets among them
-        (None when none), which the engine tracks as locally generated packets."""
+        None when there are none. ``self.resets``: indices of the TCP resets among them,
+        which the engine tracks as locally generated packets; ``self.too_big``: the
+        frames of ``batch`` dropped over their MTU (each None when there are none)."""
         n = len(batch)
-        self.resets = None
+        self.resets = self.too_big = None
         if self._rows.shape[0] < n:
             m = max(n, 256)
             self._rows = np.empty(m, dtype=np.int64)
@@ -473,6 +474,8 @@ class IcmpErrors:
             return None
         rows = self._rows[:k].copy()
         kinds = self._kinds[:k]
+        too_big = rows[kinds == FRAG_NEEDED]
+        self.too_big = too_big if len(too_big) else None
         m = meta[rows]
         v4 = m[:, wire.M_IPVER] == 4
         room = np.where(v4, np.minimum(ROOM4, self.if_mtu[batch.ifindex[rows]]) - 28, QUOTE6)

@@ -345,6 +345,18 @@ def test_df_packet_over_the_egress_mtu_gets_frag_needed_with_the_mtu():
     assert icmp_ok(e), "IP and ICMP checksums"
     s = r.ct.stats()
     assert (s["icmp_frag_needed"], s["icmp_frag_needed_not_sent"]) == (1, 0), s
+    # dropped before POSTROUTING: Linux never confirms the conn this packet began
+    got = (len(r.ct), r.ct.events(), s["insert"], s["new"], s["destroy"])
+    assert got == (0, [], 0, 0, 0), f"(conns, events, insert, new, destroy): got {got}"
+
+
+def test_a_conn_that_forwarded_before_stays_when_a_packet_is_too_big():
+    r = small_mtu_router()
+    process(r, [big(100)])
+    r.ct.events()
+    res, errs = process(r, [big(1450)])
+    got = (res.forward.tolist(), len(errs), len(r.ct), [e.kind for e in r.ct.events()])
+    assert got == ([False], 1, 1, []), f"got {got}"
 
 
 def test_at_the_mtu_or_without_df_the_packet_is_forwarded():
@@ -354,6 +366,9 @@ def test_at_the_mtu_or_without_df_the_packet_is_forwarded():
     # a non-DF packet over the MTU is left to fragmentation (frag.py): forwarded as it is
     assert got == ([K.V_ACCEPT, K.V_ACCEPT, K.V_DROP], [True, True, False], 1), f"got {got}"
     assert r.ct.stats()["icmp_frag_needed"] == 1
+    got = sorted(c.original.sport for c in r.ct.conns())
+    assert got == [1, 2], f"conns by source port: got {got}, want the two forwarded ones"
+    assert [e.conn.original.sport for e in r.ct.events()] == [1, 2], "NEW events"
 
 
 def test_frag_needed_quote_is_the_reply_as_it_arrived_before_un_nat():
@@ -370,6 +385,7 @@ def test_frag_needed_quote_is_the_reply_as_it_arrived_before_un_nat():
     assert got == ([False], WAN, R_WAN, SERVER, 3, 4, b"\x05\x14"), f"got {got}"
     assert raw(e[IP])[28:] == raw(reply[IP])[:548], "quote as it arrived (un-NAT and TTL undone)"
     assert icmp_ok(e)
+    assert len(r.ct) == 1, "the conn the request confirmed stays"
 
 
 def test_masqueraded_request_quote_keeps_the_lan_source_and_ttl():

@@ -184,6 +184,16 @@ def worlds(spec, family=4, server_mtu=1500):
     return k, ShardctWorld(ipt(family, *ipt_rules), family, network(server_mtu))
 
 
+def same_conns(k, s, proto, family=4):
+    """Both tables hold as many ``proto`` conns (TCP: in the same states) after a step."""
+    lines = k.conntrack_list("-f", "ipv4" if family == 4 else "ipv6").splitlines()
+    kern = sorted(ln.split()[3] if proto == "tcp" else proto
+                  for ln in lines if ln.split()[:1] == [proto])
+    ours = sorted((c.state or proto) for c in s.ct.conns(now=s.t)
+                  if {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}[c.proto] == proto)
+    assert kern == ours, f"{proto} conns: kernel {kern}, shardct {ours}\n" + "\n".join(lines)
+
+
 def router_errors(k, s, side, frame, forwarded=0):
     """Send ``frame`` from ``side`` through both routers: ``forwarded`` frames must go
     on and exactly one ICMP error come back to ``side``; the errors must match in
@@ -334,6 +344,7 @@ def test_df_packet_over_the_egress_mtu_gets_frag_needed(can_run, proto):
         body = (ICMP(id=4400, seq=1) if proto == "icmp" else UDP(sport=40010, dport=53)) / (b"d" * 1400)
         f = frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2", flags="DF", tos=0x28) / body)
         router_errors(k, s, CLIENT, f)
+        same_conns(k, s, proto)         # dropped before it was confirmed: no conn
         # at the MTU it passes, and without DF it is not dropped (the kernel fragments it)
         fit = frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2", flags="DF") / UDP(sport=40011, dport=53) / (b"f" * 1372))
         compare(k.exchange(CLIENT, fit), s.exchange(CLIENT, fit))
@@ -352,6 +363,7 @@ def test_masqueraded_reply_over_the_lan_mtu_gets_frag_needed_quoting_it_as_it_ar
         big = lambda p: IP(src=p.dst, dst=p.src, flags="DF", ttl=40) / UDP(sport=p[UDP].dport, dport=p[UDP].sport) / (b"r" * 1400)
         assert reply_to(k, SERVER, ko[0], big) == reply_to(k, SERVER, so[0], big), "same MASQUERADE port"
         router_errors(k, s, SERVER, reply_to(k, SERVER, ko[0], big))
+        same_conns(k, s, "udp")
 
 
 def test_ipv6_over_the_egress_mtu_gets_packet_too_big(can_run):
@@ -359,6 +371,7 @@ def test_ipv6_over_the_egress_mtu_gets_packet_too_big(can_run):
     with k:
         f = frame_from(k, CLIENT, IPv6(src="b::2", dst="a::2") / UDP(sport=40013, dport=53) / (b"6" * 1400))
         router_errors(k, s, CLIENT, f)
+        same_conns(k, s, "udp", 6)
 
 
 @pytest.mark.parametrize("family,dst", [(4, "10.0.0.3"), (4, "192.168.0.1"), (6, "b::1")])
@@ -368,6 +381,7 @@ def test_udp_to_the_router_gets_port_unreachable(can_run, family, dst):
         ip = IP(src="10.0.0.2", dst=dst, ttl=20) if family == 4 else IPv6(src="b::2", dst=dst, hlim=20)
         f = frame_from(k, CLIENT, ip / UDP(sport=40014, dport=9) / b"anyone?")
         router_errors(k, s, CLIENT, f)
+        same_conns(k, s, "udp", family)  # confirmed on input: it stays
 
 
 @pytest.mark.parametrize("flags,dst", [("S", "10.0.0.3"), ("PA", "192.168.0.1")], ids=["syn", "ack-data"])
@@ -382,3 +396,4 @@ def test_tcp_to_the_router_gets_a_reset(can_run, flags, dst):
         assert (len(got[SERVER]), len(fwd)) == (0, 0), "nothing forwarded"
         assert (len(got[CLIENT]), len(back)) == (1, 1), f"resets: kernel {len(got[CLIENT])}, shardct {len(back)}"
         compare(got[CLIENT], back)
+        same_conns(k, s, "tcp")
