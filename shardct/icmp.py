@@ -9,10 +9,12 @@
 ``IcmpErrors(network, config, seed)`` holds what the generator needs across batches:
 each interface's first IPv4 and IPv6 address and its MTU, the network's routes and own
 addresses as arrays, and the rate limiter's per-destination token buckets.
-``generate(batch, meta, verdict, forward, tid, ts, table)`` runs after the tracking
-kernel: it picks the frames that get an error (``error_rows``), drops the ones over
-their egress MTU (verdict V_DROP, forward False) and keeps the ones for the router
-itself from leaving (forward False), then returns a PacketBatch of the errors (or None).
+``generate(batch, meta, verdict, forward, tid, ts, table, V_DROP, V_ACCEPT)`` runs after
+the tracking kernel: it picks the frames that get an error (``error_rows``), drops the
+ones over their egress MTU (verdict V_DROP, forward False; ``too_big`` lists them, and
+the engine withdraws a conn such a packet created: track.withdraw_new) and keeps the
+ones for the router itself from leaving (forward False), then returns a PacketBatch of
+the errors (or None).
 
 The errors (reference/kernel-behaviour.md; net/ipv4/icmp.c __icmp_send, ipv6/icmp.c
 icmp6_send):
@@ -26,7 +28,7 @@ port unreachable   3 / 3       1 / 4         packet's dst     yes          0
 tcp reset          (TCP RST)                 packet's dst     no           -
 =================  ==========  ============  ===============  ===========  ============
 
-IPv4: TTL 64, TOS (arrived TOS & 0x1e) | 0xc0, DF clear, a fresh IP id, the quote cut so
+ICMP over IPv4: TTL 64, TOS (arrived TOS & 0x1e) | 0xc0, DF clear, a fresh IP id, the quote cut so
 the whole error fits min(576, ingress MTU) bytes; IPv6: hop limit 64, quote cut to 1280
 bytes in all. The quote is the packet *as it arrived*: the tracking kernel rewrote it
 (NAT, the hop taken), so the quote is rewritten back to its conn's tuple in its
@@ -42,8 +44,9 @@ address and port it was sent to *after NAT* (the router's own), seq = the segmen
 if it had ACK, else ack = its seq + SYN + FIN + payload with ACK set; a 20-byte header,
 window 0; IPv4 TTL 64, DF, id 0, TOS as the segment's without ECN; IPv6 hop limit 64, the
 segment's traffic class without ECN, flow label 0. It is a locally generated packet: the
-engine tracks it (the conn goes to CLOSE) and NAT rewrites it back (REDIRECT, DNAT to
-the router), as conntrack does on OUTPUT (``resets``: which generated frames those are).
+engine tracks it (a conn whose only reply is the RST is deleted, as Linux does) and NAT
+rewrites it back (REDIRECT, DNAT to the router), as conntrack does on OUTPUT
+(``resets``: which generated frames those are).
 
 Rate limit (icmp_ratelimit; icmpv4_mask_allow and the ICMPv6 ratemask "0-1,3-127"
 exempt frag-needed and packet-too-big: "Don't limit PMTU discovery"): one token bucket
@@ -54,7 +57,7 @@ with a full bucket), so memory is bounded.
 
 Not here: fragmenting non-DF IPv4 packets over the MTU (they are forwarded as they are;
 fragmentation belongs to frag.py), and local delivery (``Config.local_delivery``: a host
-stack answers for the router's addresses, so no port unreachable is made).
+stack answers for the router's addresses, so no port unreachable or RST is made here).
 """
 from __future__ import annotations
 
@@ -192,14 +195,14 @@ def error_rows(buf, off, ifindex, meta, verdict, forward, v_drop, v_accept, ttl_
     - frag needed: leaving (``forward``), from an interface, routed (after NAT) to an
       interface whose ``mtu`` its IP length exceeds, IPv4 with DF or IPv6;
       verdict[i] := v_drop, forward[i] := False, info = that MTU.
-    Only frames longer than ``min_mtu`` (the smallest MTU, plus 14) are routed here.
+    Only IP datagrams longer than ``min_mtu`` (the smallest interface MTU) are routed here.
     Preconditions: meta from wire.parse_batch, after the tracking kernel; the route
     arrays as netconf.NetProgram's; rows/kinds/info of len(off)."""
     k = 0
     for i in range(off.shape[0]):
         ifx = ifindex[i]
-        if ifx < 0 or meta[i, wire.M_L3LEN] <= 0:
-            continue
+        if ifx < 0 or ifx >= mtu.shape[0] or meta[i, wire.M_L3LEN] <= 0:
+            continue        # locally generated (or an interface the network lacks)
         ver = meta[i, wire.M_IPVER]
         l3 = off[i] + meta[i, wire.M_L3]
         if verdict[i] == v_drop:
@@ -418,7 +421,7 @@ class IcmpErrors:
     """Error generation for one engine (see the module docstring). ``config``: the
     engine's Config (icmp_ratelimit, decrement_ttl: whether TTL expiry and the hop apply;
     local_delivery: whether the router's own addresses are answered by a host stack, so
-    no port unreachable is made here). Owner: the engine's thread."""
+    no port unreachable or RST is made here). Owner: the engine's thread."""
 
     def __init__(self, network, config, seed: int):
         n_if = max(1, len(network.interfaces))
