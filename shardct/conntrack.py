@@ -98,8 +98,11 @@ class Event:
 class Result:
     """Per-frame outcome of ``process``: ``verdict[i]`` (track.V_*), ``tuple_id[i]``
     (2*conn + direction, -1 when no conn) and ``forward[i]``: whether frame i leaves,
-    with the engine's ``Config.drop_invalid`` applied (``forward_mask``). ``generated``:
-    frames the engine originates for this batch (router mode: ICMP time-exceeded, see
+    with the engine's ``Config.drop_invalid`` applied (``forward_mask``), and in router
+    mode without frames over their egress MTU (dropped: verdict V_DROP) or UDP and TCP
+    for the router's own addresses without ``Config.local_delivery`` (answered here:
+    kept home). ``generated``: frames the engine originates for this batch (router mode:
+    ICMP time-exceeded, frag-needed / packet-too-big, port unreachable; TCP RSTs; see
     icmp.py), each with the interface to leave by in ``ifindex``; None when none."""
     verdict: np.ndarray
     tuple_id: np.ndarray
@@ -141,7 +144,11 @@ class ConnTrack:
         a router receiving the frames: drop broken IP headers, trim bytes past the IP
         datagram (``batch.length`` shrinks), and, with ``config.decrement_ttl``, take
         the hop (TTL / hop limit; TTL <= 1 is dropped) of forwarded packets only: a
-        frame with no ingress interface (``ifindex`` -1) is locally generated.
+        frame with no ingress interface (``ifindex`` -1) is locally generated. With a
+        network and ``config.icmp_errors`` a router also answers as Linux does (icmp.py):
+        time-exceeded, frag-needed / packet-too-big over the egress interface's MTU, and,
+        unless ``config.local_delivery`` says a host stack answers for the router's own
+        addresses, port unreachable for UDP and a RST for TCP sent to them.
         With rules or a network, every new conn goes through the NAT decision (null
         bindings included), as Linux does once the nat table exists: in the tracking
         kernel (nat.nat_decide), or with ``compiled_nat=False`` always in Python
@@ -188,9 +195,9 @@ class ConnTrack:
             self.cfg[K.CF_NAT] = K.NAT_COMPILED if compiled_nat else K.NAT_PYTHON
         self.network = network
         self._icmp = None
-        if router and network is not None and c.icmp_errors and c.decrement_ttl:
-            from .icmp import TimeExceeded
-            self._icmp = TimeExceeded(network, c.icmp_ratelimit, seed)
+        if router and network is not None and c.icmp_errors:
+            from .icmp import IcmpErrors
+            self._icmp = IcmpErrors(network, c, seed)
         # track_batch's table and engine arguments, gathered once (they are never replaced)
         self._track_args = (t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
                             t.tbl, self.stats_arr, self.cfg, self.tmo, self.ev, self.evaddr,
@@ -243,10 +250,31 @@ class ConnTrack:
         tid = np.empty(n, dtype=np.int64)
         self.parse_run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n],
                        self.config.checksum, parse_hash=True)
-        gen = None if self._icmp is None else self._icmp.generate(batch, meta, verdict, ts,
-                                                                   K.V_DROP)
-        return Result(verdict, tid, meta, addr, forward_mask(verdict, self.config.drop_invalid),
-                      gen)
+        fwd = forward_mask(verdict, self.config.drop_invalid)
+        gen = None if self._icmp is None else self._icmp.generate(
+            batch, meta, verdict, fwd, tid, ts, self.table, K.V_DROP, K.V_ACCEPT)
+        if self._icmp is not None and self._icmp.too_big is not None:
+            # dropped before POSTROUTING, where Linux confirms: a conn one created is gone
+            t = self.table
+            K.withdraw_new(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
+                           t.tbl, self.stats_arr, self.cfg, self.ev, self.evaddr, tid,
+                           self._icmp.too_big, ts)
+        if gen is not None and self._icmp.resets is not None:
+            self._track_local(gen, self._icmp.resets)
+        return Result(verdict, tid, meta, addr, fwd, gen)
+
+    def _track_local(self, gen: PacketBatch, rows: np.ndarray):
+        """Track frames ``rows`` of ``gen`` as locally generated (no ingress interface:
+        no hop taken), as conntrack sees the router's own RSTs on OUTPUT: their conn's
+        state moves, NAT rewrites them in ``gen.buf``. Their verdicts are not kept (the
+        router sends them whatever conntrack says, as Linux without a filter does)."""
+        n = len(rows)
+        part = PacketBatch(gen.buf, gen.off[rows], gen.length[rows],
+                           np.full(n, -1, dtype=np.int16), gen.ts[rows])
+        meta, addr = wire.new_meta(n)
+        self.parse_run(part, meta, addr, np.empty(n, dtype=np.int64), part.ts,
+                       np.empty(n, dtype=np.uint8), np.empty(n, dtype=np.int64),
+                       np.full(n, K.G_FRESH, dtype=np.int64), self.config.checksum, parse_hash=True)
 
     def parse_run(self, batch, meta, addr, hashes, ts, verdict, tid, given, validate: bool,
                   parse_hash: bool):
@@ -482,8 +510,7 @@ class ConnTrack:
         for k, name in enumerate(K.INVALID_NAMES):
             s[f"invalid.{name}"] = int(self.stats_arr[K.INV_BASE + k])
         if self._icmp is not None:
-            from .icmp import STAT_NAMES
-            s.update((name, int(v)) for name, v in zip(STAT_NAMES, self._icmp.stats))
+            s.update(self._icmp.counters())
         return s
 
     # ------------------------------------------------------------ expiry

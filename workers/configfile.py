@@ -114,8 +114,11 @@ def load(path: str | Path) -> EngineConfig:
     r6 = load_rules(p.parent / nat["rules6"], 6) if "rules6" in nat else None
     if r4 is not None or r6 is not None:
         rules = DualRules(r4, r6)
+    local = local_section(data.get("local", {}), text, p)
+    if local:
+        cfg.local_delivery = True     # the host's stack on the TAP answers, not the engine
     return EngineConfig(cfg, net, rules, str(p), neighbours(data.get("neighbours", {}), text, p),
-                        local_section(data.get("local", {}), text, p))
+                        local)
 
 
 def local_section(d, text: str, p: Path) -> dict:

@@ -36,7 +36,7 @@ WARM_KERNELS = (
     "shardct.track.unlink_tuple", "shardct.track.emit", "shardct.track.destroy_conn",
     "shardct.track.nat_packet", "shardct.track.early_drop", "shardct.track.alloc_conn",
     "shardct.track.link_tuple", "shardct.track.create_conn", "shardct.track.tcp_new",
-    "shardct.track.init_proto", "shardct.track.track_batch", "shardct.icmp.expired_rows",
+    "shardct.track.init_proto", "shardct.track.track_batch", "shardct.icmp.error_rows",
     "shardct.nat.tuple_taken", "shardct.icmp.build_errors",
     "shardct.track.reap", "shardct.nat.unique_port", "shardct.track.collect_conns",
     "workers.pcapio._walk_pcap", "shardct.wire.parse_batch", "shardct.netconf.route_kernel",

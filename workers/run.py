@@ -17,9 +17,11 @@ kernel's neighbour table; a next hop with neither is dropped and counted in
 interface. Frames for the router's own addresses (after DNAT/REDIRECT) go to the host's
 stack through the config's ``[local] tap`` (workers/tap.py; counted in ``delivered``), and
 what the host sends on the TAP goes through the engine as locally generated packets
-(ingress -1: OUTPUT and POSTROUTING, no TTL decrement); without a TAP they are dropped
-(``local``). The control socket (``shardct conntrack``, workers/control.py) serves the
-table, the counters, events and the original-destination query.
+(ingress -1: OUTPUT and POSTROUTING, no TTL decrement); without a TAP they are not
+forwarded (``local``), and the engine answers UDP and TCP to them with port unreachable
+and RST as a host with no listener does (``Config.local_delivery``, which a TAP sets).
+The control socket (``shardct conntrack``, workers/control.py) serves the table, the
+counters, events and the original-destination query.
 ``--workers 1`` runs the engine in this process; more run the worker pool
 (workers/pool.py), which gives the frames back rewritten in input order and sends no ICMP
 errors yet (a TTL expiry is then a silent drop).

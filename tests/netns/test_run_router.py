@@ -1,8 +1,9 @@
 """Issue 13: `shardct run` is the router (kernel forwarding off in its namespace) between a
 client and a server: an 8 MiB curl download through its MASQUERADE arrives intact and the
 server sees the router's WAN address, a UDP exchange goes both ways, a TTL-1 datagram gets
-time-exceeded from the router's LAN address (one process; the pool sends no ICMP errors
-yet), and the final table lists the flows. With 1 worker and with the pool of 2.
+time-exceeded, a DF datagram over the WAN MTU frag-needed and UDP to the router's own
+address port unreachable, each from the router's LAN address (one process; the pool sends
+no ICMP errors yet), and the final table lists the flows. With 1 worker and with the pool of 2.
 Builds namespaces (run_router.py); skips with the reason without root, ip, nft,
 conntrack, ethtool or curl."""
 from __future__ import annotations
@@ -24,7 +25,7 @@ DURATION = 120       # seconds of routing at most; SIGINT ends it once the check
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_run_routes_and_masquerades_a_download_udp_and_a_ttl_probe(workers):
+def test_run_routes_and_masquerades_a_download_udp_and_icmp_probes(workers):
     why = RR.why_not()
     if why:
         pytest.skip(why)
@@ -37,6 +38,8 @@ def test_run_routes_and_masquerades_a_download_udp_and_a_ttl_probe(workers):
         curl, got = rr.download()
         udp = rr.client_python(RR.UDP_CLIENT)
         ttl = rr.client_python(RR.TTL_PROBE)
+        df = rr.client_python(RR.DF_PROBE)
+        local = rr.client_python(RR.LOCAL_PROBE)
         time.sleep(0.5)                 # the download's last ACKs reach the router
         run.interrupt()
         rc = run.wait(60)
@@ -56,12 +59,17 @@ def test_run_routes_and_masquerades_a_download_udp_and_a_ttl_probe(workers):
         f"got server log {http_log[-500:]!r}, want the router's WAN address as the client"
     want_udp = [f"ping{k} from 192.168.0.1" for k in range(3)]
     assert udp.split("\n")[:3] == want_udp, f"got UDP answers {udp!r}, want {want_udp}"
-    want_ttl = "time-exceeded from 10.0.0.3 code 0" if workers == 1 else "none"   # pool: no ICMP
-    assert ttl.strip() == want_ttl, f"got {ttl.strip()!r}, want {want_ttl!r}"
+    one = workers == 1          # the pool sends no ICMP errors (and checks no MTU) yet
+    want = {"ttl": "time-exceeded from 10.0.0.3 code 0",
+            "df": f"frag-needed from 10.0.0.3 code 4 mtu {RR.WAN_MTU}",
+            "local": "port-unreachable from 10.0.0.3 code 3"}
+    probes = {"ttl": ttl.strip(), "df": df.strip(), "local": local.strip()}
+    want = want if one else dict.fromkeys(want, "none")
+    assert probes == want, f"\ngot  {probes}\nwant {want}"
 
     line = next((x for x in run.out.splitlines() if x.startswith("routed ")), "")
     assert "ring drops: rtr-in=0 rtr-out=0" in line, f"got {line!r}, want no ring drops"
-    assert f"icmp_sent={int(workers == 1)}" in line and "no_neighbour=0" in line and "tx_full=0" in line, line
+    assert f"icmp_sent={3 * one}" in line and "no_neighbour=0" in line and "tx_full=0" in line, line
     conns = LR.parse_conns(run.out)
     http = {k: v for k, v in conns.items() if k[0] == "tcp" and k[4] == str(LR.HTTP_PORT)}
     assert len(http) == 1, f"got {http} from shardct's table, want the one download"

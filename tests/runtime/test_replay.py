@@ -133,3 +133,26 @@ def test_cli_replay_through_the_pool_writes_the_same_capture(tmp_path):
     one_b, two_b = one.read_bytes(), two.read_bytes()
     assert one_b == two_b, \
         f"--workers 2 capture got {len(two_b)} B, want --workers 1's {len(one_b)} B, byte for byte"
+
+
+def test_cli_replay_router_writes_its_own_icmp_errors(tmp_path):
+    """`shardct replay --router` writes the engine's errors beside the forwarded frames, on
+    the interface the offending packet came in by: frag-needed for a DF datagram over
+    wan0's mtu, port unreachable for UDP to the router's own address."""
+    from scapy.all import ICMP
+    (tmp_path / "r.toml").write_text(
+        '[interfaces.lan0]\naddress = ["10.0.0.3/24"]\n'
+        '[interfaces.wan0]\naddress = ["192.168.0.1/24"]\nmtu = 1400\n')
+    sent = [E / IP(src="10.0.0.2", dst="192.168.0.2", flags="DF") / UDP(sport=1, dport=2) / (b"b" * 1422),
+            E / IP(src="10.0.0.2", dst="192.168.0.2") / UDP(sport=3, dport=4) / b"fits",
+            E / IP(src="10.0.0.2", dst="10.0.0.3") / UDP(sport=5, dport=6) / b"anyone?"]
+    with PcapngWriter(str(tmp_path / "in.pcapng"), ["lan0", "wan0"]) as w:
+        w.write_batch(PacketBatch.from_frames([raw(p) for p in sent], ts=10**9, ifindex=0))
+    r = run("replay", str(tmp_path / "in.pcapng"), "-c", str(tmp_path / "r.toml"), "--router",
+            "-w", str(tmp_path / "out.pcapng"), "--list", "0", "--seed", "7")
+    assert r.returncode == 0, r.stderr
+    got = [(p.sniffed_on, p[IP].src, p[IP].dst) + ((p[ICMP].type, p[ICMP].code) if ICMP in p else ())
+           for p in PcapNgReader(str(tmp_path / "out.pcapng"))]
+    want = [("wan0", "10.0.0.2", "192.168.0.2"),
+            ("lan0", "10.0.0.3", "10.0.0.2", 3, 4), ("lan0", "10.0.0.3", "10.0.0.2", 3, 3)]
+    assert got == want, f"\ngot  {got}\nwant {want}"

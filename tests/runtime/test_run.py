@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 import pytest
-from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from shardct import ConnTrack
@@ -47,7 +47,11 @@ def test_forwarder_readdresses_routes_and_counts_what_stays():
     tx = [FakeTx(), FakeTx()]                              # lan0, wan0
     fwd = Forwarder(ec.network, tx, Neighbours(ec.neighbours, read_kernel=None))
     frames = [_from_lan("198.51.100.7"),                   # via the gateway, MASQUERADEd
-              _from_lan("192.0.2.1", sport=5001),           # the router's own address
+              _from_lan("192.0.2.1", sport=5001),           # the router's own address: UDP
+              bytes(Ether(src=CLIENT_MAC, dst=LAN_MAC) / IP(src="192.0.2.10", dst="192.0.2.1")
+                    / TCP(sport=5004, dport=22, flags="S")),  # ... TCP
+              bytes(Ether(src=CLIENT_MAC, dst=LAN_MAC) / IP(src="192.0.2.10", dst="192.0.2.1")
+                    / ICMP(id=7)),                          # ... and a ping (no answer here)
               _from_lan("192.0.2.20", sport=5002),          # on-link, MAC unknown
               _from_lan("198.51.100.8", ttl=1, sport=5003)]  # expires here
     batch = PacketBatch.from_frames(frames, ts=10**9, ifindex=0)
@@ -58,12 +62,18 @@ def test_forwarder_readdresses_routes_and_counts_what_stays():
     out = Ether(tx[1].frames[0])
     got = (out.src, out.dst, out[IP].src, out[IP].dst, out[IP].ttl)
     assert got == (WAN_MAC, GW_MAC, "203.0.113.2", "198.51.100.7", 63), got
-    assert len(tx[0].frames) == 1, f"got {len(tx[0].frames)} frames out of lan0, want the ICMP"
-    err = Ether(tx[0].frames[0])
-    got = (err.dst, err[IP].src, err[IP].dst, err[ICMP].type)
-    assert got == (CLIENT_MAC, "192.0.2.1", "192.0.2.10", 11), got
-    assert (fwd.forwarded, fwd.icmp_sent) == (1, 1)
-    want = {"engine": 1, "local": 1, "no_route": 0, "no_neighbour": 1, "tx_full": 0,
+    assert len(tx[0].frames) == 3, f"got {len(tx[0].frames)} frames out of lan0, want 3"
+    got = [(e.dst, e[IP].src, e[IP].dst) + ((e[ICMP].type, e[ICMP].code) if ICMP in e
+                                             else (str(e[TCP].flags),))
+           for e in map(Ether, tx[0].frames)]
+    want = [(CLIENT_MAC, "192.0.2.1", "192.0.2.10", 3, 3),     # port unreachable
+            (CLIENT_MAC, "192.0.2.1", "192.0.2.10", "RA"),     # the SYN's reset
+            (CLIENT_MAC, "192.0.2.1", "192.0.2.10", 11, 0)]    # time exceeded
+    assert got == want, got
+    assert (fwd.forwarded, fwd.icmp_sent) == (1, 3)
+    # the engine keeps the UDP and TCP (answered) and the expired frame home; the ping is
+    # local
+    want = {"engine": 3, "local": 1, "no_route": 0, "no_neighbour": 1, "tx_full": 0,
             "too_big": 0}
     assert dict(fwd.dropped) == want, f"got {dict(fwd.dropped)}, want {want}"
 
