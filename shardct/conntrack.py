@@ -100,13 +100,16 @@ class Result:
     (2*conn + direction, -1 when no conn) and ``forward[i]``: whether frame i leaves,
     with the engine's ``Config.drop_invalid`` applied (``forward_mask``). ``generated``:
     frames the engine originates for this batch (router mode: ICMP time-exceeded, see
-    icmp.py), each with the interface to leave by in ``ifindex``; None when none."""
+    icmp.py), each with the interface to leave by in ``ifindex``; None when none.
+    ``generated_by[j]``: the index in the batch of the frame generated frame j answers
+    (ascending; an error goes out right after the place of the frame it answers)."""
     verdict: np.ndarray
     tuple_id: np.ndarray
     meta: np.ndarray
     addr: np.ndarray
     forward: np.ndarray | None = None
     generated: PacketBatch | None = None
+    generated_by: np.ndarray | None = None
 
     def forward_mask(self, drop_invalid: bool | None = None) -> np.ndarray:
         """``forward``; or, given ``drop_invalid``, the mask under that setting."""
@@ -243,10 +246,20 @@ class ConnTrack:
         tid = np.empty(n, dtype=np.int64)
         self.parse_run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n],
                        self.config.checksum, parse_hash=True)
-        gen = None if self._icmp is None else self._icmp.generate(batch, meta, verdict, ts,
-                                                                   K.V_DROP)
+        gen, by = self.generate(batch, meta, verdict, ts)
         return Result(verdict, tid, meta, addr, forward_mask(verdict, self.config.drop_invalid),
-                      gen)
+                      gen, by)
+
+    def generate(self, batch: PacketBatch, meta, verdict, ts):
+        """(frames, causes): the frames the engine originates for a batch just tracked
+        (router mode: its ICMP errors; ``meta``, ``verdict``, ``ts``: that run's) and,
+        for each, the index of the frame it answers; (None, None) when none. Both
+        ``process`` and a pool's shard (shard.py) call this after the tracking kernel,
+        so one process and a pool generate the same frames."""
+        if self._icmp is None:
+            return None, None
+        got = self._icmp.generate(batch, meta, verdict, ts, K.V_DROP)
+        return (None, None) if got is None else got
 
     def parse_run(self, batch, meta, addr, hashes, ts, verdict, tid, given, validate: bool,
                   parse_hash: bool):

@@ -209,10 +209,11 @@ class TimeExceeded:
         self._rows = np.empty(0, dtype=np.int64)
 
     def generate(self, batch: PacketBatch, meta: np.ndarray, verdict: np.ndarray,
-                 ts: np.ndarray, v_drop: int) -> PacketBatch | None:
+                 ts: np.ndarray, v_drop: int) -> tuple[PacketBatch, np.ndarray] | None:
         """The errors for ``batch``'s TTL drops (``meta``: its parse; ``verdict``: the
         kernel's; ``ts``: the packets' times, ns, the rate limiter's clock), stamped
-        with the dropped packets' times; None when there are none."""
+        with the dropped packets' times, and for each the index in ``batch`` of the
+        frame it answers (ascending); None when there are none."""
         n = len(batch)
         if self._rows.shape[0] < n:
             self._rows = np.empty(max(n, 256), dtype=np.int64)
@@ -233,5 +234,27 @@ class TimeExceeded:
         keep = out_len > 0
         if not keep.any():
             return None
-        return PacketBatch(out, out_off[keep], out_len[keep], batch.ifindex[rows][keep].copy(),
-                           ts[rows][keep].copy())
+        return (PacketBatch(out, out_off[keep], out_len[keep], batch.ifindex[rows][keep].copy(),
+                            ts[rows][keep].copy()), rows[keep])
+
+
+@kernel
+def restamp_ids(buf, off, length, ident):
+    """Write ident[0], ident[0] + 1, ... (mod 2^16) into the IPv4 id of each frame in
+    order and fix its header checksum; IPv6 frames and anything not IPv4 behind
+    Ethernet (VLAN tags skipped) are left alone. The pool's sink gives the errors its
+    workers generated the ids one engine would have: one counter, in input order."""
+    for i in range(off.shape[0]):
+        o = off[i]
+        end = o + length[i]
+        p = o + 12
+        while p + 2 <= end and ((buf[p] == 0x81 and buf[p + 1] == 0x00)
+                                or (buf[p] == 0x88 and buf[p + 1] == 0xA8)):
+            p += 4
+        if p + 22 > end or buf[p] != 0x08 or buf[p + 1] != 0x00 or buf[p + 2] != 0x45:
+            continue
+        l3 = p + 2
+        put16(buf, l3 + 4, ident[0] & 0xFFFF)
+        ident[0] = (ident[0] + 1) & 0xFFFF
+        put16(buf, l3 + 10, 0)
+        put16(buf, l3 + 10, (~csum_fold(csum_add(buf, l3, 20, np.int64(0)))) & 0xFFFF)

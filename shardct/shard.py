@@ -474,6 +474,7 @@ class Shard:
         # frames are only gathered when results() is asked for them
         self.done: list[tuple[Packets, np.ndarray | None, np.ndarray]] = []
         self.held: list[Packets] = []                  # V_HOLD: wait for step 0's handoffs
+        self.generated: list[Packets] = []             # take_generated: ICMP errors
         self.deferred = Packets.empty()                # V_DEFER: wait for earlier creations
         self.reran = 0
         self.counts = {"handoffs_out": 0, "handoffs_in": 0, "bounces": 0, "reserve_requests": 0,
@@ -512,7 +513,18 @@ class Shard:
             self.now = max(self.now, int(pk.batch.ts.max()))
         self.ct.parse_run(pk.batch, meta, addr, pk.hashes, pk.batch.ts, verdict, tid, pk.given,
                           validate, parse_hash=False)
+        gen, by = self.ct.generate(pk.batch, meta, verdict, pk.batch.ts)
+        if gen is not None:         # each frame carries the sequence number of its cause
+            z = np.zeros(len(gen), dtype=np.int64)
+            self.generated.append(Packets(gen, z - 1, pk.seq[by], z, z - 1))
         return verdict, tid
+
+    def take_generated(self) -> Packets:
+        """The frames this shard's engine originated (its ICMP errors) since the last
+        call, in the order of the packets they answer: ``seq`` is that packet's sequence
+        number (``hashes`` and ``dep`` -1). Clears them."""
+        gen, self.generated = Packets.concat(self.generated), []
+        return self._sort(gen)
 
     def _sort(self, pk: Packets) -> Packets:
         order = np.argsort(pk.seq, kind="stable")

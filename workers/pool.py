@@ -76,6 +76,7 @@ from .supervisor import Supervisor
 
 STATS_EVERY = 64     # rounds between counter reports (and with the final table)
 DEFAULT_RING = 256 << 20
+GEN_MAX_BYTES = M.MAX_BUF // 8    # generated frames (ICMP errors) one RESULT carries at most
 
 
 def tcp_endpoints(n: int, host: str, worker_host: str, port: int) -> dict:
@@ -466,6 +467,7 @@ class _WorkerState:
             for key in [key for key in self.steps if key[0] <= r]:
                 self.late += len(self.steps.pop(key))
             res, verdict = self.shard.results(self.frames)
+            gen = self._generated()
             table = {}
             if r in self.final or r in self.dumps:
                 self.dumps.discard(r)
@@ -484,7 +486,7 @@ class _WorkerState:
                 b = res.batch
                 out = {"seq": res.seq, "ts": b.ts, "ifindex": b.ifindex}
             sink.send_multipart(M.encode_arrays(
-                M.RESULT, {**out, "verdict": verdict, **table}, worker=self.k,
+                M.RESULT, {**out, "verdict": verdict, **gen, **table}, worker=self.k,
                 round=r, gen=self.gen, entries=self.shard.ct.table.count, deleted=deleted,
                 **extra), copy=False)
             self.shard.counts["busy_us"] += int((time.perf_counter() - t0) * 1e6)
@@ -496,6 +498,22 @@ class _WorkerState:
             self.shard.reap_until(max(self.shard.now, self.clocks.pop(r, 0)))
             r += 1
             yield
+
+    def _generated(self) -> dict:
+        """The round's generated frames (the engine's ICMP errors, Shard.take_generated)
+        as RESULT arrays ``gen.*`` (their ``seq``: the packet each answers), when results
+        carry frames; at most GEN_MAX_BYTES of them, the rest counted in
+        ``generated_cut``."""
+        gen = self.shard.take_generated()
+        if not self.frames or not len(gen):
+            return {}
+        ends = np.cumsum(gen.batch.length.astype(np.int64))
+        fit = int(np.searchsorted(ends, GEN_MAX_BYTES, side="right"))
+        if fit < len(gen):
+            c = self.shard.counts
+            c["generated_cut"] = c.get("generated_cut", 0) + len(gen) - fit
+            gen = gen.take(np.arange(fit))
+        return pk_arrays("gen.", gen)
 
     def _snapshot(self):
         """Between rounds, when one is due: this shard's state to its snapshot file.
@@ -745,13 +763,15 @@ class Pool:
         self.log = log
         self.totals = {"packets_in": 0, "packets_out": 0, "lost_packets": 0, "rounds": 0,
                        "lost_conns": 0, "restored_conns": self.carried, "deleted": 0,
-                       "wire_errors": 0}
+                       "wire_errors": 0, "generated": 0}
         self._lost_by = [0] * self.n     # entries counted lost at each worker's last death
         self.worker_stats: dict[int, dict] = {}
         self.worker_counts: dict[int, dict] = {}
         self.dispatcher_counts: dict[str, int] = {}
         self.entries = [0] * self.n
         self.round_latency = Latency()     # dispatch (or ROUND) to emit, per round
+        self._with_generated = False       # feed(generated=True): emit gets the ICMP errors
+        self._gen_ident = np.array([seed & 0xFFFF], dtype=np.int64)   # as icmp.TimeExceeded
         self.tables: dict[int, dict] = {}     # worker -> its conns after the last round
 
     def _rehash(self, old_dir, seed, rules, network, router, log) -> int:
@@ -847,18 +867,24 @@ class Pool:
         if self.ring is not None:
             self.ring.unlink()
 
-    def run(self, batches, emit=None, timeout_s: float = 600.0) -> dict:
+    def run(self, batches, emit=None, timeout_s: float = 600.0, generated: bool = False) -> dict:
         """start, feed every batch and the final (table) round, stop."""
         self.start()
         try:
-            return self.feed(batches, emit, timeout_s, final=True)
+            return self.feed(batches, emit, timeout_s, final=True, generated=generated)
         finally:
             self.stop()
 
-    def feed(self, batches, emit=None, timeout_s: float = 600.0, final: bool = False) -> dict:
+    def feed(self, batches, emit=None, timeout_s: float = 600.0, final: bool = False,
+             generated: bool = False) -> dict:
         """Dispatch every batch and wait until every round is out. ``emit(packets,
         verdicts)`` gets each round in sequence order (None: only count). ``final``: end
-        with an empty round that brings every worker's table back (``conns()``)."""
+        with an empty round that brings every worker's table back (``conns()``).
+        ``generated`` (a pool with ``frames``): ``emit(packets, verdicts, generated)``,
+        where ``generated`` are the frames the workers' engines originated for the round
+        (router mode: ICMP errors, each with the interface to leave by in ``ifindex``),
+        as Packets whose ``seq`` is the packet each answers, in that order."""
+        self._with_generated = generated
         batches = _within_limits(batches, M.MAX_BUF // 2 if self.ring is None
                                  else min(M.MAX_BUF // 2, self.ring.size // 4))
         if self.dispatcher_process:
@@ -1043,7 +1069,10 @@ class Pool:
                 pk = pk.take(order)
                 if pk.batch.shared:     # the ring space is reused once this round is out
                     pk = Packets(compact(pk.batch), pk.hashes, pk.seq, pk.given, pk.dep)
-                emit(pk, v[order])
+                if self._with_generated:
+                    emit(pk, v[order], self._round_generated(got.get("gen", [])))
+                else:
+                    emit(pk, v[order])
             if self.next_emit in self.dump_rounds:
                 self.dump_rounds.discard(self.next_emit)
                 self.dumped += 1
@@ -1053,6 +1082,19 @@ class Pool:
             self.next_emit += 1
         if self.ring is not None:
             self._release()
+
+    def _round_generated(self, parts: list) -> Packets:
+        """A round's generated frames from every worker, in the order of the packets
+        they answer, with the IPv4 ids one engine gives its errors (one counter from the
+        seed, in that order; each worker's own counter would repeat the others')."""
+        from shardct.icmp import restamp_ids
+        gen = Packets.concat(parts)
+        if len(gen):
+            gen = gen.take(np.argsort(gen.seq, kind="stable"))
+            b = gen.batch
+            restamp_ids(b.buf, b.off, b.length, self._gen_ident)
+            self.totals["generated"] += len(gen)
+        return gen
 
     def _note_restarts(self, gen, next_round):
         for k in range(self.n):
@@ -1127,8 +1169,11 @@ class Pool:
             if "stats" in h:
                 self.worker_stats[(k, g)] = h["stats"]
                 self.worker_counts[(k, g)] = h["counts"]
+            gen = pk_from("gen.", a) if "gen.off" in a else None     # frames in the message
             if rr in pending or (self.dispatcher_process and rr >= self.next_emit):
                 pending.setdefault(rr, {"n": None, "got": {}})["got"][k] = (pk, v)
+                if gen is not None:
+                    pending[rr].setdefault("gen", []).append(gen)
                 if "ev" in a and len(a["ev"]):
                     pending[rr].setdefault("ev", []).append((a["ev"], a["evaddr"]))
             if "conn.id" in a:

@@ -16,8 +16,10 @@ kernel's neighbour table; a next hop with neither is dropped and counted in
 ``no_neighbour``: shardct does not ARP). The engine's ICMP errors leave by their ingress
 interface. Frames for the router's own addresses are not forwarded (``local``).
 ``--workers 1`` runs the engine in this process; more run the worker pool
-(workers/pool.py), which gives the frames back rewritten in input order and sends no ICMP
-errors yet (a TTL expiry is then a silent drop).
+(workers/pool.py), which gives the frames back rewritten in input order with the ICMP
+errors its workers' engines generated. The rate limit of those errors (icmp_ratelimit)
+is then per worker: a host's packets spread over the workers by flow, so it may get up
+to N times Linux's burst (Linux keeps one bucket per peer for the whole host).
 
 The host must not route or answer for these interfaces itself: turn its forwarding off
 (``net.ipv4.ip_forward=0``) and keep its stack off the router's addresses (no addresses
@@ -55,7 +57,7 @@ def add_parser(sub):
                    help="engine config (TOML) naming the interfaces; see configs/home-router.toml")
     p.add_argument("--workers", type=A.workers, default=1,
                    help="1: the engine in this process (default); more (or 'auto'): the "
-                        "worker pool, which does not send ICMP errors yet")
+                        "worker pool (ICMP errors rate-limited per worker)")
     p.add_argument("--duration", type=float, default=0.0,
                    help="stop after this many seconds of routing (0: at SIGINT/SIGTERM)")
     p.add_argument("--seed", type=A.seed, default=None,
@@ -174,6 +176,9 @@ class Forwarder:
         return out
 
     def _send(self, batch, keep, egress, counter):
+        known = (egress >= 0) & (egress < len(self.tx))
+        self.dropped["no_route"] += int((keep & ~known).sum())
+        keep = keep & known
         for ifx in np.unique(egress[keep]):
             sel = keep & (egress == ifx)
             ring = self.tx[int(ifx)]
@@ -329,8 +334,8 @@ def _route_loop(cfg, rules, network, seed, fwd, merge, stop, log):
 
 def _route_pool(args, cfg, rules, network, fwd, merge, stop, log):
     """The engine as a worker pool (workers/pool.py): frames come back rewritten in input
-    order and are routed and sent in emit. The pool generates no ICMP errors (a TTL
-    expiry is a silent drop). Returns as _route_loop."""
+    order and are routed and sent in emit, with the ICMP errors the workers generated
+    (out of their ingress interface). Returns as _route_loop."""
     from shardct.batch import compact
     from shardct.conntrack import forward_mask
     from .afpacket import ring_batches
@@ -340,12 +345,12 @@ def _route_pool(args, cfg, rules, network, fwd, merge, stop, log):
     verdicts = Counter()
     last = [0]
 
-    def emit(pk, v):
+    def emit(pk, v, gen):
         _count(verdicts, v)
         if not len(pk):
             return
         b = compact(pk.batch) if pk.batch.shared else pk.batch   # ours to re-address
-        fwd(b, forward_mask(v, cfg.drop_invalid))
+        fwd(b, forward_mask(v, cfg.drop_invalid), gen.batch)
         last[0] = max(last[0], int(b.ts.max()))
 
     pool.start()
@@ -354,7 +359,7 @@ def _route_pool(args, cfg, rules, network, fwd, merge, stop, log):
         log(f"ready, routing {' '.join(r.ifname for r in merge.rings)} with {pool.n} workers")
         totals = pool.feed(ring_batches(merge.rings, stop, merge=merge, log=log), emit=emit,
                            timeout_s=(args.duration + 120) if args.duration > 0 else 10**9,
-                           final=True)
+                           final=True, generated=True)
     finally:
         pool.stop()
     log(f"lost_packets={totals['lost_packets']} lost_conns={totals['lost_conns']} "
