@@ -77,6 +77,7 @@ from .supervisor import Supervisor
 STATS_EVERY = 64     # rounds between counter reports (and with the final table)
 DEFAULT_RING = 256 << 20
 GEN_MAX_BYTES = M.MAX_BUF // 8    # generated frames (ICMP errors) one RESULT carries at most
+IDLE_WAIT_MS = 50    # feed(wake=): longest wait for a result or the source's descriptors
 
 
 def tcp_endpoints(n: int, host: str, worker_host: str, port: int) -> dict:
@@ -876,15 +877,26 @@ class Pool:
             self.stop()
 
     def feed(self, batches, emit=None, timeout_s: float = 600.0, final: bool = False,
-             generated: bool = False) -> dict:
+             generated: bool = False, wake=None) -> dict:
         """Dispatch every batch and wait until every round is out. ``emit(packets,
         verdicts)`` gets each round in sequence order (None: only count). ``final``: end
         with an empty round that brings every worker's table back (``conns()``).
         ``generated`` (a pool with ``frames``): ``emit(packets, verdicts, generated)``,
         where ``generated`` are the frames the workers' engines originated for the round
         (router mode: ICMP errors, each with the interface to leave by in ``ifindex``),
-        as Packets whose ``seq`` is the packet each answers, in that order."""
+        as Packets whose ``seq`` is the packet each answers, in that order.
+        ``wake``: what a live source that does not block reads (file descriptors or
+        objects with ``fileno()``): once it comes back with an empty batch, the pool
+        waits for a result or for one of these to be readable, whichever comes first
+        (at most IDLE_WAIT_MS), instead of the source waiting for input while results
+        wait for it."""
         self._with_generated = generated
+        self._idle = None
+        if wake:
+            self._idle = zmq.Poller()
+            self._idle.register(self.rx, zmq.POLLIN)
+            for w in wake:
+                self._idle.register(w, zmq.POLLIN)
         batches = _within_limits(batches, M.MAX_BUF // 2 if self.ring is None
                                  else min(M.MAX_BUF // 2, self.ring.size // 4))
         if self.dispatcher_process:
@@ -927,7 +939,7 @@ class Pool:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"pool did not finish round {self.next_emit} in {timeout_s} s")
             # ---- collect results (a live source that came back empty already waited)
-            if self.rx.poll(0 if idle else 20):
+            if self._wait_results(idle):
                 self._recv(self.pending, self.first)
             self._emit_ready(emit)
 
@@ -953,6 +965,9 @@ class Pool:
                 if b is None:
                     done_src = True
                     break
+                if not len(b):
+                    idle = True         # a live source had nothing: nothing to send
+                    break
                 self.totals["packets_in"] += len(b)
                 if self.ring is not None:
                     self.src.send_multipart(M.encode_arrays(
@@ -962,9 +977,6 @@ class Pool:
                     self.src.send_multipart(M.encode_batch(b, seq=self.batches_sent,
                                                            events=self.want_events), copy=False)
                 self.batches_sent += 1
-                if not len(b):
-                    idle = True
-                    break
             if done_src and not sent_end and self.batches_acked == self.batches_sent:
                 self.src.send(M.encode(M.END))
                 sent_end = True
@@ -973,12 +985,23 @@ class Pool:
                 return self.totals
             if time.monotonic() > deadline:
                 raise TimeoutError(f"pool did not finish round {self.next_emit} in {timeout_s} s")
-            if self.rx.poll(0 if idle else 20):
+            if self._wait_results(idle):
                 self._recv(self.pending, self.first)
             before = self.next_emit
             self._emit_ready(emit)
             if self.next_emit != before:
                 self.src.send(M.encode(M.ACK, emitted=self.next_emit))
+
+    def _wait_results(self, idle: bool) -> bool:
+        """Whether a result is waiting: after waiting up to 20 ms for one while the input
+        is busy (the window or the dispatcher is full), not at all when a live source
+        came back empty (it waited for input itself), or, with ``feed(wake=)``, until a
+        result or input comes."""
+        if not idle:
+            return bool(self.rx.poll(20))
+        if self._idle is None:
+            return bool(self.rx.poll(0))
+        return self.rx in dict(self._idle.poll(IDLE_WAIT_MS))
 
     def _input(self, it, seq):
         """The next input batch, copied into the ring when there is one; None at the end
