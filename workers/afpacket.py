@@ -64,6 +64,18 @@ def _put32(a, o, v):
     a[o + 3] = (v >> 24) & 0xFF
 
 
+@numba.njit(inline="always", cache=True)
+def _copy_frame(ring, hdr, mac_at, snap, out, o, out_off, out_len, out_ts, n, ts):
+    """Frame n: the snap bytes at hdr + the u16 at mac_at (the header's tp_mac) to
+    out[o:], with its offset, length and time."""
+    src = hdr + (np.uint64(ring[mac_at]) | (np.uint64(ring[mac_at + np.uint64(1)]) << np.uint64(8)))
+    for j in range(snap):
+        out[o + j] = ring[src + j]
+    out_off[n] = o
+    out_len[n] = snap
+    out_ts[n] = ts
+
+
 @numba.njit(cache=True)
 def rx_drain(ring, block_size, n_blocks, block, out, out_off, out_len, out_ts):
     """Copy every frame of the retired blocks from ``block`` on into out (whole blocks
@@ -86,13 +98,8 @@ def rx_drain(ring, block_size, n_blocks, block, out, out_off, out_len, out_ts):
             sec = np.int64(_u32(ring, p + np.uint64(4)))
             nsec = np.int64(_u32(ring, p + np.uint64(8)))
             snap = np.uint64(_u32(ring, p + np.uint64(12)))
-            mac = np.uint64(ring[p + np.uint64(24)]) | (np.uint64(ring[p + np.uint64(25)]) << np.uint64(8))
-            src = p + mac
-            for j in range(snap):
-                out[o + j] = ring[src + j]
-            out_off[n] = o
-            out_len[n] = snap
-            out_ts[n] = sec * 1_000_000_000 + nsec
+            _copy_frame(ring, p, p + np.uint64(24), snap, out, o, out_off, out_len, out_ts, n,
+                        sec * 1_000_000_000 + nsec)
             o += snap
             n += 1
             nxt = np.uint64(_u32(ring, p))
@@ -124,14 +131,9 @@ def rx2_drain(ring, frame_size, n_frames, head, max_n, out, out_off, out_len, ou
         else:
             if o + snap > cap:
                 break
-            mac = np.uint64(ring[s + np.uint64(12)]) | (np.uint64(ring[s + np.uint64(13)]) << np.uint64(8))
-            src = s + mac
-            for j in range(snap):
-                out[o + j] = ring[src + j]
-            out_off[n] = o
-            out_len[n] = snap
-            out_ts[n] = (np.int64(_u32(ring, s + np.uint64(16))) * 1_000_000_000
-                         + np.int64(_u32(ring, s + np.uint64(20))))
+            _copy_frame(ring, s, s + np.uint64(12), snap, out, o, out_off, out_len, out_ts, n,
+                        np.int64(_u32(ring, s + np.uint64(16))) * 1_000_000_000
+                        + np.int64(_u32(ring, s + np.uint64(20))))
             o += snap
             n += 1
         _put32(ring, s, TP_STATUS_KERNEL)
