@@ -443,7 +443,7 @@ class RingMerge:
 
     def _append(self, i, r):
         n0, b0 = self.n, self.nbytes
-        k = r.drain_into(self.buf[b0:], self.off[n0:], self.length[n0:], self.ts[n0:], True)
+        k = r.drain_into(self.buf[b0:], self.off[n0:], self.length[n0:], self.ts[n0:], limit=True)
         if k == 0:
             return
         self.read[i] += k
