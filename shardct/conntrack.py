@@ -103,13 +103,16 @@ class Result:
     for the router's own addresses without ``Config.local_delivery`` (answered here:
     kept home). ``generated``: frames the engine originates for this batch (router mode:
     ICMP time-exceeded, frag-needed / packet-too-big, port unreachable; TCP RSTs; see
-    icmp.py), each with the interface to leave by in ``ifindex``; None when none."""
+    icmp.py), each with the interface to leave by in ``ifindex``; None when none.
+    ``generated_by[j]``: the index in the batch of the frame generated frame j answers
+    (ascending; an error goes out right after the place of the frame it answers)."""
     verdict: np.ndarray
     tuple_id: np.ndarray
     meta: np.ndarray
     addr: np.ndarray
     forward: np.ndarray | None = None
     generated: PacketBatch | None = None
+    generated_by: np.ndarray | None = None
 
     def forward_mask(self, drop_invalid: bool | None = None) -> np.ndarray:
         """``forward``; or, given ``drop_invalid``, the mask under that setting."""
@@ -251,17 +254,33 @@ class ConnTrack:
         self.parse_run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n],
                        self.config.checksum, parse_hash=True)
         fwd = forward_mask(verdict, self.config.drop_invalid)
-        gen = None if self._icmp is None else self._icmp.generate(
-            batch, meta, verdict, fwd, tid, ts, self.table, K.V_DROP, K.V_ACCEPT)
-        if self._icmp is not None and self._icmp.too_big is not None:
+        gen, by = self.generate(batch, meta, verdict, fwd, tid, ts)
+        return Result(verdict, tid, meta, addr, fwd, gen, by)
+
+    def generate(self, batch: PacketBatch, meta, verdict, fwd, tid, ts, alone: bool = True):
+        """(frames, causes): the frames the engine originates for a batch just tracked
+        (router mode: its ICMP errors and RSTs; ``meta``, ``verdict``, ``tid``, ``ts``:
+        that run's, ``fwd`` its forward mask; frames it drops or keeps home are marked in
+        ``verdict`` and ``fwd``) and, for each, the index of the frame it answers; (None,
+        None) when none. Both ``process`` and a pool's shard (shard.py) call this after
+        the tracking kernel. ``alone``: this engine owns its whole table (not a shard), so
+        a conn whose only packet was dropped over the MTU is withdrawn and RSTs are
+        tracked as locally generated here."""
+        if self._icmp is None:
+            return None, None
+        got = self._icmp.generate(batch, meta, verdict, fwd, tid, ts, self.table, K.V_DROP,
+                                  K.V_ACCEPT)
+        if alone and self._icmp.too_big is not None:
             # dropped before POSTROUTING, where Linux confirms: a conn one created is gone
             t = self.table
             K.withdraw_new(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
                            t.tbl, self.stats_arr, self.cfg, self.ev, self.evaddr, tid,
                            self._icmp.too_big, ts)
-        if gen is not None and self._icmp.resets is not None:
-            self._track_local(gen, self._icmp.resets)
-        return Result(verdict, tid, meta, addr, fwd, gen)
+        if got is None:
+            return None, None
+        if alone and self._icmp.resets is not None:
+            self._track_local(got[0], self._icmp.resets)
+        return got
 
     def _track_local(self, gen: PacketBatch, rows: np.ndarray):
         """Track frames ``rows`` of ``gen`` as locally generated (no ingress interface:

@@ -452,7 +452,7 @@ class IcmpErrors:
 
     def generate(self, batch: PacketBatch, meta: np.ndarray, verdict: np.ndarray,
                  forward: np.ndarray, tid: np.ndarray, ts: np.ndarray, table,
-                 v_drop: int, v_accept: int) -> PacketBatch | None:
+                 v_drop: int, v_accept: int) -> tuple[PacketBatch, np.ndarray] | None:
         """The errors for ``batch`` after the tracking kernel (``meta``: its parse;
         ``verdict``, ``tid``: the kernel's; ``forward``: the forward mask; ``ts``: the
         packets' times, ns, the rate limiter's clock; ``table``: the ConnTable the tuple
@@ -460,7 +460,8 @@ class IcmpErrors:
         keeps home (see error_rows). The errors carry the offending packets' times;
         None when there are none. ``self.resets``: indices of the TCP resets among them,
         which the engine tracks as locally generated packets; ``self.too_big``: the
-        frames of ``batch`` dropped over their MTU (each None when there are none)."""
+        frames of ``batch`` dropped over their MTU (each None when there are none). Returns
+        (errors, for each the index in ``batch`` of the frame it answers, ascending)."""
         n = len(batch)
         self.resets = self.too_big = None
         if self._rows.shape[0] < n:
@@ -497,5 +498,27 @@ class IcmpErrors:
             return None
         rst = np.flatnonzero(kinds[keep] == TCP_RESET)
         self.resets = rst if len(rst) else None
-        return PacketBatch(out, out_off[keep], out_len[keep], batch.ifindex[rows][keep].copy(),
-                           ts[rows][keep].copy())
+        return (PacketBatch(out, out_off[keep], out_len[keep], batch.ifindex[rows][keep].copy(),
+                            ts[rows][keep].copy()), rows[keep])
+
+
+@kernel
+def restamp_ids(buf, off, length, ident):
+    """Write ident[0], ident[0] + 1, ... (mod 2^16) into the IPv4 id of each frame in
+    order and fix its header checksum; IPv6 frames and anything not IPv4 behind
+    Ethernet (VLAN tags skipped) are left alone. The pool's sink gives the errors its
+    workers generated the ids one engine would have: one counter, in input order."""
+    for i in range(off.shape[0]):
+        o = off[i]
+        end = o + length[i]
+        p = o + 12
+        while p + 2 <= end and ((buf[p] == 0x81 and buf[p + 1] == 0x00)
+                                or (buf[p] == 0x88 and buf[p + 1] == 0xA8)):
+            p += 4
+        if p + 22 > end or buf[p] != 0x08 or buf[p + 1] != 0x00 or buf[p + 2] != 0x45:
+            continue
+        l3 = p + 2
+        put16(buf, l3 + 4, ident[0] & 0xFFFF)
+        ident[0] = (ident[0] + 1) & 0xFFFF
+        put16(buf, l3 + 10, 0)
+        put16(buf, l3 + 10, (~csum_fold(csum_add(buf, l3, 20, np.int64(0)))) & 0xFFFF)

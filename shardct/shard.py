@@ -97,7 +97,7 @@ from . import track as K
 from . import wire
 from .batch import PacketBatch, concat, take
 from .config import Config
-from .conntrack import REAP_FRACTION, REAP_MAX_INTERVAL, ConnTrack
+from .conntrack import REAP_FRACTION, REAP_MAX_INTERVAL, ConnTrack, forward_mask
 from .errors import InvariantViolation
 from .hashing import addr_words, hash_batch, hash_key, owner_of_bucket, owner_slices, owners
 from .scatter import frames_in_order, group, part_of
@@ -464,6 +464,10 @@ class Shard:
         self.nb = self.config.n_buckets
         self.ct = ConnTrack(self.config, seed=seed, rules=rules, network=network, router=router,
                             rng=rng, shard=(k, n), owned=owner_slices(n, self.nb)[k])
+        if self.ct._icmp is not None:
+            # a shard does not answer for the router's own addresses (port unreachable,
+            # RST): the RST would have to be tracked where its conn's reply tuple lives
+            self.ct._icmp.answer_local = False
         self._out: dict[int, dict[str, list]] = {}
         self._reset_out()
         # per conn slot: PEND_REQ pending and requested, PEND_AGAIN committed and
@@ -474,6 +478,7 @@ class Shard:
         # frames are only gathered when results() is asked for them
         self.done: list[tuple[Packets, np.ndarray | None, np.ndarray]] = []
         self.held: list[Packets] = []                  # V_HOLD: wait for step 0's handoffs
+        self.generated: list[Packets] = []             # take_generated: ICMP errors
         self.deferred = Packets.empty()                # V_DEFER: wait for earlier creations
         self.reran = 0
         self.counts = {"handoffs_out": 0, "handoffs_in": 0, "bounces": 0, "reserve_requests": 0,
@@ -512,7 +517,20 @@ class Shard:
             self.now = max(self.now, int(pk.batch.ts.max()))
         self.ct.parse_run(pk.batch, meta, addr, pk.hashes, pk.batch.ts, verdict, tid, pk.given,
                           validate, parse_hash=False)
+        gen, by = self.ct.generate(pk.batch, meta, verdict,
+                                   forward_mask(verdict, self.ct.config.drop_invalid), tid,
+                                   pk.batch.ts, alone=False)
+        if gen is not None:         # each frame carries the sequence number of its cause
+            z = np.zeros(len(gen), dtype=np.int64)
+            self.generated.append(Packets(gen, z - 1, pk.seq[by], z, z - 1))
         return verdict, tid
+
+    def take_generated(self) -> Packets:
+        """The frames this shard's engine originated (its ICMP errors) since the last
+        call, in the order of the packets they answer: ``seq`` is that packet's sequence
+        number (``hashes`` and ``dep`` -1). Clears them."""
+        gen, self.generated = Packets.concat(self.generated), []
+        return self._sort(gen)
 
     def _sort(self, pk: Packets) -> Packets:
         order = np.argsort(pk.seq, kind="stable")

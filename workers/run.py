@@ -23,8 +23,10 @@ and RST as a host with no listener does (``Config.local_delivery``, which a TAP 
 The control socket (``shardct conntrack``, workers/control.py) serves the table, the
 counters, events and the original-destination query.
 ``--workers 1`` runs the engine in this process; more run the worker pool
-(workers/pool.py), which gives the frames back rewritten in input order and sends no ICMP
-errors yet (a TTL expiry is then a silent drop).
+(workers/pool.py), which gives the frames back rewritten in input order with the ICMP
+errors its workers' engines generated. The rate limit of those errors (icmp_ratelimit)
+is then per worker: a host's packets spread over the workers by flow, so it may get up
+to N times Linux's burst (Linux keeps one bucket per peer for the whole host).
 
 The host must not route or answer for these interfaces itself: turn its forwarding off
 (``net.ipv4.ip_forward=0``) and keep its stack off the router's addresses (no addresses
@@ -54,7 +56,13 @@ from shardct import track as K
 from . import argtypes as A
 from .tap import open_local
 
-RX_RETIRE_MS = 1        # a V3 block reaches us when full or after this: the added latency
+# RX rings are TPACKET_V2 (a slot per frame, readable as soon as the kernel wrote it): a
+# V3 block reaches the reader only when full or at its retire timer (1 ms at least), which
+# was half of the 2 ms echo round trip through `run --workers 1` (bench/run_router.py).
+# A slot holds one frame whatever its size: 64 MiB of 2 KiB slots are 32768 frames, half
+# a second of a 60 kpps burst the router cannot follow (a V3 ring of 32 MiB packed some
+# 200k small frames)
+RX_RING_BYTES = 64 << 20
 REFRESH_S = 1.0         # the kernel's neighbour table is read again at most this often
 STATS_S = 1.0           # ring drop counters are read this often
 REASONS = ("engine", "local", "no_route", "no_neighbour", "tx_full", "too_big")
@@ -67,7 +75,7 @@ def add_parser(sub):
                    help="engine config (TOML) naming the interfaces; see configs/home-router.toml")
     p.add_argument("--workers", type=A.workers, default=1,
                    help="1: the engine in this process (default); more (or 'auto'): the "
-                        "worker pool, which does not send ICMP errors yet")
+                        "worker pool (ICMP errors rate-limited per worker)")
     p.add_argument("--duration", type=float, default=0.0,
                    help="stop after this many seconds of routing (0: at SIGINT/SIGTERM)")
     p.add_argument("--seed", type=A.seed, default=None,
@@ -172,7 +180,10 @@ class Forwarder:
         if idx.shape[0] == 0:
             return keep
         key = np.column_stack((r.ipver[idx].astype(np.uint64), r.nexthop[idx]))
-        hops, inv = np.unique(key, axis=0, return_inverse=True)
+        if (key == key[0]).all():       # one next hop (always so for one frame): no sort
+            hops, inv = key[:1], np.zeros(idx.shape[0], dtype=np.int64)
+        else:
+            hops, inv = np.unique(key, axis=0, return_inverse=True)
         hop_mac = np.zeros((hops.shape[0], 6), dtype=np.uint8)
         known = np.zeros(hops.shape[0], dtype=np.bool_)
         for h, (ver, hi, lo) in enumerate(hops):
@@ -191,6 +202,9 @@ class Forwarder:
         return out
 
     def _send(self, batch, keep, egress, counter):
+        known = (egress >= 0) & (egress < len(self.tx))
+        self.dropped["no_route"] += int((keep & ~known).sum())
+        keep = keep & known
         for ifx in np.unique(egress[keep]):
             sel = keep & (egress == ifx)
             ring = self.tx[int(ifx)]
@@ -201,9 +215,48 @@ class Forwarder:
             self.dropped["tx_full"] += int(sel.sum()) - sent - (ring.too_big - big)
 
 
+class Delay:
+    """How long frames spend in the router: from each frame's kernel RX stamp
+    (CLOCK_REALTIME, taken as the frame enters the RX ring) to a stage (``read``: out of
+    the rings; ``sent``: its batch was routed and handed to the TX rings, dropped frames
+    included), the last SAMPLES frames per stage. Owner: the routing thread."""
+    SAMPLES = 1 << 16
+
+    def __init__(self, clock=time.time_ns):
+        self.clock = clock
+        self.samples: dict[str, np.ndarray] = {}
+        self.count: dict[str, int] = {}
+
+    def observe(self, stage: str, ts: np.ndarray):
+        if not len(ts):
+            return
+        d = self.clock() - ts[-self.SAMPLES:]
+        buf = self.samples.setdefault(stage, np.zeros(self.SAMPLES, dtype=np.int64))
+        n = self.count.get(stage, 0)
+        at = (n + np.arange(len(d))) % self.SAMPLES
+        buf[at] = d
+        self.count[stage] = n + len(d)
+
+    def summary(self) -> str:
+        """``stage p50/p99 us`` for each stage seen."""
+        out = []
+        for stage, buf in self.samples.items():
+            d = buf[:min(self.count[stage], self.SAMPLES)] / 1000.0
+            out.append(f"{stage} p50/p99 {np.percentile(d, 50):.0f}/{np.percentile(d, 99):.0f} us")
+        return "; ".join(out) if out else "no frames"
+
+
 def _address(ver: int, hi: int, lo: int):
     from shardct.hashing import words_addr
     return ipaddress.ip_address(words_addr(hi, lo, ver))
+
+
+def _slot_size(mtu: int) -> int:
+    """A ring slot for a frame of this MTU: the Ethernet header, a VLAN tag and the
+    slot's own header (tpacket2_hdr and sockaddr_ll, 66 bytes before the frame) fit;
+    a power of two, 2048 at least."""
+    need = mtu + 14 + 4 + 80
+    return max(2048, 1 << (need - 1).bit_length())
 
 
 def cmd_run(args) -> int:
@@ -254,8 +307,11 @@ def _cmd_run(args) -> int:
     try:
         try:
             for k, name in enumerate(names):
-                rx.append(RxRing(name, k, timeout_ms=RX_RETIRE_MS))
-                tx.append(TxRing(name))
+                slot = _slot_size(network.interfaces[k].mtu)
+                block = max(1 << 17, slot)
+                rx.append(RxRing(name, k, version=2, frame_size=slot, block_size=block,
+                                 blocks=max(1, RX_RING_BYTES // block)))
+                tx.append(TxRing(name, frame_size=slot))
         except OSError as e:
             print(f"shardct run: {names[len(tx)]}: {e}", file=sys.stderr)
             return 2
@@ -269,10 +325,12 @@ def _cmd_run(args) -> int:
         # read before its cause; per ring the kernel's order is kept
         merge = RingMerge(rx, hold_ms=0)
         stop = _stopper(args, state)
+        delay = Delay()
         if args.workers == 1:
-            out = _route_loop(cfg, rules, network, args.seed, fwd, merge, stop, log, tap)
+            out = _route_loop(cfg, rules, network, args.seed, fwd, merge, stop, log, delay,
+                              tap)
         else:
-            out = _route_pool(args, cfg, rules, network, fwd, merge, stop, log, tap)
+            out = _route_pool(args, cfg, rules, network, fwd, merge, stop, log, delay, tap)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -293,7 +351,9 @@ def _cmd_run(args) -> int:
           + f"; forwarded={fwd.forwarded} delivered={fwd.delivered} icmp_sent={fwd.icmp_sent}"
           + "; dropped: "
           + " ".join(f"{k}={v}" for k, v in fwd.dropped.items())
-          + f"; ring drops: {per_ring(r.drops for r in rx)}")
+          + f"; ring drops: {per_ring(r.drops for r in rx)}"
+          + f"; longer than a ring slot: {per_ring(r.truncated for r in rx)}")
+    print(f"time in the router from the kernel's RX stamp: {delay.summary()}")
     _summary(args, stats, conns, last_ts)
     return 0
 
@@ -321,7 +381,7 @@ def engine_control(ct):
     return ControlServer(EngineView(ct), zmq.Context.instance(), "run")
 
 
-def _route_loop(cfg, rules, network, seed, fwd, merge, stop, log, tap=None):
+def _route_loop(cfg, rules, network, seed, fwd, merge, stop, log, delay, tap=None):
     """The engine in this process: read (the rings, then the local TAP if any), process,
     route and send until stop(), serving the control socket between batches; returns
     (verdict counts, last time, stats, conns, 1)."""
@@ -338,9 +398,11 @@ def _route_loop(cfg, rules, network, seed, fwd, merge, stop, log, tap=None):
         nonlocal last_ts
         if not len(batch):
             return
+        delay.observe("read", batch.ts)
         res = ct.process(batch)
         _count(verdicts, res.verdict)
         fwd(batch, res.forward, res.generated, res.meta)
+        delay.observe("sent", batch.ts)
         last_ts = max(last_ts, int(batch.ts.max()))
         if control.pool.want_events:
             ev = ct.event_rows()
@@ -373,36 +435,46 @@ def _route_loop(cfg, rules, network, seed, fwd, merge, stop, log, tap=None):
     return verdicts, last_ts, ct.stats(), list(ct.conns(now=last_ts)), 1
 
 
-def _route_pool(args, cfg, rules, network, fwd, merge, stop, log, tap=None):
+def _route_pool(args, cfg, rules, network, fwd, merge, stop, log, delay, tap=None):
     """The engine as a worker pool (workers/pool.py): frames come back rewritten in input
-    order and are routed and sent in emit; what the local TAP (if any) read is fed after
-    each batch of the rings. The pool serves the control socket. It generates no ICMP
-    errors (a TTL expiry is a silent drop). Returns as _route_loop."""
+    order and are routed and sent in emit, with the ICMP errors the workers generated
+    (out of their ingress interface); what the local TAP (if any) read is fed after each
+    batch of the rings. The pool serves the control socket. Returns as _route_loop."""
     from shardct.batch import compact
     from shardct.conntrack import forward_mask
     from .afpacket import ring_batches
     from .pool import Pool
+    # the dispatcher in this process: one hop and one process fewer per round (a 1-packet
+    # round through 2 workers: 1.1 -> 0.7 ms p50); live input is far below its rate
     pool = Pool(args.workers, cfg, seed=args.seed, rules=rules, network=network, router=True,
-                frames=True, log=lambda m: print(m, file=sys.stderr), control="run")
+                frames=True, log=lambda m: print(m, file=sys.stderr), dispatcher_process=False,
+                control="run")
     verdicts = Counter()
     last = [0]
 
-    def emit(pk, v):
+    def emit(pk, v, gen):
         _count(verdicts, v)
         if not len(pk):
             return
         b = compact(pk.batch) if pk.batch.shared else pk.batch   # ours to re-address
-        fwd(b, forward_mask(v, cfg.drop_invalid))
+        fwd(b, forward_mask(v, cfg.drop_invalid), gen.batch)
+        delay.observe("sent", b.ts)
         last[0] = max(last[0], int(b.ts.max()))
+
+    def source():       # never waits itself: the pool waits on the rings and its results
+        for b in ring_batches(merge.rings, stop, 0.0, merge=merge, log=log):
+            delay.observe("read", b.ts)
+            yield b
 
     pool.start()
     try:
         pool.wait_ready(600.0)      # a cold numba cache compiles for minutes
         log(f"ready, routing {' '.join(r.ifname for r in merge.rings)} with {pool.n} workers")
-        source = ring_batches(merge.rings, stop, merge=merge, log=log)
-        totals = pool.feed(source if tap is None else _with_tap(source, tap), emit=emit,
+        wake = [r.sock for r in merge.rings] + ([tap.fd] if tap is not None else [])
+        totals = pool.feed(source() if tap is None else _with_tap(source(), tap), emit=emit,
+                           wake=wake,
                            timeout_s=(args.duration + 120) if args.duration > 0 else 10**9,
-                           final=True)
+                           final=True, generated=True)
     finally:
         pool.stop()
     log(f"lost_packets={totals['lost_packets']} lost_conns={totals['lost_conns']} "
