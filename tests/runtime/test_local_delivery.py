@@ -31,9 +31,10 @@ CLIENT, ROUTER, ASKED = "10.0.0.2", "10.0.0.3", "198.51.100.7"
 
 
 def redirected_engine():
-    """An engine that saw one SYN from CLIENT:40000 to ASKED:80, REDIRECTed to ROUTER:3129."""
+    """An engine that saw one SYN from CLIENT:40000 to ASKED:80, REDIRECTed to ROUTER:3129
+    (local delivery: a host stack answers, not the engine's RST)."""
     clock = ManualClock(10**10)
-    ct = ConnTrack(Config(), seed=5, clock=clock, router=True,
+    ct = ConnTrack(Config(local_delivery=True), seed=5, clock=clock, router=True,
                    rules=parse_iptables_save(RULES, "t.rules", 4),
                    network=Network.from_dict(NET), rng=np.random.default_rng(5))
     syn = Ether(dst="02:00:00:00:00:03", src="02:00:00:00:00:02") / \

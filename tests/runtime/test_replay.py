@@ -136,9 +136,10 @@ def test_cli_replay_through_the_pool_writes_the_same_capture(tmp_path):
 
 
 def test_cli_replay_router_writes_its_own_icmp_errors(tmp_path):
-    """`shardct replay --router` writes the engine's errors beside the forwarded frames, on
-    the interface the offending packet came in by: frag-needed for a DF datagram over
-    wan0's mtu, port unreachable for UDP to the router's own address."""
+    """`shardct replay --router` writes the engine's errors beside the forwarded frames,
+    each right after the place of the frame it answers, on the interface the offending
+    packet came in by: frag-needed for a DF datagram over wan0's mtu, port unreachable for
+    UDP to the router's own address."""
     from scapy.all import ICMP
     (tmp_path / "r.toml").write_text(
         '[interfaces.lan0]\naddress = ["10.0.0.3/24"]\n'
@@ -153,6 +154,6 @@ def test_cli_replay_router_writes_its_own_icmp_errors(tmp_path):
     assert r.returncode == 0, r.stderr
     got = [(p.sniffed_on, p[IP].src, p[IP].dst) + ((p[ICMP].type, p[ICMP].code) if ICMP in p else ())
            for p in PcapNgReader(str(tmp_path / "out.pcapng"))]
-    want = [("wan0", "10.0.0.2", "192.168.0.2"),
-            ("lan0", "10.0.0.3", "10.0.0.2", 3, 4), ("lan0", "10.0.0.3", "10.0.0.2", 3, 3)]
+    want = [("lan0", "10.0.0.3", "10.0.0.2", 3, 4), ("wan0", "10.0.0.2", "192.168.0.2"),
+            ("lan0", "10.0.0.3", "10.0.0.2", 3, 3)]
     assert got == want, f"\ngot  {got}\nwant {want}"
