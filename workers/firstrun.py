@@ -44,7 +44,8 @@ WARM_KERNELS = (
     "shardct.hashing.owner_of_bucket", "shardct.hashing.owners", "shardct.shard.request_rows",
     "shardct.shard.find_visible", "shardct.shard.link_reply_entry", "shardct.shard.answer_rows",
     "shardct.shard.commit_rows", "shardct.track.count_conns", "shardct.batch._gather",
-    "shardct.scatter._plan", "shardct.scatter._copy", "shardct.nat.nat_decide",
+    "shardct.scatter.group", "shardct.shard.round_rows", "shardct.scatter._copy",
+    "shardct.nat.nat_decide",
 )
 
 NOTICE = "shardct: compiling the packet kernels (first run only, a few minutes)..."
