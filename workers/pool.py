@@ -1055,6 +1055,20 @@ class Pool:
         self._dump_delete = delete
         self._dump_save = save
 
+    def refresh(self, timeout_s: float = 60.0):
+        """Make ``stats()``, ``counts()`` and ``conns()`` current: they are as of each
+        worker's last report (every STATS_EVERY rounds, a dump, the final round), so
+        after a ``feed`` without ``final`` they lag what was fed. This runs a dump round
+        after what was fed and waits for it (every worker ships its table too)."""
+        want = self.dumped + 1
+        self.request_dump()
+
+        def idle():             # a live source with nothing, until the dump is in
+            while self.dumped < want:
+                time.sleep(0.001)
+                yield PacketBatch.empty()
+        self.feed(idle(), None, timeout_s=timeout_s)
+
     def _dump(self):
         """Send a requested dump round (the feed loops call this between rounds)."""
         if not self._dump_wanted:
