@@ -14,7 +14,8 @@ namespace topology (issue 16's router row):
 The namespaces come from tests/netns (kernel_router.KernelRouter: every exit path
 removes them; every traffic loop is bounded in count and time). Needs root, ip, nft.
 
-    python3 bench/run_router.py [--quick] [--workers 1,2]
+    python3 bench/run_router.py [--quick] [--workers 1,2] [--rates 10000,30000,0]
+                                [--seconds 3] [--pings 500]
 """
 from __future__ import annotations
 
@@ -156,6 +157,13 @@ def measure(workers=(1, 2), rates=(10_000, 30_000, 0), seconds=3.0, pings=500,
                 p.end()
             summary = [ln for ln in p.err if "ring drops" in ln or "forwarded" in ln]
             res[f"shardct_{w}"]["summary"] = "".join(summary[-2:]).strip()
+            routed = [ln for ln in p.out.splitlines() if ln.startswith("routed ")]
+            if routed and "dropped: " in routed[0]:
+                out("    dropped: " + routed[0].split("dropped: ", 1)[1])
+            inside = [ln for ln in p.out.splitlines() if ln.startswith("time in the router")]
+            if inside:
+                res[f"shardct_{w}"]["in_router"] = inside[0].split(": ", 1)[1]
+                out(f"    {inside[0]}")
     k = res["kernel"]
     for w in workers:
         s = res[f"shardct_{w}"]
@@ -178,12 +186,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 s per rate, 100 pings")
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--rates", default="10000,30000,0",
+                    help="paced sender rates, pps (0: as fast as it goes); comma-separated")
+    ap.add_argument("--seconds", type=float, default=3.0, help="per rate")
+    ap.add_argument("--pings", type=int, default=500, help="UDP echo round trips (latency)")
     a = ap.parse_args(argv)
     workers = tuple(int(x) for x in a.workers.split(","))
     if a.quick:
         measure(workers, rates=(10_000, 0), seconds=1.0, pings=100)
     else:
-        measure(workers)
+        measure(workers, tuple(int(x) for x in a.rates.split(",")), a.seconds, a.pings)
 
 
 if __name__ == "__main__":

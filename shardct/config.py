@@ -74,7 +74,11 @@ class Config:
     events: bool = True              # nf_conntrack_events
     drop_invalid: bool = False       # forward INVALID untouched unless set (Linux default)
     decrement_ttl: bool = True       # router mode: forwarded packets take the hop (TTL)
-    icmp_errors: bool = True         # router mode: answer TTL <= 1 with time-exceeded
+    icmp_errors: bool = True         # router mode: time-exceeded, frag-needed, port unreachable (icmp.py)
+    local_delivery: bool = False     # router mode: a host stack answers for the router's own
+                                     # addresses; when False, UDP to them gets port unreachable
+                                     # and TCP a RST from the engine, as a kernel with no
+                                     # listener answers (icmp.py)
     icmp_ratelimit: int = 1000       # net.ipv4.icmp_ratelimit (ms per error per host)
     event_buffer: int = 65536        # events held between drains; overflow is counted
     shard_affine_nat: bool = False   # SNAT/MASQUERADE prefer ports whose reply hashes home

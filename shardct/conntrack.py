@@ -25,7 +25,7 @@ import numpy as np
 from . import frag as F
 from . import track as K
 from . import wire
-from .batch import PacketBatch, concat
+from .batch import PacketBatch
 from .config import Config
 from .hashing import addr_words, hash_key, words_addr
 from .nat import N_OFFSETS, NatEngine, no_nat_program
@@ -99,21 +99,28 @@ class Event:
 class Result:
     """Per-frame outcome of ``process``: ``verdict[i]`` (track.V_*), ``tuple_id[i]``
     (2*conn + direction, -1 when no conn) and ``forward[i]``: whether frame i leaves,
-    with the engine's ``Config.drop_invalid`` applied (``forward_mask``). ``generated``:
-    frames the engine originates for this batch (router mode: ICMP time-exceeded, see
+    with the engine's ``Config.drop_invalid`` applied (``forward_mask``), and in router
+    mode without frames over their egress MTU (dropped: verdict V_DROP) or UDP and TCP
+    for the router's own addresses without ``Config.local_delivery`` (answered here:
+    kept home). ``generated``: frames the engine originates for this batch (router mode:
+    ICMP time-exceeded, frag-needed / packet-too-big, port unreachable; TCP RSTs; see
     icmp.py), each with the interface to leave by in ``ifindex``; None when none.
+    ``generated_by[j]``: the index in the batch of the frame generated frame j answers
+    (ascending; an error goes out right after the place of the frame it answers).
     ``fragments``: frames that leave *in place of* frames of the batch (frag.py: a
     reassembled datagram re-fragmented, or an IPv4 packet cut to its egress MTU), NATed,
     each with its source frame's ingress ``ifindex``, to be routed like forwarded frames;
     ``fragment_of[k]`` is the frame fragment k replaces (whose ``forward`` is False).
-    A fragment held for reassembly has verdict V_QUEUED; the frame that completes a
-    datagram has the datagram's verdict, tuple_id, meta and addr."""
+    A fragment held for reassembly has verdict V_QUEUED (no error answers it); the frame
+    that completes a datagram has the datagram's verdict, tuple_id, meta and addr, and an
+    error answering the datagram names that frame in ``generated_by``."""
     verdict: np.ndarray
     tuple_id: np.ndarray
     meta: np.ndarray
     addr: np.ndarray
     forward: np.ndarray | None = None
     generated: PacketBatch | None = None
+    generated_by: np.ndarray | None = None
     fragments: PacketBatch | None = None
     fragment_of: np.ndarray | None = None
 
@@ -151,7 +158,11 @@ class ConnTrack:
         a router receiving the frames: drop broken IP headers, trim bytes past the IP
         datagram (``batch.length`` shrinks), and, with ``config.decrement_ttl``, take
         the hop (TTL / hop limit; TTL <= 1 is dropped) of forwarded packets only: a
-        frame with no ingress interface (``ifindex`` -1) is locally generated.
+        frame with no ingress interface (``ifindex`` -1) is locally generated. With a
+        network and ``config.icmp_errors`` a router also answers as Linux does (icmp.py):
+        time-exceeded, frag-needed / packet-too-big over the egress interface's MTU, and,
+        unless ``config.local_delivery`` says a host stack answers for the router's own
+        addresses, port unreachable for UDP and a RST for TCP sent to them.
         With rules or a network, every new conn goes through the NAT decision (null
         bindings included), as Linux does once the nat table exists: in the tracking
         kernel (nat.nat_decide), or with ``compiled_nat=False`` always in Python
@@ -200,9 +211,9 @@ class ConnTrack:
         self._defrag = F.Defrag(c, seed) if c.defrag else None
         self._frag_out = F.Output(network, router, seed)
         self._icmp = None
-        if router and network is not None and c.icmp_errors and c.decrement_ttl:
-            from .icmp import TimeExceeded
-            self._icmp = TimeExceeded(network, c.icmp_ratelimit, seed)
+        if router and network is not None and c.icmp_errors:
+            from .icmp import IcmpErrors
+            self._icmp = IcmpErrors(network, c, seed)
         # track_batch's table and engine arguments, gathered once (they are never replaced)
         self._track_args = (t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
                             t.tbl, self.stats_arr, self.cfg, self.tmo, self.ev, self.evaddr,
@@ -260,15 +271,54 @@ class ConnTrack:
         if d is None:
             self.parse_run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n],
                            self.config.checksum, parse_hash=True)
-            gen = None if self._icmp is None else self._icmp.generate(batch, meta, verdict, ts,
-                                                                       K.V_DROP)
+            fwd = forward_mask(verdict, self.config.drop_invalid)
+            gen, by = self.generate(batch, meta, verdict, fwd, tid, ts)
         else:       # fragments: held, or reassembled and tracked in place (frag.py)
-            gens = F.track_defragged(self, batch, d, meta, addr, hashes, ts, verdict, tid,
-                                     K.V_QUEUED, K.V_DROP)
-            gen = concat(gens) if gens else None
-        forward = forward_mask(verdict, self.config.drop_invalid)
-        frags, frag_of = self._frag_out(batch, meta, forward, d)
-        return Result(verdict, tid, meta, addr, forward, gen, frags, frag_of)
+            fwd, gen, by = F.track_defragged(self, batch, d, meta, addr, hashes, ts, verdict,
+                                             tid, K.V_QUEUED)
+        frags, frag_of = self._frag_out(batch, meta, fwd, d)
+        return Result(verdict, tid, meta, addr, fwd, gen, by, frags, frag_of)
+
+    def generate(self, batch: PacketBatch, meta, verdict, fwd, tid, ts, alone: bool = True,
+                 size=None):
+        """(frames, causes): the frames the engine originates for a batch just tracked
+        (router mode: its ICMP errors and RSTs; ``meta``, ``verdict``, ``tid``, ``ts``:
+        that run's, ``fwd`` its forward mask; frames it drops or keeps home are marked in
+        ``verdict`` and ``fwd``) and, for each, the index of the frame it answers; (None,
+        None) when none. Both ``process`` and a pool's shard (shard.py) call this after
+        the tracking kernel. ``alone``: this engine owns its whole table (not a shard), so
+        a conn whose only packet was dropped over the MTU is withdrawn and RSTs are
+        tracked as locally generated here. ``size``: the IP length each frame is held to
+        its egress MTU by (frag.py gives a reassembled datagram its largest fragment's, as
+        Linux's frag_max_size); None: the frames' own."""
+        if self._icmp is None:
+            return None, None
+        got = self._icmp.generate(batch, meta, verdict, fwd, tid, ts, self.table, K.V_DROP,
+                                  K.V_ACCEPT, size)
+        if alone and self._icmp.too_big is not None:
+            # dropped before POSTROUTING, where Linux confirms: a conn one created is gone
+            t = self.table
+            K.withdraw_new(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
+                           t.tbl, self.stats_arr, self.cfg, self.ev, self.evaddr, tid,
+                           self._icmp.too_big, ts)
+        if got is None:
+            return None, None
+        if alone and self._icmp.resets is not None:
+            self._track_local(got[0], self._icmp.resets)
+        return got
+
+    def _track_local(self, gen: PacketBatch, rows: np.ndarray):
+        """Track frames ``rows`` of ``gen`` as locally generated (no ingress interface:
+        no hop taken), as conntrack sees the router's own RSTs on OUTPUT: their conn's
+        state moves, NAT rewrites them in ``gen.buf``. Their verdicts are not kept (the
+        router sends them whatever conntrack says, as Linux without a filter does)."""
+        n = len(rows)
+        part = PacketBatch(gen.buf, gen.off[rows], gen.length[rows],
+                           np.full(n, -1, dtype=np.int16), gen.ts[rows])
+        meta, addr = wire.new_meta(n)
+        self.parse_run(part, meta, addr, np.empty(n, dtype=np.int64), part.ts,
+                       np.empty(n, dtype=np.uint8), np.empty(n, dtype=np.int64),
+                       np.full(n, K.G_FRESH, dtype=np.int64), self.config.checksum, parse_hash=True)
 
     def parse_run(self, batch, meta, addr, hashes, ts, verdict, tid, given, validate: bool,
                   parse_hash: bool):
@@ -504,8 +554,7 @@ class ConnTrack:
         for k, name in enumerate(K.INVALID_NAMES):
             s[f"invalid.{name}"] = int(self.stats_arr[K.INV_BASE + k])
         if self._icmp is not None:
-            from .icmp import STAT_NAMES
-            s.update((name, int(v)) for name, v in zip(STAT_NAMES, self._icmp.stats))
+            s.update(self._icmp.counters())
         fs = self._frag_out.stats + (0 if self._defrag is None else self._defrag.stats)
         s.update((name, int(v)) for name, v in zip(F.STAT_NAMES, fs))
         return s

@@ -35,7 +35,11 @@ Output (``fragment``): a reassembled datagram leaves as fragments of at most
 min(egress MTU, the largest fragment received) bytes (Linux's frag_max_size: the original
 boundaries whenever the sender cut at one size), IPv4 with the original IP id, IPv6 with
 a fresh fragment id (ip6_fragment; seen in the kernel differential test); a forwarded
-IPv4 packet without DF larger than its egress MTU is cut at the MTU. Each fragment but the
+IPv4 packet without DF larger than its egress MTU is cut at the MTU. A datagram whose
+largest fragment is over the egress MTU and had DF (IPv4), or any such IPv6 one, is not
+cut but dropped: the engine answers it with frag-needed / packet-too-big (icmp.py, Linux's
+ip_exceeds_mtu / ip6_pkt_too_big; its IPv4 header has DF iff that fragment had it, as
+ip_frag_reasm sets it). Tracking comes between: ``track_defragged``. Each fragment but the
 last carries a multiple of 8 data bytes; IPv4 later fragments keep only the options with
 the copied flag (ip_options_fragment: the others become NOPs).
 
@@ -52,7 +56,7 @@ from . import wire
 from .batch import PacketBatch, concat, take
 from .checksum import csum_add, csum_fold, get16, get32, put16
 from .cpu import kernel
-from .track import ST_DROP
+from .track import ST_DROP, V_DROP
 
 CHUNK = 512                 # arena chunk (bytes)
 WAYS = 8                    # queues per set
@@ -704,14 +708,18 @@ class Defrag:
 
 # ------------------------------------------------------------------ the engine's use
 
-def track_defragged(ct, batch, d, meta, addr, hashes, ts, verdict, tid, v_queued, v_drop):
+def track_defragged(ct, batch, d, meta, addr, hashes, ts, verdict, tid, v_queued):
     """Track ``batch`` (ConnTrack.process's arrays) after ``Defrag.run`` gave ``d``: held
-    fragments get ``v_queued``, dropped ones ``v_drop`` (both parsed, never tracked), and
-    each completed datagram is parsed and tracked in its last fragment's place, in
-    order with the frames around it (it is NATed in ``d``'s reassembled batch; meta,
-    addr, verdict and tid row i then describe it). One tracking run: the frames to track
+    fragments get ``v_queued``, dropped ones V_DROP (both parsed, never tracked, never
+    answered with an error), and each completed datagram is parsed and tracked in its
+    last fragment's place, in order with the frames around it (it is NATed in ``d``'s
+    reassembled batch; meta, addr, verdict and tid row i then describe it), and then
+    given the engine's errors as one packet, held to the egress MTU by its largest
+    fragment (``ConnTrack.generate``'s ``size``). One tracking run: the frames to track
     are copied side by side with the datagrams, tracked, and copied back (NAT and the
-    router's trim change them). Returns the generated ICMP batches."""
+    router's trim change them). Returns (forward mask, generated frames, the frame each
+    answers) as ``process`` does."""
+    from .conntrack import forward_mask     # (conntrack imports this module)
     kind, done, rb, info = d
     other = np.flatnonzero((kind == K_HELD) | (kind == K_DROP))
     if other.shape[0]:
@@ -719,12 +727,12 @@ def track_defragged(ct, batch, d, meta, addr, hashes, ts, verdict, tid, v_queued
         wire.parse_batch(batch.buf, batch.off[other], batch.length[other], m, a, False)
         meta[other] = m
         addr[other] = a
-        verdict[other] = np.where(kind[other] == K_HELD, v_queued, v_drop)
+        verdict[other] = np.where(kind[other] == K_HELD, v_queued, V_DROP)
         tid[other] = -1
         ct.stats_arr[ST_DROP] += int((kind == K_DROP).sum())    # (its reason: frag_*)
     track = np.flatnonzero((kind == K_PASS) | (kind == K_DONE))
     if not track.shape[0]:
-        return []
+        return forward_mask(verdict, ct.config.drop_invalid), None, None
     is_done = kind[track] == K_DONE
     passing = track[~is_done]
     both = concat([take(PacketBatch(batch.buf, batch.off, batch.length, batch.ifindex,
@@ -733,12 +741,13 @@ def track_defragged(ct, batch, d, meta, addr, hashes, ts, verdict, tid, v_queued
     pos = np.where(is_done, na + np.cumsum(is_done) - 1, np.cumsum(~is_done) - 1)
     wb = PacketBatch(both.buf, both.off[pos], both.length[pos], both.ifindex[pos],
                      both.ts[pos])
-    gen = _track(ct, wb, track, meta, addr, hashes, ts, verdict, tid, v_drop)
+    fwd, gen, by = _track(ct, wb, track, is_done, info[:, I_FMAX], meta, addr, hashes, ts,
+                          verdict, tid)
     # the tracked frames back where the caller looks for them
     put_frames(wb.buf, wb.off[~is_done], wb.length[~is_done], batch.buf, batch.off[passing])
     batch.length[passing] = wb.length[~is_done]
     rb.buf, rb.off, rb.length = wb.buf, wb.off[is_done], wb.length[is_done]
-    return [] if gen is None else [gen]
+    return fwd, gen, by
 
 
 @kernel
@@ -748,8 +757,11 @@ def put_frames(src, s_off, length, dst, d_off):
         _copy(dst, d_off[k], src, s_off[k], length[k])
 
 
-def _track(ct, sub, idx, meta, addr, hashes, ts, verdict, tid, v_drop):
-    """parse_run over frames ``idx`` (``sub``), results written back to rows idx."""
+def _track(ct, sub, idx, is_done, fmax, meta, addr, hashes, ts, verdict, tid):
+    """parse_run over frames ``idx`` of the batch (``sub``; ``is_done``: which are
+    reassembled datagrams, whose largest fragments are ``fmax``), then the engine's
+    errors; results written back to rows idx. Returns (the batch's forward mask,
+    generated frames, the batch index each answers)."""
     k = idx.shape[0]
     m, a = wire.new_meta(k)
     h = np.empty(k, dtype=np.int64)
@@ -758,12 +770,21 @@ def _track(ct, sub, idx, meta, addr, hashes, ts, verdict, tid, v_drop):
     tsk = ts[idx]
     ct.parse_run(sub, m, a, h, tsk, v, t, np.full(k, -1, dtype=np.int64),
                  ct.config.checksum, parse_hash=True)
+    from .conntrack import forward_mask
+    f = forward_mask(v, ct.config.drop_invalid)
+    size = None
+    if ct._icmp is not None and is_done.any():
+        size = m[:, wire.M_L3LEN].astype(np.int64)
+        size[is_done] = fmax
+    gen, by = ct.generate(sub, m, v, f, t, tsk, size=size)
     meta[idx] = m
     addr[idx] = a
     hashes[idx] = h
     verdict[idx] = v
     tid[idx] = t
-    return None if ct._icmp is None else ct._icmp.generate(sub, m, v, tsk, v_drop)
+    fwd = forward_mask(verdict, ct.config.drop_invalid)
+    fwd[idx] = f            # the generator's: it keeps frames for the router itself home
+    return fwd, gen, None if by is None else idx[by]
 
 
 class Output:
@@ -804,7 +825,12 @@ class Output:
                 emtu, r = self.egress_mtu(rb, m)
                 routed = emtu > 0
                 whole = ~routed                   # local or unrouted: as one frame
-                too_big = routed & (fmax > emtu)  # DF-like: frag_max_size > MTU (ICMP: h-icmp)
+                # ip_exceeds_mtu / ip6_pkt_too_big: frag_max_size over the MTU with DF (set
+                # on the datagram when its largest fragment had it) or IPv6 is dropped;
+                # with ICMP errors on, the engine's generator already did (frag-needed)
+                l3 = rb.off + m[:, wire.M_L3]
+                pmtu = (m[:, wire.M_IPVER] == 6) | ((rb.buf[l3 + 6] & 0x40) != 0)
+                too_big = routed & pmtu & (fmax > emtu)
                 self.stats[S_FRAG_FAILS] += int((ok & too_big).sum())
                 ok &= ~too_big
                 mtu = np.where(routed, np.minimum(emtu, fmax), fmax)
@@ -848,6 +874,17 @@ class Output:
             parts.append(fb)
             src_idx.append(frames[job])
         return concat(parts), np.concatenate(src_idx)
+
+
+def with_fragments(batch, forward, fragments, fragment_of):
+    """The frames that leave for ``batch``, in order: the ones ``forward`` selects, and
+    ``fragments`` each in the place of the frame it replaces (``fragment_of``; a
+    Result's). Returns (PacketBatch, the index in ``batch`` of the frame each stands for);
+    copies."""
+    idx = np.flatnonzero(forward)
+    src = np.concatenate((idx, fragment_of))
+    order = np.argsort(src, kind="stable")      # a frame's fragments keep their order
+    return take(concat([take(batch, idx), fragments]), order), src[order]
 
 
 def cut_frames(b, rows, meta, mtu, info, stats):

@@ -145,6 +145,17 @@ def decrement_ttl(buf, l3, ipver):
 
 
 @numba.njit(inline="always", cache=True)
+def restore_hop(buf, l3, ipver):
+    """The hop given back (TTL/hop limit + 1, IPv4 checksum adjusted): a packet as it
+    arrived, before decrement_ttl, e.g. in an ICMP error's quote."""
+    if ipver == 4:
+        old = get16(buf, l3 + 8)
+        put16(buf, l3 + 10, _apply(get16(buf, l3 + 10), _set_word(buf, l3 + 8, old + 0x100)))
+        return
+    buf[l3 + 7] = buf[l3 + 7] + 1
+
+
+@numba.njit(inline="always", cache=True)
 def icmp_recompute(buf, l3, l4, l4len, ipver):
     """Recompute an ICMP/ICMPv6 checksum over the whole message."""
     put16(buf, l4 + 2, 0)

@@ -1,5 +1,5 @@
 # The dispatcher's split of a batch into one batch per owning worker (key-affine: each
-# packet goes to the owner of its tuple's bucket), in two numba passes; order is kept
+# packet goes to the owner of its tuple's bucket), by a counting sort; order is kept
 # within each worker, so per-flow order holds end to end.
 """Scattering a batch to workers.
 
@@ -10,7 +10,10 @@ gives them their verdict and counter like any other worker would.
 
 ``scatter(batch, hashes, n_workers, n_buckets)`` returns one (PacketBatch, hashes,
 index) per worker; ``index`` maps each packet back to its place in the input. A
-``shared`` batch (frames in the pool's shared ring) is split into views: no frame moves.
+``shared`` batch (frames in the pool's shared ring) is split into views: no frame moves;
+any other batch is copied once, each worker's frames one region of one buffer.
+``group`` is the split itself (a counting sort by owner), for callers that carry more
+per-packet arrays along (the pool's dispatcher).
 """
 from __future__ import annotations
 
@@ -22,55 +25,64 @@ from .hashing import owners
 
 
 @numba.njit(cache=True)
-def _plan(owner, length, n_workers):
-    """Per-worker packet and byte counts."""
-    npk = np.zeros(n_workers, dtype=np.int64)
-    nby = np.zeros(n_workers, dtype=np.int64)
+def group(owner, n_workers, order, bounds):
+    """A stable counting sort by owner: worker k's packets are order[bounds[k]:bounds[k+1]],
+    in input order. order: int64[len(owner)], bounds: int64[n_workers + 1] (written)."""
+    bounds[:] = 0
     for i in range(owner.shape[0]):
-        npk[owner[i]] += 1
-        nby[owner[i]] += length[i]
-    return npk, nby
+        bounds[owner[i] + 1] += 1
+    for k in range(n_workers):
+        bounds[k + 1] += bounds[k]
+    nxt = bounds[:n_workers].copy()
+    for i in range(owner.shape[0]):
+        k = owner[i]
+        order[nxt[k]] = i
+        nxt[k] += 1
 
 
 @numba.njit(cache=True)
-def _copy(buf, off, length, owner, pk_start, by_start, out_buf, out_off, out_idx):
-    """Copy each frame into its worker's region, in input order."""
-    pk_next = pk_start.copy()
-    by_next = by_start.copy()
-    for i in range(owner.shape[0]):
-        k = owner[i]
-        j = pk_next[k]
-        o = np.uint64(by_next[k])
+def _copy(buf, off, length, order, out_buf, out_off):
+    """Copy the frames in ``order`` one after the other into out_buf."""
+    o = np.uint64(0)
+    for j in range(order.shape[0]):
+        i = order[j]
         ln = np.uint64(length[i])
         s = np.uint64(off[i])
         for b in range(ln):        # unsigned: no wraparound test, the loop vectorizes
             out_buf[o + b] = buf[s + b]
         out_off[j] = o
-        out_idx[j] = i
-        pk_next[k] = j + 1
-        by_next[k] = o + ln
+        o += ln
+
+
+def frames_in_order(batch: PacketBatch, order: np.ndarray) -> PacketBatch:
+    """The frames of batch in ``order``: views on a shared batch's buffer (no frame
+    moves), else one compact copy."""
+    if batch.shared:
+        return take(batch, order)
+    length = batch.length[order]
+    out_buf = np.empty(int(length.sum()), dtype=np.uint8)
+    out_off = np.empty(len(order), dtype=np.int64)
+    _copy(batch.buf, batch.off, batch.length, order, out_buf, out_off)
+    return PacketBatch(out_buf, out_off, length, batch.ifindex[order], batch.ts[order])
 
 
 def scatter(batch: PacketBatch, hashes: np.ndarray, n_workers: int, n_buckets: int):
     owner = owners(hashes, n_workers, n_buckets)
-    if batch.shared:
-        order = np.argsort(owner, kind="stable")
-        ends = np.searchsorted(owner[order], np.arange(1, n_workers + 1))
-        starts = np.concatenate(([0], ends[:-1]))
-        return [(take(batch, order[s:e]), hashes[order[s:e]], order[s:e])
-                for s, e in zip(starts, ends)]
-    npk, nby = _plan(owner, batch.length, n_workers)
-    pk_start = np.concatenate(([0], np.cumsum(npk)[:-1])).astype(np.int64)
-    by_start = np.concatenate(([0], np.cumsum(nby)[:-1])).astype(np.int64)
-    out_buf = np.empty(int(nby.sum()), dtype=np.uint8)
-    out_off = np.empty(len(batch), dtype=np.int64)
-    out_idx = np.empty(len(batch), dtype=np.int64)
-    _copy(batch.buf, batch.off, batch.length, owner, pk_start, by_start, out_buf, out_off, out_idx)
-    parts = []
-    for k in range(n_workers):
-        s, e = int(pk_start[k]), int(pk_start[k] + npk[k])
-        idx = out_idx[s:e]
-        bs, be = int(by_start[k]), int(by_start[k] + nby[k])
-        parts.append((PacketBatch(out_buf[bs:be], out_off[s:e] - bs, batch.length[idx],
-                                  batch.ifindex[idx], batch.ts[idx]), hashes[idx], idx))
-    return parts
+    order = np.empty(len(batch), dtype=np.int64)
+    bounds = np.empty(n_workers + 1, dtype=np.int64)
+    group(owner, n_workers, order, bounds)
+    whole = frames_in_order(batch, order)
+    return [(part_of(whole, int(bounds[k]), int(bounds[k + 1])), hashes[order[bounds[k]:bounds[k + 1]]],
+             order[bounds[k]:bounds[k + 1]]) for k in range(n_workers)]
+
+
+def part_of(whole: PacketBatch, s: int, e: int) -> PacketBatch:
+    """Frames s..e of a batch from ``frames_in_order``: views; unless shared, on their
+    own region of the buffer only (a part carries only its own frames' bytes)."""
+    if whole.shared or s == e:
+        return PacketBatch(whole.buf if whole.shared else whole.buf[:0], whole.off[s:e],
+                           whole.length[s:e], whole.ifindex[s:e], whole.ts[s:e], whole.shared)
+    lo = int(whole.off[s])
+    hi = int(whole.off[e - 1]) + int(whole.length[e - 1])
+    return PacketBatch(whole.buf[lo:hi], whole.off[s:e] - lo, whole.length[s:e],
+                       whole.ifindex[s:e], whole.ts[s:e])

@@ -88,7 +88,7 @@ Owner: the single thread of one worker. Time comes in with the packets.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numba
 import numpy as np
@@ -97,10 +97,11 @@ from . import track as K
 from . import wire
 from .batch import PacketBatch, concat, take
 from .config import Config
-from .conntrack import REAP_FRACTION, REAP_MAX_INTERVAL, ConnTrack
+from .cpu import prefetch
+from .conntrack import REAP_FRACTION, REAP_MAX_INTERVAL, ConnTrack, forward_mask
 from .errors import InvariantViolation
 from .hashing import addr_words, hash_batch, hash_key, owner_of_bucket, owner_slices, owners
-from .scatter import scatter
+from .scatter import frames_in_order, group, part_of
 from .table import (ConnTable, EXPIRES, HCONN, HOME, IPVER, PROTO, S_CONFIRMED, S_DYING, S_INVIS,
                     S_LINK0, S_LINK1, S_NEW_PENDING, S_PENDING, S_REMOTE, S_SRC_NAT, S_USED, S_XSHARD, T_COUNT,
                     T_DYING, T_FREE, T_SEED)
@@ -257,6 +258,16 @@ def release_entry(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, row):
 
 
 @numba.njit(cache=True)
+def release_rows(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, rows):
+    """release_entry for every row (a peer's releases, in order); how many removed one."""
+    k = 0
+    for j in range(rows.shape[0]):
+        if release_entry(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, rows[j]):
+            k += 1
+    return k
+
+
+@numba.njit(cache=True)
 def drain_dying(tkey, tport, tnext, c8, cstatus, tbl, home, out):
     """Release rows for every dying cross-shard conn (their reply entries), freeing
     the slots. Returns how many rows; stops early when ``out`` is full."""
@@ -335,7 +346,33 @@ def answer_rows(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
     g = 0
     jn = 0
     f = 0
-    for j in range(reqs.shape[0]):
+    m = reqs.shape[0]
+    mask = K.chain_mask(tbl)
+    rh = np.empty(m, dtype=np.int64)
+    for j in range(m):
+        r = reqs[j]
+        rh[j] = hash_key(tbl[T_SEED], r[0], r[1], r[2], r[3], np.int64(r[4]), np.int64(r[5]),
+                         np.int64(r[6]))
+    # hints only (as track.prefetch_ahead): rows come from anywhere in a large table, so
+    # each takes several dependent misses (chain head, tuple, a free slot's records);
+    # hinting rows ahead overlaps them (1.2 us a row without, on a 115k-conn table)
+    free = np.int64(tbl[T_FREE])
+    cap = tnext.shape[0] // 2
+    for j in range(min(m, PF_REQ)):
+        prefetch(heads, rh[j] & mask)
+    for j in range(PF_REQ // 2):
+        if 0 <= free < cap:
+            K.prefetch_conn(c64, c8, free)
+            prefetch(c32, free)
+            prefetch(tnext, 2 * free)
+            free = np.int64(tnext[2 * free])
+    for j in range(m):
+        if j + PF_REQ < m:
+            prefetch(heads, rh[j + PF_REQ] & mask)
+        if j + PF_REQ // 2 < m:
+            t = np.int64(heads[rh[j + PF_REQ // 2] & mask])
+            if t >= 0:
+                K.prefetch_record(tkey, tnext, t)
         r = reqs[j]
         ans[j, 0] = np.int64(r[12])
         ans[j, 2] = 0
@@ -344,6 +381,11 @@ def answer_rows(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
                            ev, evaddr, r[0], r[1], r[2], r[3], np.int64(r[4]), np.int64(r[5]),
                            np.int64(r[6]), -1, now)
         if hit < 0:
+            if 0 <= free < cap:          # the slot a grant PF_REQ / 2 later takes
+                K.prefetch_conn(c64, c8, free)
+                prefetch(c32, free)
+                prefetch(tnext, 2 * free)
+                free = np.int64(tnext[2 * free])
             if link_reply_entry(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, r,
                                 sender) < 0:
                 ans[j, 1] = FAIL            # no room for the reply entry
@@ -377,6 +419,16 @@ def answer_rows(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
     return g, jn, f
 
 
+PF_REQ = 8      # answer_rows / commit_rows hint rows this far ahead
+
+
+@numba.njit(inline="always", cache=True)
+def _hint_commit(ans, pend, c64, c8, j):
+    c = ans[j, 0]
+    if 0 <= c < pend.shape[0]:
+        K.prefetch_conn(c64, c8, c)
+
+
 @numba.njit(cache=True)
 def commit_rows(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
                 ans, pend, now, done):
@@ -384,7 +436,11 @@ def commit_rows(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
     both buckets now. An S_INVIS conn takes its own (higher) bucket here, unless a
     visible entry with its tuple appeared meanwhile. Every other answer (JOIN, FAIL,
     stale, a re-reservation, a lost bucket) is left to Python (done[j] = 0)."""
+    for j in range(min(ans.shape[0], PF_REQ)):
+        _hint_commit(ans, pend, c64, c8, j)
     for j in range(ans.shape[0]):
+        if j + PF_REQ < ans.shape[0]:
+            _hint_commit(ans, pend, c64, c8, j + PF_REQ)
         done[j] = 0
         c = ans[j, 0]
         if (ans[j, 1] != GRANT or c < 0 or c >= pend.shape[0] or pend[c] != PEND_REQ
@@ -462,8 +518,16 @@ class Shard:
         self.k, self.n = k, n
         self.config = config or Config()
         self.nb = self.config.n_buckets
-        self.ct = ConnTrack(self.config, seed=seed, rules=rules, network=network, router=router,
-                            rng=rng, shard=(k, n), owned=owner_slices(n, self.nb)[k])
+        # a shard does not reassemble (its kernel runs see one shard's packets, and only
+        # ConnTrack.process defragments): no fragment queues, so never V_QUEUED here; a
+        # pool passes fragments as the tracker classifies them (later ones UNTRACKED)
+        self.ct = ConnTrack(replace(self.config, defrag=False), seed=seed, rules=rules,
+                            network=network, router=router, rng=rng, shard=(k, n),
+                            owned=owner_slices(n, self.nb)[k])
+        if self.ct._icmp is not None:
+            # a shard does not answer for the router's own addresses (port unreachable,
+            # RST): the RST would have to be tracked where its conn's reply tuple lives
+            self.ct._icmp.answer_local = False
         self._out: dict[int, dict[str, list]] = {}
         self._reset_out()
         # per conn slot: PEND_REQ pending and requested, PEND_AGAIN committed and
@@ -474,6 +538,7 @@ class Shard:
         # frames are only gathered when results() is asked for them
         self.done: list[tuple[Packets, np.ndarray | None, np.ndarray]] = []
         self.held: list[Packets] = []                  # V_HOLD: wait for step 0's handoffs
+        self.generated: list[Packets] = []             # take_generated: ICMP errors
         self.deferred = Packets.empty()                # V_DEFER: wait for earlier creations
         self.reran = 0
         self.counts = {"handoffs_out": 0, "handoffs_in": 0, "bounces": 0, "reserve_requests": 0,
@@ -512,7 +577,20 @@ class Shard:
             self.now = max(self.now, int(pk.batch.ts.max()))
         self.ct.parse_run(pk.batch, meta, addr, pk.hashes, pk.batch.ts, verdict, tid, pk.given,
                           validate, parse_hash=False)
+        gen, by = self.ct.generate(pk.batch, meta, verdict,
+                                   forward_mask(verdict, self.ct.config.drop_invalid), tid,
+                                   pk.batch.ts, alone=False)
+        if gen is not None:         # each frame carries the sequence number of its cause
+            z = np.zeros(len(gen), dtype=np.int64)
+            self.generated.append(Packets(gen, z - 1, pk.seq[by], z, z - 1))
         return verdict, tid
+
+    def take_generated(self) -> Packets:
+        """The frames this shard's engine originated (its ICMP errors) since the last
+        call, in the order of the packets they answer: ``seq`` is that packet's sequence
+        number (``hashes`` and ``dep`` -1). Clears them."""
+        gen, self.generated = Packets.concat(self.generated), []
+        return self._sort(gen)
 
     def _sort(self, pk: Packets) -> Packets:
         order = np.argsort(pk.seq, kind="stable")
@@ -816,10 +894,9 @@ class Shard:
         st, cfg, ev, evaddr = self.ct.stats_arr, self.ct.cfg, self.ct.ev, self.ct.evaddr
         # 1. releases
         for m in inbox:
-            for r in m.rel:
-                if release_entry(t.heads, t.tkey, t.tport, t.tnext, t.c8, t.cstatus, t.c32,
-                                 t.tbl, r):
-                    self.counts["releases_applied"] += 1
+            if len(m.rel):
+                self.counts["releases_applied"] += release_rows(
+                    t.heads, t.tkey, t.tport, t.tnext, t.c8, t.cstatus, t.c32, t.tbl, m.rel)
         # 2. reservations: answer at once
         for sender, m in self._senders(inbox):
             if len(m.req):
@@ -1378,21 +1455,47 @@ class Dispatcher:
                                 self.max_round, self._gen, *self._tabs, dep, anyone, starts,
                                 self.config.tcp_loose)
         own = owners(hashes, self.n, self.config.n_buckets)
-        seq = np.arange(self.seq, self.seq + m, dtype=np.int64)
-        have = dep >= 0
-        who = np.where(anyone, DEP_ANY, own[np.where(have, dep, 0)])
-        dep = np.where(have, ((dep + self.seq) << DEP_SHIFT) | who
-                       | np.where(starts, DEP_STARTS, 0), -1)
-        given = np.where(dep >= 0, K.G_FRESH_DEFER, K.G_FRESH)
+        seq0 = self.seq
         self.seq += m
+        order = np.empty(m, dtype=np.int64)
+        bounds = np.empty(self.n + 1, dtype=np.int64)
+        rows = np.empty((4, m), dtype=np.int64)      # hashes, seq, given, dep in shard order
         for s in range(0, m, self.max_round):
             e = min(m, s + self.max_round)
-            part = PacketBatch(batch.buf, batch.off[s:e], batch.length[s:e], batch.ifindex[s:e],
-                               batch.ts[s:e], batch.shared)
-            parts = [Packets(pb, ph, seq[s + idx], given[s + idx], dep[s + idx])
-                     for pb, ph, idx in scatter(part, hashes[s:e], self.n, self.config.n_buckets)]
-            self.clock = max(self.clock, int(part.ts.max()))
-            yield parts, (int(seq[s]), int(seq[e - 1]) + 1)
+            o = order[s:e]
+            round_rows(own, dep, anyone, starts, hashes, s, e, seq0, self.n, o, bounds,
+                       rows[:, s:e])
+            whole = frames_in_order(batch, o)
+            parts = []
+            for k in range(self.n):
+                a, b = int(bounds[k]), int(bounds[k + 1])
+                parts.append(Packets(part_of(whole, a, b), *rows[:, s + a:s + b]))
+            self.clock = max(self.clock, int(batch.ts[s:e].max()))
+            yield parts, (seq0 + s, seq0 + e)
+
+
+@numba.njit(cache=True)
+def round_rows(own, dep, anyone, starts, hashes, s, e, seq0, n, order, bounds, rows):
+    """Round s..e of a dispatched batch, split by owning shard (``own``): order[j] is
+    the batch index of the round's j-th packet in shard order (shard k's are
+    j = bounds[k]..bounds[k+1], in input order), and rows[:, j] its hash, global sequence
+    number, given code (track.G_FRESH, or G_FRESH_DEFER when it may answer an earlier
+    packet) and dep word (``Packets.dep``: -1, or the sequence number of the packet
+    ``answer_deps`` found, its shard or DEP_ANY, and DEP_STARTS)."""
+    group(own[s:e], n, order, bounds)
+    for j in range(e - s):
+        i = s + order[j]
+        order[j] = i
+        d = dep[i]
+        rows[0, j] = hashes[i]
+        rows[1, j] = seq0 + i
+        if d >= 0:
+            who = DEP_ANY if anyone[i] else own[d]
+            rows[2, j] = K.G_FRESH_DEFER
+            rows[3, j] = ((d + seq0) << DEP_SHIFT) | who | (DEP_STARTS if starts[i] else 0)
+        else:
+            rows[2, j] = K.G_FRESH
+            rows[3, j] = -1
 
 
 def run_round(shards: list[Shard], parts: list[Packets]) -> int:

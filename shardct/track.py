@@ -1146,3 +1146,40 @@ def count_conns(cstatus):
         if cstatus[c] & S_USED and cstatus[c] & (S_REMOTE | S_DYING) == 0:
             n += 1
     return n
+
+
+@kernel
+def withdraw_new(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
+                 pconn, rows, ts):
+    """Packets rows[j] (tuple ids pconn[i]) were tracked, then dropped before they left
+    by a check Linux makes before POSTROUTING confirms a conn (ip_forward's MTU check).
+    A conn such a packet created (its only packet so far, original direction) never
+    existed, as Linux frees an unconfirmed conn: its NEW event is withdrawn, its insert
+    uncounted, and it is released without DESTROY. Returns how many were withdrawn."""
+    done = 0
+    for j in range(rows.shape[0]):
+        i = rows[j]
+        t = pconn[i]
+        if t < 0 or t & 1:
+            continue
+        c = t >> 1
+        if (cstatus[c] & S_USED == 0 or cstatus[c] & S_CONFIRMED == 0
+                or c32[c, PKTS0] != 1 or c32[c, PKTS0 + 1] != 0):
+            continue
+        n = tbl[T_EVN]
+        for k in range(n - 1, -1, -1):
+            if ev[k, E_CONN] == c and ev[k, E_TYPE] == EV_NEW:
+                for m in range(k, n - 1):
+                    for f in range(ev.shape[1]):
+                        ev[m, f] = ev[m + 1, f]
+                    for f in range(evaddr.shape[1]):
+                        evaddr[m, f] = evaddr[m + 1, f]
+                tbl[T_EVN] = n - 1
+                break
+        cstatus[c] = cstatus[c] & ~S_CONFIRMED
+        stats[ST_INSERT] -= 1
+        stats[ST_NEW] -= 1
+        destroy_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev,
+                     evaddr, c, ts[i])
+        done += 1
+    return done

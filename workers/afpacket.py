@@ -7,7 +7,10 @@
 ``RxRing(ifname)`` maps a TPACKET_V3 receive ring (blocks of frames the kernel retires
 when full or after ``timeout_ms``); ``read(timeout_s)`` copies every retired block into
 one PacketBatch (timestamps from the kernel, ``ifindex`` as given) and hands the blocks
-back. Frames this host sends on the interface are ignored (PACKET_IGNORE_OUTGOING), so a
+back. ``RxRing(ifname, version=2)`` maps a TPACKET_V2 ring instead: one slot per frame,
+each readable as soon as the kernel has written it (no retire timer: what an inline
+router wants; a V3 block waits up to ``timeout_ms``, 1 ms at least, for its timer);
+frames longer than a slot are not read but counted in ``truncated``. Frames this host sends on the interface are ignored (PACKET_IGNORE_OUTGOING), so a
 router may receive and transmit on one interface. ``poll_stats()`` adds the kernel's
 PACKET_STATISTICS (which reading resets) to ``packets``, ``drops`` and ``freezes``; a
 frame the kernel could not put in the ring is counted there and nowhere else.
@@ -61,6 +64,18 @@ def _put32(a, o, v):
     a[o + 3] = (v >> 24) & 0xFF
 
 
+@numba.njit(inline="always", cache=True)
+def _copy_frame(ring, hdr, mac_at, snap, out, o, out_off, out_len, out_ts, n, ts):
+    """Frame n: the snap bytes at hdr + the u16 at mac_at (the header's tp_mac) to
+    out[o:], with its offset, length and time."""
+    src = hdr + (np.uint64(ring[mac_at]) | (np.uint64(ring[mac_at + np.uint64(1)]) << np.uint64(8)))
+    for j in range(snap):
+        out[o + j] = ring[src + j]
+    out_off[n] = o
+    out_len[n] = snap
+    out_ts[n] = ts
+
+
 @numba.njit(cache=True)
 def rx_drain(ring, block_size, n_blocks, block, out, out_off, out_len, out_ts):
     """Copy every frame of the retired blocks from ``block`` on into out (whole blocks
@@ -83,13 +98,8 @@ def rx_drain(ring, block_size, n_blocks, block, out, out_off, out_len, out_ts):
             sec = np.int64(_u32(ring, p + np.uint64(4)))
             nsec = np.int64(_u32(ring, p + np.uint64(8)))
             snap = np.uint64(_u32(ring, p + np.uint64(12)))
-            mac = np.uint64(ring[p + np.uint64(24)]) | (np.uint64(ring[p + np.uint64(25)]) << np.uint64(8))
-            src = p + mac
-            for j in range(snap):
-                out[o + j] = ring[src + j]
-            out_off[n] = o
-            out_len[n] = snap
-            out_ts[n] = sec * 1_000_000_000 + nsec
+            _copy_frame(ring, p, p + np.uint64(24), snap, out, o, out_off, out_len, out_ts, n,
+                        sec * 1_000_000_000 + nsec)
             o += snap
             n += 1
             nxt = np.uint64(_u32(ring, p))
@@ -97,6 +107,38 @@ def rx_drain(ring, block_size, n_blocks, block, out, out_off, out_len, out_ts):
         _put32(ring, b + np.uint64(8), TP_STATUS_KERNEL)
         block = (block + 1) % n_blocks
     return n, block
+
+
+@numba.njit(cache=True)
+def rx2_drain(ring, frame_size, n_frames, head, max_n, out, out_off, out_len, out_ts):
+    """Copy up to max_n frames from the TPACKET_V2 slots the kernel handed over, from
+    ``head`` on, into out (while they fit), give the slots back. A frame cut short by
+    the slot (tp_snaplen < tp_len) is given back uncopied. Returns (frames, new head,
+    frames cut short)."""
+    n = 0
+    cut = 0
+    o = np.uint64(0)
+    cap = np.uint64(out.shape[0])
+    max_n = min(max_n, out_off.shape[0])
+    while n < max_n:
+        s = np.uint64(head) * np.uint64(frame_size)
+        if _u32(ring, s) & TP_STATUS_USER == 0:
+            break
+        ln = _u32(ring, s + np.uint64(4))
+        snap = np.uint64(_u32(ring, s + np.uint64(8)))
+        if snap < ln:
+            cut += 1
+        else:
+            if o + snap > cap:
+                break
+            _copy_frame(ring, s, s + np.uint64(12), snap, out, o, out_off, out_len, out_ts, n,
+                        np.int64(_u32(ring, s + np.uint64(16))) * 1_000_000_000
+                        + np.int64(_u32(ring, s + np.uint64(20))))
+            o += snap
+            n += 1
+        _put32(ring, s, TP_STATUS_KERNEL)
+        head = (head + 1) % n_frames
+    return n, head, cut
 
 
 @numba.njit(cache=True)
@@ -149,44 +191,76 @@ class RxRing:
     # their size) is how long the reader may be away: 256 x 10 ms = 2.5 s (16 blocks, 160
     # ms, lost frames to the pool's pauses of 150-300 ms here). 128 KiB holds a 64 KiB
     # GRO frame whole; 256 x 128 KiB = 32 MiB of ring per interface.
+    # Version 2: the same 32 MiB as 16384 slots of 2048 bytes (an Ethernet frame of MTU
+    # 1500 and the slot's header fit); ``block_size`` then is what one drain_into call
+    # copies at most (``block_frames`` slots), ``blocks`` how many calls empty the ring.
     def __init__(self, ifname: str, ifindex: int = -1, *, block_size: int = 1 << 17,
-                 blocks: int = 256, frame_size: int = 2048, timeout_ms: int = 10):
+                 blocks: int = 256, frame_size: int = 2048, timeout_ms: int = 10,
+                 version: int = 3):
         self.ifname, self.ifindex = ifname, ifindex
         self.block_size, self.blocks = block_size, blocks
-        req = struct.pack("7I", block_size, blocks, frame_size,
-                          block_size * blocks // frame_size, timeout_ms, 0, 0)
+        self.version, self.frame_size = version, frame_size
+        n_frames = block_size * blocks // frame_size
+        if version == 2:
+            req = struct.pack("4I", block_size, blocks, frame_size, n_frames)
+            ver, timeout_ms = TPACKET_V2, 0
+        else:
+            req = struct.pack("7I", block_size, blocks, frame_size, n_frames, timeout_ms, 0, 0)
+            ver = TPACKET_V3
         self.sock, self.mm, self.ring = _mapped_ring(
-            ifname, ETH_P_ALL, [(PACKET_VERSION, TPACKET_V3), (PACKET_IGNORE_OUTGOING, 1),
+            ifname, ETH_P_ALL, [(PACKET_VERSION, ver), (PACKET_IGNORE_OUTGOING, 1),
                                 (PACKET_RX_RING, req)], block_size * blocks)
-        self.block = 0
+        self.block = 0          # V3: the next block to read; V2: the next slot
         self.timeout_ms = timeout_ms
         self.ring_bytes = block_size * blocks
-        self.max_frames = block_size * blocks // 64     # a V3 frame takes >= 64 ring bytes
-        self.block_frames = block_size // 64
+        if version == 2:
+            self.n_frames = n_frames
+            self.max_frames = n_frames
+            self.block_frames = block_size // frame_size
+        else:
+            self.max_frames = block_size * blocks // 64     # a V3 frame takes >= 64 ring bytes
+            self.block_frames = block_size // 64
         self.packets = self.drops = self.freezes = 0     # PACKET_STATISTICS, accumulated
+        self.truncated = 0                               # V2: frames longer than a slot
         self._out = None                                 # read()'s scratch, made on first use
 
     def poll_stats(self) -> int:
         """Add the kernel's counters since the last call (struct tpacket_stats_v3: packets
-        including drops, drops, queue freezes; getsockopt resets them) to ``packets``,
+        including drops, drops, queue freezes; V2's struct tpacket_stats has no freezes;
+        getsockopt resets them) to ``packets``,
         ``drops`` and ``freezes``. Returns the drops just read."""
-        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
-        packets, drops, freezes = struct.unpack("3I", raw)
+        if self.version == 2:            # struct tpacket_stats: no freezes
+            packets, drops = struct.unpack("2I", self.sock.getsockopt(SOL_PACKET,
+                                                                      PACKET_STATISTICS, 8))
+            freezes = 0
+        else:
+            raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
+            packets, drops, freezes = struct.unpack("3I", raw)
         self.packets += packets
         self.drops += drops
         self.freezes += freezes
         return drops
 
-    def drain_into(self, out, out_off, out_len, out_ts) -> int:
-        """Copy the retired blocks into ``out`` (offsets from 0) while whole blocks fit
-        (``ring_bytes`` bytes and ``max_frames`` frames of room take all of them); hand
-        them back to the kernel. Returns the number of frames. Does not wait."""
+    def drain_into(self, out, out_off, out_len, out_ts, limit: bool = False) -> int:
+        """Copy the retired blocks (V2: the filled slots) into ``out`` (offsets from 0)
+        while whole blocks fit (``ring_bytes`` bytes and ``max_frames`` frames of room
+        take all of them; ``limit``: one block's worth, ``block_size`` bytes and
+        ``block_frames`` frames, at most); hand them back to the kernel. Returns the
+        number of frames. Does not wait."""
+        if self.version == 2:
+            n, self.block, cut = rx2_drain(self.ring, self.frame_size, self.n_frames, self.block,
+                                           self.block_frames if limit else self.n_frames,
+                                           out, out_off, out_len, out_ts)
+            self.truncated += cut
+            return n
         n, self.block = rx_drain(self.ring, self.block_size, self.blocks, self.block,
                                  out, out_off, out_len, out_ts)
         return n
 
     def retired(self) -> bool:
-        """True when the next block is the reader's (drain_into would copy it)."""
+        """True when the next block (V2: slot) is the reader's (drain_into would copy it)."""
+        if self.version == 2:
+            return bool(self.ring[self.block * self.frame_size] & TP_STATUS_USER)
         return bool(self.ring[self.block * self.block_size + 8] & TP_STATUS_USER)
 
     def read(self, timeout_s: float = 0.05) -> PacketBatch:
@@ -278,6 +352,8 @@ def warm():
     ring = np.zeros(64, dtype=np.uint8)                     # one block, kernel-owned
     rx_drain(ring, 64, 1, 0, np.empty(64, dtype=np.uint8), np.empty(1, dtype=np.int64),
              np.empty(1, dtype=np.int32), np.empty(1, dtype=np.int64))
+    rx2_drain(ring, 64, 1, 0, 1, np.empty(64, dtype=np.uint8), np.empty(1, dtype=np.int64),
+              np.empty(1, dtype=np.int32), np.empty(1, dtype=np.int64))
     _running_max(np.zeros(1, dtype=np.int64), 0, np.empty(1, dtype=np.int64))
     take(PacketBatch.from_frames([bytes(14)]), np.zeros(1, dtype=np.int64))
 
@@ -367,7 +443,7 @@ class RingMerge:
 
     def _append(self, i, r):
         n0, b0 = self.n, self.nbytes
-        k = r.drain_into(self.buf[b0:], self.off[n0:], self.length[n0:], self.ts[n0:])
+        k = r.drain_into(self.buf[b0:], self.off[n0:], self.length[n0:], self.ts[n0:], limit=True)
         if k == 0:
             return
         self.read[i] += k

@@ -17,6 +17,10 @@ An engine config is TOML::
 
     [neighbours]             # static next hop MACs (shardct run), before the kernel's table
     "10.0.0.2" = "02:00:00:00:00:02"
+
+    [local]                  # shardct run: local delivery through a TAP (workers/tap.py)
+    tap = "sct-tap0"
+    routes = true            # route the config's networks from the host through the TAP
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ class EngineConfig:
     rules: object | None        # shardct.rules.RuleSet (IPv4 + IPv6 merged view) or None
     path: str
     neighbours: dict = field(default_factory=dict)  # ip_address -> 6-byte MAC
+    local: dict = field(default_factory=dict)       # [local]: {"tap": name, "routes": bool}
 
 
 def read_text(p: Path, what: str = "") -> str:
@@ -84,7 +89,7 @@ def load(path: str | Path) -> EngineConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), f"not valid TOML: {e}") from None
-    known = {"conntrack", "nat", "interfaces", "routes", "pool", "neighbours"}
+    known = {"conntrack", "nat", "interfaces", "routes", "pool", "neighbours", "local"}
     for k in data:
         if k not in known:
             raise ConfigError(str(p), f"unknown section [{k}] (known: {', '.join(sorted(known))})")
@@ -109,7 +114,33 @@ def load(path: str | Path) -> EngineConfig:
     r6 = load_rules(p.parent / nat["rules6"], 6) if "rules6" in nat else None
     if r4 is not None or r6 is not None:
         rules = DualRules(r4, r6)
-    return EngineConfig(cfg, net, rules, str(p), neighbours(data.get("neighbours", {}), text, p))
+    local = local_section(data.get("local", {}), text, p)
+    if local:
+        cfg.local_delivery = True     # the host's stack on the TAP answers, not the engine
+    return EngineConfig(cfg, net, rules, str(p), neighbours(data.get("neighbours", {}), text, p),
+                        local)
+
+
+def local_section(d, text: str, p: Path) -> dict:
+    """``[local]``: {"tap": interface name, "routes": bool} ({} without the section);
+    ConfigError with the line of a bad key."""
+    from .tap import check_name
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}:{key_line(text, 'local', '') or 1}",
+                          "local must be a table: [local]")
+    for k, v in d.items():
+        where = f"{p}:{key_line(text, k, 'local') or 1}"
+        if k not in ("tap", "routes"):
+            raise ConfigError(where, f"local.{k}: unknown key (known: routes, tap)")
+        why = check_name(v) if k == "tap" else (
+            None if isinstance(v, bool) else f"routes = {v!r}: want true or false")
+        if why:
+            raise ConfigError(where, f"local.{why}")
+    if d and "tap" not in d:
+        at = next((n for n, x in enumerate(text.splitlines(), 1)
+                   if x.strip().replace(" ", "") == "[local]"), 1)
+        raise ConfigError(f"{p}:{at}", "local: needs tap = NAME")
+    return {"tap": d["tap"], "routes": d.get("routes", True)} if d else {}
 
 
 def neighbours(d, text: str, p: Path) -> dict:

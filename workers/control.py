@@ -13,6 +13,11 @@ owner). Requests and replies are one msgpack map each::
     {"cmd": "delete", "filter": {proto, src, dst, sport, dport}}
                               -> the same and "deleted": n (an empty filter flushes)
     {"cmd": "save", "dir": DIR} -> the same, once every worker saved its shard in DIR
+    {"cmd": "orig_dst", "tuple": {proto, src, dst, sport, dport}}
+                              -> {"ok": true, "found": bool, "dst", "dport"}: what
+                                 SO_ORIGINAL_DST gives a local listener that accepted
+                                 (src, sport) -> (dst, dport) after DNAT/REDIRECT: the
+                                 original destination of the conn with that reply tuple
 
 Events (``conntrack -E``) go out on an XPUB socket beside it, ``DIR/PID.events``: while
 anyone subscribes, workers ship their NEW/UPDATE/DESTROY events with each round's results
@@ -21,9 +26,10 @@ of conns (``_conn_dict`` with "event"), in time order.
 
 The requests ask every worker for its table and counters with a round of their own
 (``Pool.request_dump``), so the answer is the table as of the packets fed so far, and
-come back once that round is out. A bad request gets ``{"ok": false, "error": ...}`` and
-is counted (``rejected``). The server is polled by the pool's feed loop
-(``Pool._tick``): it never blocks it.
+come back once that round is out. ``shardct run --workers 1`` serves the same socket
+from its one engine (``EngineView``: answered at once; no -D/-F or save there). A bad
+request gets ``{"ok": false, "error": ...}`` and is counted (``rejected``). The server is
+polled by the pool's feed loop (``Pool._tick``), or by run's loop: it never blocks it.
 """
 from __future__ import annotations
 
@@ -138,8 +144,13 @@ class ControlServer:
             req = msgpack.unpackb(self.sock.recv(), raw=False, max_str_len=4096,
                                   max_map_len=32, max_array_len=32, max_bin_len=0)
             if not isinstance(req, dict) or req.get("cmd") not in ("stats", "list", "delete",
-                                                                   "save"):
+                                                                   "save", "orig_dst"):
                 raise ValueError(f"unknown request {req!r:.80}")
+            if req["cmd"] in getattr(self.pool, "refuses", ()):
+                raise ValueError(f"{req['cmd']}: not with {self.pool.n} engine in this process "
+                                 f"(run with --workers 2 or more)")
+            if req["cmd"] == "orig_dst":
+                req["tuple"] = query_tuple(req.get("tuple"))
             delete = save = None
             if req["cmd"] == "save":
                 save = req.get("dir")
@@ -154,8 +165,9 @@ class ControlServer:
             self.rejected += 1
             self._reply({"ok": False, "error": str(e)})
             return
+        want = self.pool.dumped + 1     # an EngineView's dump is done at once
         self.pool.request_dump(delete, save)
-        self.waiting = (req, self.pool.dumped + 1, self.pool.totals["deleted"])
+        self.waiting = (req, want, self.pool.totals["deleted"])
 
     def _answer(self, req) -> dict:
         p = self.pool
@@ -164,6 +176,13 @@ class ControlServer:
         if req["cmd"] == "list":
             now = int(req.get("now") or time.time_ns())
             out["conns"] = [_conn_dict(c, now) for c in p.conns()]
+        if req["cmd"] == "orig_dst":
+            q = req["tuple"]
+            find = getattr(p, "original_dst", None)
+            hit = find(**q) if find is not None else original_dst_of(p.conns(), **q)
+            out["found"] = hit is not None
+            if hit is not None:
+                out["dst"], out["dport"] = str(hit[0]), int(hit[1])
         return out
 
     def _reply(self, msg: dict):
@@ -178,6 +197,64 @@ class ControlServer:
         for path in (self.path, self.events_path):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def query_tuple(t) -> dict:
+    """An orig_dst request's tuple, checked: {proto, src, dst, sport, dport} with
+    addresses as ipaddress objects of one family (ValueError: the message is bad)."""
+    import ipaddress
+    if not isinstance(t, dict) or set(t) != {"proto", "src", "dst", "sport", "dport"}:
+        raise ValueError(f"orig_dst needs proto, src, dst, sport and dport: {t!r:.80}")
+    out = {"src": ipaddress.ip_address(str(t["src"])), "dst": ipaddress.ip_address(str(t["dst"]))}
+    if out["src"].version != out["dst"].version:
+        raise ValueError("orig_dst: src and dst of different families")
+    for k in ("proto", "sport", "dport"):
+        if not isinstance(t[k], int) or not 0 <= t[k] <= (255 if k == "proto" else 65535):
+            raise ValueError(f"orig_dst: bad {k} {t[k]!r:.40}")
+        out[k] = t[k]
+    return out
+
+
+def original_dst_of(conns, proto, src, dst, sport, dport):
+    """(address, port) before DNAT/REDIRECT of the conn among ``conns`` (Conn snapshots)
+    whose reply tuple is (dst, dport) -> (src, sport), the direction a local listener
+    answers in; None when there is none (SO_ORIGINAL_DST's ENOTCONN)."""
+    for c in conns:
+        r = c.reply
+        if (c.proto == proto and r.src == dst and r.dst == src and r.sport == dport
+                and r.dport == sport):
+            return c.original.dst, c.original.dport
+    return None
+
+
+class EngineView:
+    """One ConnTrack (``shardct run --workers 1``) behind ControlServer: what it reads
+    of a Pool, answered from the engine at once. Owner: the routing thread, which calls
+    ``ControlServer.poll`` between batches and ships events while ``want_events``."""
+
+    n = 1
+    refuses = ("delete", "save")
+
+    def __init__(self, ct, clock=time.time_ns):
+        self.ct, self.clock = ct, clock
+        self.want_events = False
+        self.dumped = 0
+        self.totals = {"deleted": 0}
+
+    def request_dump(self, delete=None, save=None):
+        self.dumped += 1            # the table is here: the next poll answers
+
+    def stats(self) -> dict:
+        return self.ct.stats()
+
+    def counts(self) -> dict:
+        return {}
+
+    def conns(self, now=None):
+        return list(self.ct.conns(now=now))
+
+    def original_dst(self, proto, src, dst, sport, dport):
+        return self.ct.original_dst(src, dst, sport, dport, proto, now=self.clock())
 
 
 # ------------------------------------------------------------------ the client
@@ -214,6 +291,31 @@ def request(pid: int, msg: dict, timeout_s: float = 10.0) -> dict:
         s.close(0)
 
 
+def original_dst(src, dst, sport: int, dport: int, proto="tcp", pid: int | None = None,
+                 timeout_s: float = 10.0):
+    """SO_ORIGINAL_DST for a local listener: it accepted a connection from (src, sport)
+    on (dst, dport); the (address, port) the client asked for before DNAT/REDIRECT, as
+    the running shardct (``pid``, default the only one) knows it; None when no conn has
+    that reply tuple. Raises ConnectionError (no such run), TimeoutError, or
+    ValueError (the run refused the request)."""
+    p = PROTOS.get(proto, proto) if isinstance(proto, str) else int(proto)
+    if pid is None:
+        pids = running()
+        if len(pids) != 1:
+            raise ConnectionError(f"{len(pids)} runs with a control socket in {control_dir()}: "
+                                  "give pid")
+        pid = pids[0]
+    r = request(pid, {"cmd": "orig_dst", "tuple": {"proto": p, "src": str(src), "dst": str(dst),
+                                                   "sport": int(sport), "dport": int(dport)}},
+                timeout_s)
+    if not r.get("ok"):
+        raise ValueError(r.get("error"))
+    if not r["found"]:
+        return None
+    import ipaddress
+    return ipaddress.ip_address(r["dst"]), r["dport"]
+
+
 def add_parser(sub):
     p = sub.add_parser("conntrack", help="conntrack -L / -S of a running replay or live")
     g = p.add_mutually_exclusive_group(required=True)
@@ -224,6 +326,10 @@ def add_parser(sub):
     g.add_argument("-F", "--flush", action="store_true", help="delete every conn")
     g.add_argument("-E", "--event", action="store_true",
                    help="print NEW/UPDATE/DESTROY events as they happen (until Ctrl-C)")
+    g.add_argument("--original-dst", action="store_true",
+                   help="SO_ORIGINAL_DST: the destination before DNAT/REDIRECT of the "
+                        "connection a local listener accepted from -s/--sport on -d/--dport "
+                        "(-p, default tcp); prints ADDRESS PORT")
     p.add_argument("-p", "--proto", help="only this protocol (tcp, udp, icmp, icmpv6 or a number)")
     p.add_argument("-s", "--src", "--orig-src", dest="src", help="original source address")
     p.add_argument("-d", "--dst", "--orig-dst", dest="dst", help="original destination address")
@@ -325,6 +431,22 @@ def ask_one(prog: str, pid: int | None, msg: dict, timeout_s: float = 60.0) -> d
     return r
 
 
+def _original_dst(pid: int, a) -> int:
+    """--original-dst: 0 and "ADDRESS PORT" (or json), 1 when no conn matches."""
+    import json
+    if None in (a.src, a.dst, a.sport, a.dport):
+        print("shardct conntrack: --original-dst needs -s, -d, --sport and --dport (the "
+              "peer and the local address the listener sees)", file=sys.stderr)
+        return 2
+    hit = original_dst(a.src, a.dst, a.sport, a.dport, a.proto or "tcp", pid, a.timeout)
+    if hit is None:
+        print("shardct conntrack: no conn has that reply tuple (ENOTCONN)", file=sys.stderr)
+        return 1
+    print(json.dumps({"dst": str(hit[0]), "dport": hit[1]}) if a.output == "json"
+          else f"{hit[0]} {hit[1]}")
+    return 0
+
+
 def cmd_conntrack(a) -> int:
     import json
     try:
@@ -334,6 +456,8 @@ def cmd_conntrack(a) -> int:
         pids = [pid]
         if a.event:
             return _watch(pids[0], a)
+        if a.original_dst:
+            return _original_dst(pids[0], a)
         if a.delete and not _filter(a):
             print("shardct conntrack: -D needs a filter (-p, -s, -d, --sport, --dport); "
                   "-F deletes everything", file=sys.stderr)

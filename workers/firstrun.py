@@ -36,7 +36,7 @@ WARM_KERNELS = (
     "shardct.track.unlink_tuple", "shardct.track.emit", "shardct.track.destroy_conn",
     "shardct.track.nat_packet", "shardct.track.early_drop", "shardct.track.alloc_conn",
     "shardct.track.link_tuple", "shardct.track.create_conn", "shardct.track.tcp_new",
-    "shardct.track.init_proto", "shardct.track.track_batch", "shardct.icmp.expired_rows",
+    "shardct.track.init_proto", "shardct.track.track_batch", "shardct.icmp.error_rows",
     "shardct.nat.tuple_taken", "shardct.icmp.build_errors",
     "shardct.track.reap", "shardct.nat.unique_port", "shardct.track.collect_conns",
     "workers.pcapio._walk_pcap", "shardct.wire.parse_batch", "shardct.netconf.route_kernel",
@@ -44,9 +44,9 @@ WARM_KERNELS = (
     "shardct.hashing.owner_of_bucket", "shardct.hashing.owners", "shardct.shard.request_rows",
     "shardct.shard.find_visible", "shardct.shard.link_reply_entry", "shardct.shard.answer_rows",
     "shardct.shard.commit_rows", "shardct.track.count_conns", "shardct.batch._gather",
-    "shardct.scatter._plan", "shardct.scatter._copy", "shardct.nat.nat_decide",
-    "shardct.frag.defrag", "shardct.frag.expire", "shardct.frag.fragment",
-    "shardct.frag.put_frames",
+    "shardct.scatter.group", "shardct.shard.round_rows", "shardct.scatter._copy",
+    "shardct.nat.nat_decide", "shardct.frag.defrag", "shardct.frag.expire",
+    "shardct.frag.fragment", "shardct.frag.put_frames",
 )
 
 NOTICE = "shardct: compiling the packet kernels (first run only, a few minutes)..."

@@ -76,6 +76,8 @@ from .supervisor import Supervisor
 
 STATS_EVERY = 64     # rounds between counter reports (and with the final table)
 DEFAULT_RING = 256 << 20
+GEN_MAX_BYTES = M.MAX_BUF // 8    # generated frames (ICMP errors) one RESULT carries at most
+IDLE_WAIT_MS = 50    # feed(wake=): longest wait for a result or the source's descriptors
 
 
 def tcp_endpoints(n: int, host: str, worker_host: str, port: int) -> dict:
@@ -466,6 +468,7 @@ class _WorkerState:
             for key in [key for key in self.steps if key[0] <= r]:
                 self.late += len(self.steps.pop(key))
             res, verdict = self.shard.results(self.frames)
+            gen = self._generated()
             table = {}
             if r in self.final or r in self.dumps:
                 self.dumps.discard(r)
@@ -484,7 +487,7 @@ class _WorkerState:
                 b = res.batch
                 out = {"seq": res.seq, "ts": b.ts, "ifindex": b.ifindex}
             sink.send_multipart(M.encode_arrays(
-                M.RESULT, {**out, "verdict": verdict, **table}, worker=self.k,
+                M.RESULT, {**out, "verdict": verdict, **gen, **table}, worker=self.k,
                 round=r, gen=self.gen, entries=self.shard.ct.table.count, deleted=deleted,
                 **extra), copy=False)
             self.shard.counts["busy_us"] += int((time.perf_counter() - t0) * 1e6)
@@ -496,6 +499,22 @@ class _WorkerState:
             self.shard.reap_until(max(self.shard.now, self.clocks.pop(r, 0)))
             r += 1
             yield
+
+    def _generated(self) -> dict:
+        """The round's generated frames (the engine's ICMP errors, Shard.take_generated)
+        as RESULT arrays ``gen.*`` (their ``seq``: the packet each answers), when results
+        carry frames; at most GEN_MAX_BYTES of them, the rest counted in
+        ``generated_cut``."""
+        gen = self.shard.take_generated()
+        if not self.frames or not len(gen):
+            return {}
+        ends = np.cumsum(gen.batch.length.astype(np.int64))
+        fit = int(np.searchsorted(ends, GEN_MAX_BYTES, side="right"))
+        if fit < len(gen):
+            c = self.shard.counts
+            c["generated_cut"] = c.get("generated_cut", 0) + len(gen) - fit
+            gen = gen.take(np.arange(fit))
+        return pk_arrays("gen.", gen)
 
     def _snapshot(self):
         """Between rounds, when one is due: this shard's state to its snapshot file.
@@ -745,13 +764,15 @@ class Pool:
         self.log = log
         self.totals = {"packets_in": 0, "packets_out": 0, "lost_packets": 0, "rounds": 0,
                        "lost_conns": 0, "restored_conns": self.carried, "deleted": 0,
-                       "wire_errors": 0}
+                       "wire_errors": 0, "generated": 0}
         self._lost_by = [0] * self.n     # entries counted lost at each worker's last death
         self.worker_stats: dict[int, dict] = {}
         self.worker_counts: dict[int, dict] = {}
         self.dispatcher_counts: dict[str, int] = {}
         self.entries = [0] * self.n
         self.round_latency = Latency()     # dispatch (or ROUND) to emit, per round
+        self._with_generated = False       # feed(generated=True): emit gets the ICMP errors
+        self._gen_ident = np.array([seed & 0xFFFF], dtype=np.int64)   # as icmp.IcmpErrors
         self.tables: dict[int, dict] = {}     # worker -> its conns after the last round
 
     def _rehash(self, old_dir, seed, rules, network, router, log) -> int:
@@ -847,18 +868,35 @@ class Pool:
         if self.ring is not None:
             self.ring.unlink()
 
-    def run(self, batches, emit=None, timeout_s: float = 600.0) -> dict:
+    def run(self, batches, emit=None, timeout_s: float = 600.0, generated: bool = False) -> dict:
         """start, feed every batch and the final (table) round, stop."""
         self.start()
         try:
-            return self.feed(batches, emit, timeout_s, final=True)
+            return self.feed(batches, emit, timeout_s, final=True, generated=generated)
         finally:
             self.stop()
 
-    def feed(self, batches, emit=None, timeout_s: float = 600.0, final: bool = False) -> dict:
+    def feed(self, batches, emit=None, timeout_s: float = 600.0, final: bool = False,
+             generated: bool = False, wake=None) -> dict:
         """Dispatch every batch and wait until every round is out. ``emit(packets,
         verdicts)`` gets each round in sequence order (None: only count). ``final``: end
-        with an empty round that brings every worker's table back (``conns()``)."""
+        with an empty round that brings every worker's table back (``conns()``).
+        ``generated`` (a pool with ``frames``): ``emit(packets, verdicts, generated)``,
+        where ``generated`` are the frames the workers' engines originated for the round
+        (router mode: ICMP errors, each with the interface to leave by in ``ifindex``),
+        as Packets whose ``seq`` is the packet each answers, in that order.
+        ``wake``: what a live source that does not block reads (file descriptors or
+        objects with ``fileno()``): once it comes back with an empty batch, the pool
+        waits for a result or for one of these to be readable, whichever comes first
+        (at most IDLE_WAIT_MS), instead of the source waiting for input while results
+        wait for it."""
+        self._with_generated = generated
+        self._idle = None
+        if wake:
+            self._idle = zmq.Poller()
+            self._idle.register(self.rx, zmq.POLLIN)
+            for w in wake:
+                self._idle.register(w, zmq.POLLIN)
         batches = _within_limits(batches, M.MAX_BUF // 2 if self.ring is None
                                  else min(M.MAX_BUF // 2, self.ring.size // 4))
         if self.dispatcher_process:
@@ -901,7 +939,7 @@ class Pool:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"pool did not finish round {self.next_emit} in {timeout_s} s")
             # ---- collect results (a live source that came back empty already waited)
-            if self.rx.poll(0 if idle else 20):
+            if self._wait_results(idle):
                 self._recv(self.pending, self.first)
             self._emit_ready(emit)
 
@@ -927,6 +965,9 @@ class Pool:
                 if b is None:
                     done_src = True
                     break
+                if not len(b):
+                    idle = True         # a live source had nothing: nothing to send
+                    break
                 self.totals["packets_in"] += len(b)
                 if self.ring is not None:
                     self.src.send_multipart(M.encode_arrays(
@@ -936,9 +977,6 @@ class Pool:
                     self.src.send_multipart(M.encode_batch(b, seq=self.batches_sent,
                                                            events=self.want_events), copy=False)
                 self.batches_sent += 1
-                if not len(b):
-                    idle = True
-                    break
             if done_src and not sent_end and self.batches_acked == self.batches_sent:
                 self.src.send(M.encode(M.END))
                 sent_end = True
@@ -947,12 +985,23 @@ class Pool:
                 return self.totals
             if time.monotonic() > deadline:
                 raise TimeoutError(f"pool did not finish round {self.next_emit} in {timeout_s} s")
-            if self.rx.poll(0 if idle else 20):
+            if self._wait_results(idle):
                 self._recv(self.pending, self.first)
             before = self.next_emit
             self._emit_ready(emit)
             if self.next_emit != before:
                 self.src.send(M.encode(M.ACK, emitted=self.next_emit))
+
+    def _wait_results(self, idle: bool) -> bool:
+        """Whether a result is waiting: after waiting up to 20 ms for one while the input
+        is busy (the window or the dispatcher is full), not at all when a live source
+        came back empty (it waited for input itself), or, with ``feed(wake=)``, until a
+        result or input comes."""
+        if not idle:
+            return bool(self.rx.poll(20))
+        if self._idle is None:
+            return bool(self.rx.poll(0))
+        return self.rx in dict(self._idle.poll(IDLE_WAIT_MS))
 
     def _input(self, it, seq):
         """The next input batch, copied into the ring when there is one; None at the end
@@ -1006,6 +1055,20 @@ class Pool:
         self._dump_delete = delete
         self._dump_save = save
 
+    def refresh(self, timeout_s: float = 60.0):
+        """Make ``stats()``, ``counts()`` and ``conns()`` current: they are as of each
+        worker's last report (every STATS_EVERY rounds, a dump, the final round), so
+        after a ``feed`` without ``final`` they lag what was fed. This runs a dump round
+        after what was fed and waits for it (every worker ships its table too)."""
+        want = self.dumped + 1
+        self.request_dump()
+
+        def idle():             # a live source with nothing, until the dump is in
+            while self.dumped < want:
+                time.sleep(0.001)
+                yield PacketBatch.empty()
+        self.feed(idle(), None, timeout_s=timeout_s)
+
     def _dump(self):
         """Send a requested dump round (the feed loops call this between rounds)."""
         if not self._dump_wanted:
@@ -1043,7 +1106,10 @@ class Pool:
                 pk = pk.take(order)
                 if pk.batch.shared:     # the ring space is reused once this round is out
                     pk = Packets(compact(pk.batch), pk.hashes, pk.seq, pk.given, pk.dep)
-                emit(pk, v[order])
+                if self._with_generated:
+                    emit(pk, v[order], self._round_generated(got.get("gen", [])))
+                else:
+                    emit(pk, v[order])
             if self.next_emit in self.dump_rounds:
                 self.dump_rounds.discard(self.next_emit)
                 self.dumped += 1
@@ -1053,6 +1119,19 @@ class Pool:
             self.next_emit += 1
         if self.ring is not None:
             self._release()
+
+    def _round_generated(self, parts: list) -> Packets:
+        """A round's generated frames from every worker, in the order of the packets
+        they answer, with the IPv4 ids one engine gives its errors (one counter from the
+        seed, in that order; each worker's own counter would repeat the others')."""
+        from shardct.icmp import restamp_ids
+        gen = Packets.concat(parts)
+        if len(gen):
+            gen = gen.take(np.argsort(gen.seq, kind="stable"))
+            b = gen.batch
+            restamp_ids(b.buf, b.off, b.length, self._gen_ident)
+            self.totals["generated"] += len(gen)
+        return gen
 
     def _note_restarts(self, gen, next_round):
         for k in range(self.n):
@@ -1127,8 +1206,11 @@ class Pool:
             if "stats" in h:
                 self.worker_stats[(k, g)] = h["stats"]
                 self.worker_counts[(k, g)] = h["counts"]
+            gen = pk_from("gen.", a) if "gen.off" in a else None     # frames in the message
             if rr in pending or (self.dispatcher_process and rr >= self.next_emit):
                 pending.setdefault(rr, {"n": None, "got": {}})["got"][k] = (pk, v)
+                if gen is not None:
+                    pending[rr].setdefault("gen", []).append(gen)
                 if "ev" in a and len(a["ev"]):
                     pending[rr].setdefault("ev", []).append((a["ev"], a["evaddr"]))
             if "conn.id" in a:

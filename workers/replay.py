@@ -17,6 +17,7 @@ import numpy as np
 from shardct import ConnTrack
 from shardct import track as K
 from shardct.config import Config
+from shardct.frag import with_fragments
 from shardct.netconf import egress
 from shardct.show import format_conn, format_stats
 
@@ -141,12 +142,13 @@ def _cmd_replay(args) -> int:
             if args.write:
                 if writer is None:
                     writer = _open_writer(args.write, names)
-                writer.write_batch(batch, mask=r.forward,
-                                   ifindex=egress(ct.network, batch, r.meta))
-                if r.fragments is not None:        # in place of reassembled/oversize frames
-                    writer.write_batch(r.fragments, ifindex=egress(ct.network, r.fragments))
-                if r.generated is not None:        # the router's own ICMP errors
-                    writer.write_batch(r.generated)
+                if r.fragments is None:
+                    _write(writer, batch, r.forward, egress(ct.network, batch, r.meta),
+                           np.arange(len(batch)), r.generated, r.generated_by)
+                else:       # each fragment in the place of the frame it replaces
+                    out, src = with_fragments(batch, r.forward, r.fragments, r.fragment_of)
+                    _write(writer, out, np.ones(len(out), dtype=np.bool_),
+                           egress(ct.network, out), src, r.generated, r.generated_by)
             last_ts = int(batch.ts[-1])
             if next_reap is None:
                 next_reap = last_ts
@@ -210,7 +212,7 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
     verdicts = Counter()
     state = {"writer": None, "last_ts": 0}
 
-    def emit(pk, v):
+    def emit(pk, v, gen=None):
         for x, c in zip(*np.unique(v, return_counts=True)):
             verdicts[K.VERDICT_NAMES[int(x)]] += int(c)
         if len(pk):
@@ -218,12 +220,12 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
         if args.write:
             if state["writer"] is None:
                 state["writer"] = _open_writer(args.write, names)
-            state["writer"].write_batch(pk.batch, mask=forward_mask(v, cfg.drop_invalid),
-                                        ifindex=egress(network, pk.batch))
+            _write(state["writer"], pk.batch, forward_mask(v, cfg.drop_invalid),
+                   egress(network, pk.batch), pk.seq, gen.batch, gen.seq)
 
     t0 = time.perf_counter()
     try:
-        totals = pool.run(batches, emit=emit)
+        totals = pool.run(batches, emit=emit, generated=bool(args.write))
     finally:
         if state["writer"] is not None:
             state["writer"].close()
@@ -239,6 +241,24 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
           f"restarts={sum(pool.sup.restarts)}")
     _summary(args, pool.stats(), pool.conns(now=state["last_ts"]), state["last_ts"])
     return max(_warnings(args, stats), 0 if totals["lost_packets"] == 0 else 1)
+
+
+def _write(writer, batch, keep, egress_if, key, gen, gen_key):
+    """Write the frames of ``batch`` that ``keep`` selects (leaving by ``egress_if``) and
+    the engine's generated frames ``gen`` (leaving by their ``ifindex``), each generated
+    frame right after the place of the frame it answers: ``key`` orders the batch's
+    frames (index or sequence number), ``gen_key`` names each generated frame's cause on
+    the same scale. So the file is the same whatever the batch or round sizes, for one
+    process and for a pool."""
+    from shardct.batch import concat, take
+    if gen is None or not len(gen):
+        writer.write_batch(batch, mask=keep, ifindex=egress_if)
+        return
+    idx = np.flatnonzero(keep)
+    both = concat([take(batch, idx), gen])
+    order = np.argsort(np.concatenate((2 * key[idx], 2 * gen_key + 1)), kind="stable")
+    writer.write_batch(take(both, order),
+                       ifindex=np.concatenate((egress_if[idx], gen.ifindex))[order])
 
 
 def _open_writer(path, names):

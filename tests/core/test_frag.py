@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scapy.all import IP, UDP, Ether, IPv6, Raw, raw
+from scapy.all import ICMP, IP, UDP, Ether, IPv6, Raw, raw
 from scapy.layers.inet import fragment
 from scapy.layers.inet6 import IPv6ExtHdrFragment, fragment6
 
@@ -241,13 +241,120 @@ def test_non_df_ipv4_over_the_egress_mtu_is_cut_and_df_is_left_alone():
     df = IP(src=CLIENT, dst=SERVER, id=0x98, flags="DF") / UDP(sport=5, dport=6) / (b"k" * 1200)
     small = IP(src=CLIENT, dst=SERVER) / UDP(sport=5, dport=6) / b"s"
     _, res = run(ct, [big, df, small])
-    assert res.forward.tolist() == [False, True, True]
+    # the DF one is not cut: the engine answers it with frag-needed (icmp.py)
+    assert res.forward.tolist() == [False, False, True]
+    assert res.generated_by.tolist() == [1] and res.fragment_of.tolist() == [0, 0, 0]
     outs = out_frames(res)
     assert [len(o[IP]) for o in outs] == [572, 572, 1228 - 2 * 552]
     assert [o[IP].frag for o in outs] == [0, 69, 138]
     assert [o[IP].flags.value for o in outs] == [1, 1, 0]
     assert all(o[IP].id == 0x99 and o[IP].src == R_WAN and ip_ok(o) for o in outs)
     assert udp_checksum_ok(reassembled(outs))
+
+
+# ---------------------------------------------------------------- with the router's errors
+
+def mtu_net(wan_mtu):
+    net = {"interfaces": {k: dict(v) for k, v in NET["interfaces"].items()}, "routes": NET["routes"]}
+    net["interfaces"]["wan0"]["mtu"] = wan_mtu
+    return net
+
+
+def errors_of(res):
+    g = res.generated
+    return [] if g is None else [Ether(g.frame(k)) for k in range(len(g))]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-batch", "two-batches"])
+def test_df_fragments_whose_largest_is_over_the_egress_mtu_get_frag_needed_and_no_conn(split):
+    """ip_exceeds_mtu on a defragmented datagram: DF (the datagram has it when its
+    largest fragment had it) and that fragment (frag_max_size) over the egress MTU:
+    frag-needed with the MTU, once, after the fragment that completed the datagram,
+    quoting the datagram as it arrived; the held fragments get nothing; the conn it
+    began is withdrawn (Linux never confirmed it)."""
+    ct, _ = engine(net=mtu_net(1400))
+    dgram, frs = v4_frags(mtu=1480, flags="DF")
+    assert max(len(f) for f in frs) == 1500
+    if split:
+        _, held = run(ct, frs[:2])
+        assert (held.verdict.tolist(), held.generated) == ([K.V_QUEUED] * 2, None)
+        _, res = run(ct, frs[2:])
+    else:
+        _, res = run(ct, frs)
+    (e,) = errors_of(res)
+    got = (int(res.verdict[-1]), bool(res.forward.any()), res.fragments, res.generated_by.tolist(),
+           e[IP].src, e[IP].dst, e[ICMP].type, e[ICMP].code, e[ICMP].nexthopmtu)
+    want = (K.V_DROP, False, None, [len(res.verdict) - 1], "10.0.0.3", CLIENT, 3, 4, 1400)
+    assert got == want, f"\ngot  {got}\nwant {want}"
+    assert raw(e[IP])[28:] == raw(dgram)[:548], "the quote: the reassembled datagram as it arrived"
+    s = ct.stats()
+    got = (len(ct), ct.events(), s["insert"], s["new"], s["icmp_frag_needed"], s["frag_fails"])
+    assert got == (0, [], 0, 0, 1, 0), f"(conns, events, insert, new, frag_needed, frag_fails): {got}"
+
+
+@pytest.mark.parametrize("case", ["largest-without-df", "df-within-the-mtu", "icmp-errors-off"])
+def test_datagrams_the_router_may_cut_are_cut_at_the_smaller_of_mtu_and_largest_fragment(case):
+    """No frag-needed when the largest fragment had no DF (cut at the MTU) or fits the
+    MTU (cut at it, DF kept: ip_do_fragment with IPSKB_FRAG_PMTU); with ICMP errors off a
+    DF datagram over the MTU is dropped silently (counted in frag_fails)."""
+    ct, _ = engine(net=mtu_net(1400), icmp_errors=case != "icmp-errors-off")
+    if case == "largest-without-df":
+        dgram, frs = v4_frags(mtu=1480)
+        frs[-1].flags = "DF"                # the small last fragment only
+    elif case == "df-within-the-mtu":
+        dgram, frs = v4_frags(mtu=1376, flags="DF")
+    else:
+        dgram, frs = v4_frags(mtu=1480, flags="DF")
+    _, res = run(ct, frs)
+    outs = out_frames(res)
+    got = (res.generated, [len(o[IP]) for o in outs], {int(o[IP].flags) & 2 for o in outs})
+    want = {"largest-without-df": (None, [1396, 1396, 276], {0}),
+            "df-within-the-mtu": (None, [1396, 1396, 276], {2}),
+            "icmp-errors-off": (None, [], set())}[case]
+    assert got == want, f"\ngot  {got}\nwant {want}"
+    if outs:
+        assert reassembled(outs)[UDP].payload == dgram[UDP].payload
+    assert ct.stats()["frag_fails"] == (case == "icmp-errors-off")
+
+
+def test_ipv6_fragments_whose_largest_is_over_the_egress_mtu_get_packet_too_big():
+    from scapy.layers.inet6 import ICMPv6PacketTooBig
+    ct, _ = engine(net=mtu_net(1400))
+    d = IPv6(src="b::2", dst="a::2") / IPv6ExtHdrFragment(id=9) / UDP(sport=1, dport=2) / (b"6" * 3000)
+    frs = fragment6(d, 1500)
+    _, res = run(ct, frs)
+    (e,) = errors_of(res)
+    q = raw(e[IPv6])[48:]
+    got = (bool(res.forward.any()), res.fragments, res.generated_by.tolist(), e[IPv6].src,
+           e[ICMPv6PacketTooBig].mtu, q[6], int.from_bytes(q[4:6], "big"), len(q), len(ct))
+    # the quote: the reassembled datagram (no fragment header, its whole payload length)
+    want = (False, None, [len(frs) - 1], "b::1", 1400, 17, 3008, 1232, 0)
+    assert got == want, f"\ngot  {got}\nwant {want}"
+
+
+def test_a_datagram_is_answered_as_one_packet_held_fragments_never():
+    """TTL 1 on every fragment: one time-exceeded, for the datagram, after its last
+    fragment; a fragmented UDP datagram to the router's own address: one port unreachable."""
+    ct, _ = engine()
+    frs = fragment(IP(src=CLIENT, dst=SERVER, id=5, ttl=1) / UDP(sport=1, dport=2) / (b"t" * 3000), 1480)
+    mine = fragment(IP(src=CLIENT, dst="10.0.0.3", id=6) / UDP(sport=3, dport=9) / (b"l" * 3000), 1480)
+    _, res = run(ct, frs + mine)
+    errs = errors_of(res)
+    got = ([(e[ICMP].type, e[ICMP].code) for e in errs], res.generated_by.tolist(),
+           res.verdict.tolist(), res.fragments)
+    want = ([(11, 0), (3, 3)], [2, 5], [K.V_QUEUED] * 2 + [K.V_DROP] + [K.V_QUEUED] * 2 + [K.V_ACCEPT],
+            None)
+    assert got == want, f"\ngot  {got}\nwant {want}"
+    assert not res.forward.any()
+
+
+def test_the_pool_does_not_reassemble_so_never_holds_a_fragment():
+    from shardct.shard import LocalPool
+    lp = LocalPool(2, Config(), seed=7)
+    assert all(sh.ct._defrag is None for sh in lp.shards)
+    _, frs = v4_frags()
+    _, v = lp.process(PacketBatch.from_frames(frames(frs), ifindex=LAN))
+    assert v.tolist() == [K.V_ACCEPT, K.V_UNTRACKED, K.V_UNTRACKED], v.tolist()
 
 
 def test_ipv4_options_copied_only_when_flagged():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scapy.all import ICMP, IP, UDP, Ether, IPv6, Raw, raw
+from scapy.all import ICMP, IP, TCP, UDP, Ether, IPv6, Raw, raw
 from scapy.layers.inet import ICMPerror, IPerror
 
 from shardct import Config, ConnTrack, ManualClock, PacketBatch
@@ -24,6 +24,7 @@ NET = {"interfaces": {"lan0": {"address": ["10.0.0.3/24", "b::1/64"]},
 LAN, WAN = 0, 1
 CLIENT, SERVER, R_LAN, R_WAN = "10.0.0.2", "192.168.0.2", "10.0.0.3", "192.168.0.1"
 MASQ = "-A POSTROUTING -o wan0 -j MASQUERADE"
+TCP_SYN = TCP(sport=40600, dport=22, flags="S")
 
 
 def nat_rules(body: str):
@@ -266,7 +267,7 @@ def test_time_exceeded_is_rate_limited_per_host_like_icmp_ratelimit():
     assert len(errors(r, [ttl1()])) == 0, "half an interval later: still limited"
     r.clock.advance(0.5)
     assert len(errors(r, [ttl1(), ttl1()])) == 1, "one interval later: one more"
-    assert r.ct.stats()["icmp_ratelimited"] == 6
+    assert r.ct.stats()["icmp_time_exceeded_ratelimited"] == 6
 
 
 def test_no_time_exceeded_for_errors_fragments_local_or_bad_sources():
@@ -301,3 +302,273 @@ def test_icmp_errors_off_or_ttl_off_generates_nothing():
         r = Router(**cfg)
         b = PacketBatch.from_frames([raw(ttl1())], ifindex=LAN)
         assert r.ct.process(b).generated is None, cfg
+
+
+# ---------------------------------------------------------------- frag needed / packet too big
+
+def small_mtu_router(body=MASQ, lan_mtu=1500, wan_mtu=1400, **cfg):
+    """A Router whose interfaces have the given MTUs."""
+    r = Router(body, **cfg)
+    net = {"interfaces": {k: dict(v) for k, v in NET["interfaces"].items()}, "routes": NET["routes"]}
+    net["interfaces"]["lan0"]["mtu"] = lan_mtu
+    net["interfaces"]["wan0"]["mtu"] = wan_mtu
+    r.ct = ConnTrack(Config(**cfg), seed=3, clock=r.clock, rules=nat_rules(body) if body else None,
+                     network=Network.from_dict(net), router=True, rng=np.random.default_rng(3))
+    return r
+
+
+def process(r, frames, ifindex=LAN):
+    """(result, [(error frame, its ifindex)]) of one batch."""
+    b = PacketBatch.from_frames([raw(f) for f in frames], ifindex=ifindex)
+    res = r.ct.process(b)
+    g = res.generated
+    return res, [] if g is None else [(Ether(g.frame(i)), int(g.ifindex[i])) for i in range(len(g))]
+
+
+def big(size, df=True, src=CLIENT, dst=SERVER, sport=40100, ttl=64, tos=0):
+    """A UDP frame whose IP datagram is ``size`` bytes."""
+    return E / IP(src=src, dst=dst, ttl=ttl, tos=tos, flags="DF" if df else 0, id=99) \
+        / UDP(sport=sport, dport=5000) / (b"m" * (size - 28))
+
+
+def test_df_packet_over_the_egress_mtu_gets_frag_needed_with_the_mtu():
+    r = small_mtu_router()
+    arrived = big(1401, tos=0x2A)
+    res, ((e, ifx),) = process(r, [arrived])
+    got = (res.verdict.tolist(), res.forward.tolist(), ifx, e.src, e.dst, e[IP].src, e[IP].dst,
+           e[IP].ttl, e[IP].tos, int(e[IP].flags), e[IP].len, e[ICMP].type, e[ICMP].code,
+           raw(e[ICMP])[4:8])
+    want = ([K.V_DROP], [False], LAN, E.dst, E.src, R_LAN, CLIENT, 64, 0xC0 | 0x0A, 0, 576, 3, 4,
+            b"\x00\x00\x05\x78")
+    assert got == want, f"\ngot  {got}\nwant {want}"
+    assert raw(e[IP])[28:] == raw(arrived[IP])[:548], "the quote: the packet as it arrived, to 576"
+    assert icmp_ok(e), "IP and ICMP checksums"
+    s = r.ct.stats()
+    assert (s["icmp_frag_needed"], s["icmp_frag_needed_not_sent"]) == (1, 0), s
+    # dropped before POSTROUTING: Linux never confirms the conn this packet began
+    got = (len(r.ct), r.ct.events(), s["insert"], s["new"], s["destroy"])
+    assert got == (0, [], 0, 0, 0), f"(conns, events, insert, new, destroy): got {got}"
+
+
+def test_a_conn_that_forwarded_before_stays_when_a_packet_is_too_big():
+    r = small_mtu_router()
+    process(r, [big(100)])
+    r.ct.events()
+    res, errs = process(r, [big(1450)])
+    got = (res.forward.tolist(), len(errs), len(r.ct), [e.kind for e in r.ct.events()])
+    assert got == ([False], 1, 1, []), f"got {got}"
+
+
+def test_at_the_mtu_or_without_df_the_packet_is_forwarded():
+    r = small_mtu_router()
+    res, errs = process(r, [big(1400, sport=1), big(1401, df=False, sport=2), big(1401, sport=3)])
+    got = (res.verdict.tolist(), res.forward.tolist(), len(errs), res.fragment_of.tolist())
+    # a non-DF packet over the MTU is left to fragmentation (frag.py): it leaves as fragments
+    assert got == ([K.V_ACCEPT, K.V_ACCEPT, K.V_DROP], [True, False, False], 1, [1, 1]), f"got {got}"
+    assert r.ct.stats()["icmp_frag_needed"] == 1
+    got = sorted(c.original.sport for c in r.ct.conns())
+    assert got == [1, 2], f"conns by source port: got {got}, want the two forwarded ones"
+    assert [e.conn.original.sport for e in r.ct.events()] == [1, 2], "NEW events"
+
+
+def test_frag_needed_quote_is_the_reply_as_it_arrived_before_un_nat():
+    # a masqueraded flow's reply over the LAN MTU: the quote keeps the NATed destination
+    # and the TTL it arrived with; the error comes from the WAN interface's address
+    r = small_mtu_router(lan_mtu=1300, wan_mtu=1500)
+    res, errs = process(r, [big(100, sport=40200)])
+    assert (res.forward.tolist(), errs) == ([True], [])
+    reply = E / IP(src=SERVER, dst=R_WAN, ttl=50, flags="DF", id=5) / UDP(sport=5000, dport=40200) \
+        / (b"r" * 1372)
+    res, ((e, ifx),) = process(r, [reply], WAN)
+    got = (res.forward.tolist(), ifx, e[IP].src, e[IP].dst, e[ICMP].type, e[ICMP].code,
+           raw(e[ICMP])[6:8])
+    assert got == ([False], WAN, R_WAN, SERVER, 3, 4, b"\x05\x14"), f"got {got}"
+    assert raw(e[IP])[28:] == raw(reply[IP])[:548], "quote as it arrived (un-NAT and TTL undone)"
+    assert icmp_ok(e)
+    assert len(r.ct) == 1, "the conn the request confirmed stays"
+
+
+def test_masqueraded_request_quote_keeps_the_lan_source_and_ttl():
+    r = small_mtu_router()
+    arrived = big(1450, ttl=9)
+    res, ((e, _),) = process(r, [arrived])
+    q = IP(raw(e[IP])[28:])
+    assert (q.src, q.ttl, q[UDP].sport) == (CLIENT, 9, 40100), (q.src, q.ttl, q[UDP].sport)
+    assert raw(e[IP])[28:] == raw(arrived[IP])[:548]
+
+
+def test_ipv6_over_the_mtu_gets_packet_too_big_df_or_not():
+    from scapy.layers.inet6 import ICMPv6PacketTooBig
+    r = small_mtu_router()
+    arrived = E / IPv6(src="b::2", dst="a::2", hlim=7) / UDP(sport=1, dport=2) / (b"s" * 1400)
+    res, ((e, ifx),) = process(r, [arrived])
+    t = e[ICMPv6PacketTooBig]
+    got = (res.forward.tolist(), ifx, e[IPv6].src, e[IPv6].dst, e[IPv6].hlim, t.type, t.code, t.mtu,
+           e[IPv6].plen)
+    assert got == ([False], LAN, "b::1", "b::2", 64, 2, 0, 1400, 1240), f"got {got}"
+    assert raw(e[IPv6])[48:] == raw(arrived[IPv6])[:1232], "quote as it arrived, to 1280 in all"
+    q = e.copy()
+    del q[ICMPv6PacketTooBig].cksum
+    assert raw(Ether(raw(q))) == raw(e), "ICMPv6 checksum"
+
+
+def test_frag_needed_is_not_rate_limited_port_unreachable_is():
+    r = small_mtu_router()
+    _, errs = process(r, [big(1450, sport=40300 + k) for k in range(10)])
+    assert len(errs) == 10, f"frag-needed: {len(errs)} of 10 (PMTU discovery is not limited)"
+    _, errs = process(r, [E / IP(src=CLIENT, dst=R_LAN) / UDP(sport=41000 + k, dport=9) for k in range(10)])
+    assert len(errs) == 6, f"port unreachable: {len(errs)} of 10, want the burst of 6"
+    s = r.ct.stats()
+    assert (s["icmp_port_unreachable"], s["icmp_port_unreachable_ratelimited"]) == (6, 4), s
+
+
+@pytest.mark.parametrize("defrag", [False, True])
+def test_no_frag_needed_for_errors_later_fragments_or_bad_sources_but_dropped(defrag):
+    r = small_mtu_router(defrag=defrag)
+    quote = raw(IP(src=SERVER, dst=CLIENT) / UDP(sport=1, dport=2)) + b"e" * 1400
+    frames = [E / IP(src=CLIENT, dst=SERVER, flags="DF") / ICMP(type=3, code=3) / Raw(quote),
+              E / IP(src=CLIENT, dst=SERVER, flags="DF", frag=100, proto=17) / Raw(b"x" * 1450),
+              big(1450, src="0.0.0.0"), big(1450, src="224.0.0.9")]
+    res, errs = process(r, frames)
+    assert (res.forward.tolist(), errs) == ([False] * 4, []), (res.forward.tolist(), errs)
+    # with defrag the later fragment is held for its datagram (queued), never judged
+    assert int(res.verdict[1]) == (K.V_QUEUED if defrag else K.V_DROP)
+    assert r.ct.stats()["icmp_frag_needed_not_sent"] == (3 if defrag else 4)
+
+
+def test_locally_generated_oversize_is_left_alone():
+    r = small_mtu_router()
+    res, errs = process(r, [big(1450, src=R_WAN)], -1)
+    assert (res.forward.tolist(), errs) == ([True], [])
+
+
+# ---------------------------------------------------------------- port unreachable
+
+@pytest.mark.parametrize("dst", [R_LAN, R_WAN])
+def test_udp_to_the_router_gets_port_unreachable_from_that_address(dst):
+    r = Router()
+    arrived = E / IP(src=CLIENT, dst=dst, ttl=33, id=4) / UDP(sport=40400, dport=9) / b"hello"
+    res, ((e, ifx),) = process(r, [arrived])
+    got = (res.verdict.tolist(), res.forward.tolist(), ifx, e[IP].src, e[IP].dst, e[IP].tos,
+           e[ICMP].type, e[ICMP].code)
+    assert got == ([K.V_ACCEPT], [False], LAN, dst, CLIENT, 0xC0, 3, 3), f"got {got}"
+    assert raw(e[IP])[28:] == raw(arrived[IP]), "the whole datagram, TTL as it arrived"
+    assert icmp_ok(e)
+    assert len(r.ct) == 1, "the conn is confirmed (Linux confirms at LOCAL_IN)"
+
+
+def test_udp_to_the_router_over_ipv6_gets_port_unreachable():
+    from scapy.layers.inet6 import ICMPv6DestUnreach
+    r = Router()
+    arrived = E / IPv6(src="b::2", dst="b::1") / UDP(sport=3, dport=4) / b"six"
+    res, ((e, ifx),) = process(r, [arrived])
+    u = e[ICMPv6DestUnreach]
+    got = (res.forward.tolist(), ifx, e[IPv6].src, e[IPv6].dst, u.type, u.code)
+    assert got == ([False], LAN, "b::1", "b::2", 1, 4), f"got {got}"
+    assert raw(e[IPv6])[48:] == raw(arrived[IPv6])
+    q = e.copy()
+    del q[ICMPv6DestUnreach].cksum
+    assert raw(Ether(raw(q))) == raw(e), "ICMPv6 checksum"
+
+
+def test_redirected_udp_is_answered_from_the_address_it_was_sent_to():
+    r = Router("-A PREROUTING -i lan0 -p udp --dport 53 -j REDIRECT --to-ports 5353\n" + MASQ)
+    arrived = E / IP(src=CLIENT, dst="8.8.8.8") / UDP(sport=40500, dport=53) / b"q"
+    res, ((e, _),) = process(r, [arrived])
+    q = IP(raw(e[IP])[28:])
+    got = (res.forward.tolist(), e[IP].src, e[IP].dst, q.dst, q[UDP].dport)
+    assert got == ([False], "8.8.8.8", CLIENT, "8.8.8.8", 53), f"got {got}"
+    assert raw(e[IP])[28:] == raw(arrived[IP]) and icmp_ok(e)
+
+
+def test_no_answer_with_local_delivery_a_bad_checksum_a_fragment_or_a_reset():
+    r = Router(local_delivery=True)
+    res, errs = process(r, [E / IP(src=CLIENT, dst=R_LAN) / UDP(sport=1, dport=9),
+                            E / IP(src=CLIENT, dst=R_LAN) / TCP_SYN])
+    assert (res.forward.tolist(), errs) == ([True, True], []), "local delivery: the host answers"
+    r = Router()
+    frames = [E / IP(src=CLIENT, dst=R_LAN) / UDP(sport=2, dport=9, chksum=0x1234),
+              E / IP(src=CLIENT, dst=R_LAN) / TCP(sport=3, dport=22, flags="S", chksum=0x1234),
+              E / IP(src=CLIENT, dst=R_LAN) / ICMP(type=8, id=1),
+              E / IP(src=CLIENT, dst=R_LAN, flags="MF", id=3) / UDP(sport=4, dport=9) / (b"f" * 16),
+              E / IP(src=CLIENT, dst=R_LAN) / TCP(sport=5, dport=22, flags="R", seq=1)]
+    res, errs = process(r, frames)
+    s = r.ct.stats()
+    got = (res.forward.tolist(), errs, s["icmp_port_unreachable"], s["tcp_reset"])
+    # the first fragment is held for its datagram (defrag), unanswered
+    assert got == ([True, True, True, False, True], [], 0, 0), f"got {got}"
+    assert int(res.verdict[3]) == K.V_QUEUED
+    r = Router(defrag=False)        # without defrag it passes unanswered
+    res, errs = process(r, frames[3:4])
+    assert (res.forward.tolist(), errs) == ([True], [])
+
+
+# ---------------------------------------------------------------- TCP reset
+
+def tcp_ok(frame: Ether) -> bool:
+    q = frame.copy()
+    del q[IP].chksum
+    del q[TCP].chksum
+    return raw(Ether(raw(q))) == raw(frame)
+
+
+def test_syn_to_the_router_gets_rst_ack_and_the_conn_is_gone():
+    r = Router()
+    syn = E / IP(src=CLIENT, dst=R_LAN, tos=0x2B) / TCP(sport=40700, dport=22, flags="S", seq=1000)
+    res, ((e, ifx),) = process(r, [syn])
+    got = (res.forward.tolist(), ifx, e.src, e.dst, e[IP].src, e[IP].dst, e[IP].ttl, e[IP].tos,
+           int(e[IP].flags), e[IP].id, e[IP].len, e[TCP].sport, e[TCP].dport, str(e[TCP].flags),
+           e[TCP].seq, e[TCP].ack, e[TCP].window, e[TCP].dataofs)
+    want = ([False], LAN, E.dst, E.src, R_LAN, CLIENT, 64, 0x28, 2, 0, 40, 22, 40700, "RA", 0,
+            1001, 0, 5)
+    assert got == want, f"\ngot  {got}\nwant {want}"
+    assert tcp_ok(e), "IP and TCP checksums"
+    # conntrack saw the RST go out: "if only reply is a RST ... delete immediately"
+    # (nf_conntrack_tcp_packet), so the SYN's conn is gone
+    assert (len(r.ct), r.ct.stats()["tcp_reset"]) == (0, 1), (len(r.ct), r.ct.stats()["tcp_reset"])
+
+
+def test_ack_with_data_to_the_router_gets_a_bare_rst_at_its_ack():
+    r = Router()
+    seg = E / IP(src=CLIENT, dst=R_WAN) / TCP(sport=40701, dport=80, flags="PA", seq=5, ack=777) / b"GET"
+    _, ((e, _),) = process(r, [seg])
+    got = (e[IP].src, str(e[TCP].flags), e[TCP].seq, e[TCP].ack, tcp_ok(e))
+    assert got == (R_WAN, "R", 777, 0, True), f"got {got}"
+
+
+def test_redirected_tcp_is_reset_from_the_address_it_was_sent_to():
+    r = Router("-A PREROUTING -i lan0 -p tcp --dport 80 -j REDIRECT --to-ports 8080\n" + MASQ)
+    syn = E / IP(src=CLIENT, dst="8.8.8.8") / TCP(sport=40702, dport=80, flags="S", seq=9)
+    _, ((e, _),) = process(r, [syn])
+    got = (e[IP].src, e[IP].dst, e[TCP].sport, e[TCP].dport, str(e[TCP].flags), e[TCP].ack,
+           tcp_ok(e))
+    assert got == ("8.8.8.8", CLIENT, 80, 40702, "RA", 10, True), f"got {got}"
+
+
+def test_syn_to_the_router_over_ipv6_gets_rst():
+    r = Router()
+    syn = E / IPv6(src="b::2", dst="b::1", tc=0x29) / TCP(sport=3, dport=22, flags="S", seq=41)
+    _, ((e, _),) = process(r, [syn])
+    got = (e[IPv6].src, e[IPv6].dst, e[IPv6].hlim, e[IPv6].tc, e[IPv6].fl, e[IPv6].plen,
+           str(e[TCP].flags), e[TCP].ack)
+    assert got == ("b::1", "b::2", 64, 0x28, 0, 20, "RA", 42), f"got {got}"
+    q = e.copy()
+    del q[TCP].chksum
+    assert raw(Ether(raw(q))) == raw(e), "TCP checksum"
+
+
+def test_malformed_frames_through_small_mtus_never_raise():
+    rng = np.random.default_rng(5)
+    r = small_mtu_router(lan_mtu=1280, wan_mtu=1280)
+    seeds = [raw(big(1450)), raw(E / IPv6(src="b::2", dst="a::2") / UDP() / (b"s" * 1400)),
+             raw(E / IP(src=CLIENT, dst=R_LAN) / UDP(sport=1, dport=2) / b"x")]
+    frames = []
+    for s in seeds:
+        for _ in range(60):
+            f = bytearray(s[:int(rng.integers(1, len(s) + 1))])
+            for _ in range(int(rng.integers(0, 4))):
+                f[int(rng.integers(0, len(f)))] = int(rng.integers(0, 256))
+            frames.append(bytes(f))
+    b = PacketBatch.from_frames(frames, ifindex=LAN)
+    res = r.ct.process(b)
+    assert res.verdict.shape == (len(frames),)

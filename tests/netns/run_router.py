@@ -31,6 +31,7 @@ import live_router as LR  # noqa: E402
 PREFIX_BASE = "sct13r"          # + 4 hex of the pid (KernelRouter's prefix rule)
 UDP_PORT = 9000
 BLOB_MB = 8
+WAN_MTU = 1400                  # shardct's rtr-out (the veth says 1500): DF 1450 is too big
 
 ROUTER_MUTE = """\
 table inet sct13r_mute {
@@ -41,7 +42,8 @@ table inet sct13r_mute {
 KERNEL_FORWARDING_OFF = {"net.ipv4.ip_forward": 0, "net.ipv6.conf.all.forwarding": 0}
 MASQ_RULES = LR.MASQ_RULES      # -A POSTROUTING -s 10.0.0.0/24 -o rtr-out -j MASQUERADE
 ENGINE_TOML = LR.ENGINE_TOML.replace(       # the same interfaces and rules, INVALID dropped
-    "max_conns = 65536\n", "max_conns = 65536\ndrop_invalid = true\n")
+    "max_conns = 65536\n", "max_conns = 65536\ndrop_invalid = true\n").replace(
+    'address = ["192.168.0.1/24"]\n', 'address = ["192.168.0.1/24"]\nmtu = ' + str(WAN_MTU) + '\n')
 
 # UDP echo in the server: answers each datagram with the sender's address it saw
 UDP_ECHO = f"""\
@@ -63,7 +65,8 @@ for k in range(3):
     s.sendto(b"ping%d" % k, ("192.168.0.2", {UDP_PORT}))
     print(s.recvfrom(2048)[0].decode())
 """
-# a 4000-byte UDP datagram: the client's kernel sends it as three fragments (MTU 1500)
+# a 4000-byte UDP datagram: the client's kernel sends it as three fragments (MTU 1500,
+# no DF), which leave re-fragmented at WAN_MTU
 FRAG_CLIENT = f"""\
 import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -74,13 +77,20 @@ try:
 except socket.timeout:
     print("none")
 """
-# a UDP datagram with TTL 1; prints the source of the ICMP time-exceeded that answers it
-TTL_PROBE = f"""\
+
+
+def icmp_probe(label: str, itype: int, icode: int | None, dst: str, port: int, size: int,
+               setup: str = "") -> str:
+    """Client code: one UDP datagram of ``size`` bytes to dst:port (after ``setup`` on
+    socket ``u``); prints "<label> from <source> code <code>" (and " mtu <n>" for
+    frag-needed) of the first ICMP of type ``itype`` (and code ``icode``) that comes
+    back within 3 s, else "none"."""
+    return f"""\
 import socket, time
 icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-u.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
-u.sendto(b"ttl1", ("192.168.0.2", {UDP_PORT + 1}))
+{setup}
+u.sendto(b"p" * {size}, ({dst!r}, {port}))
 end, got = time.monotonic() + 3, "none"
 while got == "none" and time.monotonic() < end:
     icmp.settimeout(max(0.01, end - time.monotonic()))
@@ -89,10 +99,22 @@ while got == "none" and time.monotonic() < end:
     except socket.timeout:
         break
     ihl = (pkt[0] & 15) * 4
-    if pkt[ihl] == 11:
-        got = f"time-exceeded from {{src[0]}} code {{pkt[ihl + 1]}}"
+    if pkt[ihl] == {itype} and {icode!r} in (None, pkt[ihl + 1]):
+        got = f"{label} from {{src[0]}} code {{pkt[ihl + 1]}}"
+        if pkt[ihl + 1] == 4:
+            got += f" mtu {{int.from_bytes(pkt[ihl + 6:ihl + 8], 'big')}}"
 print(got)
 """
+
+
+# a UDP datagram with TTL 1: time-exceeded
+TTL_PROBE = icmp_probe("time-exceeded", 11, None, "192.168.0.2", UDP_PORT + 1, 4,
+                       "u.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)")
+# 1450 bytes with DF (IP_PMTUDISC_PROBE: DF set, the cached path MTU ignored): frag-needed
+DF_PROBE = icmp_probe("frag-needed", 3, 4, "192.168.0.2", UDP_PORT + 2, 1450 - 28,
+                      "u.setsockopt(socket.IPPROTO_IP, 10, 3)   # IP_MTU_DISCOVER, PROBE")
+# UDP to the router's own LAN address, where nothing listens: port unreachable
+LOCAL_PROBE = icmp_probe("port-unreachable", 3, 3, "10.0.0.3", UDP_PORT + 3, 4)
 
 
 def why_not() -> str | None:

@@ -24,9 +24,15 @@ from shardct.rules import parse_iptables_save
 
 pytestmark = pytest.mark.netns
 
-NET = Network.from_dict({"interfaces": {
-    "rtr-in": {"address": ["10.0.0.3/24", "b::1/64"]},
-    "rtr-out": {"address": ["192.168.0.1/24", "a::1/64"]}}})
+
+
+def network(server_mtu=1500):
+    return Network.from_dict({"interfaces": {
+        "rtr-in": {"address": ["10.0.0.3/24", "b::1/64"]},
+        "rtr-out": {"address": ["192.168.0.1/24", "a::1/64"], "mtu": server_mtu}}})
+
+
+NET = network()
 IFX = {CLIENT: 0, SERVER: 1}
 
 
@@ -50,17 +56,21 @@ def ipt(family, *rules):
 
 
 class ShardctWorld:
-    def __init__(self, rules, family):
-        self.ct = ConnTrack(Config(), seed=11, rules=rules, network=NET, router=True,
+    def __init__(self, rules, family, net=NET):
+        self.ct = ConnTrack(Config(), seed=11, rules=rules, network=net, router=True,
                             rng=np.random.default_rng(11))
         self.t = 1_000_000_000
 
     def exchange(self, side, frame):
+        return self.exchange_all(side, frame)[0]
+
+    def exchange_all(self, side, frame):
+        """(frames forwarded, errors the router sent back)."""
         self.t += 1_000_000
         b = PacketBatch.from_frames([frame], ts=self.t, ifindex=IFX[side])
         r = self.ct.process(b)
-        v = int(r.verdict[0])
-        return [b.frame(0)] if v not in (K.V_DROP,) else []
+        back = r.generated.frames() if r.generated is not None else []
+        return ([b.frame(0)] if r.forward[0] else []), back
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +178,48 @@ DNAT4 = (nft(4, ("prerouting", 'iifname "rtr-in" udp dport 5353 dnat to 192.168.
           "-A PREROUTING -i rtr-in -p tcp --dport 8081 -j DNAT --to-destination 192.168.0.2:8080"])
 
 
-def worlds(spec, family=4):
+def worlds(spec, family=4, server_mtu=1500):
     nft_text, ipt_rules = spec
-    k = KernelRouter(nft_rules=nft_text, family=family)
-    return k, ShardctWorld(ipt(family, *ipt_rules), family)
+    k = KernelRouter(nft_rules=nft_text, family=family, server_mtu=server_mtu)
+    return k, ShardctWorld(ipt(family, *ipt_rules), family, network(server_mtu))
+
+
+def same_conns(k, s, proto, family=4):
+    """Both tables hold as many ``proto`` conns (TCP: in the same states) after a step."""
+    lines = k.conntrack_list("-f", "ipv4" if family == 4 else "ipv6").splitlines()
+    kern = sorted(ln.split()[3] if proto == "tcp" else proto
+                  for ln in lines if ln.split()[:1] == [proto])
+    ours = sorted((c.state or proto) for c in s.ct.conns(now=s.t)
+                  if {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}[c.proto] == proto)
+    assert kern == ours, f"{proto} conns: kernel {kern}, shardct {ours}\n" + "\n".join(lines)
+
+
+def router_errors(k, s, side, frame, forwarded=0):
+    """Send ``frame`` from ``side`` through both routers: ``forwarded`` frames must go
+    on and exactly one ICMP error come back to ``side``; the errors must match in
+    every field but the IP id (a fresh one) and their whole ICMP message (type, code,
+    checksum, MTU field, quote) byte for byte."""
+    other = SERVER if side == CLIENT else CLIENT
+    got = k.exchange_all(side, frame)
+    fwd, back = s.exchange_all(side, frame)
+    assert (len(got[other]), len(fwd)) == (forwarded, forwarded), \
+        f"forwarded: kernel {len(got[other])}, shardct {len(fwd)}, want {forwarded}"
+    assert (len(got[side]), len(back)) == (1, 1), \
+        f"errors back: kernel {len(got[side])}, shardct {len(back)}"
+    same_error(got[side][0], back[0])
+
+
+def same_error(kf, sf):
+    """The kernel's error ``kf`` and shardct's ``sf`` match in every field but the IP id
+    (a fresh one) and in their whole ICMP message (type, code, checksum, MTU field, quote)
+    byte for byte."""
+    kd, sd = fields(kf), fields(sf)
+    kd.pop("id", None), sd.pop("id", None)
+    assert kd == sd, f"\nkernel  {kd}\nshardct {sd}"
+    hl = 20 if l3(sf).version == 4 else 40
+    km, sm = raw(l3(kf))[hl:], raw(l3(sf))[hl:]
+    assert km == sm, f"ICMP messages differ: kernel {km[:8].hex()}+{len(km)}, shardct {sm[:8].hex()}+{len(sm)}"
+    assert kd["checksums_valid"], "kernel output checksum"
 
 
 def test_masquerade_udp_both_ways(can_run):
@@ -282,19 +330,7 @@ def test_ttl1_time_exceeded_from_the_ingress_address(can_run, size):
     k, s = worlds(MASQ4)
     with k:
         f = frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2", ttl=1, id=5) / UDP(sport=40008, dport=53) / (b"t" * size))
-        got = k.exchange_all(CLIENT, f)
-        s.t += 1_000_000
-        b = PacketBatch.from_frames([f], ts=s.t, ifindex=IFX[CLIENT])
-        r = s.ct.process(b)
-        fwd = [b.frame(0)] if r.forward[0] else []
-        back = r.generated.frames() if r.generated is not None else []
-        assert (len(got[SERVER]), len(fwd)) == (0, 0), "nothing forwarded with TTL 1"
-        assert (len(got[CLIENT]), len(back)) == (1, 1), f"errors back: kernel {len(got[CLIENT])}, shardct {len(back)}"
-        kd, sd = fields(got[CLIENT][0]), fields(back[0])
-        kd.pop("id"), sd.pop("id")          # a fresh IP id
-        assert kd == sd, f"\nkernel  {kd}\nshardct {sd}"
-        kq, sq = raw(l3(got[CLIENT][0]))[28:], raw(l3(back[0]))[28:]
-        assert kq == sq, f"quotes differ: kernel {len(kq)} bytes, shardct {len(sq)}"
+        router_errors(k, s, CLIENT, f)
 
 
 def test_source_port_clash_remapped_in_class(can_run):
@@ -308,31 +344,34 @@ def test_source_port_clash_remapped_in_class(can_run):
 
 def fragments_through(k, s, frags):
     """Send the client's fragments through both routers as one burst; returns (what the
-    kernel's server side got, shardct's fragments out, shardct's Result)."""
+    kernel's server side got, shardct's fragments out, shardct's Result, what the
+    kernel sent back to the client); shardct's errors are ``r.generated``."""
     k.drain()
     for f in frags:
         k.send(CLIENT, f)
-    ko = k.recv_all(0.3)[SERVER]
+    got = k.recv_all(0.3)
     s.t += 1_000_000
     b = PacketBatch.from_frames(frags, ts=s.t, ifindex=IFX[CLIENT])
     r = s.ct.process(b)
-    return ko, [] if r.fragments is None else r.fragments.frames(), r
+    return got[SERVER], [] if r.fragments is None else r.fragments.frames(), r, got[CLIENT]
 
 
-@pytest.mark.parametrize("order", ["in-order", "reversed"])
-def test_fragmented_udp_is_nated_whole(can_run, order):
-    """A 3000-byte UDP datagram sent as three fragments: both routers hold the fragments,
-    NAT the datagram whole and send it on cut where the client cut it (every fragment
-    from the router's address, the same IP id, the port in the first)."""
+@pytest.mark.parametrize("order,mtu", [("in-order", 1500), ("reversed", 1500), ("in-order", 1400)],
+                         ids=["in-order", "reversed", "egress-mtu-1400"])
+def test_fragmented_udp_is_nated_whole(can_run, order, mtu):
+    """A 3000-byte UDP datagram sent as three fragments (no DF): both routers hold the
+    fragments, NAT the datagram whole and send it on cut where the client cut it, or at the
+    egress MTU when that is smaller (every fragment from the router's address, the same IP
+    id, the port in the first)."""
     from scapy.layers.inet import defragment, fragment
-    k, s = worlds(MASQ4)
+    k, s = worlds(MASQ4, server_mtu=mtu)
     with k:
         dgram = IP(src="10.0.0.2", dst="192.168.0.2", id=0x4321) / UDP(sport=40010, dport=53) \
             / (bytes(range(256)) * 12)[:3000]
-        frags = [frame_from(k, CLIENT, f) for f in fragment(dgram, 1400)]
+        frags = [frame_from(k, CLIENT, f) for f in fragment(dgram, 1480)]
         if order == "reversed":
             frags = frags[::-1]
-        ko, so, r = fragments_through(k, s, frags)
+        ko, so, r, _ = fragments_through(k, s, frags)
         assert not r.forward.any(), "no fragment leaves as it came"
 
         def geometry(frames):
@@ -356,7 +395,7 @@ def test_fragmented_ipv6_udp_is_nated_whole(can_run):
         dgram = IPv6(src="b::2", dst="a::2") / IPv6ExtHdrFragment(id=0x5151) \
             / UDP(sport=40011, dport=53) / (bytes(range(256)) * 12)[:3000]
         frags = [frame_from(k, CLIENT, f) for f in fragment6(dgram, 1400)]
-        ko, so, r = fragments_through(k, s, frags)
+        ko, so, r, _ = fragments_through(k, s, frags)
 
         def geometry(frames):
             out = []
@@ -371,3 +410,92 @@ def test_fragmented_ipv6_udp_is_nated_whole(can_run):
         data = [b"".join(bytes(l3(f)[IPv6ExtHdrFragment].payload) for f in x) for x in (ko, so)]
         assert data[0] == data[1], "the datagrams' bytes (UDP header and checksum included)"
         assert len(ko) == 3
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_fragments_whose_largest_is_over_the_egress_mtu_get_frag_needed(can_run, family):
+    """A 3000-byte UDP datagram as fragments of 1500 bytes (IPv4: each with DF), the egress
+    MTU 1400: both routers reassemble it and, its largest fragment being over the MTU
+    (frag_max_size), drop it with frag-needed / packet-too-big quoting the reassembled
+    datagram; no fragment gets an error of its own, and no conn stays."""
+    from scapy.layers.inet import fragment
+    from scapy.layers.inet6 import IPv6ExtHdrFragment, fragment6
+    k, s = worlds(MASQ4 if family == 4 else MASQ6, family=family, server_mtu=1400)
+    with k:
+        data = UDP(sport=40016, dport=53) / (bytes(range(256)) * 12)[:3000]
+        if family == 4:
+            pk = fragment(IP(src="10.0.0.2", dst="192.168.0.2", id=0x4444, flags="DF") / data, 1480)
+        else:
+            pk = fragment6(IPv6(src="b::2", dst="a::2") / IPv6ExtHdrFragment(id=0x4444) / data, 1500)
+        frags = [frame_from(k, CLIENT, f) for f in pk]
+        ko, so, r, back = fragments_through(k, s, frags)
+        errs = [] if r.generated is None else r.generated.frames()
+        assert (len(ko), len(so), int(r.forward.sum())) == (0, 0, 0), "nothing forwarded"
+        assert (len(back), len(errs)) == (1, 1), f"errors back: kernel {len(back)}, shardct {len(errs)}"
+        same_error(back[0], errs[0])
+        assert r.generated_by.tolist() == [len(frags) - 1], "the error answers the last fragment"
+        same_conns(k, s, "udp", family)
+
+
+# ------------------------------------------------------------------------------ the router's own errors
+
+@pytest.mark.parametrize("proto", ["icmp", "udp"])
+def test_df_packet_over_the_egress_mtu_gets_frag_needed(can_run, proto):
+    k, s = worlds(MASQ4, server_mtu=1400)
+    with k:
+        body = (ICMP(id=4400, seq=1) if proto == "icmp" else UDP(sport=40010, dport=53)) / (b"d" * 1400)
+        f = frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2", flags="DF", tos=0x28) / body)
+        router_errors(k, s, CLIENT, f)
+        same_conns(k, s, proto)         # dropped before it was confirmed: no conn
+        # at the MTU it passes, and without DF it is not dropped (the kernel fragments it)
+        fit = frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2", flags="DF") / UDP(sport=40011, dport=53) / (b"f" * 1372))
+        compare(k.exchange(CLIENT, fit), s.exchange(CLIENT, fit))
+
+
+def test_masqueraded_reply_over_the_lan_mtu_gets_frag_needed_quoting_it_as_it_arrived(can_run):
+    # the LAN side's MTU lowered: the kernel's veth pair, shardct's rtr-in
+    k = KernelRouter(nft_rules=MASQ4[0], family=4, client_mtu=1300)
+    s = ShardctWorld(ipt(4, *MASQ4[1]), 4, Network.from_dict({"interfaces": {
+        "rtr-in": {"address": ["10.0.0.3/24", "b::1/64"], "mtu": 1300},
+        "rtr-out": {"address": ["192.168.0.1/24", "a::1/64"]}}}))
+    with k:
+        q = frame_from(k, CLIENT, IP(src="10.0.0.2", dst="192.168.0.2") / UDP(sport=40012, dport=53) / b"q")
+        ko, so = k.exchange(CLIENT, q), s.exchange(CLIENT, q)
+        compare(ko, so)
+        big = lambda p: IP(src=p.dst, dst=p.src, flags="DF", ttl=40) / UDP(sport=p[UDP].dport, dport=p[UDP].sport) / (b"r" * 1400)
+        assert reply_to(k, SERVER, ko[0], big) == reply_to(k, SERVER, so[0], big), "same MASQUERADE port"
+        router_errors(k, s, SERVER, reply_to(k, SERVER, ko[0], big))
+        same_conns(k, s, "udp")
+
+
+def test_ipv6_over_the_egress_mtu_gets_packet_too_big(can_run):
+    k, s = worlds(MASQ6, family=6, server_mtu=1400)
+    with k:
+        f = frame_from(k, CLIENT, IPv6(src="b::2", dst="a::2") / UDP(sport=40013, dport=53) / (b"6" * 1400))
+        router_errors(k, s, CLIENT, f)
+        same_conns(k, s, "udp", 6)
+
+
+@pytest.mark.parametrize("family,dst", [(4, "10.0.0.3"), (4, "192.168.0.1"), (6, "b::1")])
+def test_udp_to_the_router_gets_port_unreachable(can_run, family, dst):
+    k, s = worlds(MASQ4 if family == 4 else MASQ6, family=family)
+    with k:
+        ip = IP(src="10.0.0.2", dst=dst, ttl=20) if family == 4 else IPv6(src="b::2", dst=dst, hlim=20)
+        f = frame_from(k, CLIENT, ip / UDP(sport=40014, dport=9) / b"anyone?")
+        router_errors(k, s, CLIENT, f)
+        same_conns(k, s, "udp", family)  # confirmed on input: it stays
+
+
+@pytest.mark.parametrize("flags,dst", [("S", "10.0.0.3"), ("PA", "192.168.0.1")], ids=["syn", "ack-data"])
+def test_tcp_to_the_router_gets_a_reset(can_run, flags, dst):
+    k, s = worlds(MASQ4)
+    with k:
+        f = frame_from(k, CLIENT, IP(src="10.0.0.2", dst=dst, tos=0x2B) /
+                       TCP(sport=40015, dport=22, flags=flags, seq=1000, ack=77 if "A" in flags else 0) /
+                       (b"x" if "A" in flags else b""))
+        got = k.exchange_all(CLIENT, f)
+        fwd, back = s.exchange_all(CLIENT, f)
+        assert (len(got[SERVER]), len(fwd)) == (0, 0), "nothing forwarded"
+        assert (len(got[CLIENT]), len(back)) == (1, 1), f"resets: kernel {len(got[CLIENT])}, shardct {len(back)}"
+        compare(got[CLIENT], back)
+        same_conns(k, s, "tcp")

@@ -126,3 +126,25 @@ def test_dispatcher_process_death_stops_the_pool_with_a_reason():
         f"message got {str(ei.value)!r}, want what was lost: {want!r}"
     alive = [p.is_alive() for p in pool.sup.procs]
     assert not any(alive), f"processes alive got {alive}, want all False"
+
+
+def test_refresh_makes_counters_current():
+    """Workers report their counters every STATS_EVERY rounds: after a feed without
+    ``final`` (a few rounds) stats() lags what was fed; refresh() makes it current."""
+    from shardct.traffic import handshake_frames
+    b = handshake_frames(300, seed=3)
+    pool = Pool(2, Config(), seed=SEED, log=lambda *a: None, max_round=100)
+    pool.start()
+    try:
+        pool.wait_ready()
+        parts = [take(b, np.arange(s, min(len(b), s + 100))) for s in range(0, len(b), 100)]
+        pool.feed(parts, None)
+        assert pool.totals["rounds"] > 1, pool.totals
+        lagging = pool.stats().get("packets", 0)
+        pool.refresh()
+        got = pool.stats()
+    finally:
+        pool.stop()
+    assert lagging < len(b), f"stats before refresh counted {lagging} of {len(b)}: not lagging"
+    assert got["packets"] == len(b) and got["entries"] == 300, \
+        f"got packets={got['packets']} entries={got['entries']}, want {len(b)} and 300"

@@ -152,3 +152,65 @@ def test_cli_replay_writes_a_fragmented_datagram_nated_whole(tmp_path):
     got = [(p[IP].src, p[IP].id, p[IP].frag, len(p[IP]), p.sniffed_on) for p in pk]
     want = [("192.168.0.1", 0x77, f.frag, len(f), "wan0") for f in frs]
     assert got == want, f"got {got}, want {want}"
+
+
+def test_cli_replay_router_writes_its_own_icmp_errors(tmp_path):
+    """`shardct replay --router` writes the engine's errors beside the forwarded frames,
+    each right after the place of the frame it answers, on the interface the offending
+    packet came in by: frag-needed for a DF datagram over wan0's mtu, port unreachable for
+    UDP to the router's own address."""
+    from scapy.all import ICMP
+    (tmp_path / "r.toml").write_text(
+        '[interfaces.lan0]\naddress = ["10.0.0.3/24"]\n'
+        '[interfaces.wan0]\naddress = ["192.168.0.1/24"]\nmtu = 1400\n')
+    sent = [E / IP(src="10.0.0.2", dst="192.168.0.2", flags="DF") / UDP(sport=1, dport=2) / (b"b" * 1422),
+            E / IP(src="10.0.0.2", dst="192.168.0.2") / UDP(sport=3, dport=4) / b"fits",
+            E / IP(src="10.0.0.2", dst="10.0.0.3") / UDP(sport=5, dport=6) / b"anyone?"]
+    with PcapngWriter(str(tmp_path / "in.pcapng"), ["lan0", "wan0"]) as w:
+        w.write_batch(PacketBatch.from_frames([raw(p) for p in sent], ts=10**9, ifindex=0))
+    r = run("replay", str(tmp_path / "in.pcapng"), "-c", str(tmp_path / "r.toml"), "--router",
+            "-w", str(tmp_path / "out.pcapng"), "--list", "0", "--seed", "7")
+    assert r.returncode == 0, r.stderr
+    got = [(p.sniffed_on, p[IP].src, p[IP].dst) + ((p[ICMP].type, p[ICMP].code) if ICMP in p else ())
+           for p in PcapNgReader(str(tmp_path / "out.pcapng"))]
+    want = [("lan0", "10.0.0.3", "10.0.0.2", 3, 4), ("wan0", "10.0.0.2", "192.168.0.2"),
+            ("lan0", "10.0.0.3", "10.0.0.2", 3, 3)]
+    assert got == want, f"\ngot  {got}\nwant {want}"
+
+
+def test_cli_replay_router_writes_fragments_and_errors_in_their_frames_places(tmp_path):
+    """Fragments and the router's errors together: a datagram sent as DF fragments whose
+    largest is over wan0's mtu gets one frag-needed, after its last fragment (its other
+    fragments are held, unanswered); one without DF leaves re-fragmented at the mtu in the
+    place of its last fragment; each error follows the frame it answers."""
+    from scapy.all import ICMP
+    from scapy.layers.inet import IPerror, fragment
+    (tmp_path / "r.toml").write_text(
+        '[interfaces.lan0]\naddress = ["10.0.0.3/24"]\n'
+        '[interfaces.wan0]\naddress = ["192.168.0.1/24"]\nmtu = 1400\n')
+    df = fragment(IP(src="10.0.0.2", dst="192.168.0.2", id=1, flags="DF") / UDP(sport=7, dport=8)
+                  / (b"d" * 3000), 1480)
+    nodf = fragment(IP(src="10.0.0.2", dst="192.168.0.2", id=2) / UDP(sport=9, dport=10)
+                    / (b"n" * 3000), 1480)
+    sent = [E / f for f in df] + [E / IP(src="10.0.0.2", dst="192.168.0.2") / UDP(sport=3, dport=4) / b"fits"] \
+        + [E / f for f in nodf] \
+        + [E / IP(src="10.0.0.2", dst="10.0.0.3") / UDP(sport=5, dport=6) / b"anyone?",
+           E / IP(src="10.0.0.2", dst="192.168.0.2", flags="DF") / UDP(sport=1, dport=2) / (b"b" * 1422)]
+    with PcapngWriter(str(tmp_path / "in.pcapng"), ["lan0", "wan0"]) as w:
+        w.write_batch(PacketBatch.from_frames([raw(p) for p in sent], ts=10**9, ifindex=0))
+    r = run("replay", str(tmp_path / "in.pcapng"), "-c", str(tmp_path / "r.toml"), "--router",
+            "-w", str(tmp_path / "out.pcapng"), "--list", "0", "--seed", "7")
+    assert r.returncode == 0, r.stderr
+    assert "queued=4" in r.stdout, r.stdout
+
+    def row(p):
+        if ICMP in p:
+            q = p[IPerror]
+            return (p.sniffed_on, p[IP].src, p[ICMP].type, p[ICMP].code, p[ICMP].nexthopmtu, q.id, q.len)
+        return (p.sniffed_on, p[IP].id, p[IP].frag, len(p[IP]))
+    got = [row(p) for p in PcapNgReader(str(tmp_path / "out.pcapng"))]
+    fits = IP(raw(sent[3][IP]))
+    want = [("lan0", "10.0.0.3", 3, 4, 1400, 1, 3028), ("wan0", fits.id, 0, len(fits)),
+            ("wan0", 2, 0, 1396), ("wan0", 2, 172, 1396), ("wan0", 2, 344, 276),
+            ("lan0", "10.0.0.3", 3, 3, 0, 1, 35), ("lan0", "10.0.0.3", 3, 4, 1400, 1, 1450)]
+    assert got == want, f"\ngot  {got}\nwant {want}"

@@ -28,7 +28,7 @@ class FakeRing:
     def retired(self):
         return not self.taken
 
-    def drain_into(self, out, out_off, out_len, out_ts):
+    def drain_into(self, out, out_off, out_len, out_ts, limit=False):
         self.taken = True
         batch = self.script.pop(0) if self.script else []
         assert len(batch) <= self.max_frames, f"got {len(batch)} frames, want <= {self.max_frames}"

@@ -1,0 +1,138 @@
+"""The engine's generated frames (router mode: ICMP time-exceeded) through the worker pool
+(workers/pool.py): each worker generates the errors for the packets it drops, the sink
+hands them to the emitter in the order of the packets they answer, and they are the
+frames one process generates, byte for byte (IPv4 ids included). `shardct replay
+--workers 2 -w` writes the capture `--workers 1` writes."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scapy.all import ICMP, IP, UDP, Ether, raw
+
+from shardct import Config, ConnTrack, PacketBatch
+from shardct.batch import concat, take
+from shardct.netconf import Network
+from shardct.rules import parse_iptables_save
+from shardct.shard import Packets
+from workers.pcapio import PcapngWriter
+from workers.pool import Pool
+
+import pooltrace as PT
+
+SEED = 0x5EED
+HOSTS = 12          # TTL-1 senders; 3 probes each stay under the burst of 6 per host
+
+
+def nat_kw():
+    return dict(rules=parse_iptables_save(PT.MASQ, "masq.rules", 4),
+                network=Network.from_dict(PT.NET), router=True)
+
+
+def trace_with_expiring_probes():
+    """The NAT trace with TTL-1 UDP probes (traceroute's first hop) mixed in, from
+    HOSTS LAN hosts, 3 each, and a TTL-1 ping from the WAN side to a LAN host."""
+    b = PT.trace(120, seed=5, nat=True)
+    rng = np.random.default_rng(7)
+    t0, t1 = int(b.ts.min()), int(b.ts.max())
+    probes = [(PT.LAN, IP(src=f"10.0.9.{1 + h}", dst="192.168.0.5", ttl=1, id=100 + k)
+               / UDP(sport=33434 + k, dport=33434 + h) / (b"p" * (20 + 97 * k)))
+              for h in range(HOSTS) for k in range(3)]
+    probes.append((PT.WAN, IP(src="192.168.0.7", dst="10.0.0.9", ttl=1) / ICMP(type=8, id=9)))
+    ts = np.sort(rng.integers(t0, t1, len(probes)))
+    p = PacketBatch.from_frames([raw(PT.E / x) for _, x in probes], ts=ts.tolist(),
+                                   ifindex=[i for i, _ in probes])
+    both = concat([b, p])
+    order = np.argsort(both.ts, kind="stable")
+    return take(both, order)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    b = trace_with_expiring_probes()
+    ct = ConnTrack(Config(), seed=SEED, rng=np.random.default_rng(SEED), **nat_kw())
+    r = ct.process(take(b, np.arange(len(b))))
+    assert r.generated is not None
+    return b, r.generated.frames(), r.generated.ifindex.tolist(), r.generated.ts.tolist(), \
+        r.generated_by.tolist(), ct.stats()
+
+
+@pytest.mark.parametrize("n,own_process,ring", [(2, True, None), (3, False, None), (2, True, 0)])
+def test_pool_hands_the_emitter_the_errors_one_process_generates(reference, n, own_process, ring):
+    b, frames, ifx, ts, by, stats = reference
+    assert len(frames) == HOSTS * 3 + 1, f"one process generated {len(frames)} errors"
+    kw = {} if ring is None else {"ring_bytes": ring}
+    pool = Pool(n, Config(), seed=SEED, log=lambda *a: None, max_round=64,
+                dispatcher_process=own_process, **kw, **nat_kw())
+    rounds, gens = [], []
+
+    def emit(pk, v, gen):
+        rounds.append(pk.seq.copy())
+        gens.append(gen)
+        if len(gen):     # an error comes with the round of the packet it answers
+            assert np.isin(gen.seq, pk.seq).all(), (gen.seq, pk.seq)
+
+    totals = pool.run([take(b, np.arange(len(b)))], emit=emit, timeout_s=300, generated=True)
+    g = Packets.concat(gens)
+    assert totals["lost_packets"] == 0 and totals["generated"] == len(frames), totals
+    assert len(rounds) > 4, "the trace went through several rounds"
+    assert g.seq.tolist() == by, f"causes got {g.seq.tolist()}, want {by}"
+    assert g.batch.ifindex.tolist() == ifx and g.batch.ts.tolist() == ts
+    got = g.batch.frames()
+    diff = [i for i in range(len(frames)) if got[i] != frames[i]]
+    assert not diff, f"{n} workers: errors differ at {diff[:5]}: got " \
+        f"{Ether(got[diff[0]]).summary() if diff else ''} id " \
+        f"{Ether(got[diff[0]])[IP].id if diff else ''}, want id {Ether(frames[diff[0]])[IP].id if diff else ''}"
+    st = pool.stats()
+    for name in ("icmp_time_exceeded", "icmp_time_exceeded_ratelimited", "ttl_expired"):
+        if name in stats:
+            assert st[name] == stats[name], f"{name}: got {st[name]}, want {stats[name]}"
+
+
+def test_pool_without_generated_emits_two_arguments(reference):
+    """An emitter that did not ask for generated frames keeps the two-argument form."""
+    b = reference[0]
+    pool = Pool(2, Config(), seed=SEED, log=lambda *a: None, max_round=256, **nat_kw())
+    seen = []
+    totals = pool.run([take(b, np.arange(len(b)))], emit=lambda pk, v: seen.append(len(pk)))
+    assert sum(seen) == len(b) and totals["generated"] == 0, totals
+
+
+TOML = """\
+[nat]
+rules = "masq.rules"
+
+[interfaces.lan0]
+address = ["10.0.0.3/24"]
+
+[interfaces.wan0]
+address = ["192.168.0.1/24"]
+"""
+
+
+def test_cli_replay_writes_the_errors_alike_for_one_and_two_workers(tmp_path, reference):
+    """replay --router -w: every error follows the frame it answers in the file, so
+    --workers 1 (batches of 100) and --workers 2 (rounds of 64) write the same bytes."""
+    b = reference[0]
+    with PcapngWriter(str(tmp_path / "in.pcapng"), ["lan0", "wan0"]) as w:
+        w.write_batch(b)
+    (tmp_path / "masq.rules").write_text(PT.MASQ)
+    (tmp_path / "r.toml").write_text(TOML)
+    outs = {}
+    for workers, extra in (("1", ["--batch", "100"]), ("2", ["--round", "64"])):
+        out = tmp_path / f"out{workers}.pcapng"
+        p = subprocess.run([sys.executable, "-m", "workers.cli", "replay",
+                            str(tmp_path / "in.pcapng"), "-c", str(tmp_path / "r.toml"),
+                            "--router", "--list", "0", "--seed", str(SEED),
+                            "--workers", workers, "-w", str(out), *extra],
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+        outs[workers] = out.read_bytes()
+    from workers.pcapio import read_capture
+    got = concat(list(read_capture(str(tmp_path / "out2.pcapng"), batch_size=4096)))
+    te = [f for f in got.frames() if Ether(f).haslayer(ICMP) and Ether(f)[ICMP].type == 11]
+    assert len(te) == HOSTS * 3 + 1, f"got {len(te)} time-exceeded in the file"
+    assert outs["1"] == outs["2"], \
+        f"--workers 2 wrote {len(outs['2'])} B, want --workers 1's {len(outs['1'])} B, byte for byte"
