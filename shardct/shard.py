@@ -520,10 +520,6 @@ class Shard:
         self.nb = self.config.n_buckets
         self.ct = ConnTrack(self.config, seed=seed, rules=rules, network=network, router=router,
                             rng=rng, shard=(k, n), owned=owner_slices(n, self.nb)[k])
-        if self.ct._icmp is not None:
-            # a shard does not answer for the router's own addresses (port unreachable,
-            # RST): the RST would have to be tracked where its conn's reply tuple lives
-            self.ct._icmp.answer_local = False
         self._out: dict[int, dict[str, list]] = {}
         self._reset_out()
         # per conn slot: PEND_REQ pending and requested, PEND_AGAIN committed and
@@ -573,9 +569,10 @@ class Shard:
             self.now = max(self.now, int(pk.batch.ts.max()))
         self.ct.parse_run(pk.batch, meta, addr, pk.hashes, pk.batch.ts, verdict, tid, pk.given,
                           validate, parse_hash=False)
-        gen, by = self.ct.generate(pk.batch, meta, verdict,
-                                   forward_mask(verdict, self.ct.config.drop_invalid), tid,
-                                   pk.batch.ts, alone=False)
+        # only final verdicts leave (a parked, held or handed-off packet is judged where
+        # its conn lives, once it is committed)
+        fwd = forward_mask(verdict, self.ct.config.drop_invalid) & (verdict <= K.V_NOTIP)
+        gen, by = self.ct.generate(pk.batch, meta, verdict, fwd, tid, pk.batch.ts)
         if gen is not None:         # each frame carries the sequence number of its cause
             z = np.zeros(len(gen), dtype=np.int64)
             self.generated.append(Packets(gen, z - 1, pk.seq[by], z, z - 1))
