@@ -809,19 +809,28 @@ class Shard:
         return self._unpark([c])
 
     # ------------------------------------------------------------ a round
-    def local(self, pk: Packets):
+    def local(self, pk: Packets, first: int | None = None):
         """The dispatcher's packets for this shard (in sequence order), ``given`` G_FRESH
         or G_FRESH_DEFER. Hits on our cross-shard conns are held for step 0 (the other
         direction's handoffs come then); misses that may answer an earlier packet of the
-        round are deferred."""
+        round are deferred. ``first``: the round's first sequence number, when known:
+        the packets before the round's first one at another shard are not held (no
+        handoff can come before them), so a conn's packets in a round that reached only
+        this shard so far need no superstep (a live round of one packet)."""
         if len(pk):
-            cfg = self.ct.cfg
-            cfg[K.CF_HOLD] = 1
-            try:
-                verdict, tid = self._kernel(pk)
-            finally:
-                cfg[K.CF_HOLD] = 0
-            self._dispose(pk, verdict, tid)
+            lead = 0
+            if first is not None:
+                own = pk.seq == np.arange(first, first + len(pk))
+                lead = len(pk) if own.all() else int(np.argmin(own))
+            for part, hold in ((pk, 1),) if lead == 0 else ((pk, 0),) if lead == len(pk) \
+                    else ((pk.take(np.arange(lead)), 0), (pk.take(np.arange(lead, len(pk))), 1)):
+                cfg = self.ct.cfg
+                cfg[K.CF_HOLD] = hold
+                try:
+                    verdict, tid = self._kernel(part)
+                finally:
+                    cfg[K.CF_HOLD] = 0
+                self._dispose(part, verdict, tid)
         self._drain_dying()
 
     def _low(self, msgs) -> int:
@@ -1495,8 +1504,10 @@ def run_round(shards: list[Shard], parts: list[Packets]) -> int:
     """One round across shards in this process (tests, the single-host simulator):
     ``local`` on each, then supersteps until every shard says the round is over.
     Returns the number of supersteps."""
+    seqs = [p.seq[0] for p in parts if len(p)]
+    first = int(min(seqs)) if seqs else None
     for s, p in zip(shards, parts):
-        s.local(p)
+        s.local(p, first)
     steps = 0
     while True:
         boxes = [s.outbox() for s in shards]
