@@ -186,6 +186,7 @@ class ConnTrack:
         lo, hi = owned if owned is not None else (0, c.n_buckets)
         self.cfg[K.CF_SHARD_LO] = lo
         self.cfg[K.CF_SHARD_HI] = hi
+        self._sharded = owned is not None
         self.tmo = c.timeouts.to_array()
         self.stats_arr = np.zeros(K.N_STATS, dtype=np.int64)
         self.ev = np.zeros((c.event_buffer, K.N_EV), dtype=np.int64)
@@ -279,46 +280,57 @@ class ConnTrack:
         frags, frag_of = self._frag_out(batch, meta, fwd, d)
         return Result(verdict, tid, meta, addr, fwd, gen, by, frags, frag_of)
 
-    def generate(self, batch: PacketBatch, meta, verdict, fwd, tid, ts, alone: bool = True,
-                 size=None):
+    def generate(self, batch: PacketBatch, meta, verdict, fwd, tid, ts, size=None):
         """(frames, causes): the frames the engine originates for a batch just tracked
         (router mode: its ICMP errors and RSTs; ``meta``, ``verdict``, ``tid``, ``ts``:
         that run's, ``fwd`` its forward mask; frames it drops or keeps home are marked in
         ``verdict`` and ``fwd``) and, for each, the index of the frame it answers; (None,
         None) when none. Both ``process`` and a pool's shard (shard.py) call this after
-        the tracking kernel. ``alone``: this engine owns its whole table (not a shard), so
-        a conn whose only packet was dropped over the MTU is withdrawn and RSTs are
-        tracked as locally generated here. ``size``: the IP length each frame is held to
-        its egress MTU by (frag.py gives a reassembled datagram its largest fragment's, as
-        Linux's frag_max_size); None: the frames' own."""
+        the tracking kernel. A conn whose only packet was dropped over the MTU is
+        withdrawn; RSTs are tracked as locally generated packets (in a shard, at the
+        conn's home, which is where the packet they answer got its verdict). ``size``: the
+        IP length each frame is held to its egress MTU by (frag.py gives a reassembled
+        datagram its largest fragment's, as Linux's frag_max_size); None: the frames' own."""
         if self._icmp is None:
             return None, None
         got = self._icmp.generate(batch, meta, verdict, fwd, tid, ts, self.table, K.V_DROP,
                                   K.V_ACCEPT, size)
-        if alone and self._icmp.too_big is not None:
+        if self._icmp.too_big is not None:
             # dropped before POSTROUTING, where Linux confirms: a conn one created is gone
+            # (in a shard a cross-shard one goes to the dying list: its reply entry is
+            # released like any destroyed conn's)
             t = self.table
             K.withdraw_new(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
                            t.tbl, self.stats_arr, self.cfg, self.ev, self.evaddr, tid,
                            self._icmp.too_big, ts)
         if got is None:
             return None, None
-        if alone and self._icmp.resets is not None:
-            self._track_local(got[0], self._icmp.resets)
+        if self._icmp.resets is not None:
+            rows = self._icmp.resets
+            # a shard checks the answered packet's conn in the other direction instead
+            # of looking the RST up: its reply tuple may be linked in another shard
+            given = None if not self._sharded else tid[got[1][rows]] ^ 1
+            self._track_local(got[0], rows, given)
         return got
 
-    def _track_local(self, gen: PacketBatch, rows: np.ndarray):
+    def _track_local(self, gen: PacketBatch, rows: np.ndarray, given=None):
         """Track frames ``rows`` of ``gen`` as locally generated (no ingress interface:
         no hop taken), as conntrack sees the router's own RSTs on OUTPUT: their conn's
         state moves, NAT rewrites them in ``gen.buf``. Their verdicts are not kept (the
-        router sends them whatever conntrack says, as Linux without a filter does)."""
+        router sends them whatever conntrack says, as Linux without a filter does).
+        ``given``: their tuple ids when known (track.track_batch; they are counted here
+        as the fresh packets they are), else they are looked up."""
         n = len(rows)
         part = PacketBatch(gen.buf, gen.off[rows], gen.length[rows],
                            np.full(n, -1, dtype=np.int16), gen.ts[rows])
         meta, addr = wire.new_meta(n)
+        if given is None:
+            given = np.full(n, K.G_FRESH, dtype=np.int64)
+        else:
+            self.stats_arr[K.ST_PACKETS] += n
         self.parse_run(part, meta, addr, np.empty(n, dtype=np.int64), part.ts,
                        np.empty(n, dtype=np.uint8), np.empty(n, dtype=np.int64),
-                       np.full(n, K.G_FRESH, dtype=np.int64), self.config.checksum, parse_hash=True)
+                       np.asarray(given, dtype=np.int64), self.config.checksum, parse_hash=True)
 
     def parse_run(self, batch, meta, addr, hashes, ts, verdict, tid, given, validate: bool,
                   parse_hash: bool):

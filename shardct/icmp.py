@@ -517,8 +517,9 @@ class IcmpErrors:
 @kernel
 def restamp_ids(buf, off, length, ident):
     """Write ident[0], ident[0] + 1, ... (mod 2^16) into the IPv4 id of each frame in
-    order and fix its header checksum; IPv6 frames and anything not IPv4 behind
-    Ethernet (VLAN tags skipped) are left alone. The pool's sink gives the errors its
+    order and fix its header checksum; IPv6 frames, anything not IPv4 behind Ethernet
+    (VLAN tags skipped) and what is not ICMP (the RSTs, id 0 as Linux sends them) are
+    left alone. The pool's sink gives the errors its
     workers generated the ids one engine would have: one counter, in input order."""
     for i in range(off.shape[0]):
         o = off[i]
@@ -527,7 +528,8 @@ def restamp_ids(buf, off, length, ident):
         while p + 2 <= end and ((buf[p] == 0x81 and buf[p + 1] == 0x00)
                                 or (buf[p] == 0x88 and buf[p + 1] == 0xA8)):
             p += 4
-        if p + 22 > end or buf[p] != 0x08 or buf[p + 1] != 0x00 or buf[p + 2] != 0x45:
+        if (p + 22 > end or buf[p] != 0x08 or buf[p + 1] != 0x00 or buf[p + 2] != 0x45
+                or buf[p + 11] != 1):
             continue
         l3 = p + 2
         put16(buf, l3 + 4, ident[0] & 0xFFFF)

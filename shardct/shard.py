@@ -524,10 +524,6 @@ class Shard:
         self.ct = ConnTrack(replace(self.config, defrag=False), seed=seed, rules=rules,
                             network=network, router=router, rng=rng, shard=(k, n),
                             owned=owner_slices(n, self.nb)[k])
-        if self.ct._icmp is not None:
-            # a shard does not answer for the router's own addresses (port unreachable,
-            # RST): the RST would have to be tracked where its conn's reply tuple lives
-            self.ct._icmp.answer_local = False
         self._out: dict[int, dict[str, list]] = {}
         self._reset_out()
         # per conn slot: PEND_REQ pending and requested, PEND_AGAIN committed and
@@ -577,9 +573,10 @@ class Shard:
             self.now = max(self.now, int(pk.batch.ts.max()))
         self.ct.parse_run(pk.batch, meta, addr, pk.hashes, pk.batch.ts, verdict, tid, pk.given,
                           validate, parse_hash=False)
-        gen, by = self.ct.generate(pk.batch, meta, verdict,
-                                   forward_mask(verdict, self.ct.config.drop_invalid), tid,
-                                   pk.batch.ts, alone=False)
+        # only final verdicts leave (a parked, held or handed-off packet is judged where
+        # its conn lives, once it is committed)
+        fwd = forward_mask(verdict, self.ct.config.drop_invalid) & (verdict <= K.V_NOTIP)
+        gen, by = self.ct.generate(pk.batch, meta, verdict, fwd, tid, pk.batch.ts)
         if gen is not None:         # each frame carries the sequence number of its cause
             z = np.zeros(len(gen), dtype=np.int64)
             self.generated.append(Packets(gen, z - 1, pk.seq[by], z, z - 1))
@@ -816,19 +813,28 @@ class Shard:
         return self._unpark([c])
 
     # ------------------------------------------------------------ a round
-    def local(self, pk: Packets):
+    def local(self, pk: Packets, first: int | None = None):
         """The dispatcher's packets for this shard (in sequence order), ``given`` G_FRESH
         or G_FRESH_DEFER. Hits on our cross-shard conns are held for step 0 (the other
         direction's handoffs come then); misses that may answer an earlier packet of the
-        round are deferred."""
+        round are deferred. ``first``: the round's first sequence number, when known:
+        the packets before the round's first one at another shard are not held (no
+        handoff can come before them), so a conn's packets in a round that reached only
+        this shard so far need no superstep (a live round of one packet)."""
         if len(pk):
-            cfg = self.ct.cfg
-            cfg[K.CF_HOLD] = 1
-            try:
-                verdict, tid = self._kernel(pk)
-            finally:
-                cfg[K.CF_HOLD] = 0
-            self._dispose(pk, verdict, tid)
+            lead = 0
+            if first is not None:
+                own = pk.seq == np.arange(first, first + len(pk))
+                lead = len(pk) if own.all() else int(np.argmin(own))
+            for part, hold in ((pk, 1),) if lead == 0 else ((pk, 0),) if lead == len(pk) \
+                    else ((pk.take(np.arange(lead)), 0), (pk.take(np.arange(lead, len(pk))), 1)):
+                cfg = self.ct.cfg
+                cfg[K.CF_HOLD] = hold
+                try:
+                    verdict, tid = self._kernel(part)
+                finally:
+                    cfg[K.CF_HOLD] = 0
+                self._dispose(part, verdict, tid)
         self._drain_dying()
 
     def _low(self, msgs) -> int:
@@ -1502,8 +1508,10 @@ def run_round(shards: list[Shard], parts: list[Packets]) -> int:
     """One round across shards in this process (tests, the single-host simulator):
     ``local`` on each, then supersteps until every shard says the round is over.
     Returns the number of supersteps."""
+    seqs = [p.seq[0] for p in parts if len(p)]
+    first = int(min(seqs)) if seqs else None
     for s, p in zip(shards, parts):
-        s.local(p)
+        s.local(p, first)
     steps = 0
     while True:
         boxes = [s.outbox() for s in shards]

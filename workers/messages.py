@@ -16,8 +16,9 @@ A batch travels as a multipart ZeroMQ message::
 Control messages are a single msgpack frame ``{"v": VERSION, "t": TYPE, ...}``.
 
 Array messages (the pool's rounds, steps and results) are a header naming each array's
-dtype and shape, ``{"v", "t", "arrays": [[name, dtype, shape], ...], ...}``, followed by
-one raw frame per array; dtypes come from ``DTYPES`` only.
+dtype and shape, ``{"v", "t", "arrays": [[name, dtype, shape(, at)], ...], "packed", ...}``;
+then, when ``packed``, one frame holding the small arrays (each at its ``at``), then one
+raw frame per other array, in order; dtypes come from ``DTYPES`` only.
 Unpacking is bounded (``MAX_HEADER`` bytes of msgpack, ``MAX_PACKETS`` per batch,
 ``MAX_BUF`` bytes of frames); anything inconsistent raises :class:`WireError`.
 """
@@ -133,18 +134,33 @@ def decode_batch(frames, writable: bool = True) -> tuple[dict, PacketBatch, np.n
     return h, PacketBatch(buf, off, length, arrs["ifindex"], arrs["ts"]), hashes
 
 
+PACK_BELOW = 16 * 1024    # arrays smaller than this share one frame (see encode_arrays)
+
+
 def encode_arrays(t: str, arrays: dict, **header) -> list:
-    """Frames for send_multipart(copy=False): a header and each array as a raw buffer."""
-    spec, frames = [], []
+    """Frames for send_multipart(copy=False): a header, then the small arrays (under
+    PACK_BELOW bytes) copied back to back into one frame, each at a multiple of 8
+    bytes, then each other array as its own raw buffer (zero-copy). A frame costs the
+    sender microseconds whatever its size: a live round of one packet would otherwise
+    spend more on its dozen tiny frames than on the packet."""
+    spec, frames, small, at = [], [], [], 0
     for name, a in arrays.items():
         a = np.ascontiguousarray(a)
         code = a.dtype.str[1:]
         if code not in DTYPES:
             raise ValueError(f"{name}: dtype {a.dtype} cannot travel")
-        spec.append([name, code, list(a.shape)])
-        frames.append(a.data)
-    h = {"v": VERSION, "t": t, "arrays": spec, **header}
-    return [msgpack.packb(h, use_bin_type=True)] + frames
+        if a.nbytes < PACK_BELOW:
+            spec.append([name, code, list(a.shape), at])
+            small.append(a.tobytes())
+            pad = -a.nbytes % 8
+            if pad:
+                small.append(bytes(pad))
+            at += a.nbytes + pad
+        else:
+            spec.append([name, code, list(a.shape)])
+            frames.append(a.data)
+    h = {"v": VERSION, "t": t, "arrays": spec, "packed": bool(small), **header}
+    return [msgpack.packb(h, use_bin_type=True)] + ([b"".join(small)] if small else []) + frames
 
 
 def decode_arrays(frames) -> tuple[dict, dict]:
@@ -154,20 +170,37 @@ def decode_arrays(frames) -> tuple[dict, dict]:
         raise WireError("empty message")
     h = _unpack_header(frames[0])
     spec = h.get("arrays")
-    if not isinstance(spec, list) or len(spec) > MAX_ARRAYS or len(spec) != len(frames) - 1:
-        raise WireError(f"array list {spec!r:.80} does not match {len(frames) - 1} frames")
+    packed = h.get("packed") is True
+    if not isinstance(spec, list) or len(spec) > MAX_ARRAYS:
+        raise WireError(f"array list {spec!r:.80} is not a list of at most {MAX_ARRAYS}")
+    pack = memoryview(frames[1]) if packed and len(frames) > 1 else None
+    rest = iter(frames[2 if packed else 1:])
     out, total = {}, 0
-    for (item, frame) in zip(spec, frames[1:]):
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+    for item in spec:
+        if not (isinstance(item, list) and len(item) in (3, 4) and isinstance(item[0], str)
                 and item[1] in DTYPES and isinstance(item[2], list) and len(item[2]) <= 2
                 and all(isinstance(d, int) and 0 <= d <= MAX_BUF for d in item[2])):
             raise WireError(f"bad array spec {item!r:.80}")
-        name, code, shape = item
+        name, code, shape = item[:3]
         dt = np.dtype(DTYPES[code])
-        mv = memoryview(frame)
-        want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        want = dt.itemsize
+        for d in shape:
+            want *= d
+        if len(item) == 4:          # in the shared frame, at item[3]
+            at = item[3]
+            if pack is None or not isinstance(at, int) or at < 0 or at % 8 \
+                    or at + want > pack.nbytes:
+                raise WireError(f"{name}: {want} bytes at {at!r:.20} outside the packed frame")
+            mv = pack[at:at + want]
+        else:
+            frame = next(rest, None)
+            if frame is None:
+                raise WireError(f"{name}: no frame left for it")
+            mv = memoryview(frame)
         total += mv.nbytes
         if mv.nbytes != want or total > MAX_BUF:
             raise WireError(f"{name}: {mv.nbytes} bytes, shape {shape} wants {want}")
         out[name] = np.frombuffer(mv, dtype=dt).reshape(shape)
+    if next(rest, None) is not None:
+        raise WireError(f"more frames than the {len(spec)} arrays named")
     return h, out

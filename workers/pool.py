@@ -302,6 +302,7 @@ class _WorkerState:
         self.steps: dict[tuple[int, int], dict[int, Msg]] = {}
         self.batches: dict[int, Packets] = {}
         self.clocks: dict[int, int] = {}       # round -> the packet clock at its end
+        self.firsts: dict[int, int] = {}       # round -> its first sequence number
         self.absent_until = {p: 0 for p in range(n) if p != k}   # peer p absent before round
         self.moved_on = {p: -1 for p in range(n) if p != k}      # highest round seen from p
         self.restarted: dict[int, int] = {}                      # peer -> round it rejoins
@@ -391,6 +392,7 @@ class _WorkerState:
                 return
             h, a = M.decode_arrays(frames)
             self.batches[int(h["round"])] = pk_from("", a, self.ring)
+            self.firsts[int(h["round"])] = int(h.get("first", -1))
             self.clocks[int(h["round"])] = int(h.get("clock", 0))
             if h.get("final"):
                 self.final.add(int(h["round"]))
@@ -424,6 +426,7 @@ class _WorkerState:
                     for old in [x for x in self.batches if x < r]:
                         del self.batches[old]
                         self.clocks.pop(old, None)
+                        self.firsts.pop(old, None)
                     hello = M.encode(M.HELLO, **{"from": self.k}, worker=self.k, gen=self.gen,
                                      first=r, restored=self.restored)
                     for s in ptx.values():
@@ -445,7 +448,8 @@ class _WorkerState:
                     del self.restarted[p]
             t0 = time.perf_counter()
             deleted = self.shard.delete(**self.deletes.pop(r)) if r in self.deletes else 0
-            self.shard.local(pk)
+            first = self.firsts.pop(r, -1)
+            self.shard.local(pk, first if first >= 0 else None)
             step = 0
             while True:
                 out = self.shard.outbox()
@@ -583,11 +587,12 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
     st = {"r": 0, "emitted": 0, "rounds": None, "batch": 0, "end": False, "events": False}
     queue = []          # batches waiting for the current one's rounds to go out
 
-    def send_round(parts, final, dump=False, delete=None, save=None):
+    def send_round(parts, final, dump=False, delete=None, save=None, first=-1):
         r = st["r"]
         for j, part in enumerate(parts):
             tx[j].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", part), round=r,
-                                                 final=final, dump=dump, delete=delete,
+                                                 first=first, final=final, dump=dump,
+                                                 delete=delete,
                                                  save=save, events=st["events"],
                                                  clock=disp.clock), copy=False)
         sink.send(M.encode(M.ROUND, round=r, n=sum(len(x) for x in parts), final=final,
@@ -643,7 +648,7 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
                         sink.send(M.encode(M.ACK, batch=st["batch"], rounds=st["r"],
                                            counts=counts))
                         break
-                    send_round(nxt[0], False)
+                    send_round(nxt[0], False, first=nxt[1][0])
                     sent += 1
                 if st["end"] and st["rounds"] is None and not queue:
                     send_round([Packets.empty()] * n, True)
@@ -930,7 +935,7 @@ class Pool:
                         idle = True       # a live source had nothing: go collect results
                         break
                     continue
-                self._send_round(nxt[0], False)
+                self._send_round(nxt[0], False, first=nxt[1][0])
             if done_src and not sent_final:
                 self._send_round([Packets.empty()] * self.n, True)
                 sent_final = True
@@ -1031,11 +1036,14 @@ class Pool:
                 and self._tickets[0][2] <= self.next_emit:
             self.ring.release(self._tickets.popleft()[0])
 
-    def _send_round(self, parts, final, dump=False, delete=None, save=None):
+    def _send_round(self, parts, final, dump=False, delete=None, save=None, first=-1):
+        """Round self.r to every worker (``first``: its first sequence number, -1 for a
+        round without packets)."""
         self.pending[self.r] = {"n": sum(len(p) for p in parts), "got": {}}
         for k, p in enumerate(parts):
             self.tx[k].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", p), round=self.r,
-                                                      final=final, dump=dump, delete=delete,
+                                                      first=first, final=final, dump=dump,
+                                                      delete=delete,
                                                       save=save,
                                                       events=self.want_events,
                                                       clock=self.dispatcher.clock), copy=False)

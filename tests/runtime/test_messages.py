@@ -136,3 +136,34 @@ def test_batches_over_a_message_limit_are_cut_not_refused():
     assert got == b"".join(b.frames()), "frames changed or reordered"
     ts = np.concatenate([p.ts for p in parts])
     assert np.array_equal(ts, b.ts), "timestamps changed"
+
+
+def test_small_arrays_share_one_frame_and_big_ones_travel_alone():
+    """encode_arrays packs arrays under PACK_BELOW into one frame (8-byte aligned) and
+    sends bigger ones as their own frames; decode_arrays gives back every array, and
+    refuses a packed array placed outside its frame or off alignment, and extra frames."""
+    import msgpack
+    import numpy as np
+    big = np.arange(M.PACK_BELOW // 8 + 1, dtype=np.int64)
+    arrays = {"a": np.arange(3, dtype=np.uint8), "big": big, "b": np.array([-1, 5], np.int16),
+              "c": np.arange(6, dtype=np.uint64).reshape(2, 3)}
+    frames = M.encode_arrays(M.RESULT, arrays, round=4)
+    assert len(frames) == 3, f"got {len(frames)} frames, want header, packed, big"
+    h, got = M.decode_arrays([bytes(f) for f in frames])
+    assert h["round"] == 4 and set(got) == set(arrays)
+    for k, v in arrays.items():
+        assert got[k].dtype == v.dtype and got[k].tolist() == v.tolist(), k
+
+    def with_spec(edit):
+        h = msgpack.unpackb(bytes(frames[0]), raw=False)
+        edit(h["arrays"])
+        return [msgpack.packb(h, use_bin_type=True)] + [bytes(f) for f in frames[1:]]
+    for edit in (lambda s: s[0].__setitem__(3, 4),          # off the 8-byte grid
+                 lambda s: s[2].__setitem__(3, 1 << 20),    # outside the packed frame
+                 lambda s: s[0].__setitem__(3, -8)):
+        with pytest.raises(M.WireError):
+            M.decode_arrays(with_spec(edit))
+    with pytest.raises(M.WireError):
+        M.decode_arrays([bytes(f) for f in frames] + [b"x"])  # a frame nobody names
+    with pytest.raises(M.WireError):
+        M.decode_arrays([bytes(f) for f in frames[:2]])       # the big array's frame lost

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from scapy.all import ICMP, IP, UDP, Ether, raw
+from scapy.all import ICMP, IP, TCP, UDP, Ether, raw
 
 from shardct import Config, ConnTrack, PacketBatch
 from shardct.batch import concat, take
@@ -136,3 +136,67 @@ def test_cli_replay_writes_the_errors_alike_for_one_and_two_workers(tmp_path, re
     assert len(te) == HOSTS * 3 + 1, f"got {len(te)} time-exceeded in the file"
     assert outs["1"] == outs["2"], \
         f"--workers 2 wrote {len(outs['2'])} B, want --workers 1's {len(outs['1'])} B, byte for byte"
+
+
+def trace_for_the_router_itself():
+    """The NAT trace with packets the router answers for itself or drops over the MTU:
+    UDP to its LAN address (port unreachable), TCP SYNs to its WAN address (RST, which
+    kills the SYN's conn), and DF UDP over wan0's MTU (frag-needed; the conn
+    its only packet created is withdrawn). Distinct hosts and ports, so that the conns
+    spread over every shard and many have their reply tuple in another."""
+    b = PT.trace(120, seed=6, nat=True)
+    rng = np.random.default_rng(8)
+    t0, t1 = int(b.ts.min()), int(b.ts.max())
+    extra = []
+    for h in range(HOSTS):
+        extra.append((PT.LAN, IP(src=f"10.0.8.{1 + h}", dst="10.0.0.3")
+                      / UDP(sport=40000 + h, dport=53) / b"q"))
+        extra.append((PT.WAN, IP(src=f"192.168.0.{20 + h}", dst=PT.R_WAN)
+                      / TCP(sport=50000 + h, dport=22, flags="S", seq=1000 * h)))
+        extra.append((PT.LAN, IP(src=f"10.0.7.{1 + h}", dst="192.168.0.5", flags="DF")
+                      / UDP(sport=30000 + h, dport=9) / (b"x" * 1600)))
+    # the SYNs come in the trace's last second: no timeout ends their conns
+    ts = [int(rng.integers(t1 - PT.S, t1)) if x.haslayer(TCP) else int(rng.integers(t0, t1))
+          for _, x in extra]
+    p = PacketBatch.from_frames([raw(PT.E / x) for _, x in extra], ts=ts,
+                                ifindex=[i for i, _ in extra])
+    both = concat([b, p])
+    return take(both, np.argsort(both.ts, kind="stable"))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_pool_answers_for_the_router_itself_as_one_process(n):
+    """Port unreachable, RSTs and frag-needed from a pool are one process's, byte for
+    byte, and so are the conns they touch: the RST kills its SYN's conn at its home, the
+    oversize packets' conns were withdrawn (not in the table, not counted inserted)."""
+    b = trace_for_the_router_itself()
+    ct = ConnTrack(Config(), seed=SEED, rng=np.random.default_rng(SEED), **nat_kw())
+    r = ct.process(take(b, np.arange(len(b))))
+    want = r.generated.frames()
+    kinds = {}
+    for f in want:
+        e = Ether(f)
+        k = "rst" if e.haslayer(TCP) else f"icmp{e[ICMP].type}/{e[ICMP].code}"
+        kinds[k] = kinds.get(k, 0) + 1
+    assert kinds == {"icmp3/3": HOSTS, "rst": HOSTS, "icmp3/4": HOSTS}, kinds
+    pool = Pool(n, Config(), seed=SEED, log=lambda *a: None, max_round=64, **nat_kw())
+    gens = []
+    totals = pool.run([take(b, np.arange(len(b)))], emit=lambda pk, v, gen: gens.append(gen),
+                      timeout_s=300, generated=True)
+    got = Packets.concat(gens)
+    assert totals["generated"] == len(want), totals
+    assert got.seq.tolist() == r.generated_by.tolist()
+    assert got.batch.frames() == want, f"{n} workers: the errors differ from one process's"
+    st, one = pool.stats(), ct.stats()
+    for name in ("insert", "new", "icmp_port_unreachable", "tcp_reset", "icmp_frag_needed",
+                 "entries"):
+        assert st.get(name) == one.get(name), f"{name}: got {st.get(name)}, want {one.get(name)}"
+
+    def table(conns):
+        return sorted((c.original.src, c.original.sport, c.original.dport, c.state)
+                      for c in conns if c.original.dport in (22, 53, 9))
+    assert table(pool.conns()) == table(ct.conns()), "the conns the errors touch differ"
+    # a RST as the only reply kills the conn at once (Linux's tcp_packet), expiry or not
+    assert st["destroy"] == one["destroy"] == HOSTS and one.get("expired", 0) == 0, \
+        (st["destroy"], one["destroy"])
+    assert not [c for c in pool.conns() if c.original.dport == 22]
