@@ -63,6 +63,28 @@ def test_shard_count_invariance(nat):
             assert handoffs > 0 and grants > 0, "the trace exercises cross-shard conns"
 
 
+@pytest.mark.parametrize("max_round", [1, 3])
+def test_small_rounds_hold_only_what_may_wait_for_a_handoff(max_round):
+    """Live rounds are small. A packet before its round's first packet at another shard
+    is never held (no handoff can come before it), so rounds of one packet hold nothing
+    and take one superstep exchange; results stay the single table's either way."""
+    b = PT.trace(60, seed=12, nat=True)
+    end = int(b.ts.max())
+    ref = ConnTrack(Config(), seed=SEED, rng=np.random.default_rng(SEED), **nat_kw(True))
+    rb = fresh(b)
+    r = ref.process(rb)
+    pool = LocalPool(2, Config(), seed=SEED, max_round=max_round, reap=True, **nat_kw(True))
+    pk, v = pool.process(fresh(b))
+    PT.assert_same(f"max_round={max_round}", (rb.frames(), r.verdict,
+                   snapshot(ref.conns(now=end)), ref.stats()), pk, v,
+                   snapshot(pool.conns(now=end)), pool.stats(), SAME_STATS)
+    held = sum(s.counts["held"] for s in pool.shards)
+    handoffs = sum(s.counts["handoffs_out"] for s in pool.shards)
+    assert handoffs > 0, "the trace has cross-shard conns"
+    if max_round == 1:
+        assert held == 0, f"held {held} packets in rounds of one"
+
+
 def _shards(n, seed, **kw):
     return [Shard(k, n, Config(max_conns=4096), seed=seed, **kw) for k in range(n)]
 
