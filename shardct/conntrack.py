@@ -209,6 +209,10 @@ class ConnTrack:
             natp = self.nat.program
             self.cfg[K.CF_NAT] = K.NAT_COMPILED if compiled_nat else K.NAT_PYTHON
         self.network = network
+        # the router's own addresses: a frame for them is delivered, it takes no hop
+        prog = network.compiled() if network is not None else None
+        self._local = prog.local if prog is not None else np.zeros((0, 2), dtype=np.uint64)
+        self._lver = prog.lver if prog is not None else np.zeros(0, dtype=np.int64)
         self._defrag = F.Defrag(c, seed) if c.defrag else None
         self._frag_out = F.Output(network, router, seed)
         self._icmp = None
@@ -286,27 +290,35 @@ class ConnTrack:
         that run's, ``fwd`` its forward mask; frames it drops or keeps home are marked in
         ``verdict`` and ``fwd``) and, for each, the index of the frame it answers; (None,
         None) when none. Both ``process`` and a pool's shard (shard.py) call this after
-        the tracking kernel. A conn whose only packet was dropped over the MTU is
-        withdrawn; RSTs are tracked as locally generated packets (in a shard, at the
-        conn's home, which is where the packet they answer got its verdict). ``size``: the
+        the tracking kernel. A conn whose only packet the router dropped (TTL, MTU) is
+        withdrawn; RSTs and echo replies are tracked as locally generated packets (in a
+        shard, at the conn's home, where the packet they answer got its verdict). ``size``: the
         IP length each frame is held to its egress MTU by (frag.py gives a reassembled
         datagram its largest fragment's, as Linux's frag_max_size); None: the frames' own."""
+        # dropped by the router (TTL run out, over the MTU) before POSTROUTING, where Linux
+        # confirms: a conn such a packet created is gone (in a shard a cross-shard one goes
+        # to the dying list: its reply entry is released like any destroyed conn's)
+        t = self.table
+        expired = None
+        if self.cfg[K.CF_ROUTER] & K.RT_TTL and len(verdict):
+            expired = np.flatnonzero((verdict == K.V_DROP)
+                                     & (meta[:, wire.M_REASON] == wire.HOP_EXPIRED))
+            if len(expired):
+                K.withdraw_new(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8,
+                               t.cstatus, t.tbl, self.stats_arr, self.cfg, self.ev,
+                               self.evaddr, tid, expired, ts)
         if self._icmp is None:
             return None, None
         got = self._icmp.generate(batch, meta, verdict, fwd, tid, ts, self.table, K.V_DROP,
                                   K.V_ACCEPT, size)
         if self._icmp.too_big is not None:
-            # dropped before POSTROUTING, where Linux confirms: a conn one created is gone
-            # (in a shard a cross-shard one goes to the dying list: its reply entry is
-            # released like any destroyed conn's)
-            t = self.table
             K.withdraw_new(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
                            t.tbl, self.stats_arr, self.cfg, self.ev, self.evaddr, tid,
                            self._icmp.too_big, ts)
         if got is None:
             return None, None
-        if self._icmp.resets is not None:
-            rows = self._icmp.resets
+        if self._icmp.tracked is not None:
+            rows = self._icmp.tracked
             # a shard checks the answered packet's conn in the other direction instead
             # of looking the RST up: its reply tuple may be linked in another shard
             given = None if not self._sharded else tid[got[1][rows]] ^ 1
@@ -315,8 +327,8 @@ class ConnTrack:
 
     def _track_local(self, gen: PacketBatch, rows: np.ndarray, given=None):
         """Track frames ``rows`` of ``gen`` as locally generated (no ingress interface:
-        no hop taken), as conntrack sees the router's own RSTs on OUTPUT: their conn's
-        state moves, NAT rewrites them in ``gen.buf``. Their verdicts are not kept (the
+        no hop taken), as conntrack sees the router's own RSTs and echo replies on
+        OUTPUT: their conn's state moves, NAT rewrites them in ``gen.buf``. Their verdicts are not kept (the
         router sends them whatever conntrack says, as Linux without a filter does).
         ``given``: their tuple ids when known (track.track_batch; they are counted here
         as the fresh packets they are), else they are looked up."""
@@ -374,6 +386,8 @@ class ConnTrack:
                                   given, *args, j, j == i)
             else:
                 i = j
+        if self.cfg[K.CF_ROUTER] & K.RT_TTL:
+            K.take_hops(buf, off, ifx, meta, verdict, self._local, self._lver, self.stats_arr)
 
     def _slow_path(self, i, meta, addr, hashes, ts, verdict, tid) -> int:
         """Packet i starts a conn whose NAT decision the kernel left to Python: decide the

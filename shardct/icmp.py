@@ -86,8 +86,9 @@ PREC_INTERNETCONTROL = 0xC0
 TOS_MASK = 0x1E
 
 # error kinds (rows of ERRORS)
-TIME_EXCEEDED, FRAG_NEEDED, PORT_UNREACH, TCP_RESET = 0, 1, 2, 3
-KIND_NAMES = ("icmp_time_exceeded", "icmp_frag_needed", "icmp_port_unreachable", "tcp_reset")
+TIME_EXCEEDED, FRAG_NEEDED, PORT_UNREACH, TCP_RESET, ECHO_REPLY = 0, 1, 2, 3, 4
+KIND_NAMES = ("icmp_time_exceeded", "icmp_frag_needed", "icmp_port_unreachable", "tcp_reset",
+              "icmp_echo_reply")
 # source of the error's address
 SRC_INGRESS, SRC_DEST = 0, 1
 # columns: ICMP type, code, ICMPv6 type, code, rate-limited, source
@@ -100,6 +101,9 @@ ERRORS = np.array([
     # UDP to the router's own address, no socket: from the address it was sent to
     [0, 0, 0, 0, 0, SRC_DEST],
     # TCP to the router's own address, no socket: a RST, not ICMP (never rate-limited)
+    [0, 0, 129, 0, 0, SRC_DEST],
+    # echo request to the router's own address: icmp_echo / icmpv6_echo_reply (echo
+    # replies are outside icmp_ratemask's default)
 ], dtype=np.int64)
 # counters (stats array [kind, column])
 ST_SENT, ST_RATELIMITED, ST_SKIPPED = 0, 1, 2
@@ -174,6 +178,33 @@ def _ip4_checksum(out, n3):
 
 
 @numba.njit(inline="always", cache=True)
+def _tos(buf, l3, ver):
+    """The IPv4 TOS / IPv6 traffic class of the packet at buf[l3]."""
+    if ver == 4:
+        return np.int64(buf[l3 + 1])
+    return (np.int64(buf[l3]) & 0xF) << 4 | np.int64(buf[l3 + 1]) >> 4
+
+
+@numba.njit(inline="always", cache=True)
+def _answer_header(buf, o, l2, out, p, ver, tos, payload, ident, df, proto):
+    """_l2_ip for an answer from the address the frame at buf[o:] was sent to back to
+    its source: the L2 header and an IP header with the two addresses swapped (IPv4
+    checksum done)."""
+    _l2_ip(buf, o, l2, out, p, ver, tos, payload, ident, df, proto)
+    l3 = o + l2
+    n3 = p + l2
+    if ver == 4:
+        for k in range(4):
+            out[n3 + 12 + k] = buf[l3 + 16 + k]
+            out[n3 + 16 + k] = buf[l3 + 12 + k]
+        _ip4_checksum(out, n3)
+    else:
+        for k in range(16):
+            out[n3 + 8 + k] = buf[l3 + 24 + k]
+            out[n3 + 24 + k] = buf[l3 + 8 + k]
+
+
+@numba.njit(inline="always", cache=True)
 def _is_error(buf, o, meta, i):
     """Is frame i itself an ICMP error (icmp_send: an error type or one past
     NR_ICMP_TYPES; ICMPv6: a type < 128)?"""
@@ -192,12 +223,11 @@ def error_rows(buf, off, ifindex, meta, verdict, forward, v_drop, v_accept, ttl_
                routes, rinfo, local, lver, n_if, mtu, min_mtu, size, rows, kinds, info):
     """Pick the frames that get an error; returns how many (rows[k], kinds[k], info[k]).
 
-    - time exceeded: dropped (``v_drop``) with ``ttl_on``, from an interface, a sound IP
-      header and TTL / hop limit <= 1 (the TTL check precedes every other drop, so such
-      a frame was dropped by it);
-    - port unreachable / tcp reset (``answer_local``): accepted UDP / TCP (not a RST),
-      not a fragment, from an interface, addressed (after NAT) to one of ``local``;
-      forward[i] := False;
+    - time exceeded: dropped (``v_drop``) with ``ttl_on`` for its TTL / hop limit
+      (track.take_hops marks those wire.HOP_EXPIRED, after tracking);
+    - port unreachable / tcp reset / echo reply (``answer_local``): accepted UDP / TCP
+      (not a RST) / ICMP or ICMPv6 echo request, not a fragment, from an interface,
+      addressed (after NAT) to one of ``local``; forward[i] := False;
     - frag needed: leaving (``forward``), from an interface, routed (after NAT) to an
       interface whose ``mtu`` its IP length exceeds (``size[i]`` when ``size`` is not
       empty: a reassembled datagram's largest fragment, Linux's frag_max_size), IPv4
@@ -214,7 +244,7 @@ def error_rows(buf, off, ifindex, meta, verdict, forward, v_drop, v_accept, ttl_
         ver = meta[i, wire.M_IPVER]
         l3 = off[i] + meta[i, wire.M_L3]
         if verdict[i] == v_drop:
-            if ttl_on and (buf[l3 + 8] if ver == 4 else buf[l3 + 7]) <= 1:
+            if ttl_on and meta[i, wire.M_REASON] == wire.HOP_EXPIRED:
                 rows[k] = i
                 kinds[k] = TIME_EXCEEDED
                 info[k] = 0
@@ -233,11 +263,18 @@ def error_rows(buf, off, ifindex, meta, verdict, forward, v_drop, v_accept, ttl_
                     break
             if mine:
                 proto = meta[i, wire.M_PROTO]
-                if (verdict[i] == v_accept and meta[i, wire.M_FRAG] == 0
-                        and (proto == 17 or (proto == 6 and meta[i, wire.M_TFLAGS] & 4 == 0))):
+                if verdict[i] != v_accept or meta[i, wire.M_FRAG] != 0:
+                    continue
+                kind = -1
+                if proto == 17 or (proto == 6 and meta[i, wire.M_TFLAGS] & 4 == 0):
+                    kind = PORT_UNREACH if proto == 17 else TCP_RESET
+                elif ((proto == 1 and meta[i, wire.M_ICMPTYPE] == 8)
+                        or (proto == 58 and meta[i, wire.M_ICMPTYPE] == 128)):
+                    kind = ECHO_REPLY
+                if kind >= 0:
                     forward[i] = False
                     rows[k] = i
-                    kinds[k] = PORT_UNREACH if proto == 17 else TCP_RESET
+                    kinds[k] = kind
                     info[k] = 0
                     k += 1
                 continue
@@ -262,7 +299,8 @@ def build_errors(buf, off, ifindex, ts, meta, tid, rows, kinds, info, if_addr, i
     length in out_len[j] (0: none: rate-limited, no source address, or not allowed).
     The quote is rewritten back to the tuple tid[i] (>= 0: 2*conn + direction, the
     frame as it arrived; ``tkey``/``tport`` the table's) and, when ``hop_taken`` and the
-    kind is not time exceeded, gets its TTL / hop limit back.
+    frame was forwarded (frag needed: an expired one kept its TTL, a local one takes no
+    hop), gets its TTL / hop limit back.
     A TCP_RESET row gets the RST (``_reset``) instead.
     Preconditions: out_off[j] leaves room for the L2 header, the IP and ICMP headers and
     the quote (as ``IcmpErrors.generate`` sizes them); if_addr[ifx, 0 or 1] = (present,
@@ -289,6 +327,18 @@ def build_errors(buf, off, ifindex, ts, meta, tid, rows, kinds, info, if_addr, i
             else:
                 stats[kind, ST_SKIPPED] += 1
             continue
+        if kind == ECHO_REPLY:
+            # the whole request comes back (no fragmenting here: one over the MTU back
+            # is not answered)
+            if _src_ok(buf, l3, ver) and (20 if ver == 4 else 40) + meta[i, wire.M_L4LEN] \
+                    <= if_mtu[ifx]:
+                out_len[j] = _echo_reply(buf, o, meta, i, out, out_off[j], ident[0])
+                if ver == 4:
+                    ident[0] = (ident[0] + 1) & 0xFFFF
+                stats[kind, ST_SENT] += 1
+            else:
+                stats[kind, ST_SKIPPED] += 1
+            continue
         # the quote first: the packet as it arrived (the conn's tuple in its direction,
         # the hop back), whose source the error goes to
         p = out_off[j]
@@ -305,7 +355,7 @@ def build_errors(buf, off, ifindex, ts, meta, tid, rows, kinds, info, if_addr, i
             rewrite_header(out, q3, ql4, q3 + q - ql4, ver, meta[i, wire.M_PROTO],
                            meta[i, wire.M_ECHO], tkey[t, 0], tkey[t, 1], tkey[t, 2], tkey[t, 3],
                            np.int64(tport[t]), True, True)
-        if hop_taken and kind != TIME_EXCEEDED:
+        if hop_taken and kind == FRAG_NEEDED:      # forwarded: the hop was taken
             restore_hop(out, q3, ver)
         if not _src_ok(out, q3, ver):
             stats[kind, ST_SKIPPED] += 1
@@ -378,20 +428,7 @@ def _reset(buf, o, meta, i, out, p):
     hl = 20 if ver == 4 else 40
     n4 = n3 + hl
     # the segment's TOS / traffic class without ECN
-    if ver == 4:
-        tos = np.int64(buf[l3 + 1]) & 0xFC
-    else:
-        tos = ((np.int64(buf[l3]) & 0xF) << 4 | np.int64(buf[l3 + 1]) >> 4) & 0xFC
-    _l2_ip(buf, o, l2, out, p, ver, tos, RST_LEN, 0, True, 6)
-    if ver == 4:
-        for k in range(4):
-            out[n3 + 12 + k] = buf[l3 + 16 + k]
-            out[n3 + 16 + k] = buf[l3 + 12 + k]
-        _ip4_checksum(out, n3)
-    else:
-        for k in range(16):
-            out[n3 + 8 + k] = buf[l3 + 24 + k]
-            out[n3 + 24 + k] = buf[l3 + 8 + k]
+    _answer_header(buf, o, l2, out, p, ver, _tos(buf, l3, ver) & 0xFC, RST_LEN, 0, True, 6)
     fl = meta[i, wire.M_TFLAGS]
     out[n4] = buf[l4 + 2]
     out[n4 + 1] = buf[l4 + 3]
@@ -415,6 +452,31 @@ def _reset(buf, o, meta, i, out, p):
         out[n4 + k] = 0
     put16(out, n4 + 16, (~csum_fold(l4_sum(out, n3, n4, RST_LEN, 6, ver))) & 0xFFFF)
     return l2 + hl + RST_LEN
+
+
+@numba.njit(inline="always", cache=True)
+def _echo_reply(buf, o, meta, i, out, p, ident):
+    """Write at out[p:] the echo reply to echo request i (frame at buf[o:]): addresses
+    swapped, TTL / hop limit 64, the request's TOS / traffic class, IPv4 id ``ident``
+    and no DF (the kernel's ICMP socket), no IP options; the ICMP message as it came
+    (ident, sequence, data) with type 0 / 129 and its checksum. Returns its length."""
+    ver = meta[i, wire.M_IPVER]
+    l2 = meta[i, wire.M_L3]
+    l3 = o + l2
+    l4 = o + meta[i, wire.M_L4]
+    n = meta[i, wire.M_L4LEN]
+    n3 = p + l2
+    hl = 20 if ver == 4 else 40
+    n4 = n3 + hl
+    _answer_header(buf, o, l2, out, p, ver, _tos(buf, l3, ver), n, ident, False,
+                   1 if ver == 4 else 58)
+    for k in range(n):
+        out[n4 + k] = buf[l4 + k]
+    out[n4] = 0 if ver == 4 else 129
+    out[n4 + 1] = 0
+    put16(out, n4 + 2, 0)
+    put16(out, n4 + 2, (~csum_fold(icmp_sum(out, n3, n4, n, ver))) & 0xFFFF)
+    return l2 + hl + n
 
 
 @numba.njit(inline="always", cache=True)
@@ -452,7 +514,7 @@ class IcmpErrors:
         self.rl_last = np.zeros(RL_SLOTS, dtype=np.int64)
         self.ident = np.array([seed & 0xFFFF], dtype=np.int64)
         self.stats = np.zeros((len(KIND_NAMES), 3), dtype=np.int64)
-        self.resets = self.too_big = None
+        self.tracked = self.too_big = None
         self._rows = self._kinds = self._info = np.empty(0, dtype=np.int64)
 
     def counters(self) -> dict[str, int]:
@@ -470,12 +532,12 @@ class IcmpErrors:
         for the frames' own: frag.py passes a reassembled datagram's largest fragment).
         Updates ``verdict`` and ``forward`` of the frames it drops or keeps home (see
         error_rows). The errors carry the offending packets' times;
-        None when there are none. ``self.resets``: indices of the TCP resets among them,
-        which the engine tracks as locally generated packets; ``self.too_big``: the
+        None when there are none. ``self.tracked``: indices of the TCP resets and echo
+        replies among them, which the engine tracks as locally generated packets; ``self.too_big``: the
         frames of ``batch`` dropped over their MTU (each None when there are none). Returns
         (errors, for each the index in ``batch`` of the frame it answers, ascending)."""
         n = len(batch)
-        self.resets = self.too_big = None
+        self.tracked = self.too_big = None
         if self._rows.shape[0] < n:
             m = max(n, 256)
             self._rows = np.empty(m, dtype=np.int64)
@@ -495,7 +557,9 @@ class IcmpErrors:
         m = meta[rows]
         v4 = m[:, wire.M_IPVER] == 4
         room = np.where(v4, np.minimum(ROOM4, self.if_mtu[batch.ifindex[rows]]) - 28, QUOTE6)
-        body = np.where(kinds == TCP_RESET, RST_LEN, 8 + np.minimum(m[:, wire.M_L3LEN], room))
+        body = np.where(kinds == TCP_RESET, RST_LEN,
+                        np.where(kinds == ECHO_REPLY, m[:, wire.M_L4LEN],
+                                 8 + np.minimum(m[:, wire.M_L3LEN], room)))
         size = m[:, wire.M_L3] + np.where(v4, 20, 40) + body
         out_off = np.zeros(k, dtype=np.int64)
         np.cumsum(size[:-1], out=out_off[1:])
@@ -508,8 +572,8 @@ class IcmpErrors:
         keep = out_len > 0
         if not keep.any():
             return None
-        rst = np.flatnonzero(kinds[keep] == TCP_RESET)
-        self.resets = rst if len(rst) else None
+        mine = np.flatnonzero((kinds[keep] == TCP_RESET) | (kinds[keep] == ECHO_REPLY))
+        self.tracked = mine if len(mine) else None
         return (PacketBatch(out, out_off[keep], out_len[keep], batch.ifindex[rows][keep].copy(),
                             ts[rows][keep].copy()), rows[keep])
 

@@ -37,7 +37,8 @@ from .nat import D_DROP, D_PYTHON, nat_decide
 from .rewrite import decrement_ttl, icmp_recompute, rewrite_header
 from .wire import (CLS_INVALID, CLS_NOTIP, CLS_RELATED, CLS_TRACK, CLS_UNTRACKED,
                    M_ACK, M_CLS, M_ECHO, M_INNER_L3, M_INNER_L4, M_IPVER, M_L3, M_L3LEN, M_L4, M_PAYLEN, M_PORTS, M_PROTO,
-                   M_REASON, M_SACKPERM, M_SEQ, M_TFLAGS, M_WIN, M_WSCALE, REASON_NAMES, icmp_query)
+                   M_REASON, M_SACKPERM, M_SEQ, M_TFLAGS, M_WIN, M_WSCALE, REASON_NAMES, HOP_EXPIRED,
+                   icmp_query, load_addr)
 
 # ---- configuration (cfg int64 array)
 (CF_BE_LIBERAL, CF_LOOSE, CF_MAX_CONNS, CF_EVENTS, CF_IGNORE_INVALID_RST, CF_NAT, CF_ROUTER,
@@ -871,14 +872,6 @@ def track_batch(buf, off, meta, addr, hashes, length, ifindex, ts, verdict, pcon
             dend = meta[i, M_L3] + meta[i, M_L3LEN]
             if meta[i, M_L3LEN] > 0 and dend < length[i]:
                 length[i] = dend
-        if (rt & RT_TTL and fresh and ifindex[i] >= 0
-                and not decrement_ttl(buf, off[i] + meta[i, M_L3], meta[i, M_IPVER])):
-            # only a forwarded packet takes the hop: a locally generated one (no ingress
-            # interface) leaves with its TTL
-            verdict[i] = V_DROP
-            stats[ST_TTL_EXPIRED] += 1
-            stats[ST_DROP] += 1
-            continue
         if cls == CLS_UNTRACKED:
             verdict[i] = V_UNTRACKED
             stats[ST_UNTRACKED] += 1
@@ -1146,6 +1139,43 @@ def count_conns(cstatus):
         if cstatus[c] & S_USED and cstatus[c] & (S_REMOTE | S_DYING) == 0:
             n += 1
     return n
+
+
+@kernel
+def take_hops(buf, off, ifindex, meta, verdict, local, lver, stats):
+    """The router's hop, after tracking, as Linux's ip_forward runs after PREROUTING's
+    conntrack and DNAT: every frame from an interface (``ifindex`` >= 0) with a final
+    verdict that leaves it (accept, related, untracked, invalid) and is not addressed,
+    after NAT, to one of the router's own addresses (``local`` / ``lver``: netconf's;
+    local delivery takes no hop) loses one TTL / hop limit (the IPv4 checksum adjusted),
+    or, arriving with 1 or 0, is dropped: verdict V_DROP, ``meta[i, M_REASON]`` =
+    wire.HOP_EXPIRED (the ICMP generator answers those with time exceeded), counted
+    ttl_expired. A pool verdict (the packet is judged elsewhere or later) is left alone,
+    so each frame takes its hop once, where its conn lives. Returns how many expired."""
+    expired = 0
+    for i in range(off.shape[0]):
+        v = verdict[i]
+        if ifindex[i] < 0 or meta[i, M_L3LEN] <= 0 or not (
+                v == V_ACCEPT or v == V_RELATED or v == V_UNTRACKED or v == V_INVALID):
+            continue
+        ver = meta[i, M_IPVER]
+        l3 = off[i] + meta[i, M_L3]
+        mine = False
+        if local.shape[0]:
+            hi, lo = load_addr(buf, l3 + (16 if ver == 4 else 24), 4 if ver == 4 else 16)
+            for j in range(local.shape[0]):
+                if lver[j] == ver and local[j, 0] == hi and local[j, 1] == lo:
+                    mine = True
+                    break
+        if mine:
+            continue
+        if not decrement_ttl(buf, l3, ver):
+            verdict[i] = V_DROP
+            meta[i, M_REASON] = HOP_EXPIRED
+            stats[ST_TTL_EXPIRED] += 1
+            stats[ST_DROP] += 1
+            expired += 1
+    return expired
 
 
 @kernel

@@ -54,6 +54,9 @@ REASON_ICMP_INNER = 11    # ICMP error whose quoted packet cannot give a tuple
 REASON_FRAGMENT = 12      # non-first fragment (UNTRACKED)
 REASON_NOT_TRACKED = 13   # ND/MLD, informational ICMP, no next header (UNTRACKED)
 REASON_EXT_HDR = 14       # IPv6 extension header chain truncated or too long
+# not a parse result: set on a forwarded packet the router dropped because its TTL / hop
+# limit ran out (track.take_hops, after tracking); the ICMP generator answers those
+HOP_EXPIRED = 255
 REASON_NAMES = ("none", "short_l2", "ip_header", "ip_length", "ip_checksum", "l4_short",
                 "tcp_doff", "tcp_flags", "l4_checksum", "udp_length", "icmp_type",
                 "icmp_inner", "fragment", "not_tracked", "ext_header")

@@ -5,12 +5,14 @@ truncation of valid frames, through ConnTrack (with and without configs/demo.tom
 MASQUERADE router) and through LocalPool(2).
 
 Invariant: one verdict per frame, from the verdicts a caller may see; no exception;
-NOTIP, UNTRACKED and DROP verdicts each counted once under their names, INVALID ones in
-``invalid``; and the counters account for every frame: ``not_ip + untracked +
-ttl_expired + packets + invalid.<parse reason>`` is the frame count (a frame is not IP,
-untracked, expired, refused by the parser with a reason, or it reached the tracker and
-counts in ``packets``), plus at most one per ``error`` (an ICMP error without its conn
-reaches the tracker and is then counted ``invalid.icmp_inner`` too); fragments held or
+NOTIP and DROP verdicts each counted once under their names, UNTRACKED ones in
+``untracked`` (which also counts untracked frames whose TTL then ran out), INVALID ones in
+``invalid``; and the counters account for every frame: ``not_ip + untracked + packets +
+invalid.<parse reason>`` is the frame count (a frame is not IP, untracked, refused by the
+parser with a reason, or it reached the tracker and counts in ``packets``; one whose TTL
+runs out was tracked first), plus at most one per ``error`` (an ICMP error without its conn
+reaches the tracker and is then counted ``invalid.icmp_inner`` too) and one per RST or echo
+reply the router sends itself (tracked on OUTPUT as Linux does); fragments held or
 dropped by defrag (V_QUEUED, V_DROP) count in ``frag_reasm_reqds - frag_reasm_oks``.
 (test_engine_fuzz.py feeds random bytes; this file feeds frames that get past parsers.)
 """
@@ -188,7 +190,9 @@ def accounted(stats: dict) -> int:
     """Frames the counters account for (see the module docstring)."""
     # every fragment defrag takes counts in frag_reasm_reqds; the one that completes a
     # datagram is then tracked (and counted) as the datagram
-    return (stats["not_ip"] + stats["untracked"] + stats["packets"] + stats["ttl_expired"]
+    # a frame whose TTL runs out was tracked first (the hop comes after conntrack, as in
+    # ip_forward), so it counts where its class puts it, not in ttl_expired
+    return (stats["not_ip"] + stats["untracked"] + stats["packets"]
             + sum(stats[f"invalid.{r}"] for r in wire.REASON_NAMES)
             + stats.get("frag_reasm_reqds", 0) - stats.get("frag_reasm_oks", 0))
 
@@ -200,19 +204,26 @@ def check(label, v, n, before, after):
     got = set(v.tolist())
     assert got <= ALLOWED, f"{label}: verdicts {sorted(got - ALLOWED)} outside {sorted(ALLOWED)}"
     count = {x: int((v == x).sum()) for x in ALLOWED}
-    for verdict, name in ((K.V_NOTIP, "not_ip"), (K.V_UNTRACKED, "untracked"),
-                          (K.V_DROP, "drop")):
+    for verdict, name in ((K.V_NOTIP, "not_ip"), (K.V_DROP, "drop")):
         assert d[name] == count[verdict], \
             f"{label}: {name} counted {d[name]}, want {count[verdict]} (one per verdict)"
-    assert count[K.V_INVALID] <= d["invalid"] <= count[K.V_INVALID] + count[K.V_DROP], \
+    # an untracked frame whose TTL ran out leaves DROP
+    assert count[K.V_UNTRACKED] <= d["untracked"] <= count[K.V_UNTRACKED] + d["ttl_expired"], \
+        f"{label}: untracked counted {d['untracked']} for {count[K.V_UNTRACKED]} UNTRACKED " \
+        f"verdicts and {d['ttl_expired']} expired"
+    # the router's own RSTs and echo replies are tracked too (conntrack sees them on
+    # OUTPUT): each counts once more, as a packet or as invalid
+    own = d.get("tcp_reset", 0) + d.get("icmp_echo_reply", 0)
+    assert count[K.V_INVALID] <= d["invalid"] <= count[K.V_INVALID] + count[K.V_DROP] + own, \
         f"{label}: invalid counted {d['invalid']} for {count[K.V_INVALID]} INVALID and " \
-        f"{count[K.V_DROP]} DROP verdicts"
+        f"{count[K.V_DROP]} DROP verdicts ({own} own replies)"
     assert count[K.V_ACCEPT] + count[K.V_RELATED] <= d["packets"], d
     # an ICMP error whose conn is gone counts in packets and in invalid.icmp_inner (and
     # in error), so it is the one frame the sum may count twice
     added = accounted(after) - accounted(before)
-    assert n <= added <= n + d["error"], \
-        f"{label}: counters account for {added} frames, want {n} (+ up to {d['error']})"
+    assert n <= added <= n + d["error"] + own, \
+        f"{label}: counters account for {added} frames, want {n} (+ up to {d['error']} " \
+        f"errors and {own} own replies)"
 
 
 def as_batch(frames, k):

@@ -164,6 +164,43 @@ def test_ttl_taken_only_on_forwarded_packets():
     assert r.ct.stats()["ttl_expired"] == 1
 
 
+def test_the_hop_comes_after_tracking_as_in_ip_forward():
+    """Linux tracks (and DNATs) a packet at PREROUTING and takes the hop in ip_forward:
+    a TTL 1 packet for the router itself is delivered (port unreachable here, quoting
+    TTL 1), one REDIRECTed to a local listener reaches it with its TTL, and one of an
+    established conn counts in it before it is dropped; a new conn's TTL 1 packet
+    leaves no conn (never confirmed)."""
+    r = Router()
+    b = PacketBatch.from_frames([raw(ttl1(dst=R_LAN))], ifindex=LAN)
+    res = r.ct.process(b)
+    g = res.generated
+    e = Ether(g.frame(0))
+    got = (res.forward.tolist(), e[ICMP].type, e[ICMP].code, e[IP].ttl, IP(raw(e[ICMP].payload)).ttl)
+    assert got == ([False], 3, 3, 64, 1), f"(forward, type, code, TTL, quoted TTL): got {got}"
+    assert r.ct.stats()["ttl_expired"] == 0
+    # REDIRECT to a local listener: the host's stack gets it, TTL and all
+    r = Router("-A PREROUTING -i lan0 -p tcp --dport 80 -j REDIRECT --to-ports 8080",
+               local_delivery=True)
+    syn = IP(src=CLIENT, dst=SERVER, ttl=1) / TCP(sport=40800, dport=80, flags="S")
+    v, f, fwd = r.send(syn, LAN)
+    got = (v, fwd, f[IP].dst, f[TCP].dport, f[IP].ttl, r.ct.stats()["ttl_expired"])
+    assert got == (K.V_ACCEPT, True, R_LAN, 8080, 1, 0), f"got {got}"
+    # an established conn: the expiring packet is tracked, then dropped
+    r = Router()
+    assert r.send(IP(src=CLIENT, dst=SERVER) / UDP(sport=40900, dport=53), LAN)[2]
+    assert r.send(IP(src=SERVER, dst=R_WAN) / UDP(sport=53, dport=40900), WAN)[2]
+    v, _, fwd = r.send(IP(src=CLIENT, dst=SERVER, ttl=1) / UDP(sport=40900, dport=53), LAN)
+    (c,) = [c for c in r.ct.conns() if c.original.sport == 40900]
+    assert (v, fwd, c.packets[0]) == (K.V_DROP, False, 2), (v, fwd, c.packets)
+    # a new conn's first packet expiring: no conn, nothing inserted
+    before = r.ct.stats()
+    v, _, _ = r.send(IP(src=CLIENT, dst=SERVER, ttl=1) / UDP(sport=40901, dport=53), LAN)
+    after = r.ct.stats()
+    assert v == K.V_DROP and not [c for c in r.ct.conns() if c.original.sport == 40901]
+    assert (after["insert"] - before["insert"], after["new"] - before["new"],
+            after["ttl_expired"] - before["ttl_expired"]) == (0, 0, 1)
+
+
 def test_ttl_off_keeps_broken_header_drops_and_trimming():
     r = Router(decrement_ttl=False)
     ok = raw(E / IP(src=CLIENT, dst=SERVER, ttl=1) / UDP(sport=7, dport=8))
@@ -489,17 +526,16 @@ def test_no_answer_with_local_delivery_a_bad_checksum_a_fragment_or_a_reset():
     r = Router()
     frames = [E / IP(src=CLIENT, dst=R_LAN) / UDP(sport=2, dport=9, chksum=0x1234),
               E / IP(src=CLIENT, dst=R_LAN) / TCP(sport=3, dport=22, flags="S", chksum=0x1234),
-              E / IP(src=CLIENT, dst=R_LAN) / ICMP(type=8, id=1),
               E / IP(src=CLIENT, dst=R_LAN, flags="MF", id=3) / UDP(sport=4, dport=9) / (b"f" * 16),
               E / IP(src=CLIENT, dst=R_LAN) / TCP(sport=5, dport=22, flags="R", seq=1)]
     res, errs = process(r, frames)
     s = r.ct.stats()
     got = (res.forward.tolist(), errs, s["icmp_port_unreachable"], s["tcp_reset"])
     # the first fragment is held for its datagram (defrag), unanswered
-    assert got == ([True, True, True, False, True], [], 0, 0), f"got {got}"
-    assert int(res.verdict[3]) == K.V_QUEUED
+    assert got == ([True, True, False, True], [], 0, 0), f"got {got}"
+    assert int(res.verdict[2]) == K.V_QUEUED
     r = Router(defrag=False)        # without defrag it passes unanswered
-    res, errs = process(r, frames[3:4])
+    res, errs = process(r, frames[2:3])
     assert (res.forward.tolist(), errs) == ([True], [])
 
 
@@ -572,3 +608,37 @@ def test_malformed_frames_through_small_mtus_never_raise():
     b = PacketBatch.from_frames(frames, ifindex=LAN)
     res = r.ct.process(b)
     assert res.verdict.shape == (len(frames),)
+
+
+# ---------------------------------------------------------------- echo replies
+
+def test_ping_to_the_router_gets_an_echo_reply_tracked_as_its_conns_reply():
+    """Linux answers an echo request to one of its addresses (icmp_echo): the reply goes
+    from that address back out of the ingress interface with the request's ident,
+    sequence and data, and conntrack sees it on OUTPUT as the echo conn's reply. With a
+    host stack behind local delivery, the host answers instead."""
+    from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest
+    r = Router()
+    req4 = E / IP(src=CLIENT, dst=R_WAN, tos=0x10) / ICMP(type=8, id=0x1234, seq=7) / (b"p" * 40)
+    req6 = E / IPv6(src="b::2", dst="b::1") / ICMPv6EchoRequest(id=9, seq=3, data=b"six")
+    res, out = process(r, [req4, req6])
+    assert res.forward.tolist() == [False, False], "the router keeps the requests"
+    (e4, if4), (e6, if6) = out
+    got4 = (if4, e4.src, e4.dst, e4[IP].src, e4[IP].dst, e4[IP].ttl, e4[IP].tos, e4[ICMP].type,
+            e4[ICMP].id, e4[ICMP].seq, bytes(e4[ICMP].payload))
+    assert got4 == (LAN, E.dst, E.src, R_WAN, CLIENT, 64, 0x10, 0, 0x1234, 7, b"p" * 40), got4
+    assert icmp_ok(e4), "IP and ICMP checksums"
+    got6 = (if6, e6[IPv6].src, e6[IPv6].dst, e6[IPv6].hlim, e6[ICMPv6EchoReply].id,
+            e6[ICMPv6EchoReply].seq, e6[ICMPv6EchoReply].data)
+    assert got6 == (LAN, "b::1", "b::2", 64, 9, 3, b"six"), got6
+    q = e6.copy()
+    del q[ICMPv6EchoReply].cksum
+    assert raw(Ether(raw(q))) == raw(e6), "ICMPv6 checksum"
+    conns = {c.original.src.version: c for c in r.ct.conns() if c.original.proto in (1, 58)}
+    assert set(conns) == {4, 6} and all("SEEN_REPLY" in c.status for c in conns.values()), \
+        [(c.original, sorted(c.status)) for c in conns.values()]
+    assert (r.ct.stats()["icmp_echo_reply"], r.ct.stats()["packets"]) == (2, 4)
+    # the host answers with local delivery; a ping through the router is forwarded
+    r = Router(local_delivery=True)
+    res, out = process(r, [req4, E / IP(src=CLIENT, dst=SERVER) / ICMP(type=8, id=5)])
+    assert (res.forward.tolist(), out) == ([True, True], [])

@@ -140,8 +140,8 @@ def test_cli_replay_writes_the_errors_alike_for_one_and_two_workers(tmp_path, re
 
 def trace_for_the_router_itself():
     """The NAT trace with packets the router answers for itself or drops over the MTU:
-    UDP to its LAN address (port unreachable), TCP SYNs to its WAN address (RST, which
-    kills the SYN's conn), and DF UDP over wan0's MTU (frag-needed; the conn
+    UDP to its LAN address (port unreachable), pings to it (echo reply), TCP SYNs to
+    its WAN address (RST, which kills the SYN's conn), and DF UDP over wan0's MTU (frag-needed; the conn
     its only packet created is withdrawn). Distinct hosts and ports, so that the conns
     spread over every shard and many have their reply tuple in another."""
     b = PT.trace(120, seed=6, nat=True)
@@ -155,6 +155,8 @@ def trace_for_the_router_itself():
                       / TCP(sport=50000 + h, dport=22, flags="S", seq=1000 * h)))
         extra.append((PT.LAN, IP(src=f"10.0.7.{1 + h}", dst="192.168.0.5", flags="DF")
                       / UDP(sport=30000 + h, dport=9) / (b"x" * 1600)))
+        extra.append((PT.LAN, IP(src=f"10.0.6.{1 + h}", dst="10.0.0.3")
+                      / ICMP(type=8, id=700 + h, seq=1) / b"ping"))
     # the SYNs come in the trace's last second: no timeout ends their conns
     ts = [int(rng.integers(t1 - PT.S, t1)) if x.haslayer(TCP) else int(rng.integers(t0, t1))
           for _, x in extra]
@@ -178,7 +180,7 @@ def test_pool_answers_for_the_router_itself_as_one_process(n):
         e = Ether(f)
         k = "rst" if e.haslayer(TCP) else f"icmp{e[ICMP].type}/{e[ICMP].code}"
         kinds[k] = kinds.get(k, 0) + 1
-    assert kinds == {"icmp3/3": HOSTS, "rst": HOSTS, "icmp3/4": HOSTS}, kinds
+    assert kinds == {"icmp3/3": HOSTS, "rst": HOSTS, "icmp3/4": HOSTS, "icmp0/0": HOSTS}, kinds
     pool = Pool(n, Config(), seed=SEED, log=lambda *a: None, max_round=64, **nat_kw())
     gens = []
     totals = pool.run([take(b, np.arange(len(b)))], emit=lambda pk, v, gen: gens.append(gen),
@@ -189,12 +191,13 @@ def test_pool_answers_for_the_router_itself_as_one_process(n):
     assert got.batch.frames() == want, f"{n} workers: the errors differ from one process's"
     st, one = pool.stats(), ct.stats()
     for name in ("insert", "new", "icmp_port_unreachable", "tcp_reset", "icmp_frag_needed",
-                 "entries"):
+                 "icmp_echo_reply", "entries", "packets"):
         assert st.get(name) == one.get(name), f"{name}: got {st.get(name)}, want {one.get(name)}"
 
     def table(conns):
-        return sorted((c.original.src, c.original.sport, c.original.dport, c.state)
-                      for c in conns if c.original.dport in (22, 53, 9))
+        return sorted((c.original.src, c.original.sport, c.original.dport, c.state,
+                       "SEEN_REPLY" in c.status)
+                      for c in conns if c.original.dport in (22, 53, 9) or c.original.proto == 1)
     assert table(pool.conns()) == table(ct.conns()), "the conns the errors touch differ"
     # a RST as the only reply kills the conn at once (Linux's tcp_packet), expiry or not
     assert st["destroy"] == one["destroy"] == HOSTS and one.get("expired", 0) == 0, \

@@ -52,7 +52,7 @@ def test_forwarder_readdresses_routes_and_counts_what_stays():
               bytes(Ether(src=CLIENT_MAC, dst=LAN_MAC) / IP(src="192.0.2.10", dst="192.0.2.1")
                     / TCP(sport=5004, dport=22, flags="S")),  # ... TCP
               bytes(Ether(src=CLIENT_MAC, dst=LAN_MAC) / IP(src="192.0.2.10", dst="192.0.2.1")
-                    / ICMP(id=7)),                          # ... and a ping (no answer here)
+                    / ICMP(id=7)),                          # ... and a ping: echo reply
               _from_lan("192.0.2.20", sport=5002),          # on-link, MAC unknown
               _from_lan("198.51.100.8", ttl=1, sport=5003)]  # expires here
     batch = PacketBatch.from_frames(frames, ts=10**9, ifindex=0)
@@ -63,18 +63,18 @@ def test_forwarder_readdresses_routes_and_counts_what_stays():
     out = Ether(tx[1].frames[0])
     got = (out.src, out.dst, out[IP].src, out[IP].dst, out[IP].ttl)
     assert got == (WAN_MAC, GW_MAC, "203.0.113.2", "198.51.100.7", 63), got
-    assert len(tx[0].frames) == 3, f"got {len(tx[0].frames)} frames out of lan0, want 3"
+    assert len(tx[0].frames) == 4, f"got {len(tx[0].frames)} frames out of lan0, want 4"
     got = [(e.dst, e[IP].src, e[IP].dst) + ((e[ICMP].type, e[ICMP].code) if ICMP in e
                                              else (str(e[TCP].flags),))
            for e in map(Ether, tx[0].frames)]
     want = [(CLIENT_MAC, "192.0.2.1", "192.0.2.10", 3, 3),     # port unreachable
             (CLIENT_MAC, "192.0.2.1", "192.0.2.10", "RA"),     # the SYN's reset
+            (CLIENT_MAC, "192.0.2.1", "192.0.2.10", 0, 0),     # the echo reply
             (CLIENT_MAC, "192.0.2.1", "192.0.2.10", 11, 0)]    # time exceeded
     assert got == want, got
-    assert (fwd.forwarded, fwd.icmp_sent) == (1, 3)
-    # the engine keeps the UDP and TCP (answered) and the expired frame home; the ping is
-    # local
-    want = {"engine": 3, "local": 1, "no_route": 0, "no_neighbour": 1, "tx_full": 0,
+    assert (fwd.forwarded, fwd.icmp_sent) == (1, 4)
+    # the engine keeps the UDP, TCP, ping (answered) and the expired frame home
+    want = {"engine": 4, "local": 0, "no_route": 0, "no_neighbour": 1, "tx_full": 0,
             "too_big": 0}
     assert dict(fwd.dropped) == want, f"got {dict(fwd.dropped)}, want {want}"
 
