@@ -46,7 +46,7 @@ WARM_KERNELS = (
     "shardct.shard.commit_rows", "shardct.track.count_conns", "shardct.batch._gather",
     "shardct.scatter.group", "shardct.shard.round_rows", "shardct.scatter._copy",
     "shardct.nat.nat_decide", "shardct.frag.defrag", "shardct.frag.expire",
-    "shardct.frag.fragment", "shardct.frag.put_frames",
+    "shardct.frag.fragment", "shardct.frag.put_frames", "shardct.track.take_hops",
 )
 
 NOTICE = "shardct: compiling the packet kernels (first run only, a few minutes)..."
