@@ -25,7 +25,7 @@ import numpy as np
 from . import frag as F
 from . import track as K
 from . import wire
-from .batch import PacketBatch
+from .batch import PacketBatch, concat
 from .config import Config
 from .hashing import addr_words, hash_key, words_addr
 from .nat import N_OFFSETS, NatEngine, no_nat_program
@@ -142,6 +142,12 @@ def forward_mask(verdict: np.ndarray, drop_invalid: bool) -> np.ndarray:
 
 def _addr(a) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return a if isinstance(a, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else ipaddress.ip_address(a)
+
+
+def _part(batch: PacketBatch, s: int, e: int) -> PacketBatch:
+    """Frames s..e of ``batch``, a view on its buffer and arrays."""
+    return PacketBatch(batch.buf, batch.off[s:e], batch.length[s:e], batch.ifindex[s:e],
+                       batch.ts[s:e], batch.shared)
 
 
 class ConnTrack:
@@ -270,17 +276,37 @@ class ConnTrack:
         verdict = np.empty(n, dtype=np.uint8)
         tid = np.empty(n, dtype=np.int64)
         d = None
-        if self._defrag is not None and n:
+        defrag = self._defrag is not None and n > 0
+        if defrag:
             self._defrag.expire(int(ts[0]))
-            d = self._defrag.run(batch, ts)
-        if d is None:
-            self.parse_run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n],
-                           self.config.checksum, parse_hash=True)
-            fwd = forward_mask(verdict, self.config.drop_invalid)
-            gen, by = self.generate(batch, meta, verdict, fwd, tid, ts)
-        else:       # fragments: held, or reassembled and tracked in place (frag.py)
-            fwd, gen, by = F.track_defragged(self, batch, d, meta, addr, hashes, ts, verdict,
-                                             tid, K.V_QUEUED)
+        # frames are tracked as they are parsed until a chunk may hold a fragment (the
+        # parser sees it: no pass over the frames of its own); from there on defrag
+        # takes them first (most batches hold none: s == n)
+        s = self.parse_run(batch, meta, addr, hashes, ts, verdict, tid, self._given[:n],
+                           self.config.checksum, parse_hash=True, until_fragment=defrag)
+        fwd = np.empty(n, dtype=np.bool_)
+        fwd[:s] = forward_mask(verdict[:s], self.config.drop_invalid)
+        head = batch if s == n else _part(batch, 0, s)
+        gen, by = self.generate(head, meta[:s], verdict[:s], fwd[:s], tid[:s], ts[:s])
+        if s < n:
+            rest = _part(batch, s, n)
+            d = self._defrag.run(rest, ts[s:])
+        if d is not None:       # fragments: held, or reassembled and tracked in place
+            fwd[s:], g2, by2 = F.track_defragged(self, rest, d, meta[s:], addr[s:],
+                                                 hashes[s:], ts[s:], verdict[s:], tid[s:],
+                                                 K.V_QUEUED)
+            if g2 is not None:
+                gen = g2 if gen is None else concat([gen, g2])
+                by = by2 + s if by is None else np.concatenate([by, by2 + s])
+            d = (None, d[1] + s, d[2], d[3])
+        elif s < n:             # screened, but defrag took none: track them as they are
+            self.parse_run(rest, meta[s:], addr[s:], hashes[s:], ts[s:], verdict[s:],
+                           tid[s:], self._given[s:n], self.config.checksum, parse_hash=True)
+            fwd[s:] = forward_mask(verdict[s:], self.config.drop_invalid)
+            g2, by2 = self.generate(rest, meta[s:], verdict[s:], fwd[s:], tid[s:], ts[s:])
+            if g2 is not None:
+                gen = g2 if gen is None else concat([gen, g2])
+                by = by2 + s if by is None else np.concatenate([by, by2 + s])
         frags, frag_of = self._frag_out(batch, meta, fwd, d)
         return Result(verdict, tid, meta, addr, fwd, gen, by, frags, frag_of)
 
@@ -345,26 +371,29 @@ class ConnTrack:
                        np.asarray(given, dtype=np.int64), self.config.checksum, parse_hash=True)
 
     def parse_run(self, batch, meta, addr, hashes, ts, verdict, tid, given, validate: bool,
-                  parse_hash: bool):
+                  parse_hash: bool, until_fragment: bool = False) -> int:
         """Parse (and hash, when ``parse_hash``; else ``hashes`` are given) and ``run``,
         CHUNK packets at a time: a chunk's frame headers and rows are still in cache when
         the kernel reads them and NAT rewrites the frames (one pass over a batch of 64k
         frames each would find them evicted). Same arrays and result as parsing the whole
-        batch, then running it."""
+        batch, then running it. ``until_fragment``: stop before tracking the first chunk
+        that may hold a fragment for defrag (wire.may_be_fragment) and return where it
+        starts; returns len(batch) when every frame was tracked."""
         n = batch.off.shape[0]
         for s in range(0, max(n, 1), CHUNK):
             e = min(n, s + CHUNK)
-            part = batch if e - s == n else PacketBatch(
-                batch.buf, batch.off[s:e], batch.length[s:e], batch.ifindex[s:e],
-                batch.ts[s:e], batch.shared)
+            part = batch if e - s == n else _part(batch, s, e)
             if parse_hash:
                 wire.parse_hash_batch(part.buf, part.off, part.length, meta[s:e], addr[s:e],
                                       validate, self._seed, hashes[s:e])
             else:
                 wire.parse_batch(part.buf, part.off, part.length, meta[s:e], addr[s:e],
                                  validate)
+            if until_fragment and wire.may_be_fragment(meta[s:e]):
+                return s
             self.run(part, meta[s:e], addr[s:e], hashes[s:e], ts[s:e], verdict[s:e],
                      tid[s:e], given[s:e])
+        return n
 
     def run(self, batch, meta, addr, hashes, ts, verdict, tid, given):
         """Track a parsed batch in order (the kernel, stopping for the NAT slow path

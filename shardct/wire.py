@@ -115,6 +115,22 @@ def icmp_query(ver, ty):
     return _Q_ROLE[k, ty], _Q_KEY[k, ty]
 
 
+@numba.njit(cache=True)
+def may_be_fragment(meta):
+    """Might frag.Defrag take one of these parsed frames? True for any IP fragment
+    (M_FRAG set) and for any frame whose IP header the parser refused (defrag reads the
+    header on its own and may judge it otherwise): the engine then runs defrag on them."""
+    for i in range(meta.shape[0]):
+        if meta[i, M_FRAG] != 0:
+            return True
+        if meta[i, M_CLS] == CLS_INVALID:
+            r = meta[i, M_REASON]
+            if r == REASON_IP_HDR or r == REASON_IP_LEN or r == REASON_IP_CSUM \
+                    or r == REASON_EXT_HDR:
+                return True
+    return False
+
+
 def new_meta(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((n, N_META), dtype=np.int64), np.zeros((n, 4), dtype=np.uint64)
 

@@ -443,3 +443,44 @@ def test_any_fragment_stream_gets_a_verdict_and_never_raises(spec, rnd, damage):
     ct.process(PacketBatch.from_frames([]))
     ct.reap_all(clock())
     assert ct._defrag.queues() == 0 and ct._defrag.memory() == 0
+
+
+def test_fragments_after_the_first_chunk_are_reassembled_as_in_small_batches():
+    """Defrag looks only at chunks the parser says may hold a fragment (engine.CHUNK
+    frames each): a big batch with fragments, a TTL-1 frame and a broken IP header past
+    its first chunk gives the verdicts, outputs, errors and counters of the same frames
+    in batches of 100 (each of which goes through defrag whole)."""
+    from shardct.conntrack import CHUNK
+    rng = np.random.default_rng(3)
+    plain = [IP(src=CLIENT, dst=SERVER) / UDP(sport=5000 + k % 50, dport=53) / b"q"
+             for k in range(CHUNK + 300)]
+    _, frs = v4_frags(id=0x77)
+    _, frs_b = v4_frags(id=0x78, sport=4100)
+    broken = bytearray(raw(E / IP(src=CLIENT, dst=SERVER) / UDP(sport=9, dport=9)))
+    broken[14 + 10] ^= 0xFF
+    pkts = plain[:CHUNK + 100] + [frs[2], bytes(broken), frs[0]] + plain[CHUNK + 100:] \
+        + [frs[1], IP(src=CLIENT, dst=SERVER, ttl=1) / UDP(sport=7, dport=7)] + list(frs_b)
+    ts = np.sort(rng.integers(10 * S, 11 * S, len(pkts)))
+    want = {}
+    for label, size in (("whole", len(pkts)), ("small", 100)):
+        ct, _ = engine()
+        verdicts, outs, errs = [], [], []
+        for s in range(0, len(pkts), size):
+            b = PacketBatch.from_frames(frames(pkts[s:s + size]), ifindex=LAN,
+                                        ts=ts[s:s + size].tolist())
+            res = ct.process(b)
+            verdicts += res.verdict.tolist()
+            if res.fragments is not None:
+                outs += [(s + int(i), res.fragments.frame(k))
+                         for k, i in enumerate(res.fragment_of)]
+            if res.generated is not None:
+                errs += [(s + int(i), res.generated.frame(k))
+                         for k, i in enumerate(res.generated_by)]
+        st = {k: v for k, v in ct.stats().items() if k.startswith(("frag", "icmp", "ttl", "drop",
+                                                                   "invalid", "packets"))}
+        want[label] = (verdicts, outs, errs, st)
+    got, ref = want["whole"], want["small"]
+    assert got[0] == ref[0], "verdicts differ"
+    assert len(got[1]) == 6 and got[1] == ref[1], "fragments out differ"
+    assert len(got[2]) == 1 and got[2] == ref[2], "errors (the TTL-1 frame's) differ"
+    assert got[3] == ref[3], f"counters: {got[3]} vs {ref[3]}"
