@@ -47,6 +47,7 @@ WARM_KERNELS = (
     "shardct.scatter.group", "shardct.shard.round_rows", "shardct.scatter._copy",
     "shardct.nat.nat_decide", "shardct.frag.defrag", "shardct.frag.expire",
     "shardct.frag.fragment", "shardct.frag.put_frames", "shardct.track.take_hops",
+    "shardct.wire.may_be_fragment",
 )
 
 NOTICE = "shardct: compiling the packet kernels (first run only, a few minutes)..."
