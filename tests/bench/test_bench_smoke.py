@@ -96,3 +96,4 @@ def test_router_bench_runs_or_says_why_it_skips():
         row = r[name]["rows"][0]
         assert row["sent"] > 0 and row["received"] > 0, (name, row)
         assert r[name]["rtt_p50_us"] and r[name]["rtt_p50_us"] > 0, (name, r[name])
+        assert r[name]["rtt_load_p50_us"] and r[name]["load_pps"] > 0, (name, r[name])
