@@ -38,6 +38,7 @@ TYPES = {BATCH, RESULT, HANDOFF, HEARTBEAT, READY, STOP, STATS, END, ACK, STEP, 
          DUMP}
 # dtypes an array message may carry
 DTYPES = {"u1": np.uint8, "i2": np.int16, "i4": np.int32, "i8": np.int64, "u8": np.uint64}
+_DT = {code: np.dtype(t) for code, t in DTYPES.items()}
 MAX_ARRAYS = 32
 
 MAX_HEADER = 64 * 1024
@@ -177,30 +178,36 @@ def decode_arrays(frames) -> tuple[dict, dict]:
     rest = iter(frames[2 if packed else 1:])
     out, total = {}, 0
     for item in spec:
-        if not (isinstance(item, list) and len(item) in (3, 4) and isinstance(item[0], str)
-                and item[1] in DTYPES and isinstance(item[2], list) and len(item[2]) <= 2
-                and all(isinstance(d, int) and 0 <= d <= MAX_BUF for d in item[2])):
+        if not (type(item) is list and 3 <= len(item) <= 4 and type(item[0]) is str
+                and item[1] in _DT and type(item[2]) is list and len(item[2]) <= 2):
             raise WireError(f"bad array spec {item!r:.80}")
-        name, code, shape = item[:3]
-        dt = np.dtype(DTYPES[code])
+        name, code, shape = item[0], item[1], item[2]
+        dt = _DT[code]
         want = dt.itemsize
         for d in shape:
+            if type(d) is not int or d < 0 or d > MAX_BUF:
+                raise WireError(f"bad array spec {item!r:.80}")
             want *= d
         if len(item) == 4:          # in the shared frame, at item[3]
             at = item[3]
-            if pack is None or not isinstance(at, int) or at < 0 or at % 8 \
+            if pack is None or type(at) is not int or at < 0 or at % 8 \
                     or at + want > pack.nbytes:
                 raise WireError(f"{name}: {want} bytes at {at!r:.20} outside the packed frame")
-            mv = pack[at:at + want]
+            got = want
+            a = np.frombuffer(pack, dtype=dt, count=want // dt.itemsize, offset=at)
         else:
             frame = next(rest, None)
             if frame is None:
                 raise WireError(f"{name}: no frame left for it")
             mv = memoryview(frame)
-        total += mv.nbytes
-        if mv.nbytes != want or total > MAX_BUF:
-            raise WireError(f"{name}: {mv.nbytes} bytes, shape {shape} wants {want}")
-        out[name] = np.frombuffer(mv, dtype=dt).reshape(shape)
+            got = mv.nbytes
+            if got != want:
+                raise WireError(f"{name}: {got} bytes, shape {shape} wants {want}")
+            a = np.frombuffer(mv, dtype=dt)
+        total += got
+        if total > MAX_BUF:
+            raise WireError(f"{name}: {total} bytes in all exceed {MAX_BUF}")
+        out[name] = a if len(shape) == 1 else a.reshape(shape)
     if next(rest, None) is not None:
         raise WireError(f"more frames than the {len(spec)} arrays named")
     return h, out
