@@ -499,3 +499,37 @@ def test_tcp_to_the_router_gets_a_reset(can_run, flags, dst):
         assert (len(got[CLIENT]), len(back)) == (1, 1), f"resets: kernel {len(got[CLIENT])}, shardct {len(back)}"
         compare(got[CLIENT], back)
         same_conns(k, s, "tcp")
+
+
+@pytest.mark.parametrize("family,dst", [(4, "10.0.0.3"), (6, "b::1")])
+def test_ttl1_to_the_router_is_delivered_not_expired(can_run, family, dst):
+    """The hop is ip_forward's: a TTL / hop limit 1 datagram for the router itself is
+    delivered (port unreachable here), not answered with time-exceeded."""
+    k, s = worlds(MASQ4 if family == 4 else MASQ6, family=family)
+    with k:
+        ip = IP(src="10.0.0.2", dst=dst, ttl=1) if family == 4 else IPv6(src="b::2", dst=dst, hlim=1)
+        f = frame_from(k, CLIENT, ip / UDP(sport=40016, dport=9) / b"one hop")
+        router_errors(k, s, CLIENT, f)
+        same_conns(k, s, "udp", family)
+
+
+@pytest.mark.parametrize("family,dst", [(4, "10.0.0.3"), (4, "192.168.0.1"), (6, "b::1")])
+def test_ping_to_the_router_gets_an_echo_reply(can_run, family, dst):
+    """An echo request to one of the router's addresses: the kernel answers (icmp_echo /
+    icmpv6_echo_reply); shardct's reply matches it in every field but the IPv4 id, its
+    ICMP message byte for byte, and both tables hold the echo conn."""
+    from scapy.layers.inet6 import ICMPv6EchoRequest
+    k, s = worlds(MASQ4 if family == 4 else MASQ6, family=family)
+    with k:
+        if family == 4:
+            pkt = IP(src="10.0.0.2", dst=dst, tos=0x10) / ICMP(type=8, id=0x4321, seq=5) / b"ping?"
+        else:
+            pkt = IPv6(src="b::2", dst=dst) / ICMPv6EchoRequest(id=0x4321, seq=5, data=b"ping?")
+        f = frame_from(k, CLIENT, pkt)
+        got = k.exchange_all(CLIENT, f)
+        fwd, back = s.exchange_all(CLIENT, f)
+        assert (len(got[SERVER]), len(fwd)) == (0, 0), "nothing forwarded"
+        assert (len(got[CLIENT]), len(back)) == (1, 1), \
+            f"replies: kernel {len(got[CLIENT])}, shardct {len(back)}"
+        same_error(got[CLIENT][0], back[0])
+        same_conns(k, s, "icmp" if family == 4 else "icmpv6", family)
