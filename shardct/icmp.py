@@ -86,9 +86,10 @@ PREC_INTERNETCONTROL = 0xC0
 TOS_MASK = 0x1E
 
 # error kinds (rows of ERRORS)
-TIME_EXCEEDED, FRAG_NEEDED, PORT_UNREACH, TCP_RESET, ECHO_REPLY = 0, 1, 2, 3, 4
+TIME_EXCEEDED, FRAG_NEEDED, PORT_UNREACH, TCP_RESET, ECHO_REPLY, TS_REPLY = 0, 1, 2, 3, 4, 5
 KIND_NAMES = ("icmp_time_exceeded", "icmp_frag_needed", "icmp_port_unreachable", "tcp_reset",
-              "icmp_echo_reply")
+              "icmp_echo_reply", "icmp_timestamp_reply")
+TS_LEN = 20               # a timestamp reply's ICMP message: header and three times
 # source of the error's address
 SRC_INGRESS, SRC_DEST = 0, 1
 # columns: ICMP type, code, ICMPv6 type, code, rate-limited, source
@@ -104,6 +105,8 @@ ERRORS = np.array([
     [0, 0, 129, 0, 0, SRC_DEST],
     # echo request to the router's own address: icmp_echo / icmpv6_echo_reply (echo
     # replies are outside icmp_ratemask's default)
+    [14, 0, 0, 0, 0, SRC_DEST],
+    # timestamp request (IPv4) to it: icmp_timestamp, the times in ms since midnight UT
 ], dtype=np.int64)
 # counters (stats array [kind, column])
 ST_SENT, ST_RATELIMITED, ST_SKIPPED = 0, 1, 2
@@ -225,9 +228,10 @@ def error_rows(buf, off, ifindex, meta, verdict, forward, v_drop, v_accept, ttl_
 
     - time exceeded: dropped (``v_drop``) with ``ttl_on`` for its TTL / hop limit
       (track.take_hops marks those wire.HOP_EXPIRED, after tracking);
-    - port unreachable / tcp reset / echo reply (``answer_local``): accepted UDP / TCP
-      (not a RST) / ICMP or ICMPv6 echo request, not a fragment, from an interface,
-      addressed (after NAT) to one of ``local``; forward[i] := False;
+    - port unreachable / tcp reset / echo reply / timestamp reply (``answer_local``):
+      accepted UDP / TCP (not a RST) / ICMP or ICMPv6 echo request / ICMP timestamp
+      request, not a fragment, from an interface, addressed (after NAT) to one of
+      ``local``; forward[i] := False;
     - frag needed: leaving (``forward``), from an interface, routed (after NAT) to an
       interface whose ``mtu`` its IP length exceeds (``size[i]`` when ``size`` is not
       empty: a reassembled datagram's largest fragment, Linux's frag_max_size), IPv4
@@ -271,6 +275,9 @@ def error_rows(buf, off, ifindex, meta, verdict, forward, v_drop, v_accept, ttl_
                 elif ((proto == 1 and meta[i, wire.M_ICMPTYPE] == 8)
                         or (proto == 58 and meta[i, wire.M_ICMPTYPE] == 128)):
                     kind = ECHO_REPLY
+                elif proto == 1 and meta[i, wire.M_ICMPTYPE] == 13 \
+                        and meta[i, wire.M_L4LEN] >= 12:
+                    kind = TS_REPLY         # icmp_timestamp: the originate time is there
                 if kind >= 0:
                     forward[i] = False
                     rows[k] = i
@@ -323,6 +330,14 @@ def build_errors(buf, off, ifindex, ts, meta, tid, rows, kinds, info, if_addr, i
         if kind == TCP_RESET:
             if _src_ok(buf, l3, ver):
                 out_len[j] = _reset(buf, o, meta, i, out, out_off[j])
+                stats[kind, ST_SENT] += 1
+            else:
+                stats[kind, ST_SKIPPED] += 1
+            continue
+        if kind == TS_REPLY:
+            if _src_ok(buf, l3, ver):
+                out_len[j] = _timestamp_reply(buf, o, meta, i, out, out_off[j], ident[0], ts[i])
+                ident[0] = (ident[0] + 1) & 0xFFFF
                 stats[kind, ST_SENT] += 1
             else:
                 stats[kind, ST_SKIPPED] += 1
@@ -480,6 +495,31 @@ def _echo_reply(buf, o, meta, i, out, p, ident):
 
 
 @numba.njit(inline="always", cache=True)
+def _timestamp_reply(buf, o, meta, i, out, p, ident, now):
+    """Write at out[p:] the timestamp reply to request i (IPv4, frame at buf[o:]), as
+    icmp_timestamp: ident and sequence copied, the request's originate time, and receive
+    and transmit times both ``now`` (ns since the epoch, the packet's time) as ms since
+    midnight UT; nothing past the three times. Returns its length."""
+    l2 = meta[i, wire.M_L3]
+    l3 = o + l2
+    l4 = o + meta[i, wire.M_L4]
+    n3 = p + l2
+    n4 = n3 + 20
+    _answer_header(buf, o, l2, out, p, 4, _tos(buf, l3, 4), TS_LEN, ident, False, 1)
+    for k in range(12):
+        out[n4 + k] = buf[l4 + k]          # type, code, checksum (set below), ident, seq, originate
+    out[n4] = 14
+    out[n4 + 1] = 0
+    ms = (now // 1_000_000) % 86_400_000
+    for at in (12, 16):
+        put16(out, n4 + at, (ms >> 16) & 0xFFFF)
+        put16(out, n4 + at + 2, ms & 0xFFFF)
+    put16(out, n4 + 2, 0)
+    put16(out, n4 + 2, (~csum_fold(icmp_sum(out, n3, n4, TS_LEN, 4))) & 0xFFFF)
+    return l2 + 20 + TS_LEN
+
+
+@numba.njit(inline="always", cache=True)
 def quote_room(ver, ingress_mtu):
     """Bytes of the offending packet an error quotes at most: IPv4 fits the error in
     min(576, the MTU back), IPv6 in 1280."""
@@ -533,7 +573,7 @@ class IcmpErrors:
         Updates ``verdict`` and ``forward`` of the frames it drops or keeps home (see
         error_rows). The errors carry the offending packets' times;
         None when there are none. ``self.tracked``: indices of the TCP resets and echo
-        replies among them, which the engine tracks as locally generated packets; ``self.too_big``: the
+        and timestamp replies among them, which the engine tracks as locally generated packets; ``self.too_big``: the
         frames of ``batch`` dropped over their MTU (each None when there are none). Returns
         (errors, for each the index in ``batch`` of the frame it answers, ascending)."""
         n = len(batch)
@@ -559,7 +599,8 @@ class IcmpErrors:
         room = np.where(v4, np.minimum(ROOM4, self.if_mtu[batch.ifindex[rows]]) - 28, QUOTE6)
         body = np.where(kinds == TCP_RESET, RST_LEN,
                         np.where(kinds == ECHO_REPLY, m[:, wire.M_L4LEN],
-                                 8 + np.minimum(m[:, wire.M_L3LEN], room)))
+                                 np.where(kinds == TS_REPLY, TS_LEN,
+                                          8 + np.minimum(m[:, wire.M_L3LEN], room))))
         size = m[:, wire.M_L3] + np.where(v4, 20, 40) + body
         out_off = np.zeros(k, dtype=np.int64)
         np.cumsum(size[:-1], out=out_off[1:])
@@ -572,7 +613,8 @@ class IcmpErrors:
         keep = out_len > 0
         if not keep.any():
             return None
-        mine = np.flatnonzero((kinds[keep] == TCP_RESET) | (kinds[keep] == ECHO_REPLY))
+        kk = kinds[keep]
+        mine = np.flatnonzero((kk == TCP_RESET) | (kk == ECHO_REPLY) | (kk == TS_REPLY))
         self.tracked = mine if len(mine) else None
         return (PacketBatch(out, out_off[keep], out_len[keep], batch.ifindex[rows][keep].copy(),
                             ts[rows][keep].copy()), rows[keep])

@@ -642,3 +642,21 @@ def test_ping_to_the_router_gets_an_echo_reply_tracked_as_its_conns_reply():
     r = Router(local_delivery=True)
     res, out = process(r, [req4, E / IP(src=CLIENT, dst=SERVER) / ICMP(type=8, id=5)])
     assert (res.forward.tolist(), out) == ([True, True], [])
+
+
+def test_timestamp_request_to_the_router_gets_a_reply_as_icmp_timestamp():
+    """Linux answers ICMP timestamp requests to its addresses (icmp_timestamp): ident and
+    sequence back, the originate time copied, receive and transmit the time of day in ms
+    since midnight UT (here the packet's time: the engine's clock, 10 s after the epoch),
+    nothing past the three times; the conn sees its reply."""
+    r = Router()
+    req = E / IP(src=CLIENT, dst=R_LAN) / ICMP(type=13, id=0x55, seq=2, ts_ori=123456, ts_rx=0,
+                                               ts_tx=0) / b"extra"
+    res, ((e, ifx),) = process(r, [req])
+    i = e[ICMP]
+    got = (res.forward.tolist(), ifx, e[IP].src, e[IP].dst, i.type, i.code, i.id, i.seq,
+           i.ts_ori, i.ts_rx, i.ts_tx, len(e[IP]))
+    assert got == ([False], LAN, R_LAN, CLIENT, 14, 0, 0x55, 2, 123456, 10_000, 10_000, 40), got
+    assert icmp_ok(e)
+    (c,) = [c for c in r.ct.conns() if c.original.proto == 1]
+    assert "SEEN_REPLY" in c.status and r.ct.stats()["icmp_timestamp_reply"] == 1

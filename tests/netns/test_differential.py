@@ -533,3 +533,27 @@ def test_ping_to_the_router_gets_an_echo_reply(can_run, family, dst):
             f"replies: kernel {len(got[CLIENT])}, shardct {len(back)}"
         same_error(got[CLIENT][0], back[0])
         same_conns(k, s, "icmp" if family == 4 else "icmpv6", family)
+
+
+def test_timestamp_request_to_the_router_gets_a_timestamp_reply(can_run):
+    """icmp_timestamp: both answer with one reply of the same shape (addresses, TTL, TOS,
+    flags, type 14, ident, sequence, originate time, length); the receive and transmit
+    times are each router's clock, so they are only checked to be equal to each other."""
+    k, s = worlds(MASQ4)
+    with k:
+        f = frame_from(k, CLIENT, IP(src="10.0.0.2", dst="10.0.0.3") /
+                       ICMP(type=13, id=0x99, seq=4, ts_ori=4242, ts_rx=0, ts_tx=0))
+        got = k.exchange_all(CLIENT, f)
+        fwd, back = s.exchange_all(CLIENT, f)
+        assert (len(got[SERVER]), len(fwd)) == (0, 0), "nothing forwarded"
+        assert (len(got[CLIENT]), len(back)) == (1, 1), \
+            f"replies: kernel {len(got[CLIENT])}, shardct {len(back)}"
+
+        def shape(frame):
+            p = l3(frame)
+            i = p[ICMP]
+            return (p.src, p.dst, p.ttl, p.tos, int(p.flags), p.len, i.type, i.code, i.id,
+                    i.seq, i.ts_ori, i.ts_rx == i.ts_tx, checksums_valid(frame))
+        assert shape(got[CLIENT][0]) == shape(back[0]), \
+            f"\nkernel  {shape(got[CLIENT][0])}\nshardct {shape(back[0])}"
+        same_conns(k, s, "icmp")
