@@ -140,7 +140,8 @@ def test_cli_replay_writes_the_errors_alike_for_one_and_two_workers(tmp_path, re
 
 def trace_for_the_router_itself():
     """The NAT trace with packets the router answers for itself or drops over the MTU:
-    UDP to its LAN address (port unreachable), pings to it (echo reply), TCP SYNs to
+    UDP to its LAN address (port unreachable), pings and timestamp requests to it
+    (echo and timestamp replies), TCP SYNs to
     its WAN address (RST, which kills the SYN's conn), and DF UDP over wan0's MTU (frag-needed; the conn
     its only packet created is withdrawn). Distinct hosts and ports, so that the conns
     spread over every shard and many have their reply tuple in another."""
@@ -157,6 +158,8 @@ def trace_for_the_router_itself():
                       / UDP(sport=30000 + h, dport=9) / (b"x" * 1600)))
         extra.append((PT.LAN, IP(src=f"10.0.6.{1 + h}", dst="10.0.0.3")
                       / ICMP(type=8, id=700 + h, seq=1) / b"ping"))
+        extra.append((PT.LAN, IP(src=f"10.0.5.{1 + h}", dst="10.0.0.3")
+                      / ICMP(type=13, id=800 + h, seq=1, ts_ori=1000 + h)))
     # the SYNs come in the trace's last second: no timeout ends their conns
     ts = [int(rng.integers(t1 - PT.S, t1)) if x.haslayer(TCP) else int(rng.integers(t0, t1))
           for _, x in extra]
@@ -180,7 +183,8 @@ def test_pool_answers_for_the_router_itself_as_one_process(n):
         e = Ether(f)
         k = "rst" if e.haslayer(TCP) else f"icmp{e[ICMP].type}/{e[ICMP].code}"
         kinds[k] = kinds.get(k, 0) + 1
-    assert kinds == {"icmp3/3": HOSTS, "rst": HOSTS, "icmp3/4": HOSTS, "icmp0/0": HOSTS}, kinds
+    assert kinds == {"icmp3/3": HOSTS, "rst": HOSTS, "icmp3/4": HOSTS, "icmp0/0": HOSTS,
+                     "icmp14/0": HOSTS}, kinds
     pool = Pool(n, Config(), seed=SEED, log=lambda *a: None, max_round=64, **nat_kw())
     gens = []
     totals = pool.run([take(b, np.arange(len(b)))], emit=lambda pk, v, gen: gens.append(gen),
@@ -191,7 +195,7 @@ def test_pool_answers_for_the_router_itself_as_one_process(n):
     assert got.batch.frames() == want, f"{n} workers: the errors differ from one process's"
     st, one = pool.stats(), ct.stats()
     for name in ("insert", "new", "icmp_port_unreachable", "tcp_reset", "icmp_frag_needed",
-                 "icmp_echo_reply", "entries", "packets"):
+                 "icmp_echo_reply", "icmp_timestamp_reply", "entries", "packets"):
         assert st.get(name) == one.get(name), f"{name}: got {st.get(name)}, want {one.get(name)}"
 
     def table(conns):
