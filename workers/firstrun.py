@@ -132,6 +132,7 @@ def _stage_tracking():
 def _stage_nat():
     import numpy as np
     from shardct import ConnTrack
+    from shardct.batch import take
     ec, _, batches = _demo_batches()
     ct = ConnTrack(ec.config, seed=1, rules=ec.rules, network=ec.network, router=True,
                    rng=np.random.default_rng(1))
@@ -140,7 +141,10 @@ def _stage_nat():
         r.forward_mask(ec.config.drop_invalid)
     ts = int(batches[-1].ts[-1])
     ct.process(_ttl1_batch(ts, ec.network.index("lan0")))     # the time-exceeded kernels
-    ct.process(_fragments_batch(ts, ec.network.index("lan0")))  # defrag and fragmentation
+    # defrag (a queue across two batches: its expiry) and fragmentation
+    fb = _fragments_batch(ts, ec.network.index("lan0"))
+    ct.process(take(fb, np.array([0])))
+    ct.process(take(fb, np.array([1, 2])))
     ct.reap(ts, 0)
     ct.reap_all(ts)
     list(ct.conns(now=ts))

@@ -11,8 +11,8 @@ NOTIP and DROP verdicts each counted once under their names, UNTRACKED ones in
 invalid.<parse reason>`` is the frame count (a frame is not IP, untracked, refused by the
 parser with a reason, or it reached the tracker and counts in ``packets``; one whose TTL
 runs out was tracked first), plus at most one per ``error`` (an ICMP error without its conn
-reaches the tracker and is then counted ``invalid.icmp_inner`` too) and one per RST or echo
-reply the router sends itself (tracked on OUTPUT as Linux does); fragments held or
+reaches the tracker and is then counted ``invalid.icmp_inner`` too) and one per RST, echo
+or timestamp reply the router sends itself (tracked on OUTPUT as Linux does); fragments held or
 dropped by defrag (V_QUEUED, V_DROP) count in ``frag_reasm_reqds - frag_reasm_oks``.
 (test_engine_fuzz.py feeds random bytes; this file feeds frames that get past parsers.)
 """
@@ -211,9 +211,9 @@ def check(label, v, n, before, after):
     assert count[K.V_UNTRACKED] <= d["untracked"] <= count[K.V_UNTRACKED] + d["ttl_expired"], \
         f"{label}: untracked counted {d['untracked']} for {count[K.V_UNTRACKED]} UNTRACKED " \
         f"verdicts and {d['ttl_expired']} expired"
-    # the router's own RSTs and echo replies are tracked too (conntrack sees them on
-    # OUTPUT): each counts once more, as a packet or as invalid
-    own = d.get("tcp_reset", 0) + d.get("icmp_echo_reply", 0)
+    # the router's own RSTs and echo / timestamp replies are tracked too (conntrack sees
+    # them on OUTPUT): each counts once more, as a packet or as invalid
+    own = d.get("tcp_reset", 0) + d.get("icmp_echo_reply", 0) + d.get("icmp_timestamp_reply", 0)
     assert count[K.V_INVALID] <= d["invalid"] <= count[K.V_INVALID] + count[K.V_DROP] + own, \
         f"{label}: invalid counted {d['invalid']} for {count[K.V_INVALID]} INVALID and " \
         f"{count[K.V_DROP]} DROP verdicts ({own} own replies)"
