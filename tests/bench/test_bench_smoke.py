@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("dpkt")
 
-from bench import core, kernel_nat, peer, pool  # noqa: E402
+from bench import core, kernel_nat, model, peer, pool  # noqa: E402
 from bench.__main__ import main as bench_main  # noqa: E402
 
 
@@ -47,6 +47,38 @@ def test_pool_returns_per_worker_rows():
     assert all(row["same_verdicts"] for row in r["2k"]["pool"])
     d = pool.dispatcher_rate(3000, workers=(1, 2), reps=1)
     assert set(d) == {1, 2} and all(v["ns"] > 0 and v["mpps"] > 0 for v in d.values())
+
+
+def test_model_measures_every_stage_and_checks_the_pool(tmp_path):
+    """bench/model.py end to end at toy sizes: the transport against its peer process,
+    every stage timer against today's Dispatcher and Shard, the model, and its check
+    against the real Pool with the dispatcher in the supervisor and in its own process."""
+    out = tmp_path / "model.json"
+    assert model.main(["--tiny", "--profiles", "2k", "--shards", "1,2", "--rounds", "512",
+                       "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    t = r["transport"]
+    assert [row["p"] for row in t["batch"]][-1] == 65536
+    positive(t["pingpong"], ["rtt_median_us"])
+    prof = r["profiles"]["2k"]
+    positive(prof, ["put_ns"])
+    rows = prof["dispatcher"]["512"]
+    assert [row["n"] for row in rows] == [1, 2]
+    for row in rows:
+        positive(row, ["ns", "parse_hash", "deps", "split"])
+        assert row["out_bytes_per_pkt"] == model.PK_ARRAYS     # frames stay in the ring
+    assert [w["n"] for w in prof["workers"]] == [1, 2]
+    for w in prof["workers"]:
+        positive(w, ["rounds", "cp_ns", "steps_per_round", "reorder_ns"])
+        assert w["in_bytes_per_pkt"] == model.PK_ARRAYS
+    assert prof["workers"][1]["handoff_ratio"] > 0
+    for p in prof["predictions"] + prof["predictions_no_frames"]:
+        positive(p, ["D", "W", "S", "mpps"])
+        assert p["limit"] in ("dispatcher", "workers", "supervisor")
+    assert [c["dispatcher_process"] for c in prof["checks"]] == [False, True]
+    for c in prof["checks"]:
+        assert "error" not in c, c
+        positive(c, ["packets", "mpps", "model_mpps", "sup_cpu_ns", "model_worker_ns"])
 
 
 def test_peer_trackers_and_ratios():
