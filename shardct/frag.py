@@ -909,3 +909,176 @@ def cut_frames(b, rows, meta, mtu, info, stats):
     src = rows[job]
     return PacketBatch(out, o_off[:got], o_len[:got], b.ifindex[src].copy(),
                        b.ts[src].copy()), job
+
+
+# ------------------------------------------------------------------ a pool's stage
+
+@numba.njit(inline="always", cache=True)
+def _may_be_fragment(buf, o, end):
+    """Might ``defrag`` take the frame at buf[o:end]? It reads the same header bytes and
+    is stricter (checksum, lengths): False here means it passes the frame."""
+    et, l3 = _l3(buf, o, end)
+    if et == 0x0800:
+        return l3 + 20 <= end and (get16(buf, l3 + 6) & 0x3FFF) != 0
+    if et == 0x86DD:
+        if l3 + 40 > end:
+            return False
+        nh = buf[l3 + 6]
+        return nh == 44 or nh == 0 or nh == 43 or nh == 60 or nh == 51
+    return False
+
+
+@kernel
+def any_fragment(buf, off, length):
+    """Whether a frame of the batch may be a fragment (``_may_be_fragment``)."""
+    for i in range(off.shape[0]):
+        if _may_be_fragment(buf, off[i], off[i] + length[i]):
+            return True
+    return False
+
+
+@kernel
+def _gather_screened(buf, off, length, out, out_off):
+    """batch._gather over every frame that also says whether one may be a fragment: the
+    header is read from the copy just written, so the screen costs no pass of its own."""
+    o = np.uint64(0)
+    maybe = False
+    for i in range(off.shape[0]):
+        s = np.uint64(off[i])
+        n = np.uint64(length[i])
+        for b in range(n):
+            out[o + b] = buf[s + b]
+        out_off[i] = o
+        if not maybe:
+            maybe = _may_be_fragment(out, np.int64(o), np.int64(o + n))
+        o += n
+    return maybe
+
+
+def place_screened(batch: PacketBatch, buf: np.ndarray, at: int) -> tuple[PacketBatch, bool]:
+    """batch.place (``batch``'s frames copied into ``buf`` from ``at`` on, as a shared
+    batch) and whether one of them may be a fragment. Precondition: they fit."""
+    n = len(batch)
+    out_off = np.empty(n, dtype=np.int64)
+    need = int(batch.length.astype(np.int64).sum())
+    maybe = _gather_screened(batch.buf, batch.off, batch.length, buf[at:at + need], out_off)
+    out_off += at
+    return PacketBatch(buf, out_off, batch.length.copy(), batch.ifindex.copy(),
+                       batch.ts.copy(), True), bool(maybe)
+
+
+class PoolStage:
+    """Reassembly in front of a worker pool and fragmentation behind it, as one engine's
+    ``process`` does them (owner: the pool's supervisor thread). Shards see whole
+    datagrams and never hold a fragment; a datagram is judged by the shard that tracks
+    it, held to its egress MTU by its largest fragment (``before`` gives the sizes the
+    workers pass to ``ConnTrack.generate``), and cut on its way out (``after``).
+
+    Sequence numbers are the pool's: frames numbered in the order ``before`` returns
+    them, from 0. Held fragments never reach the pool: ``held`` and ``dropped`` count
+    them (the verdicts queued and drop one process gives them)."""
+
+    def __init__(self, config, network, router: bool, seed: int, frames: bool = True):
+        self.defrag = Defrag(config, seed) if config.defrag else None
+        self.output = Output(network, router, seed)
+        self.drop_invalid = bool(config.drop_invalid)
+        self.frames = frames            # False: nothing is emitted, so nothing is cut
+        self.seq = 0
+        self.clock = 0
+        self.held = self.dropped = 0
+        self.re_seq = np.zeros(0, dtype=np.int64)        # reassembled datagrams not out yet
+        self.re_info = np.zeros((0, N_INFO), dtype=np.int64)
+
+    def before(self, batch: PacketBatch, maybe: bool | None = None):
+        """(batch as the pool takes it, sizes): held and dropped fragments taken out, each
+        completed datagram in the place of the fragment that completed it (a new batch;
+        else ``batch`` itself). ``sizes``: (sequence numbers, largest fragment) of those
+        datagrams, or None. ``maybe``: whether a frame may be a fragment, when the caller
+        screened the batch already (``place_screened``)."""
+        n = len(batch)
+        if n == 0:
+            return batch, None
+        self.clock = max(self.clock, int(batch.ts.max()))
+        d = None
+        if self.defrag is not None:
+            self.defrag.expire(int(batch.ts[0]))
+            if maybe is None:
+                maybe = any_fragment(batch.buf, batch.off, batch.length)
+            if maybe:
+                d = self.defrag.run(batch, batch.ts)
+        if d is None:
+            self.seq += n
+            return batch, None
+        kind, done, rb, info = d
+        self.held += int((kind == K_HELD).sum())
+        self.dropped += int((kind == K_DROP).sum())
+        passing = np.flatnonzero(kind == K_PASS)
+        src = np.concatenate((passing, done))
+        order = np.argsort(src, kind="stable")
+        out = take(concat([take(batch, passing), rb]), order)
+        seq = self.seq + np.flatnonzero(order >= passing.shape[0])
+        self.seq += len(out)
+        if self.frames and done.shape[0]:
+            self.re_seq = np.concatenate((self.re_seq, seq))
+            self.re_info = np.concatenate((self.re_info, info))
+        return out, (seq, info[:, I_FMAX].copy()) if done.shape[0] else None
+
+    def after(self, batch: PacketBatch, seq: np.ndarray, verdict: np.ndarray):
+        """What leaves for a round the pool emits (its frames in sequence order, as the
+        workers left them): None when every frame leaves as it is (``forward_mask`` of
+        ``verdict``); else (forward, fragments, fragment_of) as ``ConnTrack.process``'s
+        Result has them: the reassembled datagrams cut at min(egress MTU, largest
+        fragment) or dropped over it, forwarded IPv4 frames without DF cut at their
+        egress MTU."""
+        from .conntrack import forward_mask     # (conntrack imports this module)
+        n = len(batch)
+        if n == 0:
+            return None
+        re = np.zeros(n, dtype=np.bool_)
+        j = np.zeros(n, dtype=np.int64)
+        if self.re_seq.shape[0]:
+            j = np.minimum(np.searchsorted(self.re_seq, seq), self.re_seq.shape[0] - 1)
+            re = self.re_seq[j] == seq
+            info = self.re_info[j[re]]
+            self.emitted(int(seq.max()))
+        fw = forward_mask(verdict, self.drop_invalid)
+        cand = re.copy()
+        if self.output.min_mtu:     # a frame's IP length is at most its length
+            cand |= fw & (batch.length > self.output.min_mtu)
+        idx = np.flatnonzero(cand)
+        if idx.shape[0] == 0:
+            return None
+        sub = PacketBatch(batch.buf, batch.off[idx], batch.length[idx], batch.ifindex[idx],
+                          batch.ts[idx])
+        meta, addr = wire.new_meta(idx.shape[0])
+        wire.parse_batch(sub.buf, sub.off, sub.length, meta, addr, False)
+        d = None
+        done = np.flatnonzero(re[idx])
+        if done.shape[0]:
+            rb = PacketBatch(sub.buf, sub.off[done], sub.length[done], sub.ifindex[done],
+                             sub.ts[done])
+            d = (None, done, rb, info)
+        f = fw[idx]
+        frags, frag_of = self.output(sub, meta, f, d)
+        if frags is None and (f == fw[idx]).all():
+            return None
+        fw[idx] = f
+        return fw, frags, None if frag_of is None else idx[frag_of]
+
+    def emitted(self, last: int):
+        """Frames up to sequence number ``last`` are out: forget their datagrams."""
+        gone = int(np.searchsorted(self.re_seq, last, side="right"))
+        if gone:
+            self.re_seq, self.re_info = self.re_seq[gone:], self.re_info[gone:]
+
+    def finish(self):
+        """The input is over: queues expired by its last frame go (as ``reap_all``)."""
+        if self.defrag is not None and self.clock:
+            self.defrag.expire(self.clock)
+
+    def stats(self) -> dict[str, int]:
+        """The frag_* counters, and ``drop``: fragments dropped (overlaps and the like)."""
+        fs = self.output.stats + (0 if self.defrag is None else self.defrag.stats)
+        s = {name: int(v) for name, v in zip(STAT_NAMES, fs)}
+        s["drop"] = self.dropped
+        return s

@@ -518,9 +518,10 @@ class Shard:
         self.k, self.n = k, n
         self.config = config or Config()
         self.nb = self.config.n_buckets
-        # a shard does not reassemble (its kernel runs see one shard's packets, and only
-        # ConnTrack.process defragments): no fragment queues, so never V_QUEUED here; a
-        # pool passes fragments as the tracker classifies them (later ones UNTRACKED)
+        # a shard does not reassemble (its kernel runs see one shard's packets): no
+        # fragment queues, so never V_QUEUED here. The worker pool reassembles in front
+        # of its shards (frag.PoolStage); a LocalPool passes fragments as the tracker
+        # classifies them (later ones UNTRACKED)
         self.ct = ConnTrack(replace(self.config, defrag=False), seed=seed, rules=rules,
                             network=network, router=router, rng=rng, shard=(k, n),
                             owned=owner_slices(n, self.nb)[k])
@@ -537,6 +538,9 @@ class Shard:
         self.generated: list[Packets] = []             # take_generated: ICMP errors
         self.deferred = Packets.empty()                # V_DEFER: wait for earlier creations
         self.reran = 0
+        # this round's reassembled datagrams: (sorted seq, largest fragment), or None
+        # (frag.PoolStage: each is held to its egress MTU by that size, as in one engine)
+        self.sizes: tuple[np.ndarray, np.ndarray] | None = None
         self.counts = {"handoffs_out": 0, "handoffs_in": 0, "bounces": 0, "reserve_requests": 0,
                        "grants": 0, "joins": 0, "fails": 0, "releases_out": 0,
                        "releases_applied": 0, "stale_answers": 0, "supersteps": 0,
@@ -576,7 +580,15 @@ class Shard:
         # only final verdicts leave (a parked, held or handed-off packet is judged where
         # its conn lives, once it is committed)
         fwd = forward_mask(verdict, self.ct.config.drop_invalid) & (verdict <= K.V_NOTIP)
-        gen, by = self.ct.generate(pk.batch, meta, verdict, fwd, tid, pk.batch.ts)
+        size = None
+        if self.sizes is not None and n:
+            fs, fm = self.sizes
+            j = np.minimum(np.searchsorted(fs, pk.seq), fs.shape[0] - 1)
+            hit = fs[j] == pk.seq
+            if hit.any():
+                size = meta[:, wire.M_L3LEN].astype(np.int64)
+                size[hit] = fm[j[hit]]
+        gen, by = self.ct.generate(pk.batch, meta, verdict, fwd, tid, pk.batch.ts, size=size)
         if gen is not None:         # each frame carries the sequence number of its cause
             z = np.zeros(len(gen), dtype=np.int64)
             self.generated.append(Packets(gen, z - 1, pk.seq[by], z, z - 1))

@@ -126,7 +126,9 @@ def _cmd_live(args) -> int:
         log(f"ring drops: {per_ring(r.drops for r in rings)} (the kernel's packets: "
             f"{per_ring(r.packets for r in rings)}; read: {per_ring(merge.read)})")
     late = f", late frames: {merge.late}" if merge.late else ""
-    print(f"tracked {totals['packets_in']} packets on {','.join(args.interface)} with "
+    from .replay import count_fragments
+    count_fragments(verdicts, totals)
+    print(f"tracked {totals['packets_in'] + totals['frag_held'] + totals['frag_dropped']} packets on {','.join(args.interface)} with "
           f"{pool.n} workers: " + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items()))
           + f"; ring drops: {per_ring(r.drops for r in rings)}"
           + f"; lost_packets={totals['lost_packets']} lost_conns={totals['lost_conns']} "

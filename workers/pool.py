@@ -65,13 +65,14 @@ import zmq
 from shardct import PacketBatch
 from shardct.batch import compact
 from shardct.config import Config
+from shardct.frag import PoolStage
 from shardct.shard import NEVER, Dispatcher, Msg, Packets, Shard, nat_deps, sum_counts
 
 from . import messages as M
 from . import snapshot
 from . import transport as T
 from .errors import PoolStopped
-from .ring import FrameRing
+from .ring import FrameRing, frames_on
 from .supervisor import Supervisor
 
 STATS_EVERY = 64     # rounds between counter reports (and with the final table)
@@ -129,6 +130,27 @@ def pk_from(prefix: str, a: dict, ring: FrameRing | None = None) -> Packets:
     else:
         batch = PacketBatch(buf.copy(), off, length, rest[0], rest[1])
     return Packets(batch, rest[2], rest[3], rest[4].copy(), rest[5])
+
+
+def sizes_in(sizes, s: int, e: int) -> dict:
+    """BATCH arrays ``fseq``/``fmax`` for round [s, e) of the pool's sequence numbers:
+    the reassembled datagrams among them and their largest fragments (``sizes``: sorted
+    (seq, fmax) arrays, or None; PoolStage.before)."""
+    if sizes is None:
+        return {}
+    a, b = np.searchsorted(sizes[0], [s, e])
+    return {} if a == b else {"fseq": sizes[0][a:b], "fmax": sizes[1][a:b]}
+
+
+def sizes_from(a: dict):
+    """The ``fseq``/``fmax`` arrays of a received message, validated, or None."""
+    if "fseq" not in a:
+        return None
+    fs, fm = a["fseq"], a.get("fmax")
+    if (fm is None or fs.dtype != np.int64 or fm.dtype != np.int64 or fs.ndim != 1
+            or fs.shape != fm.shape):
+        raise M.WireError("fseq/fmax: want two int64 arrays of one length")
+    return fs, fm
 
 
 def _within_limits(batches, max_bytes: int = M.MAX_BUF // 2):
@@ -303,6 +325,7 @@ class _WorkerState:
         self.batches: dict[int, Packets] = {}
         self.clocks: dict[int, int] = {}       # round -> the packet clock at its end
         self.firsts: dict[int, int] = {}       # round -> its first sequence number
+        self.sizes: dict[int, tuple] = {}      # round -> its reassembled datagrams' sizes
         self.absent_until = {p: 0 for p in range(n) if p != k}   # peer p absent before round
         self.moved_on = {p: -1 for p in range(n) if p != k}      # highest round seen from p
         self.restarted: dict[int, int] = {}                      # peer -> round it rejoins
@@ -392,6 +415,9 @@ class _WorkerState:
                 return
             h, a = M.decode_arrays(frames)
             self.batches[int(h["round"])] = pk_from("", a, self.ring)
+            sizes = sizes_from(a)
+            if sizes is not None:
+                self.sizes[int(h["round"])] = sizes
             self.firsts[int(h["round"])] = int(h.get("first", -1))
             self.clocks[int(h["round"])] = int(h.get("clock", 0))
             if h.get("final"):
@@ -427,6 +453,7 @@ class _WorkerState:
                         del self.batches[old]
                         self.clocks.pop(old, None)
                         self.firsts.pop(old, None)
+                        self.sizes.pop(old, None)
                     hello = M.encode(M.HELLO, **{"from": self.k}, worker=self.k, gen=self.gen,
                                      first=r, restored=self.restored)
                     for s in ptx.values():
@@ -449,6 +476,7 @@ class _WorkerState:
             t0 = time.perf_counter()
             deleted = self.shard.delete(**self.deletes.pop(r)) if r in self.deletes else 0
             first = self.firsts.pop(r, -1)
+            self.shard.sizes = self.sizes.pop(r, None)
             self.shard.local(pk, first if first >= 0 else None)
             step = 0
             while True:
@@ -586,11 +614,13 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
     sink = sock(zmq.PUSH, "sink", False, linger=1000, sndhwm=0)
     st = {"r": 0, "emitted": 0, "rounds": None, "batch": 0, "end": False, "events": False}
     queue = []          # batches waiting for the current one's rounds to go out
+    sizes = [None]      # the current batch's reassembled datagrams (PoolStage.before)
 
-    def send_round(parts, final, dump=False, delete=None, save=None, first=-1):
+    def send_round(parts, final, dump=False, delete=None, save=None, first=-1, sizes=None):
         r = st["r"]
         for j, part in enumerate(parts):
-            tx[j].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", part), round=r,
+            tx[j].send_multipart(M.encode_arrays(M.BATCH, {**pk_arrays("", part), **(sizes or {})},
+                                                 round=r,
                                                  first=first, final=final, dump=dump,
                                                  delete=delete,
                                                  save=save, events=st["events"],
@@ -614,14 +644,16 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
                 elif h["t"] == M.END:
                     st["end"] = True
                 elif h["t"] == M.DUMP:                 # after the batches sent before it
-                    queue.append(((h.get("delete"), h.get("save")), None))
+                    queue.append(((h.get("delete"), h.get("save")), None, None))
                 return
+            h, a = M.decode_arrays(frames)
             if fr is not None:
-                h, a = M.decode_arrays(frames)
                 batch = fr.batch(a["off"], a["length"], a["ifindex"], a["ts"])
+            elif "buf" in a:                    # read-only: scatter copies
+                batch = frames_on(a["buf"], a["off"], a["length"], a["ifindex"], a["ts"])
             else:
-                h, batch, _ = M.decode_batch(frames, writable=False)    # scatter copies
-            queue.append((int(h.get("seq", 0)), batch))
+                raise M.WireError("a batch without frames, and no ring")
+            queue.append((int(h.get("seq", 0)), batch, sizes_from(a)))
             st["events"] = bool(h.get("events"))     # someone watches conntrack -E
         except (M.WireError, KeyError, TypeError, ValueError) as e:
             counts["wire_errors"] += 1
@@ -633,10 +665,10 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
                 while src.poll(0):
                     take_message()
                 while st["rounds"] is None and queue and queue[0][1] is None:
-                    (delete, save), _ = queue.pop(0)
+                    (delete, save), _, _ = queue.pop(0)
                     send_round([Packets.empty()] * n, False, True, delete, save)  # tables, please
                 if st["rounds"] is None and queue:
-                    st["batch"], b = queue.pop(0)
+                    st["batch"], b, sizes[0] = queue.pop(0)
                     st["rounds"] = disp.rounds(b)
                 sent = 0
                 # at most ``window`` rounds ahead of the sink: a restarted worker then
@@ -648,7 +680,7 @@ def dispatcher_body(ctx, k, n, eps, alive, *, config: Config, seed: int, max_rou
                         sink.send(M.encode(M.ACK, batch=st["batch"], rounds=st["r"],
                                            counts=counts))
                         break
-                    send_round(nxt[0], False, first=nxt[1][0])
+                    send_round(nxt[0], False, first=nxt[1][0], sizes=sizes_in(sizes[0], *nxt[1]))
                     sent += 1
                 if st["end"] and st["rounds"] is None and not queue:
                     send_round([Packets.empty()] * n, True)
@@ -765,11 +797,17 @@ class Pool:
                               endpoints=eps, pass_incarnation=True, netns=worker_netns,
                               extra=extra, leftovers=[path] if path else None, curve=curve)
         self.dispatcher = Dispatcher(self.n, self.config, seed, max_round, nat)
+        # reassembly in front of the shards and fragmentation behind them, here (frag.py):
+        # the shards see whole datagrams; cut frames go to emitters that take generated
+        self.frag = None
+        if self.config.defrag or (router and network is not None):
+            self.frag = PoolStage(self.config, network, router, seed, frames)
+        self._sizes = None
         self.window = window
         self.log = log
         self.totals = {"packets_in": 0, "packets_out": 0, "lost_packets": 0, "rounds": 0,
                        "lost_conns": 0, "restored_conns": self.carried, "deleted": 0,
-                       "wire_errors": 0, "generated": 0}
+                       "wire_errors": 0, "generated": 0, "frag_held": 0, "frag_dropped": 0}
         self._lost_by = [0] * self.n     # entries counted lost at each worker's last death
         self.worker_stats: dict[int, dict] = {}
         self.worker_counts: dict[int, dict] = {}
@@ -836,6 +874,9 @@ class Pool:
         self.batches_acked = 0
         self.final_round = None
         self._held = None                    # an input batch waiting for room in the ring
+        self._held_ready = False             # ... already through self.frag.before
+        self._held_sizes = None
+        self._sizes = None                   # the last input batch's (PoolStage.before)
         self._tickets = deque()              # [ticket, batch seq, round after its last]
         self.dump_rounds: set[int] = set()   # rounds that bring the tables (request_dump)
         self._round_t0: dict[int, float] = {}  # round -> when the sink learnt of it
@@ -886,10 +927,17 @@ class Pool:
         """Dispatch every batch and wait until every round is out. ``emit(packets,
         verdicts)`` gets each round in sequence order (None: only count). ``final``: end
         with an empty round that brings every worker's table back (``conns()``).
-        ``generated`` (a pool with ``frames``): ``emit(packets, verdicts, generated)``,
-        where ``generated`` are the frames the workers' engines originated for the round
-        (router mode: ICMP errors, each with the interface to leave by in ``ifindex``),
-        as Packets whose ``seq`` is the packet each answers, in that order.
+        ``generated`` (a pool with ``frames``): ``emit(packets, verdicts, generated,
+        out)``, where ``generated`` are the frames the workers' engines originated for the
+        round (router mode: ICMP errors, each with the interface to leave by in
+        ``ifindex``), as Packets whose ``seq`` is the packet each answers, in that order;
+        ``out`` is None when every frame leaves as its verdict says, else (forward mask,
+        fragments, fragment_of) as a Result's: reassembled datagrams and oversize IPv4
+        frames cut on output (frag.PoolStage; an emitter without ``generated`` gets
+        whole frames).
+        Fragments the pool reassembles never reach the workers: ``packets_in`` counts
+        the frames they see, ``frag_held`` and ``frag_dropped`` the fragments kept back
+        (the verdicts queued and drop one process gives them).
         ``wake``: what a live source that does not block reads (file descriptors or
         objects with ``fileno()``): once it comes back with an empty batch, the pool
         waits for a result or for one of these to be readable, whichever comes first
@@ -908,6 +956,7 @@ class Pool:
             return self._feed_remote(batches, emit, timeout_s, final)
         it = iter(batches)
         rounds_iter = iter(())
+        sizes = None
         done_src = False
         sent_final = not final
         deadline = time.monotonic() + timeout_s
@@ -931,12 +980,15 @@ class Pool:
                     self.batches_sent += 1
                     self.totals["packets_in"] += len(b)
                     rounds_iter = self.dispatcher.rounds(b)
+                    sizes = self._sizes
                     if not len(b):
                         idle = True       # a live source had nothing: go collect results
                         break
                     continue
-                self._send_round(nxt[0], False, first=nxt[1][0])
+                self._send_round(nxt[0], False, first=nxt[1][0], sizes=sizes_in(sizes, *nxt[1]))
             if done_src and not sent_final:
+                if self.frag is not None:
+                    self.frag.finish()
                 self._send_round([Packets.empty()] * self.n, True)
                 sent_final = True
             if done_src and self.next_emit == self.r:
@@ -974,15 +1026,19 @@ class Pool:
                     idle = True         # a live source had nothing: nothing to send
                     break
                 self.totals["packets_in"] += len(b)
-                if self.ring is not None:
-                    self.src.send_multipart(M.encode_arrays(
-                        M.BATCH, {f: getattr(b, f) for f in ("off", "length", "ifindex", "ts")},
-                        seq=self.batches_sent, events=self.want_events), copy=False)
-                else:
-                    self.src.send_multipart(M.encode_batch(b, seq=self.batches_sent,
-                                                           events=self.want_events), copy=False)
+                if self.ring is None:
+                    b = compact(b)          # only its own frames' bytes travel
+                arrays = {f: getattr(b, f) for f in ("off", "length", "ifindex", "ts")}
+                if self.ring is None:
+                    arrays["buf"] = b.buf
+                if self._sizes is not None:
+                    arrays.update(fseq=self._sizes[0], fmax=self._sizes[1])
+                self.src.send_multipart(M.encode_arrays(M.BATCH, arrays, seq=self.batches_sent,
+                                                        events=self.want_events), copy=False)
                 self.batches_sent += 1
             if done_src and not sent_end and self.batches_acked == self.batches_sent:
+                if self.frag is not None:
+                    self.frag.finish()
                 self.src.send(M.encode(M.END))
                 sent_end = True
             if (done_src and sent_end and self.batches_acked == self.batches_sent
@@ -1009,18 +1065,48 @@ class Pool:
         return self.rx in dict(self._idle.poll(IDLE_WAIT_MS))
 
     def _input(self, it, seq):
-        """The next input batch, copied into the ring when there is one; None at the end
-        of the input; False when the ring has no room for it yet."""
+        """The next input batch, copied into the ring when there is one, and reassembled
+        (``self.frag``: held fragments out, datagrams in; ``self._sizes`` says which); None
+        at the end of the input; False when the ring has no room for it yet."""
+        ready = self._held is not None and self._held_ready
         b = self._held if self._held is not None else next(it, None)
         self._held = None
-        if b is None or self.ring is None or not len(b):
+        self._sizes = None
+        if b is None or not len(b):
             return b
-        got = self.ring.put(b)
-        if got is None:
-            self._held = b
-            return False
-        b, ticket = got
+        if self.ring is None:
+            if self.frag is not None:
+                b, self._sizes = self.frag.before(b)
+            return self._counted(b)
+        if self.frag is None or ready:
+            got = self.ring.put(b)
+            if got is None:
+                self._held, self._held_ready = b, ready
+                return False
+            b, ticket = got
+        else:
+            got = self.ring.put(b, screen=True)
+            if got is None:
+                self._held, self._held_ready = b, False
+                return False
+            c, ticket, maybe = got
+            b, self._sizes = self.frag.before(c, maybe)
+            if b is not c:          # reassembled: into the ring again (c's stretch goes
+                got = self.ring.put(b)      # back with this one's ticket)
+                if got is None:
+                    self._held, self._held_ready = b, True
+                    self._held_sizes = self._sizes
+                    return False
+                b, ticket = got
+        if ready:
+            self._sizes = self._held_sizes
         self._tickets.append([ticket, seq, None])
+        return self._counted(b)
+
+    def _counted(self, b):
+        if self.frag is not None:
+            self.totals["frag_held"] = self.frag.held
+            self.totals["frag_dropped"] = self.frag.dropped
         return b
 
     def _rounds_made(self, seq, end):
@@ -1036,12 +1122,14 @@ class Pool:
                 and self._tickets[0][2] <= self.next_emit:
             self.ring.release(self._tickets.popleft()[0])
 
-    def _send_round(self, parts, final, dump=False, delete=None, save=None, first=-1):
+    def _send_round(self, parts, final, dump=False, delete=None, save=None, first=-1,
+                    sizes=None):
         """Round self.r to every worker (``first``: its first sequence number, -1 for a
-        round without packets)."""
+        round without packets; ``sizes``: sizes_in's arrays for it)."""
         self.pending[self.r] = {"n": sum(len(p) for p in parts), "got": {}}
         for k, p in enumerate(parts):
-            self.tx[k].send_multipart(M.encode_arrays(M.BATCH, pk_arrays("", p), round=self.r,
+            self.tx[k].send_multipart(M.encode_arrays(M.BATCH, {**pk_arrays("", p), **(sizes or {})},
+                                                      round=self.r,
                                                       first=first, final=final, dump=dump,
                                                       delete=delete,
                                                       save=save,
@@ -1114,10 +1202,14 @@ class Pool:
                 pk = pk.take(order)
                 if pk.batch.shared:     # the ring space is reused once this round is out
                     pk = Packets(compact(pk.batch), pk.hashes, pk.seq, pk.given, pk.dep)
+                v = v[order]
                 if self._with_generated:
-                    emit(pk, v[order], self._round_generated(got.get("gen", [])))
+                    out = None if self.frag is None else self.frag.after(pk.batch, pk.seq, v)
+                    emit(pk, v, self._round_generated(got.get("gen", [])), out)
                 else:
-                    emit(pk, v[order])
+                    if self.frag is not None and len(pk):
+                        self.frag.emitted(int(pk.seq.max()))
+                    emit(pk, v)
             if self.next_emit in self.dump_rounds:
                 self.dump_rounds.discard(self.next_emit)
                 self.dumped += 1
@@ -1249,7 +1341,8 @@ class Pool:
         latest = {}
         for k, g in self.worker_stats:
             latest[k] = max(latest.get(k, g), g)
-        out = sum_counts(self.worker_stats.values())
+        out = sum_counts(list(self.worker_stats.values())
+                         + ([] if self.frag is None else [self.frag.stats()]))
         out["entries"] = sum(int(st.get("entries", 0)) for (k, g), st in self.worker_stats.items()
                              if g == latest[k])
         return out

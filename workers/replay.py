@@ -212,7 +212,7 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
     verdicts = Counter()
     state = {"writer": None, "last_ts": 0}
 
-    def emit(pk, v, gen=None):
+    def emit(pk, v, gen=None, out=None):
         for x, c in zip(*np.unique(v, return_counts=True)):
             verdicts[K.VERDICT_NAMES[int(x)]] += int(c)
         if len(pk):
@@ -220,8 +220,12 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
         if args.write:
             if state["writer"] is None:
                 state["writer"] = _open_writer(args.write, names)
-            _write(state["writer"], pk.batch, forward_mask(v, cfg.drop_invalid),
-                   egress(network, pk.batch), pk.seq, gen.batch, gen.seq)
+            b, key = pk.batch, pk.seq
+            fw = forward_mask(v, cfg.drop_invalid) if out is None else out[0]
+            if out is not None and out[1] is not None:   # fragments in place of frames
+                b, src = with_fragments(b, fw, out[1], out[2])
+                fw, key = np.ones(len(b), dtype=np.bool_), key[src]
+            _write(state["writer"], b, fw, egress(network, b), key, gen.batch, gen.seq)
 
     t0 = time.perf_counter()
     try:
@@ -230,7 +234,9 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
         if state["writer"] is not None:
             state["writer"].close()
     dt = time.perf_counter() - t0
-    print(f"replayed {totals['packets_in']} packets through {pool.n} workers in {dt:.3f} s "
+    count_fragments(verdicts, totals)
+    print(f"replayed {totals['packets_in'] + totals['frag_held'] + totals['frag_dropped']} "
+          f"packets through {pool.n} workers in {dt:.3f} s "
           f"(wall clock, worker start included): "
           + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items())))
     c = pool.counts()
@@ -241,6 +247,14 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
           f"restarts={sum(pool.sup.restarts)}")
     _summary(args, pool.stats(), pool.conns(now=state["last_ts"]), state["last_ts"])
     return max(_warnings(args, stats), 0 if totals["lost_packets"] == 0 else 1)
+
+
+def count_fragments(verdicts, totals):
+    """A pool's reassembly keeps fragments from the workers: their verdicts (queued,
+    drop) as one process gives them, added to ``verdicts``."""
+    for name, what in (("queued", "frag_held"), ("drop", "frag_dropped")):
+        if totals.get(what):
+            verdicts[name] += totals[what]
 
 
 def _write(writer, batch, keep, egress_if, key, gen, gen_key):

@@ -24,6 +24,7 @@ from collections import deque
 import numpy as np
 
 from shardct.batch import PacketBatch, place
+from shardct.frag import place_screened
 
 DEFAULT_BYTES = 256 << 20
 SHM_DIR = "/dev/shm"
@@ -74,9 +75,10 @@ class FrameRing:
             return 0 if need <= tail else None
         return head if tail - head >= need else None      # wrapped: room in [head, tail)
 
-    def put(self, batch: PacketBatch) -> tuple[PacketBatch, int] | None:
+    def put(self, batch: PacketBatch, screen: bool = False):
         """``batch`` copied into the ring, and its ticket; None when there is no room
-        now (release some and try again). Precondition: ``fits(batch)``."""
+        now (release some and try again). ``screen``: also whether a frame may be an IP
+        fragment (frag.place_screened, read while copying). Precondition: ``fits(batch)``."""
         need = int(batch.length.astype(np.int64).sum())
         at = self._start(max(need, 1))
         if at is None:
@@ -84,6 +86,9 @@ class FrameRing:
         t = self.next_ticket
         self.next_ticket += 1
         self.live.append((t, at, at + max(need, 1)))
+        if screen:
+            got, maybe = place_screened(batch, self.buf, at)
+            return got, t, maybe
         return place(batch, self.buf, at), t
 
     def fits(self, batch: PacketBatch) -> bool:
@@ -99,11 +104,19 @@ class FrameRing:
     # ---------------------------------------------------------------- readers
     def batch(self, off, length, ifindex, ts) -> PacketBatch:
         """A received batch's frames, on the ring. Raises ValueError if one lies outside."""
-        n = off.shape[0]
-        for x, dt in ((off, np.int64), (length, np.int32), (ifindex, np.int16), (ts, np.int64)):
-            if x.dtype != dt or x.shape != (n,):
-                raise ValueError(f"frame array of {x.dtype} {x.shape}, want {np.dtype(dt)} ({n},)")
-        if n and (off.min() < 0 or length.min() < 0
-                  or int((off + length.astype(np.int64)).max()) > self.size):
-            raise ValueError("a frame lies outside the ring")
-        return PacketBatch(self.buf, off, length, ifindex, ts, True)
+        return frames_on(self.buf, off, length, ifindex, ts, shared=True)
+
+
+def frames_on(buf, off, length, ifindex, ts, shared: bool = False) -> PacketBatch:
+    """A received batch's frames on ``buf`` (a ring's, or one that came with them), as a
+    PacketBatch. Raises ValueError if an array has the wrong type or a frame lies outside."""
+    n = off.shape[0]
+    for x, dt in ((off, np.int64), (length, np.int32), (ifindex, np.int16), (ts, np.int64)):
+        if x.dtype != dt or x.shape != (n,):
+            raise ValueError(f"frame array of {x.dtype} {x.shape}, want {np.dtype(dt)} ({n},)")
+    if buf.dtype != np.uint8 or buf.ndim != 1:
+        raise ValueError(f"frame buffer of {buf.dtype}/{buf.ndim}d, want uint8")
+    if n and (off.min() < 0 or length.min() < 0
+              or int((off + length.astype(np.int64)).max()) > buf.shape[0]):
+        raise ValueError("a frame lies outside the buffer")
+    return PacketBatch(buf, off, length, ifindex, ts, shared)

@@ -25,9 +25,8 @@ The control socket (``shardct conntrack``, workers/control.py) serves the table,
 counters, events and the original-destination query.
 ``--workers 1`` runs the engine in this process; more run the worker pool
 (workers/pool.py), which gives the frames back rewritten in input order with the ICMP
-errors its workers' engines generated, and does not reassemble (a first fragment is
-tracked alone, later ones pass UNTRACKED, un-NATed) nor fragment (a non-DF frame over the
-egress MTU is sent as it is, for the kernel or a ring slot to refuse). The rate limit of
+errors its workers' engines generated, reassembling in front of them and fragmenting
+after them as one engine does (frag.PoolStage). The rate limit of
 those errors (icmp_ratelimit) is then per worker: a host's packets spread over the
 workers by flow, so it may get up to N times Linux's burst (Linux keeps one bucket per
 peer for the whole host).
@@ -472,12 +471,15 @@ def _route_pool(args, cfg, rules, network, fwd, merge, stop, log, delay, tap=Non
     verdicts = Counter()
     last = [0]
 
-    def emit(pk, v, gen):
+    def emit(pk, v, gen, out):
         _count(verdicts, v)
         if not len(pk):
             return
         b = compact(pk.batch) if pk.batch.shared else pk.batch   # ours to re-address
-        fwd(b, forward_mask(v, cfg.drop_invalid), gen.batch)
+        if out is None:
+            fwd(b, forward_mask(v, cfg.drop_invalid), gen.batch)
+        else:       # the pool's fragments in place of reassembled or oversize frames
+            fwd(b, out[0], gen.batch, fragments=out[1], fragment_of=out[2])
         delay.observe("sent", b.ts)
         last[0] = max(last[0], int(b.ts.max()))
 
@@ -499,6 +501,8 @@ def _route_pool(args, cfg, rules, network, fwd, merge, stop, log, delay, tap=Non
         pool.stop()
     log(f"lost_packets={totals['lost_packets']} lost_conns={totals['lost_conns']} "
         f"restarts={sum(pool.sup.restarts)}")
+    from .replay import count_fragments
+    count_fragments(verdicts, totals)
     last_ts = max(last[0], time.time_ns())
     return verdicts, last_ts, pool.stats(), pool.conns(now=last_ts), pool.n
 

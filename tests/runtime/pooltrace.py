@@ -114,3 +114,28 @@ def assert_same(label, want, pk, v, conns, stats, names):
     for name in names:
         assert stats[name] == want_stats[name], \
             f"{label}: {name}: got {stats[name]}, want {want_stats[name]}"
+
+
+def replay_one_and_two(tmp_path, batch, toml: str, seed: int) -> dict:
+    """`shardct replay --router -w` of ``batch`` (written as a pcapng of lan0, wan0) with
+    the config ``toml`` (its rules: MASQ in masq.rules), by --workers 1 in batches of 100
+    and --workers 2 in rounds of 64: {"1"/"2": (first stdout line, bytes written)}."""
+    import subprocess
+    import sys
+
+    from workers.pcapio import PcapngWriter
+    with PcapngWriter(str(tmp_path / "in.pcapng"), ["lan0", "wan0"]) as w:
+        w.write_batch(batch)
+    (tmp_path / "masq.rules").write_text(MASQ)
+    (tmp_path / "r.toml").write_text(toml)
+    outs = {}
+    for workers, extra in (("1", ["--batch", "100"]), ("2", ["--round", "64"])):
+        out = tmp_path / f"out{workers}.pcapng"
+        p = subprocess.run([sys.executable, "-m", "workers.cli", "replay",
+                            str(tmp_path / "in.pcapng"), "-c", str(tmp_path / "r.toml"),
+                            "--router", "--list", "0", "--seed", str(seed),
+                            "--workers", workers, "-w", str(out), *extra],
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+        outs[workers] = (p.stdout.splitlines()[0], out.read_bytes())
+    return outs

@@ -5,8 +5,6 @@ frames one process generates, byte for byte (IPv4 ids included). `shardct replay
 --workers 2 -w` writes the capture `--workers 1` writes."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +15,6 @@ from shardct.batch import concat, take
 from shardct.netconf import Network
 from shardct.rules import parse_iptables_save
 from shardct.shard import Packets
-from workers.pcapio import PcapngWriter
 from workers.pool import Pool
 
 import pooltrace as PT
@@ -68,7 +65,7 @@ def test_pool_hands_the_emitter_the_errors_one_process_generates(reference, n, o
                 dispatcher_process=own_process, **kw, **nat_kw())
     rounds, gens = [], []
 
-    def emit(pk, v, gen):
+    def emit(pk, v, gen, out=None):
         rounds.append(pk.seq.copy())
         gens.append(gen)
         if len(gen):     # an error comes with the round of the packet it answers
@@ -116,20 +113,7 @@ def test_cli_replay_writes_the_errors_alike_for_one_and_two_workers(tmp_path, re
     """replay --router -w: every error follows the frame it answers in the file, so
     --workers 1 (batches of 100) and --workers 2 (rounds of 64) write the same bytes."""
     b = reference[0]
-    with PcapngWriter(str(tmp_path / "in.pcapng"), ["lan0", "wan0"]) as w:
-        w.write_batch(b)
-    (tmp_path / "masq.rules").write_text(PT.MASQ)
-    (tmp_path / "r.toml").write_text(TOML)
-    outs = {}
-    for workers, extra in (("1", ["--batch", "100"]), ("2", ["--round", "64"])):
-        out = tmp_path / f"out{workers}.pcapng"
-        p = subprocess.run([sys.executable, "-m", "workers.cli", "replay",
-                            str(tmp_path / "in.pcapng"), "-c", str(tmp_path / "r.toml"),
-                            "--router", "--list", "0", "--seed", str(SEED),
-                            "--workers", workers, "-w", str(out), *extra],
-                           capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stderr[-2000:]
-        outs[workers] = out.read_bytes()
+    outs = {k: v[1] for k, v in PT.replay_one_and_two(tmp_path, b, TOML, SEED).items()}
     from workers.pcapio import read_capture
     got = concat(list(read_capture(str(tmp_path / "out2.pcapng"), batch_size=4096)))
     te = [f for f in got.frames() if Ether(f).haslayer(ICMP) and Ether(f)[ICMP].type == 11]
@@ -187,7 +171,7 @@ def test_pool_answers_for_the_router_itself_as_one_process(n):
                      "icmp14/0": HOSTS}, kinds
     pool = Pool(n, Config(), seed=SEED, log=lambda *a: None, max_round=64, **nat_kw())
     gens = []
-    totals = pool.run([take(b, np.arange(len(b)))], emit=lambda pk, v, gen: gens.append(gen),
+    totals = pool.run([take(b, np.arange(len(b)))], emit=lambda pk, v, gen, out=None: gens.append(gen),
                       timeout_s=300, generated=True)
     got = Packets.concat(gens)
     assert totals["generated"] == len(want), totals
