@@ -874,8 +874,6 @@ class Pool:
         self.batches_acked = 0
         self.final_round = None
         self._held = None                    # an input batch waiting for room in the ring
-        self._held_ready = False             # ... already through self.frag.before
-        self._held_sizes = None
         self._sizes = None                   # the last input batch's (PoolStage.before)
         self._tickets = deque()              # [ticket, batch seq, round after its last]
         self.dump_rounds: set[int] = set()   # rounds that bring the tables (request_dump)
@@ -1068,42 +1066,37 @@ class Pool:
         """The next input batch, copied into the ring when there is one, and reassembled
         (``self.frag``: held fragments out, datagrams in; ``self._sizes`` says which); None
         at the end of the input; False when the ring has no room for it yet."""
-        ready = self._held is not None and self._held_ready
-        b = self._held if self._held is not None else next(it, None)
+        # (batch, through frag.before already, its sizes): one waiting for ring space
+        b, done, sizes = self._held if self._held is not None else (next(it, None), False, None)
         self._held = None
         self._sizes = None
         if b is None or not len(b):
             return b
-        if self.ring is None:
-            if self.frag is not None:
-                b, self._sizes = self.frag.before(b)
-            return self._counted(b)
-        if self.frag is None or ready:
-            got = self.ring.put(b)
+        if self.frag is not None and not done and self.ring is None:
+            b, sizes = self.frag.before(b)
+        elif self.frag is not None and not done:
+            got = self.ring.put(b, screen=True)     # the copy screens for fragments
             if got is None:
-                self._held, self._held_ready = b, ready
-                return False
-            b, ticket = got
-        else:
-            got = self.ring.put(b, screen=True)
-            if got is None:
-                self._held, self._held_ready = b, False
+                self._held = (b, False, None)
                 return False
             c, ticket, maybe = got
-            b, self._sizes = self.frag.before(c, maybe)
-            if b is not c:          # reassembled: into the ring again (c's stretch goes
-                got = self.ring.put(b)      # back with this one's ticket)
-                if got is None:
-                    self._held, self._held_ready = b, True
-                    self._held_sizes = self._sizes
-                    return False
-                b, ticket = got
-        if ready:
-            self._sizes = self._held_sizes
-        self._tickets.append([ticket, seq, None])
-        return self._counted(b)
+            b, sizes = self.frag.before(c, maybe)
+            if b is c:
+                return self._queued(b, sizes, ticket, seq)
+            # reassembled: into the ring again (c's stretch goes back with b's ticket)
+        if self.ring is None:
+            return self._queued(b, sizes, None, seq)
+        got = self.ring.put(b)
+        if got is None:
+            self._held = (b, True, sizes)
+            return False
+        return self._queued(got[0], sizes, got[1], seq)
 
-    def _counted(self, b):
+    def _queued(self, b, sizes, ticket, seq):
+        """``b`` goes to the dispatcher (``ticket``: its ring space, or None)."""
+        self._sizes = sizes
+        if ticket is not None:
+            self._tickets.append([ticket, seq, None])
         if self.frag is not None:
             self.totals["frag_held"] = self.frag.held
             self.totals["frag_dropped"] = self.frag.dropped
