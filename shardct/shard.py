@@ -1355,22 +1355,15 @@ def _record(tab, k, gen, idx):
 
 
 @numba.njit(inline="always", cache=True)
-def _slot(tab, hashes, start, key, gen):
-    """Linear probing in tab (a power of two, at least twice a round): the slot of the
-    latest packet of round ``gen`` (starting at batch index ``start``) whose tuple hash
-    is ``key``, or the free slot where it goes."""
-    mask = tab.shape[0] - 1
-    j = key & mask
-    while True:
-        e = tab[j]
-        if e >> 32 != gen or hashes[start + (e & 0xFFFFFFFF)] == key:
-            return j
-        j = (j + 1) & mask
+def _pair_key(a, b):
+    """Key of the tuple from end point a to end point b (``_end_key``s): order matters,
+    so the inverted tuple's key is ``_pair_key(b, a)``."""
+    return a ^ (b * np.int64(-7046029254386353131))    # 0x9E3779B97F4A7C15
 
 
 @numba.njit(cache=True)
-def answer_deps(meta, addr, hashes, seed, nat, dnat, max_round, gen0, tuples, srcs, dsts, dep,
-                anyone, starts, loose):
+def answer_deps(meta, addr, nat, dnat, max_round, gen0, tuples, srcs, dsts, dep, anyone,
+                starts, loose):
     """For packet i of a parsed batch cut into rounds of ``max_round``: dep[i] = the index
     of the latest earlier packet of its round that i may answer, else -1; anyone[i]:
     it may answer earlier packets of other tuples too (end point matches, which may be
@@ -1382,16 +1375,16 @@ def answer_deps(meta, addr, hashes, seed, nat, dnat, max_round, gen0, tuples, sr
     errors about j included: their tuple is the quoted packet's inverted). With NAT
     rules (``nat``) also when i comes from where j went (the reply to j's conn after
     SNAT: the reply tuple's source is j's destination) or i goes to where a packet
-    that may start a conn came from (after DNAT). Tuples are matched by their full
-    hash (``tuples``) and end points by 64-bit keys (``srcs``, ``dsts``), in
-    open-addressing tables; a key collision only names a later packet, which any shard
-    then must pass: a packet waits a superstep more, never less.
+    that may start a conn came from (after DNAT). Tuples (``tuples``) and end points
+    (``srcs``, ``dsts``) are matched by 64-bit keys built from the two end points'
+    keys (a few multiplies, where the tuple's seeded Jenkins hash of the inverted
+    tuple cost most of this kernel), in open-addressing tables; two tuples with one key
+    (about 2**-64 a pair) would make one packet wait for the other's shard.
 
     nat: 0 no NAT rules, NAT_SRC their replies may come from where a packet went
     (SNAT, MASQUERADE), NAT_DST also go back to where a conn's first packet came from
     (DNAT, REDIRECT), for packets that a DNAT rule may match (``dnat``, ``nat_deps``).
-    srcs/dsts: int64[size, 2], tuples: int64[size], size a power of two >=
-    2 * max_round, scratch kept across calls (entries are gen << 32 | index in the
+    tuples/srcs/dsts: int64[size, 2], size a power of two >= 2 * max_round, scratch kept across calls (entries are gen << 32 | index in the
     round; round r of this batch is gen0 + r). Returns the next gen."""
     n = meta.shape[0]
     gen = gen0
@@ -1406,21 +1399,18 @@ def answer_deps(meta, addr, hashes, seed, nat, dnat, max_round, gen0, tuples, sr
             continue
         ports = meta[i, wire.M_PORTS]
         proto = meta[i, wire.M_PROTO]
-        rports = ((ports & 0xFFFF) << 16) | (ports >> 16)
-        inv = hash_key(seed, addr[i, 2], addr[i, 3], addr[i, 0], addr[i, 1], rports, proto,
-                       meta[i, wire.M_IPVER])
-        j = _slot(tuples, hashes, start, inv, gen)
-        d = tuples[j] & 0xFFFFFFFF if tuples[j] >> 32 == gen else np.int64(-1)
+        # the inverted tuple's end points are this one's, swapped (M_PORTS: sport << 16)
+        ks = _end_key(addr[i, 0], addr[i, 1], ports >> 16, proto)
+        kd = _end_key(addr[i, 2], addr[i, 3], ports & 0xFFFF, proto)
+        d = _seen(tuples, _pair_key(kd, ks), gen)
         anyone[i] = False
         icmp = proto == 1 or proto == 58
         starts[i] = cls == wire.CLS_TRACK and (
             (proto == 6 and K.tcp_may_create(meta[i, wire.M_TFLAGS], loose))
             or (icmp and meta[i, wire.M_ECHO] == 1) or (proto != 6 and not icmp))
         idx = (gen << 32) | (i - start)
-        tuples[_slot(tuples, hashes, start, hashes[i], gen)] = idx
+        _record(tuples, _pair_key(ks, kd), gen, idx)
         if nat:
-            ks = _end_key(addr[i, 0], addr[i, 1], ports >> 16, proto)
-            kd = _end_key(addr[i, 2], addr[i, 3], ports & 0xFFFF, proto)
             e = _seen(dsts, ks, gen)
             if starts[i]:
                 _record(dsts, kd, gen, idx)  # a first packet SNAT may have sent elsewhere
@@ -1455,8 +1445,7 @@ class Dispatcher:
         self._gen = 1
         self._scratch = wire.MetaScratch()
         size = 1 << max(12, int(2 * max_round - 1).bit_length())
-        self._tabs = (np.zeros(size, np.int64),) + tuple(
-            np.zeros((size, 2), np.int64) for _ in range(2))
+        self._tabs = tuple(np.zeros((size, 2), np.int64) for _ in range(3))
 
     def rounds(self, batch: PacketBatch):
         """Yield (parts, seq range) per round: parts[k] is shard k's Packets."""
@@ -1469,9 +1458,8 @@ class Dispatcher:
         dep = np.empty(m, dtype=np.int64)
         anyone = np.empty(m, dtype=np.bool_)
         starts = np.empty(m, dtype=np.bool_)
-        self._gen = answer_deps(meta, addr, hashes, self.seed, self.nat, self.dnat,
-                                self.max_round, self._gen, *self._tabs, dep, anyone, starts,
-                                self.config.tcp_loose)
+        self._gen = answer_deps(meta, addr, self.nat, self.dnat, self.max_round, self._gen,
+                                *self._tabs, dep, anyone, starts, self.config.tcp_loose)
         own = owners(hashes, self.n, self.config.n_buckets)
         seq0 = self.seq
         self.seq += m
