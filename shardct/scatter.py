@@ -13,7 +13,8 @@ index) per worker; ``index`` maps each packet back to its place in the input. A
 ``shared`` batch (frames in the pool's shared ring) is split into views: no frame moves;
 any other batch is copied once, each worker's frames one region of one buffer.
 ``group`` is the split itself (a counting sort by owner), for callers that carry more
-per-packet arrays along (the pool's dispatcher).
+per-packet arrays along (the pool's dispatcher). ``SeqOrder`` is the way back: packets
+from several workers into sequence order.
 """
 from __future__ import annotations
 
@@ -86,3 +87,45 @@ def part_of(whole: PacketBatch, s: int, e: int) -> PacketBatch:
     hi = int(whole.off[e - 1]) + int(whole.length[e - 1])
     return PacketBatch(whole.buf[lo:hi], whole.off[s:e] - lo, whole.length[s:e],
                        whole.ifindex[s:e], whole.ts[s:e])
+
+
+@numba.njit(cache=True)
+def _dense_order(seq, lo, slot, out):
+    """out = the order of seq (each seq[i] - lo indexes ``slot``); False when a number
+    repeats (out is then unusable)."""
+    slot[:] = -1
+    for i in range(seq.shape[0]):
+        p = seq[i] - lo
+        if slot[p] >= 0:
+            return False
+        slot[p] = i
+    j = 0
+    for p in range(slot.shape[0]):
+        if slot[p] >= 0:
+            out[j] = slot[p]
+            j += 1
+    return True
+
+
+class SeqOrder:
+    """``order(seq)``: the permutation that sorts ``seq`` (int64), stably. A round's
+    packets are distinct numbers from one range, with gaps only for what was lost or
+    held back: they are placed by number in one pass, in a slot array kept from call to
+    call (a fresh one costs a page fault per 4 KiB), where a sort of a 64k round cost
+    the pool's sink about a tenth of its time. Anything else is sorted. Owner: one
+    thread."""
+
+    def __init__(self):
+        self._slot = np.empty(0, dtype=np.int64)
+
+    def __call__(self, seq: np.ndarray) -> np.ndarray:
+        n = seq.shape[0]
+        if n > 1:
+            lo, hi = int(seq.min()), int(seq.max())
+            if hi - lo < 4 * n:
+                if self._slot.shape[0] <= hi - lo:
+                    self._slot = np.empty(max(hi - lo + 1, 2 * self._slot.shape[0]), np.int64)
+                out = np.empty(n, dtype=np.int64)
+                if _dense_order(seq, lo, self._slot[:hi - lo + 1], out):
+                    return out
+        return np.argsort(seq, kind="stable")

@@ -101,7 +101,7 @@ from .cpu import prefetch
 from .conntrack import REAP_FRACTION, REAP_MAX_INTERVAL, ConnTrack, forward_mask
 from .errors import InvariantViolation
 from .hashing import addr_words, hash_batch, hash_key, owner_of_bucket, owner_slices, owners
-from .scatter import frames_in_order, group, part_of
+from .scatter import SeqOrder, frames_in_order, group, part_of
 from .table import (ConnTable, EXPIRES, HCONN, HOME, IPVER, PROTO, S_CONFIRMED, S_DYING, S_INVIS,
                     S_LINK0, S_LINK1, S_NEW_PENDING, S_PENDING, S_REMOTE, S_SRC_NAT, S_USED, S_XSHARD, T_COUNT,
                     T_DYING, T_FREE, T_SEED)
@@ -550,6 +550,7 @@ class Shard:
                        "busy_us": 0, "step_wait_us": 0}     # the worker pool's timers
         self._dying = np.zeros((1024, N_REL), dtype=np.uint64)
         self._scratch = wire.MetaScratch()
+        self._order = SeqOrder()
         self.now = 0
         self._reap_at = None
         self._reap_start = 0
@@ -602,8 +603,9 @@ class Shard:
         return self._sort(gen)
 
     def _sort(self, pk: Packets) -> Packets:
-        order = np.argsort(pk.seq, kind="stable")
-        return pk if np.all(order == np.arange(len(pk))) else pk.take(order)
+        if len(pk) < 2 or bool((pk.seq[1:] > pk.seq[:-1]).all()):
+            return pk
+        return pk.take(self._order(pk.seq))
 
     def _dispose(self, pk: Packets, verdict: np.ndarray, tid: np.ndarray):
         """Route each packet by its verdict: final ones to the results, the others to
@@ -1562,7 +1564,7 @@ class LocalPool:
                     sh.reap_until(max(x.now for x in self.shards))
         pk = Packets.concat([p for p, _ in out])
         v = np.concatenate([v for _, v in out]) if out else np.zeros(0, np.uint8)
-        order = np.argsort(pk.seq, kind="stable")
+        order = SeqOrder()(pk.seq)
         return pk.take(order), v[order]
 
     def conns(self, now=None):

@@ -45,6 +45,7 @@ WARM_KERNELS = (
     "shardct.shard.find_visible", "shardct.shard.link_reply_entry", "shardct.shard.answer_rows",
     "shardct.shard.commit_rows", "shardct.track.count_conns", "shardct.batch._gather",
     "shardct.scatter.group", "shardct.shard.round_rows", "shardct.scatter._copy",
+    "shardct.scatter._dense_order",
     "shardct.nat.nat_decide", "shardct.frag.defrag", "shardct.frag.expire",
     "shardct.frag.fragment", "shardct.frag.put_frames", "shardct.track.take_hops",
     "shardct.wire.may_be_fragment",

@@ -66,6 +66,7 @@ from shardct import PacketBatch
 from shardct.batch import compact
 from shardct.config import Config
 from shardct.frag import PoolStage
+from shardct.scatter import SeqOrder
 from shardct.shard import NEVER, Dispatcher, Msg, Packets, Shard, nat_deps, sum_counts
 
 from . import messages as M
@@ -814,6 +815,7 @@ class Pool:
         self.dispatcher_counts: dict[str, int] = {}
         self.entries = [0] * self.n
         self.round_latency = Latency()     # dispatch (or ROUND) to emit, per round
+        self._order = SeqOrder()           # the sink's reorder
         self._with_generated = False       # feed(generated=True): emit gets the ICMP errors
         self._gen_ident = np.array([seed & 0xFFFF], dtype=np.int64)   # as icmp.IcmpErrors
         self.tables: dict[int, dict] = {}     # worker -> its conns after the last round
@@ -1191,7 +1193,7 @@ class Pool:
             if emit is not None:
                 pk = Packets.concat([p for p, _ in parts])
                 v = np.concatenate([v for _, v in parts]) if parts else np.zeros(0, np.uint8)
-                order = np.argsort(pk.seq, kind="stable")
+                order = self._order(pk.seq)
                 pk = pk.take(order)
                 if pk.batch.shared:     # the ring space is reused once this round is out
                     pk = Packets(compact(pk.batch), pk.hashes, pk.seq, pk.given, pk.dep)
@@ -1220,7 +1222,7 @@ class Pool:
         from shardct.icmp import restamp_ids
         gen = Packets.concat(parts)
         if len(gen):
-            gen = gen.take(np.argsort(gen.seq, kind="stable"))
+            gen = gen.take(self._order(gen.seq))
             b = gen.batch
             restamp_ids(b.buf, b.off, b.length, self._gen_ident)
             self.totals["generated"] += len(gen)

@@ -9,7 +9,7 @@ from shardct import wire
 from shardct.batch import PacketBatch
 from shardct.hashing import N_BUCKETS, owner_of
 from shardct.traffic import tcp_frames
-from shardct.scatter import owners, scatter
+from shardct.scatter import SeqOrder, owners, scatter
 
 
 @settings(max_examples=50, deadline=None)
@@ -40,3 +40,21 @@ def test_scatter_keeps_order_and_loses_nothing():
             got_ts = list(pb.ts)
             assert got_ts == list(b.ts[idx]), \
                 f"n={n} worker {k}: ts got {got_ts}, want {list(b.ts[idx])}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(seq=st.lists(st.integers(0, 300), max_size=200), base=st.integers(-2**40, 2**40))
+def test_seq_order_is_a_stable_sort(seq, base):
+    """Dense distinct numbers (a round), repeats (errors of one packet) and sparse
+    numbers all come out as a stable sort gives them."""
+    s = np.array(seq, dtype=np.int64) + base
+    assert SeqOrder()(s).tolist() == np.argsort(s, kind="stable").tolist()
+
+
+def test_seq_order_places_a_shuffled_round_with_gaps():
+    rng = np.random.default_rng(1)
+    s = 10**9 + rng.permutation(70_000)[:65_536]      # some numbers lost or held back
+    order = SeqOrder()
+    order(s[:100])                  # a small slot array first: it grows
+    got = order(s)
+    assert (np.diff(s[got]) > 0).all() and sorted(got.tolist()) == list(range(len(s)))
