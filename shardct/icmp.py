@@ -298,6 +298,30 @@ def error_rows(buf, off, ifindex, meta, verdict, forward, v_drop, v_accept, ttl_
     return k
 
 
+@numba.njit(inline="always", cache=True)
+def _over_limit(rl_key, rl_tok, rl_last, ver, dhi, dlo, now, interval):
+    """icmp_ratelimit's token bucket for destination (ver, dhi, dlo) at time ``now``:
+    True when an error to it must not go now; else the error is paid for."""
+    h = (dhi * np.uint64(0x9E3779B97F4A7C15)) ^ (dlo * np.uint64(0xC2B2AE3D27D4EB4F)) \
+        ^ np.uint64(ver)
+    s = np.int64((h >> np.uint64(40)) & np.uint64(rl_key.shape[0] - 1))
+    if not (rl_key[s, 0] == np.uint64(ver) and rl_key[s, 1] == dhi and rl_key[s, 2] == dlo):
+        rl_key[s, 0] = np.uint64(ver)
+        rl_key[s, 1] = dhi
+        rl_key[s, 2] = dlo
+        rl_tok[s] = BURST * interval
+        rl_last[s] = now
+    tok = rl_tok[s] + max(now - rl_last[s], 0)
+    rl_last[s] = max(now, rl_last[s])
+    if tok > BURST * interval:
+        tok = BURST * interval
+    if tok < interval:
+        rl_tok[s] = tok
+        return True
+    rl_tok[s] = tok - interval
+    return False
+
+
 @kernel
 def build_errors(buf, off, ifindex, ts, meta, tid, rows, kinds, info, if_addr, if_mtu, hop_taken,
                  tkey, tport, rl_key, rl_tok, rl_last, interval, ident, stats, out, out_off,
@@ -378,26 +402,9 @@ def build_errors(buf, off, ifindex, ts, meta, tid, rows, kinds, info, if_addr, i
         # rate limit per destination (the packet's source)
         if ERRORS[kind, 4] != 0:
             dhi, dlo = wire.load_addr(out, q3 + (12 if ver == 4 else 8), 4 if ver == 4 else 16)
-            now = ts[i]
-            h = (dhi * np.uint64(0x9E3779B97F4A7C15)) ^ (dlo * np.uint64(0xC2B2AE3D27D4EB4F)) \
-                ^ np.uint64(ver)
-            s = np.int64((h >> np.uint64(40)) & np.uint64(rl_key.shape[0] - 1))
-            if not (rl_key[s, 0] == np.uint64(ver) and rl_key[s, 1] == dhi
-                    and rl_key[s, 2] == dlo):
-                rl_key[s, 0] = np.uint64(ver)
-                rl_key[s, 1] = dhi
-                rl_key[s, 2] = dlo
-                rl_tok[s] = BURST * interval
-                rl_last[s] = now
-            tok = rl_tok[s] + max(now - rl_last[s], 0)
-            rl_last[s] = max(now, rl_last[s])
-            if tok > BURST * interval:
-                tok = BURST * interval
-            if tok < interval:
-                rl_tok[s] = tok
+            if _over_limit(rl_key, rl_tok, rl_last, ver, dhi, dlo, ts[i], interval):
                 stats[kind, ST_RATELIMITED] += 1
                 continue
-            rl_tok[s] = tok - interval
         # L2, IP and ICMP headers
         tos = (np.int64(buf[l3 + 1]) & TOS_MASK) | PREC_INTERNETCONTROL if ver == 4 else 0
         _l2_ip(buf, o, l2, out, p, ver, tos, 8 + q, ident[0], False, 1 if ver == 4 else 58)
@@ -528,6 +535,45 @@ def quote_room(ver, ingress_mtu):
     return QUOTE6
 
 
+class RateLimiter:
+    """icmp_ratelimit's token buckets, one per destination host (RL_SLOTS of them,
+    direct-mapped), for the kinds ERRORS marks; ``Config.icmp_ratelimit`` ms an error, 0:
+    no limit. An engine's errors pay as they are built (``build_errors``); the worker
+    pool's workers build theirs unlimited and its sink pays for them here (``limit``),
+    in the order one engine would have sent them: a host's errors come from every
+    worker, and one engine's limit holds only where they meet. Owner: one thread."""
+
+    def __init__(self, config):
+        self.interval = int(config.icmp_ratelimit) * 1_000_000
+        self.key = np.zeros((RL_SLOTS, 3), dtype=np.uint64)
+        self.tok = np.zeros(RL_SLOTS, dtype=np.int64)
+        self.last = np.zeros(RL_SLOTS, dtype=np.int64)
+        self.stats = np.zeros((len(KIND_NAMES), 3), dtype=np.int64)   # what limit() held back
+
+    def buckets(self):
+        return self.key, self.tok, self.last, self.interval
+
+    def limit(self, batch: PacketBatch) -> np.ndarray:
+        """Which of ``batch``'s frames (errors built unlimited, in sending order, their
+        times the limiter's clock) may go; the others count as rate-limited."""
+        keep = np.ones(len(batch), dtype=np.bool_)
+        if len(batch) and self.interval:
+            limit_errors(batch.buf, batch.off, batch.length, batch.ts, *self.buckets(),
+                         self.stats, keep)
+        return keep
+
+    def counters(self) -> dict[str, int]:
+        """What ``limit`` held back, as corrections to the counters of the engines that
+        built those errors (they counted them sent)."""
+        out = {}
+        for k, name in enumerate(KIND_NAMES):
+            n = int(self.stats[k, ST_RATELIMITED])
+            if n:
+                out[name] = -n
+                out[name + "_ratelimited"] = n
+        return out
+
+
 class IcmpErrors:
     """Error generation for one engine (see the module docstring). ``config``: the
     engine's Config (icmp_ratelimit, decrement_ttl: whether TTL expiry and the hop apply;
@@ -548,10 +594,7 @@ class IcmpErrors:
         self.net = network.compiled()
         self.ttl_on = bool(config.decrement_ttl)
         self.answer_local = not config.local_delivery
-        self.interval = int(config.icmp_ratelimit) * 1_000_000
-        self.rl_key = np.zeros((RL_SLOTS, 3), dtype=np.uint64)
-        self.rl_tok = np.zeros(RL_SLOTS, dtype=np.int64)
-        self.rl_last = np.zeros(RL_SLOTS, dtype=np.int64)
+        self.limiter = RateLimiter(config)
         self.ident = np.array([seed & 0xFFFF], dtype=np.int64)
         self.stats = np.zeros((len(KIND_NAMES), 3), dtype=np.int64)
         self.tracked = self.too_big = None
@@ -608,8 +651,8 @@ class IcmpErrors:
         out_len = np.zeros(k, dtype=np.int32)
         build_errors(batch.buf, batch.off, batch.ifindex, ts, meta, tid, rows,
                      kinds, self._info[:k], self.if_addr, self.if_mtu, self.ttl_on,
-                     table.tkey, table.tport, self.rl_key, self.rl_tok, self.rl_last,
-                     self.interval, self.ident, self.stats, out, out_off, out_len)
+                     table.tkey, table.tport, *self.limiter.buckets(), self.ident, self.stats,
+                     out, out_off, out_len)
         keep = out_len > 0
         if not keep.any():
             return None
@@ -618,6 +661,49 @@ class IcmpErrors:
         self.tracked = mine if len(mine) else None
         return (PacketBatch(out, out_off[keep], out_len[keep], batch.ifindex[rows][keep].copy(),
                             ts[rows][keep].copy()), rows[keep])
+
+
+@numba.njit(inline="always", cache=True)
+def _ethertype_at(buf, o, end):
+    """Where the EtherType of the frame at buf[o:end] is (VLAN tags skipped)."""
+    p = o + 12
+    while p + 2 <= end and ((buf[p] == 0x81 and buf[p + 1] == 0x00)
+                            or (buf[p] == 0x88 and buf[p + 1] == 0xA8)):
+        p += 4
+    return p
+
+
+@kernel
+def limit_errors(buf, off, length, ts, rl_key, rl_tok, rl_last, interval, stats, keep):
+    """RateLimiter.limit: keep[i] False when frame i is an ICMP / ICMPv6 error of a kind
+    ERRORS rate-limits and its destination's bucket (``_over_limit``, at ts[i]) is
+    empty; stats[kind, ST_RATELIMITED] counts those. Other frames are kept.
+    Precondition: keep[i] True for every i."""
+    for i in range(off.shape[0]):
+        o = off[i]
+        end = o + length[i]
+        p = _ethertype_at(buf, o, end)
+        l3 = p + 2
+        if p + 2 > end:
+            continue
+        if buf[p] == 0x08 and buf[p + 1] == 0x00 and l3 + 20 <= end and buf[l3 + 9] == 1:
+            ver, col, at, nbytes = 4, 0, l3 + 16, 4
+            l4 = l3 + 4 * (np.int64(buf[l3]) & 0xF)
+        elif buf[p] == 0x86 and buf[p + 1] == 0xDD and l3 + 40 <= end and buf[l3 + 6] == 58:
+            ver, col, at, nbytes = 6, 2, l3 + 24, 16
+            l4 = l3 + 40
+        else:
+            continue
+        if l4 + 2 > end:
+            continue
+        for kind in range(ERRORS.shape[0]):
+            if (ERRORS[kind, 4] != 0 and ERRORS[kind, col] == buf[l4]
+                    and ERRORS[kind, col + 1] == buf[l4 + 1]):
+                dhi, dlo = wire.load_addr(buf, at, nbytes)
+                if _over_limit(rl_key, rl_tok, rl_last, ver, dhi, dlo, ts[i], interval):
+                    keep[i] = False
+                    stats[kind, ST_RATELIMITED] += 1
+                break
 
 
 @kernel
@@ -630,10 +716,7 @@ def restamp_ids(buf, off, length, ident):
     for i in range(off.shape[0]):
         o = off[i]
         end = o + length[i]
-        p = o + 12
-        while p + 2 <= end and ((buf[p] == 0x81 and buf[p + 1] == 0x00)
-                                or (buf[p] == 0x88 and buf[p + 1] == 0xA8)):
-            p += 4
+        p = _ethertype_at(buf, o, end)
         if (p + 22 > end or buf[p] != 0x08 or buf[p + 1] != 0x00 or buf[p + 2] != 0x45
                 or buf[p + 11] != 1):
             continue

@@ -58,6 +58,7 @@ import tempfile
 import time
 import weakref
 from collections import deque
+from dataclasses import replace
 
 import numpy as np
 import zmq
@@ -66,6 +67,7 @@ from shardct import PacketBatch
 from shardct.batch import compact
 from shardct.config import Config
 from shardct.frag import PoolStage
+from shardct.icmp import RateLimiter
 from shardct.scatter import SeqOrder
 from shardct.shard import NEVER, Dispatcher, Msg, Packets, Shard, nat_deps, sum_counts
 
@@ -771,8 +773,12 @@ class Pool:
             # gone at exit even if stop() is never reached
             weakref.finalize(self, self.ring.unlink)
         path = self.ring.path if self.ring else None
-        kw = dict(config=self.config, seed=seed, rules=rules, network=network, router=router,
-                  frames=frames, ring=path, curve=curve)
+        # with frames, workers build their errors unlimited and the sink limits them
+        # (RateLimiter: one engine's limit, where every worker's errors meet)
+        self.limiter = RateLimiter(self.config) if frames else None
+        kw = dict(config=replace(self.config, icmp_ratelimit=0) if frames else self.config,
+                  seed=seed, rules=rules, network=network, router=router, frames=frames,
+                  ring=path, curve=curve)
         self.snapshot_dir = None
         self.carried = 0            # conns a planned restart brought in (restore_from)
         if snapshot_interval is not None or snapshot_dir is not None or restore_from:
@@ -1190,6 +1196,7 @@ class Pool:
             self.totals["lost_packets"] += got["n"] - n_out
             self.totals["packets_out"] += n_out
             self.totals["rounds"] += 1
+            gen = self._round_generated(got.get("gen", []), self._with_generated)
             if emit is not None:
                 pk = Packets.concat([p for p, _ in parts])
                 v = np.concatenate([v for _, v in parts]) if parts else np.zeros(0, np.uint8)
@@ -1200,7 +1207,7 @@ class Pool:
                 v = v[order]
                 if self._with_generated:
                     out = None if self.frag is None else self.frag.after(pk.batch, pk.seq, v)
-                    emit(pk, v, self._round_generated(got.get("gen", [])), out)
+                    emit(pk, v, gen, out)
                 else:
                     if self.frag is not None and len(pk):
                         self.frag.emitted(int(pk.seq.max()))
@@ -1215,14 +1222,20 @@ class Pool:
         if self.ring is not None:
             self._release()
 
-    def _round_generated(self, parts: list) -> Packets:
+    def _round_generated(self, parts: list, emitted: bool) -> Packets:
         """A round's generated frames from every worker, in the order of the packets
-        they answer, with the IPv4 ids one engine gives its errors (one counter from the
-        seed, in that order; each worker's own counter would repeat the others')."""
+        they answer, rate-limited as one engine limits them (whether emitted or not: the
+        counters are one engine's), and when ``emitted`` with the IPv4 ids one engine
+        gives its errors (one counter from the seed, in that order; each worker's own
+        counter would repeat the others') and counted in ``generated``."""
         from shardct.icmp import restamp_ids
         gen = Packets.concat(parts)
         if len(gen):
             gen = gen.take(self._order(gen.seq))
+            keep = self.limiter.limit(gen.batch)
+            if not keep.all():
+                gen = gen.take(np.flatnonzero(keep))
+        if len(gen) and emitted:
             b = gen.batch
             restamp_ids(b.buf, b.off, b.length, self._gen_ident)
             self.totals["generated"] += len(gen)
@@ -1337,7 +1350,8 @@ class Pool:
         for k, g in self.worker_stats:
             latest[k] = max(latest.get(k, g), g)
         out = sum_counts(list(self.worker_stats.values())
-                         + ([] if self.frag is None else [self.frag.stats()]))
+                         + ([] if self.frag is None else [self.frag.stats()])
+                         + ([] if self.limiter is None else [self.limiter.counters()]))
         out["entries"] = sum(int(st.get("entries", 0)) for (k, g), st in self.worker_stats.items()
                              if g == latest[k])
         return out

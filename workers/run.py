@@ -26,10 +26,8 @@ counters, events and the original-destination query.
 ``--workers 1`` runs the engine in this process; more run the worker pool
 (workers/pool.py), which gives the frames back rewritten in input order with the ICMP
 errors its workers' engines generated, reassembling in front of them and fragmenting
-after them as one engine does (frag.PoolStage). The rate limit of
-those errors (icmp_ratelimit) is then per worker: a host's packets spread over the
-workers by flow, so it may get up to N times Linux's burst (Linux keeps one bucket per
-peer for the whole host).
+after them as one engine does (frag.PoolStage), and rate-limiting those errors
+(icmp_ratelimit) where they meet, as one engine does (icmp.RateLimiter).
 
 The host must not route or answer for these interfaces itself: turn its forwarding off
 (``net.ipv4.ip_forward=0``) and keep its stack off the router's addresses (no addresses
@@ -79,7 +77,7 @@ def add_parser(sub):
                    help="engine config (TOML) naming the interfaces; see configs/home-router.toml")
     p.add_argument("--workers", type=A.workers, default=1,
                    help="1: the engine in this process (default); more (or 'auto'): the "
-                        "worker pool (ICMP errors rate-limited per worker)")
+                        "worker pool")
     p.add_argument("--duration", type=float, default=0.0,
                    help="stop after this many seconds of routing (0: at SIGINT/SIGTERM)")
     p.add_argument("--seed", type=A.seed, default=None,

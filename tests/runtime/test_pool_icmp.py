@@ -28,15 +28,16 @@ def nat_kw():
                 network=Network.from_dict(PT.NET), router=True)
 
 
-def trace_with_expiring_probes():
+def trace_with_expiring_probes(per_host=3):
     """The NAT trace with TTL-1 UDP probes (traceroute's first hop) mixed in, from
-    HOSTS LAN hosts, 3 each, and a TTL-1 ping from the WAN side to a LAN host."""
+    HOSTS LAN hosts, ``per_host`` each, and a TTL-1 ping from the WAN side to a LAN
+    host."""
     b = PT.trace(120, seed=5, nat=True)
     rng = np.random.default_rng(7)
     t0, t1 = int(b.ts.min()), int(b.ts.max())
     probes = [(PT.LAN, IP(src=f"10.0.9.{1 + h}", dst="192.168.0.5", ttl=1, id=100 + k)
                / UDP(sport=33434 + k, dport=33434 + h) / (b"p" * (20 + 97 * k)))
-              for h in range(HOSTS) for k in range(3)]
+              for h in range(HOSTS) for k in range(per_host)]
     probes.append((PT.WAN, IP(src="192.168.0.7", dst="10.0.0.9", ttl=1) / ICMP(type=8, id=9)))
     ts = np.sort(rng.integers(t0, t1, len(probes)))
     p = PacketBatch.from_frames([raw(PT.E / x) for _, x in probes], ts=ts.tolist(),
@@ -46,9 +47,7 @@ def trace_with_expiring_probes():
     return take(both, order)
 
 
-@pytest.fixture(scope="module")
-def reference():
-    b = trace_with_expiring_probes()
+def one_process(b):
     ct = ConnTrack(Config(), seed=SEED, rng=np.random.default_rng(SEED), **nat_kw())
     r = ct.process(take(b, np.arange(len(b))))
     assert r.generated is not None
@@ -56,10 +55,33 @@ def reference():
         r.generated_by.tolist(), ct.stats()
 
 
+@pytest.fixture(scope="module")
+def reference():
+    return one_process(trace_with_expiring_probes())
+
+
 @pytest.mark.parametrize("n,own_process,ring", [(2, True, None), (3, False, None), (2, True, 0)])
 def test_pool_hands_the_emitter_the_errors_one_process_generates(reference, n, own_process, ring):
+    assert len(reference[1]) == HOSTS * 3 + 1, f"one process generated {len(reference[1])} errors"
+    errors_as_one_process(reference, n, own_process, ring)
+
+
+@pytest.mark.parametrize("n,own_process", [(2, True), (3, False)])
+def test_pool_rate_limits_errors_as_one_process(n, own_process):
+    """12 probes a host, over the burst of 6: one engine's icmp_ratelimit holds them
+    back per host. A host's probes reach every worker (their tuples differ), so the
+    pool's limit must be one engine's, not one per worker: the same errors go out and
+    the same are counted rate-limited."""
+    ref = one_process(trace_with_expiring_probes(per_host=12))
+    limited = ref[5].get("icmp_time_exceeded_ratelimited", 0)
+    assert limited >= HOSTS, f"one process rate-limited {limited} errors: the test needs some"
+    errors_as_one_process(ref, n, own_process, None)
+
+
+def errors_as_one_process(reference, n, own_process, ring):
+    """The pool's emitter gets the errors ``one_process`` generated for the same trace,
+    byte for byte, with their causes, interfaces and times, and the same counters."""
     b, frames, ifx, ts, by, stats = reference
-    assert len(frames) == HOSTS * 3 + 1, f"one process generated {len(frames)} errors"
     kw = {} if ring is None else {"ring_bytes": ring}
     pool = Pool(n, Config(), seed=SEED, log=lambda *a: None, max_round=64,
                 dispatcher_process=own_process, **kw, **nat_kw())
