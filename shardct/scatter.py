@@ -55,6 +55,18 @@ def _copy(buf, off, length, order, out_buf, out_off):
         o += ln
 
 
+def by_owner(owner: np.ndarray, n: int):
+    """(k, idx) for each owner k in 0..n-1 that ``owner`` (int64) names, idx the places
+    naming it in input order: one counting sort (``group``) where a unique and a mask
+    per owner took a sort and n more passes."""
+    order = np.empty(owner.shape[0], dtype=np.int64)
+    bounds = np.empty(n + 1, dtype=np.int64)
+    group(owner, n, order, bounds)
+    for k in range(n):
+        if bounds[k + 1] > bounds[k]:
+            yield k, order[bounds[k]:bounds[k + 1]]
+
+
 def frames_in_order(batch: PacketBatch, order: np.ndarray) -> PacketBatch:
     """The frames of batch in ``order``: views on a shared batch's buffer (no frame
     moves), else one compact copy."""

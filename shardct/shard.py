@@ -101,7 +101,7 @@ from .cpu import prefetch
 from .conntrack import REAP_FRACTION, REAP_MAX_INTERVAL, ConnTrack, forward_mask
 from .errors import InvariantViolation
 from .hashing import addr_words, hash_batch, hash_key, owner_of_bucket, owner_slices, owners
-from .scatter import SeqOrder, frames_in_order, group, part_of
+from .scatter import SeqOrder, by_owner, frames_in_order, group, part_of
 from .table import (ConnTable, EXPIRES, HCONN, HOME, IPVER, PROTO, S_CONFIRMED, S_DYING, S_INVIS,
                     S_LINK0, S_LINK1, S_NEW_PENDING, S_PENDING, S_REMOTE, S_SRC_NAT, S_USED, S_XSHARD, T_COUNT,
                     T_DYING, T_FREE, T_SEED)
@@ -624,19 +624,18 @@ class Shard:
             homes = t.c32[e, HOME].astype(np.int64)
             given = 2 * t.c32[e, HCONN].astype(np.int64) + 1
             self.counts["handoffs_out"] += len(ho)
-            for home in np.unique(homes):
-                sel = homes == home
+            for home, sel in by_owner(homes, self.n):
                 part = pk.take(ho[sel])
                 part.given[:] = given[sel]
-                self._out[int(home)]["ho"].append(part)
+                self._out[home]["ho"].append(part)
         bo = np.flatnonzero(verdict == K.V_BOUNCE)
         if len(bo):
             own = owners(pk.hashes[bo], self.n, self.nb)
             self.counts["bounces"] += len(bo)
-            for o in np.unique(own):
-                part = pk.take(bo[own == o])
+            for o, sel in by_owner(own, self.n):
+                part = pk.take(bo[sel])
                 part.given[:] = K.G_COUNTED_DEFER       # a miss there: obeys its dep
-                self._out[int(o)]["bo"].append(part)
+                self._out[o]["bo"].append(part)
         hold = np.flatnonzero(verdict == K.V_HOLD)
         if len(hold):
             part = pk.take(hold)
@@ -795,8 +794,8 @@ class Shard:
         rh = np.empty(len(conns), dtype=np.int64)
         request_rows(t.tkey, t.tport, t.c8, t.seed, conns, int(again), rows, rh)
         own = owners(rh, self.n, self.nb)
-        for o in np.unique(own):
-            self._out[int(o)]["req"].append(rows[own == o])
+        for o, sel in by_owner(own, self.n):
+            self._out[o]["req"].append(rows[sel])
         self.pend[conns] = PEND_AGAIN if again else PEND_REQ
         self.counts["reserve_requests"] += len(conns)
 
@@ -1091,8 +1090,8 @@ class Shard:
         rows[:, 7] = self.k
         rows[:, 8] = (pk.given[idx] >> 1).astype(np.uint64)
         own = owners(pk.hashes[idx], self.n, self.nb)
-        for o in np.unique(own):
-            self._out[int(o)]["rel"].append(rows[own == o])
+        for o, sel in by_owner(own, self.n):
+            self._out[o]["rel"].append(rows[sel])
 
     # ------------------------------------------------------------ between rounds
     def results(self, frames: bool = True) -> tuple[Packets, np.ndarray]:
@@ -1258,9 +1257,9 @@ def rehash(old: list[tuple[dict, dict]], shards: list["Shard"]) -> tuple[int, in
         rh = np.empty(len(conns), dtype=np.int64)
         request_rows(t.tkey, t.tport, t.c8, t.seed, conns, 0, req, rh)
         own = owners(rh, n, sh.nb)
-        for o in np.unique(own):
-            owner = shards[int(o)]
-            part = req[own == o]
+        for o, sel in by_owner(own, n):
+            owner = shards[o]
+            part = req[sel]
             ans = np.zeros((len(part), N_ANS), dtype=np.int64)
             answer_rows(*owner._table_args(), owner.ct.stats_arr, owner.ct.cfg, owner.ct.ev,
                         owner.ct.evaddr, part, sh.k, owner.k, now, ans)
