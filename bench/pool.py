@@ -11,8 +11,10 @@ Profiles, all in one run (``--profiles`` picks some):
   (ConnTrack.process in batches of ``--batch``), then the pool with each of
   ``--workers`` (dispatcher in its own process unless ``--dispatcher-inline``): Mpps
   end to end (first batch in to last result out; worker start and the final table
-  round excluded), ratio to the single process, handoff ratio, INVALID verdicts, and
-  whether the pool's verdicts equal the single process's frame by frame.
+  round excluded), ratio to the single process, handoff ratio, INVALID verdicts,
+  whether the pool's verdicts equal the single process's frame by frame, and the CPU
+  each of the pool's processes spent per packet meanwhile (all threads, /proc) beside
+  one process's ns per packet.
 * ``synthetic``: 64-byte ACKs over established flows, Zipf popularity, a share
   ``--reply-share`` in the reply direction, after every flow's handshake went through
   in three waves (SYNs, SYN/ACKs, ACKs; the SYN wave gives new conns/s and cross-shard
@@ -48,6 +50,9 @@ from workers.pool import DEFAULT_RING, Pool
 
 SEED = 0x5EED
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:          # run as python3 bench/pool.py
+    sys.path.insert(0, str(ROOT))
+from bench.model import proc_cpu      # noqa: E402  (needs ROOT on the path)
 DEMO = ROOT / "configs" / "demo.toml"
 ALL = ("synthetic", "2k", "2k-nat", "20k", "20k-nat", "replay")
 QUICK = dict(flows=2000, packets=50_000, packets_2k=10_000, packets_20k=30_000,
@@ -116,9 +121,17 @@ def pool_realistic(n, tr, kw, cfg, args, transport="ring"):
     try:
         pool.wait_ready()
         parts = list(chunks(tr.batch, args.pool_batch))
+        pids = {"supervisor": os.getpid(), "dispatcher": None, "workers": []}
+        for k, p in enumerate(pool.sup.procs):
+            if k < n:
+                pids["workers"].append(p.pid)
+            else:
+                pids["dispatcher"] = p.pid
+        cpu0 = cpu_of(pids)
         t = time.perf_counter()
         pool.feed(parts, emit, timeout_s=args.timeout)
         dt = time.perf_counter() - t
+        cpu = {k: (v - cpu0[k]) / len(tr) * 1e9 for k, v in cpu_of(pids).items()}
         pool.feed([], emit, timeout_s=args.timeout, final=True)    # tables and counters
         counts, stats = pool.counts(), pool.stats()
     finally:
@@ -126,8 +139,20 @@ def pool_realistic(n, tr, kw, cfg, args, transport="ring"):
     seq = np.concatenate([s for s, _ in got]) if got else np.zeros(0, np.int64)
     v = np.concatenate([x for _, x in got]) if got else np.zeros(0, np.uint8)
     return {"mpps": len(v) / dt / 1e6, "out": len(v), "verdict": v[np.argsort(seq, kind="stable")],
+            "cpu_ns": cpu,
             "handoff": counts.get("handoffs_out", 0) / max(1, len(v)),
             "invalid_stat": stats.get("invalid", 0)}
+
+
+def cpu_of(pids: dict) -> dict:
+    """CPU seconds so far of the pool's processes (``pids``: supervisor and dispatcher
+    pids, the dispatcher's None when it runs in the supervisor, and workers' pids),
+    every thread: the supervisor, the dispatcher, and the workers summed."""
+    out = {"supervisor": proc_cpu(pids["supervisor"]),
+           "workers": sum(proc_cpu(p) for p in pids["workers"])}
+    if pids["dispatcher"] is not None:
+        out["dispatcher"] = proc_cpu(pids["dispatcher"])
+    return out
 
 
 def run_realistic(name, nat, n_packets, args):
@@ -169,8 +194,13 @@ def run_realistic(name, nat, n_packets, args):
         print(f"  {label:<34} {r['mpps']:6.2f} Mpps {r['mpps'] / base:5.2f}x  handoff "
               f"{r['handoff']:5.1%}  invalid {int((v == K.V_INVALID).sum())} (stats "
               f"{r['invalid_stat']}), {same}")
+        cpu = r["cpu_ns"]
+        print(f"  {'':<34} CPU ns/packet: " + ", ".join(f"{k} {x:.0f}" for k, x in cpu.items())
+              + f"; all {sum(cpu.values()):.0f} = {sum(cpu.values()) * base / 1e3:.2f}x "
+              f"one process's {1e3 / base:.0f}")
         res["pool"].append({"workers": n, "transport": transport, "mpps": r["mpps"],
                             "ratio": r["mpps"] / base, "handoff": r["handoff"],
+                            "cpu_ns_per_packet": cpu,
                             "invalid": int((v == K.V_INVALID).sum()),
                             "same_verdicts": same == "verdicts same", "verdicts": same})
     return res

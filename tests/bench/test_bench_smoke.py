@@ -45,6 +45,9 @@ def test_pool_returns_per_worker_rows():
             positive(row, ["mpps", "ratio"])
             assert 0 <= row["handoff"] <= 1
     assert all(row["same_verdicts"] for row in r["2k"]["pool"])
+    for row in r["2k"]["pool"]:     # each process's CPU while the pool ran (default: own dispatcher)
+        cpu = row["cpu_ns_per_packet"]
+        assert set(cpu) == {"supervisor", "dispatcher", "workers"} and min(cpu.values()) > 0, cpu
     d = pool.dispatcher_rate(3000, workers=(1, 2), reps=1)
     assert set(d) == {1, 2} and all(v["ns"] > 0 and v["mpps"] > 0 for v in d.values())
 
