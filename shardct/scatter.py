@@ -58,7 +58,10 @@ def _copy(buf, off, length, order, out_buf, out_off):
 def by_owner(owner: np.ndarray, n: int):
     """(k, idx) for each owner k in 0..n-1 that ``owner`` (int64) names, idx the places
     naming it in input order: one counting sort (``group``) where a unique and a mask
-    per owner took a sort and n more passes."""
+    per owner took a sort and n more passes. Raises ValueError for an owner outside
+    0..n-1 (``group`` would write out of bounds)."""
+    if owner.shape[0] and not (0 <= int(owner.min()) and int(owner.max()) < n):
+        raise ValueError(f"owners {int(owner.min())}..{int(owner.max())} outside 0..{n - 1}")
     order = np.empty(owner.shape[0], dtype=np.int64)
     bounds = np.empty(n + 1, dtype=np.int64)
     group(owner, n, order, bounds)

@@ -3,13 +3,14 @@ per worker, and the parts are a permutation of the input."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from shardct import wire
 from shardct.batch import PacketBatch
 from shardct.hashing import N_BUCKETS, owner_of
 from shardct.traffic import tcp_frames
-from shardct.scatter import SeqOrder, owners, scatter
+from shardct.scatter import SeqOrder, by_owner, owners, scatter
 
 
 @settings(max_examples=50, deadline=None)
@@ -58,3 +59,11 @@ def test_seq_order_places_a_shuffled_round_with_gaps():
     order(s[:100])                  # a small slot array first: it grows
     got = order(s)
     assert (np.diff(s[got]) > 0).all() and sorted(got.tolist()) == list(range(len(s)))
+
+
+def test_by_owner_splits_in_input_order_and_refuses_strangers():
+    own = np.array([2, 0, 2, 1, 0, 2], dtype=np.int64)
+    got = [(k, idx.tolist()) for k, idx in by_owner(own, 4)]
+    assert got == [(0, [1, 4]), (1, [3]), (2, [0, 2, 5])], got
+    with pytest.raises(ValueError):
+        list(by_owner(np.array([0, 4], dtype=np.int64), 4))
