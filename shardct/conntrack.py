@@ -441,7 +441,8 @@ class ConnTrack:
         c = K.create_conn(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus, t.tbl,
                           st, self.cfg, self.ev, self.evaddr, int(hashes[i]),
                           u(s[0]), u(s[1]), u(d[0]), u(d[1]), ports,
-                          u(nd[0]), u(nd[1]), u(ns[0]), u(ns[1]), rports, proto, ver, now)
+                          u(nd[0]), u(nd[1]), u(ns[0]), u(ns[1]), rports, proto, ver, now,
+                          False)
         if c < 0:
             verdict[i] = K.V_DROP
             st[K.ST_DROP] += 1

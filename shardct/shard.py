@@ -32,6 +32,25 @@ A round (one dispatcher batch per shard)
     reservations of what it settled) is above it. The lowest unsettled packet anywhere
     always qualifies, so rounds end.
 
+    Steering: the dispatcher remembers which shard got the first packet of each tuple
+    that may start a conn (a UDP datagram, a TCP SYN; ``_steer``) and sends the inverted
+    tuple's packets there, to the conn's likely home, not to their own bucket's owner.
+    The home takes a steered packet only for the conn whose original tuple is the
+    packet's inverted and whose reply tuple is the packet's own (tuples are unique: one
+    table would find that conn too), and bounces anything else to the owner. So both
+    directions of a conn without NAT meet at its home, without handoffs.
+
+    Pure pairs (track.GX_PURE): when every packet of a round with a tuple or its inverse
+    went to one shard, no handoff can come for their conn (without NAT), so hits on it
+    are not held; and in a pool without NAT rules a conn such a packet starts is
+    created *surely*: committed at once (nothing parked), its reply tuple reserved
+    alongside (PEND_SURE). Its owner grants it: a clash needs another conn holding that
+    tuple, either one started from the inverted tuple (whose packets went elsewhere this
+    round, or whose reply entry the home would have hit) or one NATed onto it (there are
+    no NAT rules). A sure conn refused anyway (the owner's table is full, or it
+    restarted) is destroyed and counted ``sure_lost``; its packets of that round were
+    already judged.
+
     Then supersteps: every shard sends every other shard exactly one :class:`Msg`
     (possibly empty) and then processes what it received, in sender order and in this
     section order: ``rel`` (releases), ``req`` (reservations), ``ans`` (answers),
@@ -115,6 +134,20 @@ N_ANS = 4    # answer rows: conn, kind, join home, join tuple id
 NEVER = np.iinfo(np.int64).max
 SNAPSHOT_VERSION = 1     # Shard.snapshot's layout; a restore refuses any other
 PEND_NONE, PEND_REQ, PEND_AGAIN = 0, 1, 2     # Shard.pend: what a conn's request is
+# a conn created surely (committed) whose answer has not come: its request not sent yet,
+# sent, or sent and its reply entry released already (it died; the slot waits for the
+# answer, which names it)
+PEND_SURE, PEND_SURE_SENT, PEND_SURE_RELEASED = 3, 4, 5
+
+
+def fresh(given: np.ndarray) -> np.ndarray:
+    """Which packets no kernel run has counted yet (track.G_* bits)."""
+    return (given < 0) & ((-1 - given) & K.GX_COUNTED == 0)
+
+
+def steered(given: np.ndarray) -> np.ndarray:
+    """Which packets the dispatcher steered (track.GX_STEER), not yet run."""
+    return (given < 0) & ((-1 - given) & K.GX_STEER != 0)
 
 
 @dataclass
@@ -267,25 +300,50 @@ def release_rows(heads, tkey, tport, tnext, c8, cstatus, c32, tbl, rows):
     return k
 
 
+@numba.njit(inline="always", cache=True)
+def _release_row(tkey, tport, c8, c, home, row):
+    """The release row of conn c's reply entry."""
+    t1 = 2 * c + 1
+    for k in range(4):
+        row[k] = tkey[t1, k]
+    row[4] = tport[t1]
+    row[5] = c8[c, PROTO]
+    row[6] = c8[c, IPVER]
+    row[7] = home
+    row[8] = c
+
+
 @numba.njit(cache=True)
-def drain_dying(tkey, tport, tnext, c8, cstatus, tbl, home, out):
+def drain_dying(tkey, tport, tnext, c8, cstatus, tbl, home, out, pend):
     """Release rows for every dying cross-shard conn (their reply entries), freeing
-    the slots. Returns how many rows; stops early when ``out`` is full."""
+    the slots. Returns how many rows; stops early when ``out`` is full. A sure conn whose
+    answer has not come stays on the list, its slot not reused (the answer names it):
+    its release goes out once its request has (PEND_SURE_SENT; a release read before
+    the request would leave the grant's entry behind), and again when it is freed."""
     n = 0
     c = tbl[T_DYING]
+    keep = np.int64(-1)
     while c >= 0 and n < out.shape[0]:
         nx = tnext[2 * c + 1]
-        t1 = 2 * c + 1
-        for k in range(4):
-            out[n, k] = tkey[t1, k]
-        out[n, 4] = tport[t1]
-        out[n, 5] = c8[c, PROTO]
-        out[n, 6] = c8[c, IPVER]
-        out[n, 7] = home
-        out[n, 8] = c
+        p = pend[c]
+        if p == PEND_SURE or p == PEND_SURE_SENT or p == PEND_SURE_RELEASED:
+            if p == PEND_SURE_SENT:
+                _release_row(tkey, tport, c8, c, home, out[n])
+                n += 1
+                pend[c] = PEND_SURE_RELEASED
+            tnext[2 * c + 1] = keep
+            keep = c
+            c = nx
+            continue
+        _release_row(tkey, tport, c8, c, home, out[n])
         n += 1
         K.free_slot(tnext, cstatus, tbl, c)
         c = nx
+    while keep >= 0:
+        nx = tnext[2 * keep + 1]
+        tnext[2 * keep + 1] = c
+        c = keep
+        keep = nx
     tbl[T_DYING] = c
     return n
 
@@ -443,6 +501,10 @@ def commit_rows(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
             _hint_commit(ans, pend, c64, c8, j + PF_REQ)
         done[j] = 0
         c = ans[j, 0]
+        if ans[j, 1] == GRANT and 0 <= c < pend.shape[0] and pend[c] >= PEND_SURE:
+            pend[c] = PEND_NONE     # committed already (dying: released now)
+            done[j] = 1
+            continue
         if (ans[j, 1] != GRANT or c < 0 or c >= pend.shape[0] or pend[c] != PEND_REQ
                 or cstatus[c] & S_PENDING == 0):
             continue
@@ -547,10 +609,13 @@ class Shard:
                        "peer_restarts": 0, "entries_forgotten": 0, "reply_lost": 0,
                        "abandoned": 0, "peer_lost": 0, "held": 0, "deferred": 0,
                        "deferred_released": 0, "nat_remapped": 0, "restored": 0,
+                       "parked": 0, "steered": 0, "steer_missed": 0, "sure_lost": 0,
+                       "sure_unanswered": 0,
                        "busy_us": 0, "step_wait_us": 0}     # the worker pool's timers
         self._dying = np.zeros((1024, N_REL), dtype=np.uint64)
         self._scratch = wire.MetaScratch()
         self._order = SeqOrder()
+        self._bounce_low = NEVER      # lowest seq we bounced in the last outbox
         self.now = 0
         self._reap_at = None
         self._reap_start = 0
@@ -570,14 +635,19 @@ class Shard:
         meta, addr = self._scratch(n)
         # packets another kernel run already saw (held, deferred, handoffs, bounces,
         # parked) had their checksums checked there
-        validate = self.ct.config.checksum and bool(
-            ((pk.given == K.G_FRESH) | (pk.given == K.G_FRESH_DEFER)).any())
+        validate = self.ct.config.checksum and bool(fresh(pk.given).any())
         verdict = np.empty(n, dtype=np.uint8)
         tid = np.empty(n, dtype=np.int64)
         if n:
             self.now = max(self.now, int(pk.batch.ts.max()))
         self.ct.parse_run(pk.batch, meta, addr, pk.hashes, pk.batch.ts, verdict, tid, pk.given,
                           validate, parse_hash=False)
+        sure = np.flatnonzero(tid >= K.SURE_TAG)
+        if len(sure):
+            tid[sure] &= K.SURE_TAG - 1
+            c = tid[sure] >> 1
+            # one the same run destroyed again is released through the dying list
+            self._request(c[self.ct.table.cstatus[c] & S_DYING == 0], sure=True)
         # only final verdicts leave (a parked, held or handed-off packet is judged where
         # its conn lives, once it is committed)
         fwd = forward_mask(verdict, self.ct.config.drop_invalid) & (verdict <= K.V_NOTIP)
@@ -632,6 +702,7 @@ class Shard:
         if len(bo):
             own = owners(pk.hashes[bo], self.n, self.nb)
             self.counts["bounces"] += len(bo)
+            self.counts["steer_missed"] += int(steered(pk.given[bo]).sum())
             for o, sel in by_owner(own, self.n):
                 part = pk.take(bo[sel])
                 part.given[:] = K.G_COUNTED_DEFER       # a miss there: obeys its dep
@@ -639,7 +710,9 @@ class Shard:
         hold = np.flatnonzero(verdict == K.V_HOLD)
         if len(hold):
             part = pk.take(hold)
-            part.given[:] = K.G_COUNTED
+            # looked up again, but a steered packet by the conn it found (its own tuple's
+            # bucket is not ours)
+            part.given[:] = np.where(steered(part.given), tid[hold], K.G_COUNTED)
             self.held.append(part)
             self.counts["held"] += len(hold)
         dfr = np.flatnonzero(verdict == K.V_DEFER)
@@ -652,6 +725,7 @@ class Shard:
         if len(park):
             part = pk.take(park)
             part.given[:] = tid[park]
+            self.counts["parked"] += len(park)
             self.parked = Packets.concat([self.parked, part])
             conns = np.unique(tid[park] >> 1)
             self._request(conns[self.pend[conns] == PEND_NONE])
@@ -672,7 +746,7 @@ class Shard:
         for c in np.flatnonzero(self.pend != PEND_NONE):
             if self._reply_owner(int(c)) != p:
                 continue
-            if self.pend[c] == PEND_AGAIN:
+            if self.pend[c] >= PEND_AGAIN:
                 self.pend[c] = PEND_NONE
                 continue
             self.counts["peer_lost"] += 1
@@ -784,8 +858,10 @@ class Shard:
         self.counts["restored"] = t.count
         return t.count
 
-    def _request(self, conns: np.ndarray, again: bool = False):
-        """Reserve the reply tuples of ``conns`` at their owners (rows go out next)."""
+    def _request(self, conns: np.ndarray, again: bool = False, sure: bool = False):
+        """Reserve the reply tuples of ``conns`` at their owners (rows go out next).
+        ``again``: committed conns reserving anew (a restarted owner); ``sure``: committed
+        conns created surely (track.create_conn)."""
         if not len(conns):
             return
         t = self.ct.table
@@ -796,13 +872,15 @@ class Shard:
         own = owners(rh, self.n, self.nb)
         for o, sel in by_owner(own, self.n):
             self._out[o]["req"].append(rows[sel])
-        self.pend[conns] = PEND_AGAIN if again else PEND_REQ
+        self.pend[conns] = PEND_AGAIN if again else PEND_SURE if sure else PEND_REQ
         self.counts["reserve_requests"] += len(conns)
 
     def _drain_dying(self):
         t = self.ct.table
-        while t.tbl[T_DYING] >= 0:
-            n = drain_dying(t.tkey, t.tport, t.tnext, t.c8, t.cstatus, t.tbl, self.k, self._dying)
+        n = len(self._dying)
+        while n == len(self._dying):
+            n = drain_dying(t.tkey, t.tport, t.tnext, t.c8, t.cstatus, t.tbl, self.k, self._dying,
+                            self.pend)
             for r in self._dying[:n]:
                 rh = hash_key(t.seed, r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]))
                 self._out[self.owner(rh)]["rel"].append(r.copy())
@@ -835,6 +913,7 @@ class Shard:
         handoff can come before them), so a conn's packets in a round that reached only
         this shard so far need no superstep (a live round of one packet)."""
         if len(pk):
+            self.counts["steered"] += int(steered(pk.given).sum())
             lead = 0
             if first is not None:
                 own = pk.seq == np.arange(first, first + len(pk))
@@ -849,6 +928,22 @@ class Shard:
                     cfg[K.CF_HOLD] = 0
                 self._dispose(part, verdict, tid)
         self._drain_dying()
+
+    def _drop_dead_requests(self):
+        """Sure conns that died before their request went out: no request (it would
+        reach the owner after the release), no wait for an answer."""
+        cs = self.ct.table.cstatus
+        dropped = False
+        for q in self._out.values():
+            for j, rows in enumerate(q["req"]):
+                c = rows[:, 12].astype(np.int64)
+                dead = (self.pend[c] == PEND_SURE) & (cs[c] & S_DYING != 0)
+                if dead.any():
+                    self.pend[c[dead]] = PEND_NONE
+                    q["req"][j] = rows[~dead]
+                    dropped = True
+        if dropped:
+            self._drain_dying()
 
     def _low(self, msgs) -> int:
         """Our lowest sequence number that may still create a conn: deferred and held
@@ -868,6 +963,7 @@ class Shard:
 
     def outbox(self) -> dict[int, Msg]:
         """This superstep's message to every peer (built from what is queued)."""
+        self._drop_dead_requests()
         msgs = {}
         for p, q in self._out.items():
             m = Msg()
@@ -887,6 +983,13 @@ class Shard:
             m.active = active
             m.low = low
         self._sent_active = active
+        for m in msgs.values():
+            if len(m.req):
+                c = m.req[:, 12].astype(np.int64)
+                self.pend[c[self.pend[c] == PEND_SURE]] = PEND_SURE_SENT
+        # what we bounce now its owner may start a conn from in this same superstep
+        bo = [m.bo.seq for m in msgs.values() if len(m.bo)]
+        self._bounce_low = int(min(x.min() for x in bo)) if bo else NEVER
         self._reset_out()
         return msgs
 
@@ -906,6 +1009,11 @@ class Shard:
             for c in left:
                 self.counts["abandoned"] += 1
                 self._fail(self._abort(int(c)))
+            if final_ok:
+                # sure conns whose owner vanished: committed; its restart reserves again
+                unanswered = self.pend >= PEND_SURE
+                self.counts["sure_unanswered"] += int(unanswered.sum())
+                self.pend[unanswered] = PEND_NONE
             self._drain_dying()
             return False
         ta = self._table_args()
@@ -953,10 +1061,11 @@ class Shard:
         dfr = Packets.concat([self.deferred] + [m.bo for m in inbox])
         self.deferred = Packets.empty()
         if len(dfr):
-            # low of each shard (ours: our own deferred run in order with this one)
+            # low of each shard (ours: our own deferred run in order with this one, but
+            # not the packets we bounced this superstep, which their owner runs now)
             low = np.full(DEP_ANY + 1, NEVER, np.int64)
             for p, m in enumerate(self._with_self(inbox)):
-                low[p] = NEVER if m is None else m.low
+                low[p] = self._bounce_low if m is None else m.low
             low[DEP_ANY] = low[:self.n].min()
             free = (dfr.dep < 0) | ((dfr.dep >> DEP_SHIFT) < low[dfr.dep & DEP_OWNER])
             dfr.given[:] = np.where(free, K.G_COUNTED, K.G_COUNTED_DEFER)
@@ -982,11 +1091,14 @@ class Shard:
     def _resolve(self, c, kind, jhome, jtid, ta, st, cfg, ev, evaddr):
         """Act on the answer for pending conn c. Returns packets to run here now, or None."""
         t = self.ct.table
-        if 0 <= c < len(self.pend) and self.pend[c] == PEND_AGAIN:
+        if 0 <= c < len(self.pend) and self.pend[c] >= PEND_AGAIN:
+            sure = self.pend[c] >= PEND_SURE
             self.pend[c] = PEND_NONE
             if kind != GRANT and t.cstatus[c] & S_XSHARD and not t.cstatus[c] & S_DYING:
-                # its reply tuple went to another conn while the owner was down
-                self.counts["reply_lost"] += 1
+                # its reply tuple went to another conn while the owner was down; or a
+                # surely created conn was not granted after all (the owner's table was
+                # full, or it restarted): its packets this round were already judged
+                self.counts["sure_lost" if sure else "reply_lost"] += 1
                 K.destroy_conn(*ta, st, cfg, ev, evaddr, c, self.now)
             return None
         if not (0 <= c < len(self.pend)) or self.pend[c] != PEND_REQ \
@@ -1362,9 +1474,56 @@ def _pair_key(a, b):
     return a ^ (b * np.int64(-7046029254386353131))    # 0x9E3779B97F4A7C15
 
 
+STEER_SLOTS = 1 << 18
+TS_UNIT = 30            # a steering slot's time: ts >> TS_UNIT (about a second), 8 bits
+
+
+@numba.njit(inline="always", cache=True)
+def _steer(tab, k, ki, proto, syn, inverse_seen, own, h, gen, now, max_age):
+    """Where the dispatcher sends a TCP or UDP packet with tuple key k (``_pair_key``;
+    ki its inverted tuple's) owned by shard ``own`` (tuple hash h), and the hash to steer
+    it by: (own, -1), or (home, hash of the inverted tuple) when it likely answers a conn
+    whose first packet went to shard ``home``.
+
+    ``tab`` (int64[size, 2], size a power of two, kept across rounds; direct-mapped)
+    remembers, per tuple key of a packet that may have started a conn (UDP, a TCP SYN
+    without ACK), the shard it went to and its hash: column 1 is hash << 30 | the last
+    round that used the slot (16 bits) << 14 | when (8 bits of ts >> TS_UNIT) << 6 |
+    shard, or -1 for none. A packet whose inverted tuple is there goes to that shard;
+    the shard checks (track.GX_STEER) and bounces it when the conn is not its own. So
+    the two directions of a conn meet at its home without a handoff. Within one round a
+    conn's packets in one direction all go one way: a slot used this round is not
+    replaced, a tuple is not recorded once its inverse went by unsteered
+    (``inverse_seen``), and a pure SYN (a reopen: the conn may start anew in the other
+    direction) drops the inverse's slot only when this round has not used it. A UDP slot
+    older than ``max_age`` (the longest UDP timeout, in ts >> TS_UNIT) is not used,
+    unless this round used it."""
+    mask = tab.shape[0] - 1
+    g16 = gen & 0xFFFF
+    j = ki & mask
+    v = tab[j, 1]
+    if tab[j, 0] == ki and v >= 0:
+        used = (v >> 14) & 0xFFFF == g16
+        if used or not syn and (proto == 6 or ((now >> TS_UNIT) - (v >> 6)) & 0xFF <= max_age):
+            tab[j, 1] = (v & ~(np.int64(0xFFFF) << 14)) | (g16 << 14)
+            home = v & 0x3F
+            return (home, v >> 30) if home != own else (own, np.int64(-1))
+    if not (syn or proto == 17) or inverse_seen:
+        return own, np.int64(-1)
+    if tab[j, 0] == ki and v >= 0:
+        tab[j, 1] = -1          # a reopen the other way (or a stale UDP slot)
+    j = k & mask
+    v = tab[j, 1]
+    if v < 0 or (v >> 14) & 0xFFFF != g16 or tab[j, 0] == k:
+        tab[j, 0] = k
+        tab[j, 1] = (h << 30) | (g16 << 14) | (((now >> TS_UNIT) & 0xFF) << 6) | own
+    return own, np.int64(-1)
+
+
 @numba.njit(cache=True)
-def answer_deps(meta, addr, nat, dnat, max_round, gen0, tuples, srcs, dsts, dep, anyone,
-                starts, loose):
+def answer_deps(meta, addr, nat, dnat, max_round, gen0, tuples, srcs, dsts, pairs, dep,
+                anyone, starts, loose, steer, own, hashes, ts, max_age, dest, steerh, pairk,
+                pure):
     """For packet i of a parsed batch cut into rounds of ``max_round``: dep[i] = the index
     of the latest earlier packet of its round that i may answer, else -1; anyone[i]:
     it may answer earlier packets of other tuples too (end point matches, which may be
@@ -1386,15 +1545,26 @@ def answer_deps(meta, addr, nat, dnat, max_round, gen0, tuples, srcs, dsts, dep,
     (SNAT, MASQUERADE), NAT_DST also go back to where a conn's first packet came from
     (DNAT, REDIRECT), for packets that a DNAT rule may match (``dnat``, ``nat_deps``).
     tuples/srcs/dsts: int64[size, 2], size a power of two >= 2 * max_round, scratch kept across calls (entries are gen << 32 | index in the
-    round; round r of this batch is gen0 + r). Returns the next gen."""
+    round; round r of this batch is gen0 + r). Returns the next gen.
+
+    Steering (``steer``: ``_steer``'s table, or an empty one for no steering): dest[i] is
+    the shard packet i goes to (own[i], its tuple hash's owner, unless steered) and
+    steerh[i] the hash it is steered by, else -1. pure[i]: every packet of its round with
+    its tuple or the inverted one goes to dest[i] (``pairs``: a table like ``tuples``,
+    keyed by the smaller of the two tuple keys, kept in pairk[i]; value the shard, or
+    PAIR_MIXED)."""
     n = meta.shape[0]
     gen = gen0
     start = 0
     for i in range(n):
         if i - start >= max_round:
+            _pure(pairs, pairk, pure, start, i, gen)
             gen += 1
             start = i
         dep[i] = -1
+        dest[i] = own[i]
+        steerh[i] = -1
+        pairk[i] = -1
         cls = meta[i, wire.M_CLS]
         if cls != wire.CLS_TRACK and cls != wire.CLS_RELATED:
             continue
@@ -1410,7 +1580,20 @@ def answer_deps(meta, addr, nat, dnat, max_round, gen0, tuples, srcs, dsts, dep,
             (proto == 6 and K.tcp_may_create(meta[i, wire.M_TFLAGS], loose))
             or (icmp and meta[i, wire.M_ECHO] == 1) or (proto != 6 and not icmp))
         idx = (gen << 32) | (i - start)
-        _record(tuples, _pair_key(ks, kd), gen, idx)
+        k = _pair_key(ks, kd)
+        if steer.shape[0] and cls == wire.CLS_TRACK and (proto == 6 or proto == 17):
+            dest[i], steerh[i] = _steer(
+                steer, k, _pair_key(kd, ks), proto,
+                proto == 6 and (meta[i, wire.M_TFLAGS] & 0x12) == 0x02, d >= 0, own[i],
+                hashes[i], gen, ts[i], max_age)
+        _record(tuples, k, gen, idx)
+        pairk[i] = min(k, _pair_key(kd, ks))
+        j = _ep_slot(pairs, pairk[i], gen)
+        if pairs[j, 1] >> 32 != gen:
+            pairs[j, 0] = pairk[i]
+            pairs[j, 1] = (gen << 32) | dest[i]
+        elif pairs[j, 1] & 0xFFFFFFFF != dest[i]:
+            pairs[j, 1] = (gen << 32) | PAIR_MIXED
         if nat:
             e = _seen(dsts, ks, gen)
             if starts[i]:
@@ -1425,7 +1608,19 @@ def answer_deps(meta, addr, nat, dnat, max_round, gen0, tuples, srcs, dsts, dep,
                 anyone[i] = True
                 d = max(d, e)
         dep[i] = d + start if d >= 0 else np.int64(-1)
+    _pure(pairs, pairk, pure, start, n, gen)
     return gen + 1
+
+
+PAIR_MIXED = 0xFFFF
+
+
+@numba.njit(inline="always", cache=True)
+def _pure(pairs, pairk, pure, s, e, gen):
+    """pure[i] for the packets s..e of round ``gen`` (see answer_deps)."""
+    for i in range(s, e):
+        pure[i] = pairk[i] != -1 and pairs[_ep_slot(pairs, pairk[i], gen), 1] & 0xFFFFFFFF \
+            != PAIR_MIXED
 
 
 class Dispatcher:
@@ -1446,7 +1641,11 @@ class Dispatcher:
         self._gen = 1
         self._scratch = wire.MetaScratch()
         size = 1 << max(12, int(2 * max_round - 1).bit_length())
-        self._tabs = tuple(np.zeros((size, 2), np.int64) for _ in range(3))
+        self._tabs = tuple(np.zeros((size, 2), np.int64) for _ in range(4))
+        # _steer's table: one shard needs none
+        self._steer = np.zeros((STEER_SLOTS if n > 1 else 0, 2), np.int64)
+        self._steer[:, 1] = -1
+        self._max_age = int(config.timeouts.udp_stream * 1e9) >> TS_UNIT
 
     def rounds(self, batch: PacketBatch):
         """Yield (parts, seq range) per round: parts[k] is shard k's Packets."""
@@ -1459,9 +1658,15 @@ class Dispatcher:
         dep = np.empty(m, dtype=np.int64)
         anyone = np.empty(m, dtype=np.bool_)
         starts = np.empty(m, dtype=np.bool_)
-        self._gen = answer_deps(meta, addr, self.nat, self.dnat, self.max_round, self._gen,
-                                *self._tabs, dep, anyone, starts, self.config.tcp_loose)
         own = owners(hashes, self.n, self.config.n_buckets)
+        dest = np.empty(m, dtype=np.int64)
+        steerh = np.empty(m, dtype=np.int64)
+        pairk = np.empty(m, dtype=np.int64)
+        pure = np.empty(m, dtype=np.bool_)
+        self._gen = answer_deps(meta, addr, self.nat, self.dnat, self.max_round, self._gen,
+                                *self._tabs, dep, anyone, starts, self.config.tcp_loose,
+                                self._steer, own, hashes, batch.ts, self._max_age, dest,
+                                steerh, pairk, pure)
         seq0 = self.seq
         self.seq += m
         order = np.empty(m, dtype=np.int64)
@@ -1470,8 +1675,8 @@ class Dispatcher:
         for s in range(0, m, self.max_round):
             e = min(m, s + self.max_round)
             o = order[s:e]
-            round_rows(own, dep, anyone, starts, hashes, s, e, seq0, self.n, o, bounds,
-                       rows[:, s:e])
+            round_rows(dest, dep, anyone, starts, hashes, steerh, pure, s, e, seq0, self.n, o,
+                       bounds, rows[:, s:e])
             whole = frames_in_order(batch, o)
             parts = []
             for k in range(self.n):
@@ -1482,27 +1687,35 @@ class Dispatcher:
 
 
 @numba.njit(cache=True)
-def round_rows(own, dep, anyone, starts, hashes, s, e, seq0, n, order, bounds, rows):
-    """Round s..e of a dispatched batch, split by owning shard (``own``): order[j] is
-    the batch index of the round's j-th packet in shard order (shard k's are
-    j = bounds[k]..bounds[k+1], in input order), and rows[:, j] its hash, global sequence
-    number, given code (track.G_FRESH, or G_FRESH_DEFER when it may answer an earlier
-    packet) and dep word (``Packets.dep``: -1, or the sequence number of the packet
-    ``answer_deps`` found, its shard or DEP_ANY, and DEP_STARTS)."""
-    group(own[s:e], n, order, bounds)
+def round_rows(dest, dep, anyone, starts, hashes, steerh, pure, s, e, seq0, n, order, bounds,
+               rows):
+    """Round s..e of a dispatched batch, split by the shard each packet goes to
+    (``dest``: ``answer_deps``'s): order[j] is the batch index of the round's j-th
+    packet in shard order (shard k's are j = bounds[k]..bounds[k+1], in input order), and
+    rows[:, j] its hash, global sequence number, given code (track.G_FRESH with the GX_*
+    bits: GX_DEFER when it may answer an earlier packet and is not steered, GX_STEER and
+    the hash when steered, GX_PURE) and dep word
+    (``Packets.dep``: -1, or the sequence number of the packet ``answer_deps`` found,
+    the shard it went to or DEP_ANY, and DEP_STARTS)."""
+    group(dest[s:e], n, order, bounds)
     for j in range(e - s):
         i = s + order[j]
         order[j] = i
         d = dep[i]
         rows[0, j] = hashes[i]
         rows[1, j] = seq0 + i
+        x = K.GX_PURE if pure[i] else 0
+        if steerh[i] >= 0:
+            x |= K.GX_STEER | (steerh[i] << K.G_HASH_SHIFT)
         if d >= 0:
-            who = DEP_ANY if anyone[i] else own[d]
-            rows[2, j] = K.G_FRESH_DEFER
+            # a steered packet may bounce to its owner: then any shard may hold it
+            who = DEP_ANY if anyone[i] or steerh[d] >= 0 else dest[d]
             rows[3, j] = ((d + seq0) << DEP_SHIFT) | who | (DEP_STARTS if starts[i] else 0)
+            if steerh[i] < 0:
+                x |= K.GX_DEFER
         else:
-            rows[2, j] = K.G_FRESH
             rows[3, j] = -1
+        rows[2, j] = -1 - x
 
 
 def run_round(shards: list[Shard], parts: list[Packets]) -> int:

@@ -73,6 +73,16 @@ VERDICT_NAMES = ("accept", "related", "untracked", "invalid", "drop", "not_ip", 
 # given[i] for packets without a known conn: fresh from the dispatcher (count it, take
 # its router hop) or already counted by an earlier pass; either may be deferrable
 G_FRESH, G_COUNTED, G_FRESH_DEFER, G_COUNTED_DEFER = -1, -2, -3, -4
+# a negative given[i] is -1 - x, x a bit set: counted, deferrable (the four above), and
+# from the dispatcher: PURE (every packet of its tuple and the inverted tuple went to
+# this shard this round: no handoff can come for a conn of them) and STEER (sent to the
+# home of the conn it likely answers; x >> G_HASH_SHIFT is the tuple hash of its
+# inverted tuple, that conn's original). See track_batch.
+GX_COUNTED, GX_DEFER, GX_PURE, GX_STEER = 1, 2, 4, 8
+G_HASH_SHIFT = 4
+# pconn[i] of the packet that created a conn *surely* (see create_conn): the tuple id
+# with this bit set; the shard reserves the reply tuple and clears it
+SURE_TAG = np.int64(1) << 62
 
 # ---- statistics (stats int64 array). The first eight are conntrack -S's names.
 (ST_FOUND, ST_INVALID, ST_INSERT, ST_INSERT_FAILED, ST_DROP, ST_EARLY_DROP, ST_ERROR,
@@ -602,7 +612,7 @@ def tcp_may_create(fl, loose):
 
 @kernel
 def create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cfg, ev, evaddr,
-                h0, a0, a1, a2, a3, ports0, r0, r1, r2, r3, rports, proto, ipver, now):
+                h0, a0, a1, a2, a3, ports0, r0, r1, r2, r3, rports, proto, ipver, now, sure):
     """Create and confirm a conn with original tuple (a*, ports0) and reply tuple
     (r*, rports): check max_conns (early drop), refuse a reply tuple owned by another
     live conn (insert_failed), link both tuples, emit NEW.
@@ -610,7 +620,8 @@ def create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
     When the reply tuple's routing bucket is outside this table's slice
     (cfg CF_SHARD_LO..HI) the conn is created pending (S_XSHARD | S_PENDING, reply tuple
     not linked; S_INVIS too when the reply bucket is the lower one): shard.py reserves
-    the reply tuple at its owner and commits.
+    the reply tuple at its owner and commits. ``sure``: its owner will grant it (track_batch,
+    GX_PURE), so it is committed now, S_XSHARD only; the shard reserves alongside.
 
     Returns the conn id, -1 when the table is full (drop), -2 on a reply clash.
     Precondition: the original tuple is not in the table (the caller looked it up).
@@ -655,7 +666,9 @@ def create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats, cf
     c64[c, EXPIRES] = now
     link_tuple(heads, tnext, tbl, t0, h0)
     st = S_USED | S_CONFIRMED | S_LINK0
-    if xshard:
+    if xshard and sure:
+        st |= S_XSHARD
+    elif xshard:
         st |= S_XSHARD | S_PENDING
         if rb < h0 % nb:
             st |= S_INVIS
@@ -830,6 +843,15 @@ def track_batch(buf, off, meta, addr, hashes, length, ifindex, ts, verdict, pcon
     >= 0 for a packet whose conn a shard already found (handoff, parked): it is checked,
     not looked up. G_FRESH_DEFER / G_COUNTED_DEFER: the same, but a miss is not a new conn
     yet (V_DEFER): the packet may answer a conn an earlier packet is creating elsewhere.
+    GX_STEER in -1 - given[i]: fresh, sent here (not to its own bucket's owner) as the
+    likely reply of a conn whose home this is: it takes the conn found by its inverted
+    tuple only when that tuple is the conn's original and the conn's reply tuple is the
+    packet's own (tuples are unique, so one table would find that conn too); anything
+    else bounces (V_BOUNCE) to the owner, which looks it up as usual. GX_PURE: no other
+    shard has packets of this tuple or its inverse this round, so a hit on a cross-shard
+    conn without NAT is not held, and (``cfg[CF_NAT] == NAT_OFF``: no conn can take its
+    reply tuple under NAT) a conn it starts is created *surely*: committed at once, its
+    reply tuple reserved alongside (pconn | SURE_TAG), not parked.
     Pool verdicts (a table with a bucket slice): V_HANDOFF (hit a reply entry; pconn is
     the entry), V_PARK (its conn is pending; pconn is the tuple), V_BOUNCE (would start a
     conn whose original tuple is not in this slice), V_HOLD (``cfg[CF_HOLD]`` set and a
@@ -852,8 +874,10 @@ def track_batch(buf, off, meta, addr, hashes, length, ifindex, ts, verdict, pcon
         cls = meta[i, M_CLS]
         pconn[i] = -1
         g = given[i]
-        fresh = (g == G_FRESH or g == G_FRESH_DEFER) and not (resumed and i == start)
-        defer = g == G_FRESH_DEFER or g == G_COUNTED_DEFER
+        gx = -1 - g if g < 0 else np.int64(0)
+        fresh = g < 0 and gx & GX_COUNTED == 0 and not (resumed and i == start)
+        defer = g < 0 and gx & GX_DEFER != 0
+        pure = g < 0 and gx & GX_PURE != 0
         if cls == CLS_NOTIP:
             verdict[i] = V_NOTIP
             stats[ST_NOT_IP] += 1
@@ -894,7 +918,20 @@ def track_batch(buf, off, meta, addr, hashes, length, ifindex, ts, verdict, pcon
         proto = meta[i, M_PROTO]
         ipver = meta[i, M_IPVER]
         h = hashes[i]
-        if g >= 0 and not (resumed and i == start):
+        if g < 0 and gx & GX_STEER:
+            # the conn's original tuple is ours inverted: found by the hash the dispatcher
+            # kept for it
+            t = find_tuple(heads, tkey, tport, tnext, c8, tbl, gx >> G_HASH_SHIFT, a2, a3, a0, a1,
+                           ((ports & 0xFFFF) << 16) | (ports >> 16), proto, ipver)
+            if t >= 0:
+                r = t | 1
+                if (t & 1 or cstatus[t >> 1] & (S_REMOTE | S_DYING)
+                        or tkey[r, 1] != a1 or tkey[r, 3] != a3 or np.int64(tport[r]) != ports
+                        or tkey[r, 0] != a0 or tkey[r, 2] != a2):
+                    t = -1       # not this packet's conn: its owner looks it up
+                else:
+                    t = r
+        elif g >= 0 and not (resumed and i == start):
             t = g
             gc = g >> 1
             if not (cstatus[gc] & S_USED and cstatus[gc] & (S_REMOTE | S_DYING) == 0
@@ -911,7 +948,8 @@ def track_batch(buf, off, meta, addr, hashes, length, ifindex, ts, verdict, pcon
             verdict[i] = V_HANDOFF if cstatus[t >> 1] & S_REMOTE else V_PARK
             pconn[i] = t
             continue
-        if t >= 0 and cfg[CF_HOLD] != 0 and g < 0 and cstatus[t >> 1] & S_XSHARD:
+        if (t >= 0 and cfg[CF_HOLD] != 0 and g < 0 and cstatus[t >> 1] & S_XSHARD
+                and not (pure and cstatus[t >> 1] & (S_SRC_NAT | S_DST_NAT) == 0)):
             verdict[i] = V_HOLD
             pconn[i] = t
             continue
@@ -953,6 +991,7 @@ def track_batch(buf, off, meta, addr, hashes, length, ifindex, ts, verdict, pcon
                     nat_packet(buf, off[i], meta, i, tkey, tport, c8, cstatus, stats, t, True)
             continue
         fl = meta[i, M_TFLAGS]
+        sure = False
         for _attempt in range(2):      # a second pass only after a TCP reopen
             if t < 0:
                 # ---- no conn: may this packet start one?
@@ -996,7 +1035,8 @@ def track_batch(buf, off, meta, addr, hashes, length, ifindex, ts, verdict, pcon
                     rports = ((nports & 0xFFFF) << 16) | (nports >> 16)
                 c = create_conn(heads, tkey, tport, tnext, c64, c32, c8, cstatus, tbl, stats,
                                 cfg, ev, evaddr, h, a0, a1, a2, a3, ports, r0, r1, r2, r3,
-                                rports, proto, ipver, now)
+                                rports, proto, ipver, now, pure and cfg[CF_NAT] == NAT_OFF)
+                sure = cstatus[c] & S_XSHARD != 0 if c >= 0 else False
                 if c < 0:
                     verdict[i] = V_DROP
                     stats[ST_DROP] += 1
@@ -1031,7 +1071,7 @@ def track_batch(buf, off, meta, addr, hashes, length, ifindex, ts, verdict, pcon
                                  stats, cfg, ev, evaddr, c, now)
                 break
             verdict[i] = V_ACCEPT
-            pconn[i] = t
+            pconn[i] = t | SURE_TAG if sure else t
             if cstatus[c] & (S_SRC_NAT | S_DST_NAT):
                 nat_packet(buf, off[i], meta, i, tkey, tport, c8, cstatus, stats, t, False)
             c32[c, PKTS0 + d] += 1

@@ -199,7 +199,7 @@ def test_compiled_decision_equals_python(fam, data, seed, affine):
             K.create_conn(t.heads, t.tkey, t.tport, t.tnext, t.c64, t.c32, t.c8, t.cstatus,
                           t.tbl, stats, ct.cfg, ct.ev, ct.evaddr, h, addr[0], addr[1], addr[2],
                           addr[3], ports, u(nd[0]), u(nd[1]), u(ns[0]), u(ns[1]), rports,
-                          proto, fam_, now)
+                          proto, fam_, now, False)
 
 
 def test_port_clashes_search_the_same_way():
