@@ -1549,10 +1549,11 @@ def answer_deps(meta, addr, nat, dnat, max_round, gen0, tuples, srcs, dsts, pair
 
     Steering (``steer``: ``_steer``'s table, or an empty one for no steering): dest[i] is
     the shard packet i goes to (own[i], its tuple hash's owner, unless steered) and
-    steerh[i] the hash it is steered by, else -1. pure[i]: every packet of its round with
+    steerh[i] the hash it is steered by, else -1. Without steering pure[i] is False;
+    with it, pure[i]: every packet of its round with
     its tuple or the inverted one goes to dest[i] (``pairs``: a table like ``tuples``,
-    keyed by the smaller of the two tuple keys, kept in pairk[i]; value the shard, or
-    PAIR_MIXED)."""
+    keyed by the smaller of the two tuple keys, whose slot pairk[i] keeps; value the
+    shard, or PAIR_MIXED)."""
     n = meta.shape[0]
     gen = gen0
     start = 0
@@ -1581,19 +1582,15 @@ def answer_deps(meta, addr, nat, dnat, max_round, gen0, tuples, srcs, dsts, pair
             or (icmp and meta[i, wire.M_ECHO] == 1) or (proto != 6 and not icmp))
         idx = (gen << 32) | (i - start)
         k = _pair_key(ks, kd)
-        if steer.shape[0] and cls == wire.CLS_TRACK and (proto == 6 or proto == 17):
-            dest[i], steerh[i] = _steer(
-                steer, k, _pair_key(kd, ks), proto,
-                proto == 6 and (meta[i, wire.M_TFLAGS] & 0x12) == 0x02, d >= 0, own[i],
-                hashes[i], gen, ts[i], max_age)
-        _record(tuples, k, gen, idx)
-        pairk[i] = min(k, _pair_key(kd, ks))
-        j = _ep_slot(pairs, pairk[i], gen)
-        if pairs[j, 1] >> 32 != gen:
-            pairs[j, 0] = pairk[i]
-            pairs[j, 1] = (gen << 32) | dest[i]
-        elif pairs[j, 1] & 0xFFFFFFFF != dest[i]:
-            pairs[j, 1] = (gen << 32) | PAIR_MIXED
+        if steer.shape[0]:
+            ki = _pair_key(kd, ks)
+            if cls == wire.CLS_TRACK and (proto == 6 or proto == 17):
+                dest[i], steerh[i] = _steer(
+                    steer, k, ki, proto, proto == 6 and (meta[i, wire.M_TFLAGS] & 0x12) == 0x02,
+                    d >= 0, own[i], hashes[i], gen, ts[i], max_age)
+            _pairs(tuples, pairs, pairk, dest, i, k, ki, gen, idx)
+        else:
+            _record(tuples, k, gen, idx)
         if nat:
             e = _seen(dsts, ks, gen)
             if starts[i]:
@@ -1616,11 +1613,25 @@ PAIR_MIXED = 0xFFFF
 
 
 @numba.njit(inline="always", cache=True)
+def _pairs(tuples, pairs, pairk, dest, i, k, ki, gen, idx):
+    """Record packet i (tuple key k, inverted ki) in ``tuples`` and its shard under the
+    pair's key in ``pairs`` (PAIR_MIXED once two shards have the pair)."""
+    _record(tuples, k, gen, idx)
+    key = min(k, ki)
+    j = _ep_slot(pairs, key, gen)
+    pairk[i] = j        # a round's entries never move: its slot, for _pure
+    if pairs[j, 1] >> 32 != gen:
+        pairs[j, 0] = key
+        pairs[j, 1] = (gen << 32) | dest[i]
+    elif pairs[j, 1] & 0xFFFFFFFF != dest[i]:
+        pairs[j, 1] = (gen << 32) | PAIR_MIXED
+
+
+@numba.njit(inline="always", cache=True)
 def _pure(pairs, pairk, pure, s, e, gen):
     """pure[i] for the packets s..e of round ``gen`` (see answer_deps)."""
     for i in range(s, e):
-        pure[i] = pairk[i] != -1 and pairs[_ep_slot(pairs, pairk[i], gen), 1] & 0xFFFFFFFF \
-            != PAIR_MIXED
+        pure[i] = pairk[i] >= 0 and pairs[pairk[i], 1] & 0xFFFFFFFF != PAIR_MIXED
 
 
 class Dispatcher:
@@ -1642,8 +1653,9 @@ class Dispatcher:
         self._scratch = wire.MetaScratch()
         size = 1 << max(12, int(2 * max_round - 1).bit_length())
         self._tabs = tuple(np.zeros((size, 2), np.int64) for _ in range(4))
-        # _steer's table: one shard needs none
-        self._steer = np.zeros((STEER_SLOTS if n > 1 else 0, 2), np.int64)
+        # _steer's table: one shard needs none; with NAT rules replies are not the
+        # inverted tuple (and new conns are not sure): no steering, no pairs
+        self._steer = np.zeros((STEER_SLOTS if n > 1 and not self.nat else 0, 2), np.int64)
         self._steer[:, 1] = -1
         self._max_age = int(config.timeouts.udp_stream * 1e9) >> TS_UNIT
 
