@@ -1637,8 +1637,10 @@ def _pure(pairs, pairk, pure, s, e, gen):
 class Dispatcher:
     """The dispatcher's work, pure: parse and hash each frame, number it, cut the batch
     into rounds of at most ``max_round`` packets, mark what each packet may answer
-    (``answer_deps``) and split each round by owning shard. ``nat``: ``nat_deps`` of
-    the pool's rules (replies then need not be the inverted tuple)."""
+    (``answer_deps``) and split each round by the shard it goes to: its owner, or, with
+    several shards and no NAT rules, the home its conn likely has (``_steer``; the table
+    is the one piece of state kept from batch to batch besides the numbering). ``nat``:
+    ``nat_deps`` of the pool's rules (replies then need not be the inverted tuple)."""
 
     def __init__(self, n: int, config: Config, seed: int, max_round: int = 16384,
                  nat: tuple[int, np.ndarray] | None = None):

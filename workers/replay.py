@@ -8,6 +8,8 @@ The reaper runs between batches on that clock (gVisor's adaptive interval).
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -109,6 +111,9 @@ def cmd_replay(args) -> int:
     except PoolStopped as e:
         print(f"shardct replay: {e}", file=sys.stderr)
         return 3
+    except BrokenPipeError:         # the reader went away (| head): stop quietly, as
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # tcpdump does
+        return 128 + signal.SIGPIPE
     except OSError as e:            # the -w file
         print(f"shardct replay: {e.filename or args.write}: {e.strerror or e}", file=sys.stderr)
         return 2
@@ -241,6 +246,7 @@ def _replay_pool(args, cfg, rules, network, workers) -> int:
           + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items())))
     c = pool.counts()
     print(f"pool: rounds={totals['rounds']} handoffs={c.get('handoffs_out', 0)} "
+          f"steered={c.get('steered', 0)} "
           f"cross_shard_inserts={c.get('grants', 0)} joins={c.get('joins', 0)} "
           f"lost_packets={totals['lost_packets']} lost_conns={totals['lost_conns']} "
           f"restored_conns={totals['restored_conns']} "

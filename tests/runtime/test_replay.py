@@ -2,12 +2,13 @@
 `shardct replay` on the demo and on a capture it wrote."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from scapy.all import IP, TCP, UDP, Ether, raw, rdpcap, wrpcap
+from scapy.all import IP, UDP, Ether, raw, rdpcap, wrpcap
 from scapy.utils import PcapNgReader, PcapNgWriter
 
 from shardct.batch import PacketBatch
@@ -130,6 +131,8 @@ def test_cli_replay_through_the_pool_writes_the_same_capture(tmp_path):
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-2000:]
     assert "lost_packets=0" in p.stdout and "handoffs=" in p.stdout, p.stdout
+    # the demo's MASQUERADE rules: the dispatcher steers nothing
+    assert re.search(r" steered=0 ", p.stdout), p.stdout
     one_b, two_b = one.read_bytes(), two.read_bytes()
     assert one_b == two_b, \
         f"--workers 2 capture got {len(two_b)} B, want --workers 1's {len(one_b)} B, byte for byte"
@@ -214,3 +217,18 @@ def test_cli_replay_router_writes_fragments_and_errors_in_their_frames_places(tm
             ("wan0", 2, 0, 1396), ("wan0", 2, 172, 1396), ("wan0", 2, 344, 276),
             ("lan0", "10.0.0.3", 3, 3, 0, 1, 35), ("lan0", "10.0.0.3", 3, 4, 1400, 1, 1450)]
     assert got == want, f"\ngot  {got}\nwant {want}"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_cli_replay_into_a_closed_pipe_stops_quietly(workers):
+    """`shardct replay --list -1 | head -1`: the reader leaves after one line; replay
+    stops without a message (tcpdump's way) and exits 141 (128 + SIGPIPE)."""
+    p = subprocess.Popen([sys.executable, "-m", "workers.cli", "replay", "--list", "-1",
+                          "--seed", "7", "--workers", workers],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=600) == 141, err
+    assert first.startswith(b"replayed "), first
+    assert "Broken pipe" not in err and "Traceback" not in err, err
