@@ -109,12 +109,19 @@ def chain_mask(tbl):
 
 
 @numba.njit(inline="always", cache=True)
+def tuple_is(tkey, tport, t, a0, a1, a2, a3, ports):
+    """Whether tuple id t has these addresses and ports (protocol and family are the
+    conn's: c8)."""
+    return (tkey[t, 1] == a1 and tkey[t, 3] == a3 and np.int64(tport[t]) == ports
+            and tkey[t, 0] == a0 and tkey[t, 2] == a2)
+
+
+@numba.njit(inline="always", cache=True)
 def find_tuple(heads, tkey, tport, tnext, c8, tbl, h, a0, a1, a2, a3, ports, proto, ipver):
     """Tuple id with this key in chain ``h & mask``, or -1. Does not look at expiry."""
     t = np.int64(heads[h & chain_mask(tbl)])
     while t >= 0:
-        if (tkey[t, 1] == a1 and tkey[t, 3] == a3 and np.int64(tport[t]) == ports
-                and tkey[t, 0] == a0 and tkey[t, 2] == a2):
+        if tuple_is(tkey, tport, t, a0, a1, a2, a3, ports):
             c = t >> 1
             if np.int64(c8[c, PROTO]) == proto and np.int64(c8[c, IPVER]) == ipver:
                 return t

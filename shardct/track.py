@@ -31,7 +31,7 @@ from .table import (S_NEW_PENDING, BYTES0, EXPIRES, IPVER, PKTS0, PROTO, S_ASSUR
                     TF_SACK_PERM, TF_WINDOW_SCALE, TFLAGS0, UDP_STREAM_HI, UDP_STREAM_LO,
                     W_END, W_MAXACK, W_MAXEND, W_MAXWIN, ACKFP, LAST, LAST_DIR, LAST_INDEX,
                     LAST_RETRANS_MAX, LAST_RETRANS_SHIFT, LAST_WIN0,
-                    chain_mask, find_tuple)    # the lookup lives in table.py; K.find_tuple
+                    chain_mask, find_tuple, tuple_is)    # the lookup lives in table.py; K.find_tuple
 from .tcpstate import TRANSITIONS, IG, IV
 from .nat import D_DROP, D_PYTHON, nat_decide
 from .rewrite import decrement_ttl, icmp_recompute, rewrite_header
@@ -926,8 +926,7 @@ def track_batch(buf, off, meta, addr, hashes, length, ifindex, ts, verdict, pcon
             if t >= 0:
                 r = t | 1
                 if (t & 1 or cstatus[t >> 1] & (S_REMOTE | S_DYING)
-                        or tkey[r, 1] != a1 or tkey[r, 3] != a3 or np.int64(tport[r]) != ports
-                        or tkey[r, 0] != a0 or tkey[r, 2] != a2):
+                        or not tuple_is(tkey, tport, r, a0, a1, a2, a3, ports)):
                     t = -1       # not this packet's conn: its owner looks it up
                 else:
                     t = r
@@ -935,8 +934,7 @@ def track_batch(buf, off, meta, addr, hashes, length, ifindex, ts, verdict, pcon
             t = g
             gc = g >> 1
             if not (cstatus[gc] & S_USED and cstatus[gc] & (S_REMOTE | S_DYING) == 0
-                    and tkey[t, 1] == a1 and tkey[t, 3] == a3 and np.int64(tport[t]) == ports
-                    and tkey[t, 0] == a0 and tkey[t, 2] == a2
+                    and tuple_is(tkey, tport, t, a0, a1, a2, a3, ports)
                     and np.int64(c8[gc, PROTO]) == proto and np.int64(c8[gc, IPVER]) == ipver):
                 t = -1        # the conn it was handed for is gone
         else:
